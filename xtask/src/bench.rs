@@ -1,0 +1,34 @@
+//! `cargo xtask bench <suite>`: benchmark entry points.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::{cmd, runtime};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Which suite: core, wire, kv or hicache.
+    suite: String,
+    /// Extra arguments for the benchmark binary (after `--`).
+    #[arg(last = true)]
+    rest: Vec<String>,
+}
+
+pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let (package, bench) = match args.suite.as_str() {
+        "core" => {
+            runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
+            ("nixl-core", "core")
+        }
+        "wire" => ("nixl-wire", "codec"),
+        "kv" | "hicache" => bail!("the `{}` benchmark is not built yet (issue {})", args.suite, if args.suite == "kv" { 5 } else { 4 }),
+        other => bail!("unknown suite `{other}`; choose core, wire, kv or hicache"),
+    };
+    cmd::run(
+        Command::new("cargo")
+            .args(["bench", "--locked", "-p", package, "--bench", bench, "--"])
+            .args(&args.rest),
+    )
+}

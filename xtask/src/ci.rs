@@ -1,0 +1,62 @@
+//! `cargo xtask ci`: every check, in order, failing fast.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use crate::{cmd, deps, prereq, runtime, tidy};
+
+/// Features that turn on the tests needing the real NIXL runtime and the local S3 server.
+pub(crate) const RUNTIME_TEST_FEATURES: &str =
+    "nixl-core/nixl-runtime-tests,nixl-testkit/nixl-runtime-tests,nixl-wire/fuzz-smoke";
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct CiArgs {
+    /// Skip fmt and clippy (quicker local iterations; CI never passes this).
+    #[arg(long)]
+    no_lint: bool,
+}
+
+pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
+    let start = Instant::now();
+    step("prerequisites", || {
+        prereq::ensure_libclang()?;
+        runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
+        prereq::ensure_moto(root).map(drop)
+    })?;
+    if !args.no_lint {
+        step("fmt", || cmd::run(cargo().args(["fmt", "--all", "--", "--check"])))?;
+        step("clippy", || {
+            cmd::run(cargo().args(["clippy", "--workspace", "--all-targets", "--all-features", "--locked"]).args(["--", "-D", "warnings"]))
+        })?;
+    }
+    step("tests", || {
+        let features = ["--features", RUNTIME_TEST_FEATURES];
+        if cmd::exists("cargo-nextest") {
+            cmd::run(cargo().args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]).args(features))?;
+        } else {
+            println!("cargo-nextest not installed; using cargo test");
+            cmd::run(cargo().args(["test", "--workspace", "--locked"]).args(features))?;
+        }
+        cmd::run(cargo().args(["test", "--doc", "--workspace", "--locked"]).args(features))
+    })?;
+    step("doc", || {
+        cmd::run(cargo().args(["doc", "--workspace", "--no-deps", "--all-features", "--locked"]).env("RUSTDOCFLAGS", "-D warnings"))
+    })?;
+    step("deps", || deps::run(root))?;
+    step("tidy", || tidy::run(root))?;
+    println!("xtask ci: all steps passed in {:.0}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    println!("\n==> {name}");
+    let start = Instant::now();
+    let res = f();
+    println!("<== {name}: {} in {:.1}s", if res.is_ok() { "ok" } else { "FAILED" }, start.elapsed().as_secs_f64());
+    res
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}

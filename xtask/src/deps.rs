@@ -1,0 +1,119 @@
+//! The dependency-direction rules of DESIGN.md §4.2, checked on `cargo metadata`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::bail;
+use serde_json::Value;
+
+use crate::cmd;
+
+/// Which workspace crates each crate may depend on (normal and build edges; dev edges are
+/// checked by `DEV_ALLOWED`).
+const ALLOWED: &[(&str, &[&str])] = &[
+    ("nixl-wire", &[]),
+    ("nixl-core", &[]),
+    ("nixl-kv", &["nixl-core", "nixl-wire"]),
+    ("nixl-hicache", &["nixl-core", "nixl-wire"]),
+    ("nixl-testkit", &["nixl-core", "nixl-wire"]),
+    ("xtask", &[]),
+];
+
+/// Extra workspace crates allowed as dev-dependencies.
+const DEV_ALLOWED: &[(&str, &[&str])] = &[
+    ("nixl-core", &["nixl-testkit"]),
+    ("nixl-kv", &["nixl-testkit"]),
+    ("nixl-hicache", &["nixl-testkit"]),
+];
+
+/// External crates that must not be reachable (through normal edges) from a crate.
+const FORBIDDEN: &[(&str, &[&str])] = &[
+    ("nixl-wire", &["nixl-sys", "zeromq", "zmq", "tokio", "cudarc"]),
+    ("nixl-core", &["zeromq", "zmq", "tokio", "nixl-wire"]),
+];
+
+pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
+    let out = cmd::output(Command::new("cargo").current_dir(root).args(["metadata", "--format-version", "1", "--locked"]))?;
+    let meta: Value = serde_json::from_str(&out)?;
+    let members: BTreeSet<String> = meta["workspace_members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| package_name(&meta, id.as_str()?))
+        .collect();
+
+    let mut errors = Vec::new();
+    for pkg in meta["packages"].as_array().into_iter().flatten() {
+        let Some(name) = pkg["name"].as_str() else { continue };
+        if !members.contains(name) {
+            continue;
+        }
+        for dep in pkg["dependencies"].as_array().into_iter().flatten() {
+            let Some(dep_name) = dep["name"].as_str() else { continue };
+            if !members.contains(dep_name) {
+                continue;
+            }
+            let dev = dep["kind"].as_str() == Some("dev");
+            let ok = lookup(ALLOWED, name).contains(&dep_name)
+                || (dev && lookup(DEV_ALLOWED, name).contains(&dep_name));
+            if !ok {
+                errors.push(format!("{name} -> {dep_name}{} is not allowed", if dev { " (dev)" } else { "" }));
+            }
+        }
+    }
+
+    // Reachability over normal dependency edges, from the resolve graph.
+    let graph = resolve_graph(&meta);
+    for (krate, banned) in FORBIDDEN {
+        let reach = reachable(&graph, krate);
+        for b in *banned {
+            if reach.contains(*b) {
+                errors.push(format!("{krate} reaches {b} through normal dependencies"));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        bail!("dependency rules broken:\n  {}", errors.join("\n  "));
+    }
+    println!("dependency directions ok ({} workspace crates)", members.len());
+    Ok(())
+}
+
+fn lookup<'a>(table: &'a [(&str, &'a [&'a str])], name: &str) -> &'a [&'a str] {
+    table.iter().find(|(n, _)| *n == name).map_or(&[], |(_, v)| v)
+}
+
+fn package_name(meta: &Value, id: &str) -> Option<String> {
+    meta["packages"].as_array()?.iter().find(|p| p["id"] == id)?["name"].as_str().map(str::to_owned)
+}
+
+/// name -> names of its normal (non-dev, non-build) dependencies.
+fn resolve_graph(meta: &Value) -> BTreeMap<String, Vec<String>> {
+    let mut g = BTreeMap::new();
+    for node in meta["resolve"]["nodes"].as_array().into_iter().flatten() {
+        let Some(name) = node["id"].as_str().and_then(|id| package_name(meta, id)) else { continue };
+        let deps = node["deps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["dep_kinds"].as_array().into_iter().flatten().any(|k| k["kind"].is_null()))
+            .filter_map(|d| d["pkg"].as_str().and_then(|id| package_name(meta, id)))
+            .collect();
+        g.insert(name, deps);
+    }
+    g
+}
+
+fn reachable(g: &BTreeMap<String, Vec<String>>, from: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![from.to_owned()];
+    while let Some(n) = stack.pop() {
+        for d in g.get(&n).into_iter().flatten() {
+            if seen.insert(d.clone()) {
+                stack.push(d.clone());
+            }
+        }
+    }
+    seen
+}

@@ -1,0 +1,69 @@
+//! Project automation, run as `cargo xtask <task>` (see `cargo xtask --help`).
+//!
+//! Every task provisions what it needs on a fresh machine (libclang, the NIXL runtime from PyPI,
+//! a moto S3 server in a venv) or says exactly what to run.
+#![forbid(unsafe_code)]
+#![allow(clippy::print_stdout, clippy::print_stderr, reason = "xtask reports to the terminal")]
+
+mod bench;
+mod ci;
+mod cmd;
+mod deps;
+mod prereq;
+mod runtime;
+mod tidy;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Project automation for the nixl workspace")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Provision the NIXL runtime from PyPI into target/nixl-runtime (instant when present).
+    Runtime(runtime::RuntimeArgs),
+    /// Install missing build prerequisites (libclang) and test tools (moto S3 server venv).
+    Prereq,
+    /// Everything CI checks: fmt, clippy, tests with the real runtime, docs, dependency rules, tidy.
+    Ci(ci::CiArgs),
+    /// Dependency-direction check (DESIGN.md section 4.2).
+    Deps,
+    /// Source hygiene checks (unsafe placement, SAFETY comments, prints, file headers).
+    Tidy,
+    /// Benchmarks: `core`, `wire`, `kv` or `hicache`.
+    Bench(bench::BenchArgs),
+    /// The main job: a prefill and a decode moving KV pages over NIXL (see README).
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = project_root();
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Runtime(args) => runtime::run(&root, &args).map(drop),
+        Task::Prereq => {
+            prereq::ensure_libclang()?;
+            prereq::ensure_moto(&root).map(drop)
+        }
+        Task::Ci(args) => ci::run(&root, &args),
+        Task::Deps => deps::run(&root),
+        Task::Tidy => tidy::run(&root),
+        Task::Bench(args) => bench::run(&root, &args),
+        Task::Demo => anyhow::bail!(
+            "the demo (`pd` prefill/decode example of nixl-kv) is not built yet: see issue 5"
+        ),
+    }
+}
+
+/// The workspace root (the parent of this crate's directory).
+fn project_root() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    dir.parent().map(PathBuf::from).unwrap_or(dir)
+}

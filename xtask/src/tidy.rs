@@ -1,0 +1,104 @@
+//! Source hygiene that clippy does not cover.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+
+const CRATES: [&str; 6] = ["nixl-wire", "nixl-core", "nixl-kv", "nixl-hicache", "nixl-testkit", "xtask"];
+const LONG_FILE: usize = 1000;
+
+pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
+    let mut errors = Vec::new();
+    let mut files = Vec::new();
+    for c in CRATES {
+        collect(&root.join(c), &mut files);
+    }
+    collect(&root.join("fuzz/fuzz_targets"), &mut files);
+    for path in &files {
+        let rel = path.strip_prefix(root).unwrap_or(path).to_string_lossy().into_owned();
+        let Ok(text) = fs::read_to_string(path) else { continue };
+        check_file(&rel, &text, &mut errors);
+    }
+    if !errors.is_empty() {
+        bail!("tidy found {} problem(s):\n  {}", errors.len(), errors.join("\n  "));
+    }
+    println!("tidy ok ({} files)", files.len());
+    Ok(())
+}
+
+fn check_file(rel: &str, text: &str, errors: &mut Vec<String>) {
+    let in_sys = rel.starts_with("nixl-core/src/sys");
+    let library = !rel.starts_with("xtask/")
+        && !rel.contains("/tests/")
+        && !rel.contains("/benches/")
+        && !rel.contains("/examples/")
+        && !rel.contains("/src/bin/")
+        && !rel.starts_with("fuzz/");
+    if !text.starts_with("//!") {
+        errors.push(format!("{rel}: does not start with a `//!` doc comment"));
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() > LONG_FILE {
+        println!("note: {rel} has {} lines (> {LONG_FILE}); consider splitting", lines.len());
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let n = i + 1;
+        let code = line.split("//").next().unwrap_or("");
+        if line.ends_with(' ') || line.ends_with('\t') {
+            errors.push(format!("{rel}:{n}: trailing whitespace"));
+        }
+        let has_unsafe = code.contains("unsafe ") || code.contains("unsafe{");
+        if has_unsafe && !in_sys {
+            errors.push(format!("{rel}:{n}: `unsafe` outside nixl-core/src/sys.rs"));
+        }
+        if (code.contains("unsafe {") || code.contains("unsafe impl")) && !has_safety_comment(&lines, i) {
+            errors.push(format!("{rel}:{n}: unsafe block or impl without a `// SAFETY:` comment"));
+        }
+        if library && ["println!(", "eprintln!(", "print!(", "eprint!(", "dbg!("].iter().any(|m| code.contains(m)) {
+            errors.push(format!("{rel}:{n}: print macro in library code (use tracing)"));
+        }
+        if code.contains("#[should_panic") || code.trim_start().starts_with("#[ignore") {
+            errors.push(format!("{rel}:{n}: #[should_panic]/#[ignore] (assert on Err; gate hardware by features)"));
+        }
+        if rel.starts_with("nixl-kv/src/proto/")
+            && (code.contains("use zeromq") || code.contains("use tokio") || code.contains("nixl_core::Agent"))
+        {
+            errors.push(format!("{rel}:{n}: IO in the sans-IO core"));
+        }
+    }
+}
+
+/// A `// SAFETY:` comment on one of the few lines above (attributes and comment lines between).
+fn has_safety_comment(lines: &[&str], i: usize) -> bool {
+    if lines[i].contains("SAFETY:") {
+        return true;
+    }
+    let mut j = i;
+    while j > 0 && i - j < 12 {
+        j -= 1;
+        let t = lines[j].trim_start();
+        if t.contains("SAFETY") {
+            return true;
+        }
+        if !(t.starts_with("//") || t.starts_with("#[") || t.starts_with("let ") || t.is_empty() || t.ends_with('(') || t.ends_with('=')) {
+            return false;
+        }
+    }
+    false
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if p.file_name().is_some_and(|n| n == "target") {
+                continue;
+            }
+            collect(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
