@@ -79,7 +79,9 @@ impl AgentConfig {
     }
 
     fn to_sys(&self) -> nixl_sys::AgentConfig {
-        let delay = self.progress_thread.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let delay = self
+            .progress_thread
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
         nixl_sys::AgentConfig {
             enable_prog_thread: self.progress_thread.is_some(),
             enable_listen_thread: false,
@@ -113,9 +115,15 @@ impl Agent {
     pub fn new(name: &str, config: &AgentConfig) -> Result<Self, Error> {
         validate_name(name)?;
         crate::runtime::ensure_loaded()?;
-        let inner = check(Op::CreateAgent, nixl_sys::Agent::new_configured(name, &config.to_sys()))?;
+        let inner = check(
+            Op::CreateAgent,
+            nixl_sys::Agent::new_configured(name, &config.to_sys()),
+        )?;
         tracing::debug!(agent = name, "created NIXL agent");
-        Ok(Self { inner, name: name.into() })
+        Ok(Self {
+            inner,
+            name: name.into(),
+        })
     }
 
     /// The agent's name.
@@ -133,7 +141,10 @@ impl Agent {
 
     /// The default parameters of a plugin.
     pub fn plugin_params(&self, kind: &BackendKind) -> Result<BackendParams, Error> {
-        let (_mems, params) = check(Op::QueryPlugins, self.inner.get_plugin_params(kind.plugin_name()))?;
+        let (_mems, params) = check(
+            Op::QueryPlugins,
+            self.inner.get_plugin_params(kind.plugin_name()),
+        )?;
         let iter = check(Op::QueryPlugins, params.iter())?;
         let mut out = BackendParams::new();
         for pair in iter {
@@ -144,17 +155,30 @@ impl Agent {
     }
 
     /// Creates a backend from a plugin with `params` (empty: the plugin's defaults).
-    pub fn create_backend(&self, kind: BackendKind, params: &BackendParams) -> Result<Backend, Error> {
+    pub fn create_backend(
+        &self,
+        kind: BackendKind,
+        params: &BackendParams,
+    ) -> Result<Backend, Error> {
         let sys_params = check(Op::CreateBackend, nixl_sys::Params::from(params.iter()))?;
-        let inner = check(Op::CreateBackend, self.inner.create_backend(kind.plugin_name(), &sys_params))?;
+        let inner = check(
+            Op::CreateBackend,
+            self.inner.create_backend(kind.plugin_name(), &sys_params),
+        )?;
         tracing::debug!(agent = %self.name, backend = %kind, "created NIXL backend");
-        Ok(Backend { kind, inner: Arc::new(inner) })
+        Ok(Backend {
+            kind,
+            inner: Arc::new(inner),
+        })
     }
 
     /// Registers `buffer` with every backend that supports its memory type.
     pub fn register<B: NixlBuffer>(&self, buffer: B) -> Result<Registered<B>, Error> {
         let region = buffer.region();
-        let handle = check(Op::RegisterMemory, self.inner.register_memory(&sys_region(region), None))?;
+        let handle = check(
+            Op::RegisterMemory,
+            self.inner.register_memory(&sys_region(region), None),
+        )?;
         Ok(Registered::new(Registration { handle, region }, buffer))
     }
 
@@ -166,7 +190,10 @@ impl Agent {
     /// Loads a peer's metadata; returns the peer's agent name.
     pub fn load_remote(&self, metadata: &[u8]) -> Result<String, Error> {
         if metadata.is_empty() {
-            return Err(Error::InvalidArgument { what: "agent metadata", reason: "empty".into() });
+            return Err(Error::InvalidArgument {
+                what: "agent metadata",
+                reason: "empty".into(),
+            });
         }
         check(Op::LoadRemoteMetadata, self.inner.load_remote_md(metadata))
     }
@@ -206,7 +233,8 @@ impl Agent {
         let args = notif_args(notif)?;
         let inner = check(
             Op::CreateRequest,
-            self.inner.create_xfer_req(op.to_sys(), &l, &r, peer, args.as_ref()),
+            self.inner
+                .create_xfer_req(op.to_sys(), &l, &r, peer, args.as_ref()),
         )?;
         Ok(XferRequest::new(inner, self.clone(), peer))
     }
@@ -218,8 +246,15 @@ impl Agent {
         let list = descs.to_sys()?;
         // NIXL's NIXL_INIT_AGENT ("") names the local agent.
         let name = peer.unwrap_or("");
-        let handle = check(Op::PrepareDescriptors, self.inner.prepare_xfer_dlist(name, &list, None))?;
-        Ok(PreparedDescs::new(sys::PreparedHandle(handle), descs.as_slice(), peer))
+        let handle = check(
+            Op::PrepareDescriptors,
+            self.inner.prepare_xfer_dlist(name, &list, None),
+        )?;
+        Ok(PreparedDescs::new(
+            sys::PreparedHandle(handle),
+            descs.as_slice(),
+            peer,
+        ))
     }
 
     /// Makes a transfer from prepared lists, pairing `local[local_idx[i]]` with
@@ -255,7 +290,10 @@ impl Agent {
     /// This also progresses the agent, which a target must do when no progress thread runs.
     pub fn drain_notifications(&self, out: &mut Vec<Notification>) -> Result<(), Error> {
         let mut map = check(Op::Notifications, nixl_sys::NotificationMap::new())?;
-        check(Op::Notifications, self.inner.get_notifications(&mut map, None))?;
+        check(
+            Op::Notifications,
+            self.inner.get_notifications(&mut map, None),
+        )?;
         let peers: Vec<String> = map
             .agents()
             .map(|a| check(Op::Notifications, a.map(str::to_owned)))
@@ -264,7 +302,10 @@ impl Agent {
             let n = check(Op::Notifications, map.get_notifications_size(&peer))?;
             for i in 0..n {
                 let payload = check(Op::Notifications, map.get_notification_bytes(&peer, i))?;
-                out.push(Notification { peer: peer.clone(), payload });
+                out.push(Notification {
+                    peer: peer.clone(),
+                    payload,
+                });
             }
         }
         Ok(())
@@ -279,7 +320,10 @@ impl Agent {
 
     /// Sends a notification to `peer` without a transfer.
     pub fn send_notification(&self, peer: &str, message: &[u8]) -> Result<(), Error> {
-        check(Op::SendNotification, self.inner.send_notification(peer, message, None))
+        check(
+            Op::SendNotification,
+            self.inner.send_notification(peer, message, None),
+        )
     }
 }
 
@@ -300,7 +344,10 @@ fn validate_name(name: &str) -> Result<(), Error> {
     } else {
         return Ok(());
     };
-    Err(Error::InvalidArgument { what: "agent name", reason: reason.into() })
+    Err(Error::InvalidArgument {
+        what: "agent name",
+        reason: reason.into(),
+    })
 }
 
 #[cfg(test)]
@@ -309,8 +356,14 @@ mod tests {
 
     #[test]
     fn names_with_nul_or_empty_are_rejected_before_nixl() {
-        assert!(matches!(validate_name(""), Err(Error::InvalidArgument { .. })));
-        assert!(matches!(validate_name("a\0b"), Err(Error::InvalidArgument { .. })));
+        assert!(matches!(
+            validate_name(""),
+            Err(Error::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            validate_name("a\0b"),
+            Err(Error::InvalidArgument { .. })
+        ));
         assert!(validate_name("prefill-0").is_ok());
     }
 

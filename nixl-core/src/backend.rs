@@ -120,7 +120,12 @@ impl BackendParams {
 
 impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for BackendParams {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        Self { map: iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect() }
+        Self {
+            map: iter
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
     }
 }
 
@@ -128,7 +133,10 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for BackendParams {
 #[derive(Debug, Clone)]
 pub struct Backend {
     pub(crate) kind: BackendKind,
-    #[allow(dead_code, reason = "the agent owns the backend; kept for backend-specific options")]
+    #[allow(
+        dead_code,
+        reason = "the agent owns the backend; kept for backend-specific options"
+    )]
     pub(crate) inner: std::sync::Arc<nixl_sys::Backend>,
 }
 
@@ -160,7 +168,13 @@ mod tests {
 
     #[test]
     fn ucx_params_spell_the_mode() {
-        assert_eq!(BackendParams::ucx(UcxErrorMode::None).value("ucx_error_handling_mode"), Some("none"));
-        assert_eq!(BackendParams::ucx(UcxErrorMode::Peer).value("ucx_error_handling_mode"), Some("peer"));
+        assert_eq!(
+            BackendParams::ucx(UcxErrorMode::None).value("ucx_error_handling_mode"),
+            Some("none")
+        );
+        assert_eq!(
+            BackendParams::ucx(UcxErrorMode::Peer).value("ucx_error_handling_mode"),
+            Some("peer")
+        );
     }
 }

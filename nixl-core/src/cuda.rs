@@ -28,7 +28,9 @@ impl DeviceBuffer {
     /// Allocates `len` zeroed bytes on GPU `ordinal`.
     pub fn new(ordinal: u32, len: usize) -> Result<Self, Error> {
         if !driver_present() {
-            return Err(Error::Cuda { reason: "CUDA driver library (libcuda.so.1) not found".into() });
+            return Err(Error::Cuda {
+                reason: "CUDA driver library (libcuda.so.1) not found".into(),
+            });
         }
         let ctx = CudaContext::new(ordinal as usize).map_err(cuda_err)?;
         let stream = ctx.default_stream();
@@ -38,7 +40,12 @@ impl DeviceBuffer {
             p
         };
         stream.synchronize().map_err(cuda_err)?;
-        Ok(Self { slice, stream, ordinal, ptr })
+        Ok(Self {
+            slice,
+            stream,
+            ordinal,
+            ptr,
+        })
     }
 
     /// The CUDA ordinal.
@@ -66,7 +73,11 @@ impl DeviceBuffer {
         if src.len() > self.len() {
             return Err(Error::InvalidArgument {
                 what: "host slice",
-                reason: format!("{} bytes into a {}-byte device buffer", src.len(), self.len()),
+                reason: format!(
+                    "{} bytes into a {}-byte device buffer",
+                    src.len(),
+                    self.len()
+                ),
             });
         }
         let mut view = self.slice.slice_mut(0..src.len());
@@ -82,10 +93,17 @@ impl DeviceBuffer {
     }
 
     pub(crate) fn device_region(&self) -> MemRegion {
-        MemRegion { addr: self.ptr, len: self.len() as u64, dev: u64::from(self.ordinal), mem: MemType::Vram }
+        MemRegion {
+            addr: self.ptr,
+            len: self.len() as u64,
+            dev: u64::from(self.ordinal),
+            mem: MemType::Vram,
+        }
     }
 }
 
 fn cuda_err(e: cudarc::driver::DriverError) -> Error {
-    Error::Cuda { reason: e.to_string() }
+    Error::Cuda {
+        reason: e.to_string(),
+    }
 }

@@ -26,12 +26,18 @@ pub struct XferDescs {
 impl XferDescs {
     /// An empty list of the given memory type.
     pub fn new(mem: MemType) -> Self {
-        Self { mem, descs: Vec::new() }
+        Self {
+            mem,
+            descs: Vec::new(),
+        }
     }
 
     /// An empty list with room for `n` descriptors.
     pub fn with_capacity(mem: MemType, n: usize) -> Self {
-        Self { mem, descs: Vec::with_capacity(n) }
+        Self {
+            mem,
+            descs: Vec::with_capacity(n),
+        }
     }
 
     /// Appends a descriptor.
@@ -89,5 +95,8 @@ impl XferDescs {
 }
 
 fn too_big(what: &'static str) -> crate::Error {
-    crate::Error::InvalidArgument { what, reason: "does not fit in usize".into() }
+    crate::Error::InvalidArgument {
+        what,
+        reason: "does not fit in usize".into(),
+    }
 }

@@ -65,6 +65,9 @@ mod mem;
 mod metadata;
 mod notif;
 pub mod runtime;
+#[cfg(feature = "__bench")]
+#[doc(hidden)]
+pub use sys::bench as __bench;
 mod storage;
 mod xfer;
 

@@ -40,7 +40,12 @@ pub struct MemRegion {
 impl MemRegion {
     /// A host-memory region.
     pub fn dram(addr: u64, len: u64) -> Self {
-        Self { addr, len, dev: 0, mem: MemType::Dram }
+        Self {
+            addr,
+            len,
+            dev: 0,
+            mem: MemType::Dram,
+        }
     }
 
     /// The end address (exclusive), saturating.
@@ -80,7 +85,10 @@ pub struct Registered<B> {
 
 impl<B: NixlBuffer> Registered<B> {
     pub(crate) fn new(registration: Registration, buffer: B) -> Self {
-        Self { registration, buffer }
+        Self {
+            registration,
+            buffer,
+        }
     }
 
     /// The registered region.

@@ -58,7 +58,9 @@ pub fn ensure_loaded() -> Result<RuntimeInfo, Error> {
 pub fn load_from(dir: &Path) -> Result<RuntimeInfo, Error> {
     let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
     let Some(lib) = capi_in(dir) else {
-        return Err(Error::RuntimeNotFound { searched: dir.display().to_string() });
+        return Err(Error::RuntimeNotFound {
+            searched: dir.display().to_string(),
+        });
     };
     if let Some(info) = loaded.as_ref() {
         return if info.library.as_deref() == Some(lib.as_path()) {
@@ -103,13 +105,19 @@ fn discover_and_load() -> Result<RuntimeInfo, Error> {
     }
     let mut searched: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
     searched.push(format!("{CAPI} on the loader path"));
-    Err(Error::RuntimeNotFound { searched: searched.join(", ") })
+    Err(Error::RuntimeNotFound {
+        searched: searched.join(", "),
+    })
 }
 
 fn load_path(lib: &Path) -> Result<RuntimeInfo, Error> {
-    sys::load_library(lib)
-        .map_err(|reason| Error::RuntimeLoad { path: lib.to_path_buf(), reason })?;
-    verify(RuntimeInfo { library: Some(lib.to_path_buf()) })
+    sys::load_library(lib).map_err(|reason| Error::RuntimeLoad {
+        path: lib.to_path_buf(),
+        reason,
+    })?;
+    verify(RuntimeInfo {
+        library: Some(lib.to_path_buf()),
+    })
 }
 
 fn verify(info: RuntimeInfo) -> Result<RuntimeInfo, Error> {
@@ -125,7 +133,9 @@ fn verify(info: RuntimeInfo) -> Result<RuntimeInfo, Error> {
 
 /// `dir/lib/libnixl_capi.so` or `dir/libnixl_capi.so`, if either exists.
 fn capi_in(dir: &Path) -> Option<PathBuf> {
-    [dir.join("lib").join(CAPI), dir.join(CAPI)].into_iter().find(|p| p.is_file())
+    [dir.join("lib").join(CAPI), dir.join(CAPI)]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 /// Runtime directories to try, in order (see the module docs).
@@ -152,9 +162,22 @@ pub(crate) fn candidate_dirs() -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os("NIXL_PREFIX") {
         prefixes.push(p.into());
     }
-    prefixes.extend(["/opt/nvidia/nvda_nixl", "/usr/local/nixl", "/usr/local", "/usr"].map(PathBuf::from));
+    prefixes.extend(
+        [
+            "/opt/nvidia/nvda_nixl",
+            "/usr/local/nixl",
+            "/usr/local",
+            "/usr",
+        ]
+        .map(PathBuf::from),
+    );
     for prefix in prefixes {
-        for lib in ["lib/x86_64-linux-gnu", "lib/aarch64-linux-gnu", "lib64", "lib"] {
+        for lib in [
+            "lib/x86_64-linux-gnu",
+            "lib/aarch64-linux-gnu",
+            "lib64",
+            "lib",
+        ] {
             out.push(prefix.join(lib));
         }
     }

@@ -26,8 +26,15 @@ impl FileRegion {
             .create(create)
             .truncate(false)
             .open(path)
-            .map_err(|e| Error::Io { op: "open", path: path.to_path_buf(), reason: e.to_string() })?;
-        Ok(Self { file, path: path.to_path_buf() })
+            .map_err(|e| Error::Io {
+                op: "open",
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Wraps an already open file.
@@ -52,7 +59,12 @@ impl FileRegion {
     }
 
     pub(crate) fn file_region(&self) -> MemRegion {
-        MemRegion { addr: 0, len: 0, dev: self.fd(), mem: MemType::File }
+        MemRegion {
+            addr: 0,
+            len: 0,
+            dev: self.fd(),
+            mem: MemType::File,
+        }
     }
 }
 
@@ -77,6 +89,11 @@ impl ObjectRegion {
     }
 
     pub(crate) fn object_region(&self) -> MemRegion {
-        MemRegion { addr: 0, len: 0, dev: self.id, mem: MemType::Object }
+        MemRegion {
+            addr: 0,
+            len: 0,
+            dev: self.id,
+            mem: MemType::Object,
+        }
     }
 }

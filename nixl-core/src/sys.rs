@@ -43,8 +43,8 @@ pub(crate) fn load_library(path: &Path) -> Result<(), String> {
     // SAFETY: loading libnixl_capi.so runs its static initialisers (C++ runtime, plugin manager
     // set-up). They have no preconditions on our side; the library is never unloaded because the
     // handle is leaked below, so no symbol from it can dangle.
-    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }
-        .map_err(|e| e.to_string())?;
+    let lib =
+        unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| e.to_string())?;
     std::mem::forget(lib);
     Ok(())
 }
@@ -67,11 +67,16 @@ impl HostBuffer {
     /// every buffer has a distinct, registrable address.
     pub fn new(len: usize) -> Result<Self, Error> {
         let layout = Layout::from_size_align(len.max(1), HOST_ALIGN).map_err(|e| {
-            Error::InvalidArgument { what: "host buffer length", reason: e.to_string() }
+            Error::InvalidArgument {
+                what: "host buffer length",
+                reason: e.to_string(),
+            }
         })?;
         // SAFETY: the layout has a non-zero size (len.max(1)).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or(Error::OutOfMemory { bytes: layout.size() })?;
+        let ptr = NonNull::new(raw).ok_or(Error::OutOfMemory {
+            bytes: layout.size(),
+        })?;
         advise_huge_pages(ptr, layout.size());
         Ok(Self { ptr, len, layout })
     }
@@ -114,7 +119,10 @@ impl Drop for HostBuffer {
 
 impl std::fmt::Debug for HostBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostBuffer").field("addr", &self.addr()).field("len", &self.len).finish()
+        f.debug_struct("HostBuffer")
+            .field("addr", &self.addr())
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -262,3 +270,44 @@ unsafe impl NixlBuffer for HostBuffer {
     }
 }
 
+/// Benchmark support (feature `__bench`, not covered by semver): lets a benchmark register a
+/// [`HostBuffer`] with a raw `nixl_sys::Agent`, so raw and wrapped paths move identical memory.
+#[cfg(feature = "__bench")]
+#[doc(hidden)]
+pub mod bench {
+    /// A host buffer's region as a raw nixl-sys descriptor.
+    #[derive(Debug)]
+    pub struct RawHostRegion(pub(crate) super::SysRegion);
+
+    impl RawHostRegion {
+        /// The region of `buf`.
+        pub fn new(buf: &super::HostBuffer) -> Self {
+            Self(super::SysRegion(crate::MemRegion::dram(
+                buf.addr(),
+                buf.len() as u64,
+            )))
+        }
+    }
+
+    impl nixl_sys::MemoryRegion for RawHostRegion {
+        // SAFETY (trait contract): only an address handed to NIXL, never dereferenced here;
+        // the benchmark keeps the HostBuffer alive while registered.
+        unsafe fn as_ptr(&self) -> *const u8 {
+            self.0.0.addr as usize as *const u8
+        }
+
+        fn size(&self) -> usize {
+            nixl_sys::MemoryRegion::size(&self.0)
+        }
+    }
+
+    impl nixl_sys::NixlDescriptor for RawHostRegion {
+        fn mem_type(&self) -> nixl_sys::MemType {
+            nixl_sys::MemType::Dram
+        }
+
+        fn device_id(&self) -> u64 {
+            0
+        }
+    }
+}

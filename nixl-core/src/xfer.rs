@@ -51,7 +51,11 @@ pub struct XferRequest {
 
 impl XferRequest {
     pub(crate) fn new(inner: nixl_sys::XferRequest, agent: Agent, peer: &str) -> Self {
-        Self { inner, agent, peer: peer.into() }
+        Self {
+            inner,
+            agent,
+            peer: peer.into(),
+        }
     }
 
     /// The remote agent of the transfer.
@@ -99,7 +103,10 @@ impl XferRequest {
 
     fn failed(&self, op: Op, e: nixl_sys::NixlError) -> Error {
         match sys::nixl_error(op, e) {
-            Error::Nixl { code, .. } => Error::TransferFailed { peer: self.peer.to_string(), code },
+            Error::Nixl { code, .. } => Error::TransferFailed {
+                peer: self.peer.to_string(),
+                code,
+            },
             other => other,
         }
     }
@@ -107,7 +114,10 @@ impl XferRequest {
 
 impl std::fmt::Debug for XferRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("XferRequest").field("agent", &self.agent.name()).field("peer", &self.peer).finish()
+        f.debug_struct("XferRequest")
+            .field("agent", &self.agent.name())
+            .field("peer", &self.peer)
+            .finish()
     }
 }
 
@@ -180,7 +190,8 @@ impl PreparedDescs {
     }
 
     fn desc_len(&self, i: i32) -> Option<u64> {
-        usize::try_from(i).ok().and_then(|i| self.lens.get(i).copied())
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.lens.get(i).copied())
     }
 }
-

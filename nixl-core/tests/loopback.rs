@@ -20,7 +20,10 @@ fn write_with_notification_moves_the_bytes() {
     pattern::fill(p.src.buffer_mut().as_mut_slice(), 1);
     let local = descs(&p.src.region(), &[(0, 64 * KIB as u64)]);
     let remote = descs(&p.dst.region(), &[(0, 64 * KIB as u64)]);
-    let req = p.initiator.create_request(XferOp::Write, &local, &remote, p.target.name(), Some(b"w1")).unwrap();
+    let req = p
+        .initiator
+        .create_request(XferOp::Write, &local, &remote, p.target.name(), Some(b"w1"))
+        .unwrap();
     req.post().unwrap();
     let mut notifs = Vec::new();
     p.wait(&req, &mut notifs).unwrap();
@@ -36,7 +39,10 @@ fn read_pulls_remote_bytes_and_notifies_the_target() {
     // The target's contents changed after its metadata was loaded; that is fine for RMA.
     let local = descs(&p.src.region(), &[(0, 128 * KIB as u64)]);
     let remote = descs(&p.dst.region(), &[(0, 128 * KIB as u64)]);
-    let req = p.initiator.create_request(XferOp::Read, &local, &remote, p.target.name(), Some(b"r1")).unwrap();
+    let req = p
+        .initiator
+        .create_request(XferOp::Read, &local, &remote, p.target.name(), Some(b"r1"))
+        .unwrap();
     req.post().unwrap();
     let mut notifs = Vec::new();
     p.wait(&req, &mut notifs).unwrap();
@@ -56,7 +62,16 @@ fn one_request_of_8192_scattered_descriptors() {
     let local = descs(&p.src.region(), &src_ranges);
     let remote = descs(&p.dst.region(), &dst_ranges);
     assert_eq!(local.len(), 8192);
-    let req = p.initiator.create_request(XferOp::Write, &local, &remote, p.target.name(), Some(b"many")).unwrap();
+    let req = p
+        .initiator
+        .create_request(
+            XferOp::Write,
+            &local,
+            &remote,
+            p.target.name(),
+            Some(b"many"),
+        )
+        .unwrap();
     req.post().unwrap();
     let mut notifs = Vec::new();
     p.wait(&req, &mut notifs).unwrap();
@@ -66,9 +81,18 @@ fn one_request_of_8192_scattered_descriptors() {
     for i in 0..n {
         let s = (i * 2 * block) as usize;
         let d = ((n - 1 - i) * 2 * block) as usize;
-        assert_eq!(&src[s..s + block as usize], &dst[d..d + block as usize], "block {i}");
+        assert_eq!(
+            &src[s..s + block as usize],
+            &dst[d..d + block as usize],
+            "block {i}"
+        );
         // The gaps were not written.
-        assert!(dst[d + block as usize..d + 2 * block as usize].iter().all(|&b| b == 0), "gap {i}");
+        assert!(
+            dst[d + block as usize..d + 2 * block as usize]
+                .iter()
+                .all(|&b| b == 0),
+            "gap {i}"
+        );
     }
 }
 
@@ -79,33 +103,53 @@ fn prepared_lists_make_requests_by_index_and_repost() {
     let mut p = LoopbackPair::with_mode((blocks * block) as usize, UcxErrorMode::None).unwrap();
     pattern::fill(p.src.buffer_mut().as_mut_slice(), 4);
     let ranges: Vec<(u64, u64)> = (0..blocks).map(|i| (i * block, block)).collect();
-    let local = p.initiator.prepare(None, &descs(&p.src.region(), &ranges)).unwrap();
-    let remote = p.initiator.prepare(Some(p.target.name()), &descs(&p.dst.region(), &ranges)).unwrap();
+    let local = p
+        .initiator
+        .prepare(None, &descs(&p.src.region(), &ranges))
+        .unwrap();
+    let remote = p
+        .initiator
+        .prepare(Some(p.target.name()), &descs(&p.dst.region(), &ranges))
+        .unwrap();
     assert_eq!(local.len(), 64);
     // Pair source block i with destination block 63 - i, for the even blocks only.
     let li: Vec<i32> = (0..64).step_by(2).collect();
     let ri: Vec<i32> = li.iter().map(|i| 63 - i).collect();
-    let req = p.initiator.make_request(XferOp::Write, &local, &li, &remote, &ri, Some(b"prep")).unwrap();
+    let req = p
+        .initiator
+        .make_request(XferOp::Write, &local, &li, &remote, &ri, Some(b"prep"))
+        .unwrap();
     let mut notifs = Vec::new();
     for round in 0..3 {
         req.post().unwrap();
         p.wait(&req, &mut notifs).unwrap();
-        p.wait_notification(&mut notifs, b"prep").unwrap_or_else(|e| panic!("round {round}: {e}"));
+        p.wait_notification(&mut notifs, b"prep")
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
     }
     let (src, dst) = (p.src.buffer().as_slice(), p.dst.buffer().as_slice());
     for i in 0..64usize {
         let d = (63 - i) * block as usize;
         let got = &dst[d..d + block as usize];
         if i % 2 == 0 {
-            assert_eq!(got, &src[i * block as usize..(i + 1) * block as usize], "block {i}");
+            assert_eq!(
+                got,
+                &src[i * block as usize..(i + 1) * block as usize],
+                "block {i}"
+            );
         } else {
             assert!(got.iter().all(|&b| b == 0), "block {i} should be untouched");
         }
     }
     // Indices outside the prepared lists are refused before NIXL sees them.
-    let err = p.initiator.make_request(XferOp::Write, &local, &[64], &remote, &[0], None).unwrap_err();
+    let err = p
+        .initiator
+        .make_request(XferOp::Write, &local, &[64], &remote, &[0], None)
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
-    let err = p.initiator.make_request(XferOp::Write, &local, &[0, 1], &remote, &[0], None).unwrap_err();
+    let err = p
+        .initiator
+        .make_request(XferOp::Write, &local, &[0, 1], &remote, &[0], None)
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
 }
 
@@ -116,7 +160,10 @@ fn unregistered_local_memory_is_a_typed_error() {
     let mut local = XferDescs::new(MemType::Dram);
     local.push(stray.as_ptr() as u64, 4 * KIB as u64, 0);
     let remote = descs(&p.dst.region(), &[(0, 4 * KIB as u64)]);
-    let err = p.initiator.create_request(XferOp::Write, &local, &remote, p.target.name(), None).unwrap_err();
+    let err = p
+        .initiator
+        .create_request(XferOp::Write, &local, &remote, p.target.name(), None)
+        .unwrap_err();
     assert!(matches!(err, Error::Nixl { .. }), "{err}");
 }
 
@@ -125,7 +172,10 @@ fn descriptor_past_the_registered_region_is_a_typed_error() {
     let p = LoopbackPair::new(4 * KIB).unwrap();
     let local = descs(&p.src.region(), &[(0, 4 * KIB as u64)]);
     let remote = descs(&p.dst.region(), &[(2 * KIB as u64, 4 * KIB as u64)]);
-    let err = p.initiator.create_request(XferOp::Write, &local, &remote, p.target.name(), None).unwrap_err();
+    let err = p
+        .initiator
+        .create_request(XferOp::Write, &local, &remote, p.target.name(), None)
+        .unwrap_err();
     assert!(matches!(err, Error::Nixl { .. }), "{err}");
 }
 
@@ -134,7 +184,10 @@ fn unknown_remote_agent_is_a_typed_error() {
     let p = LoopbackPair::new(4 * KIB).unwrap();
     let local = descs(&p.src.region(), &[(0, 4 * KIB as u64)]);
     let remote = descs(&p.dst.region(), &[(0, 4 * KIB as u64)]);
-    let err = p.initiator.create_request(XferOp::Write, &local, &remote, "nobody", None).unwrap_err();
+    let err = p
+        .initiator
+        .create_request(XferOp::Write, &local, &remote, "nobody", None)
+        .unwrap_err();
     assert!(matches!(err, Error::Nixl { .. }), "{err}");
     assert!(!p.initiator.has_remote("nobody"));
 }
@@ -144,7 +197,10 @@ fn mismatched_lengths_and_bad_metadata_are_refused() {
     let p = LoopbackPair::new(8 * KIB).unwrap();
     let local = descs(&p.src.region(), &[(0, 8 * KIB as u64)]);
     let remote = descs(&p.dst.region(), &[(0, 4 * KIB as u64)]);
-    let err = p.initiator.create_request(XferOp::Write, &local, &remote, p.target.name(), None).unwrap_err();
+    let err = p
+        .initiator
+        .create_request(XferOp::Write, &local, &remote, p.target.name(), None)
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
     assert!(p.initiator.load_remote(b"").is_err());
     assert!(p.initiator.load_remote(b"nixlSerDes|garbage").is_err());
@@ -158,13 +214,19 @@ fn invalidated_remote_can_no_longer_be_targeted() {
     assert!(!p.initiator.has_remote(p.target.name()));
     let local = descs(&p.src.region(), &[(0, 4 * KIB as u64)]);
     let remote = descs(&p.dst.region(), &[(0, 4 * KIB as u64)]);
-    assert!(p.initiator.create_request(XferOp::Write, &local, &remote, p.target.name(), None).is_err());
+    assert!(
+        p.initiator
+            .create_request(XferOp::Write, &local, &remote, p.target.name(), None)
+            .is_err()
+    );
 }
 
 #[test]
 fn standalone_notification_reaches_the_peer() {
     let p = LoopbackPair::new(4 * KIB).unwrap();
-    p.initiator.send_notification(p.target.name(), b"\x00binary\xff").unwrap();
+    p.initiator
+        .send_notification(p.target.name(), b"\x00binary\xff")
+        .unwrap();
     let mut notifs = Vec::new();
     let n = p.wait_notification(&mut notifs, b"\x00binary\xff").unwrap();
     assert_eq!(n.peer, p.initiator.name());
@@ -175,8 +237,14 @@ fn plugins_include_the_extracted_ones() {
     let p = LoopbackPair::new(4 * KIB).unwrap();
     let plugins = p.initiator.plugins().unwrap();
     for want in ["UCX", "POSIX", "OBJ"] {
-        assert!(plugins.iter().any(|x| x == want), "{want} missing from {plugins:?}");
+        assert!(
+            plugins.iter().any(|x| x == want),
+            "{want} missing from {plugins:?}"
+        );
     }
-    let ucx = p.initiator.plugin_params(&nixl_core::BackendKind::Ucx).unwrap();
+    let ucx = p
+        .initiator
+        .plugin_params(&nixl_core::BackendKind::Ucx)
+        .unwrap();
     assert!(ucx.value("ucx_error_handling_mode").is_some(), "{ucx:?}");
 }

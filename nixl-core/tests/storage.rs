@@ -10,9 +10,12 @@ use nixl_core::{
 use nixl_testkit::{S3Server, pattern, tempdir, unique_name};
 
 fn run(agent: &Agent, op: XferOp, local: &XferDescs, storage: &XferDescs) {
-    let req = agent.create_request(op, local, storage, agent.name(), None).unwrap();
+    let req = agent
+        .create_request(op, local, storage, agent.name(), None)
+        .unwrap();
     req.post().unwrap();
-    req.wait(Duration::from_secs(60), std::thread::yield_now).unwrap();
+    req.wait(Duration::from_secs(60), std::thread::yield_now)
+        .unwrap();
 }
 
 #[test]
@@ -20,13 +23,19 @@ fn posix_write_then_read_back_at_an_offset() {
     let dir = tempdir().unwrap();
     let path = dir.path().join("page.bin");
     let agent = Agent::new(&unique_name("posix"), &AgentConfig::default()).unwrap();
-    agent.create_backend(BackendKind::Posix, &BackendParams::new()).unwrap();
+    agent
+        .create_backend(BackendKind::Posix, &BackendParams::new())
+        .unwrap();
     let len = 256 * 1024u64;
     let file = FileRegion::open(&path, true).unwrap();
     file.file().set_len(4096 + len).unwrap();
     let file = agent.register(file).unwrap();
-    let mut src = agent.register(HostBuffer::new(len as usize).unwrap()).unwrap();
-    let dst = agent.register(HostBuffer::new(len as usize).unwrap()).unwrap();
+    let mut src = agent
+        .register(HostBuffer::new(len as usize).unwrap())
+        .unwrap();
+    let dst = agent
+        .register(HostBuffer::new(len as usize).unwrap())
+        .unwrap();
     pattern::fill(src.buffer_mut().as_mut_slice(), 11);
 
     let fd = file.buffer().fd();
@@ -51,7 +60,9 @@ fn posix_write_then_read_back_at_an_offset() {
 fn obj_put_and_get_against_a_local_s3_server() {
     let s3 = S3Server::start("nixl-core-test").unwrap();
     let agent = Agent::new(&unique_name("obj"), &AgentConfig::default()).unwrap();
-    agent.create_backend(BackendKind::Obj, &s3.obj_params()).unwrap();
+    agent
+        .create_backend(BackendKind::Obj, &s3.obj_params())
+        .unwrap();
     let len = 1 << 20;
     let object = agent.register(ObjectRegion::new(7)).unwrap();
     let mut src = agent.register(HostBuffer::new(len).unwrap()).unwrap();
@@ -73,12 +84,16 @@ fn obj_put_and_get_against_a_local_s3_server() {
 #[test]
 fn file_descriptor_past_the_end_of_an_unregistered_file_fails_cleanly() {
     let agent = Agent::new(&unique_name("posix-err"), &AgentConfig::default()).unwrap();
-    agent.create_backend(BackendKind::Posix, &BackendParams::new()).unwrap();
+    agent
+        .create_backend(BackendKind::Posix, &BackendParams::new())
+        .unwrap();
     let src = agent.register(HostBuffer::new(4096).unwrap()).unwrap();
     let mut storage = XferDescs::new(MemType::File);
     storage.push(0, 4096, 987_654); // no such registered fd
     let mut host = XferDescs::new(MemType::Dram);
     host.push_in(&src.region(), 0, 4096);
-    let err = agent.create_request(XferOp::Write, &host, &storage, agent.name(), None).unwrap_err();
+    let err = agent
+        .create_request(XferOp::Write, &host, &storage, agent.name(), None)
+        .unwrap_err();
     assert!(matches!(err, nixl_core::Error::Nixl { .. }), "{err}");
 }

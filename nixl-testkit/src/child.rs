@@ -65,9 +65,14 @@ impl ChildPeer {
         let ready = peer.read_line(Duration::from_secs(60), &mut || {})?;
         let parts: Vec<&str> = ready.split(' ').collect();
         let ["READY", name, addr, len, md] = parts[..] else {
-            return Err(Error::Setup(format!("unexpected first line from child: {ready}")));
+            return Err(Error::Setup(format!(
+                "unexpected first line from child: {ready}"
+            )));
         };
-        let parse = |s: &str| s.parse::<u64>().map_err(|e| Error::Setup(format!("{s}: {e}")));
+        let parse = |s: &str| {
+            s.parse::<u64>()
+                .map_err(|e| Error::Setup(format!("{s}: {e}")))
+        };
         peer.name = name.to_owned();
         peer.region = MemRegion::dram(parse(addr)?, parse(len)?);
         peer.metadata = hex_decode(md).ok_or_else(|| Error::Setup("bad metadata hex".into()))?;
@@ -101,7 +106,12 @@ impl ChildPeer {
 
     /// Checks `len` bytes at `offset` of the child's buffer against the pattern for `seed`;
     /// `Ok(Err(i))` names the first wrong byte.
-    pub fn verify(&mut self, offset: u64, len: u64, seed: u64) -> Result<std::result::Result<(), usize>> {
+    pub fn verify(
+        &mut self,
+        offset: u64,
+        len: u64,
+        seed: u64,
+    ) -> Result<std::result::Result<(), usize>> {
         let reply = self.command(&format!("VERIFY {offset} {len} {seed}"), &mut || {})?;
         if reply == "OK" {
             return Ok(Ok(()));
@@ -130,12 +140,19 @@ impl ChildPeer {
 
     fn expect_ok(&mut self, cmd: &str) -> Result<()> {
         let reply = self.command(cmd, &mut || {})?;
-        if reply == "OK" { Ok(()) } else { Err(Error::Setup(format!("{cmd}: {reply}"))) }
+        if reply == "OK" {
+            Ok(())
+        } else {
+            Err(Error::Setup(format!("{cmd}: {reply}")))
+        }
     }
 
     fn command(&mut self, cmd: &str, progress: &mut dyn FnMut()) -> Result<String> {
-        writeln!(self.stdin, "{cmd}").map_err(|e| Error::Setup(format!("writing to child: {e}")))?;
-        self.stdin.flush().map_err(|e| Error::Setup(format!("writing to child: {e}")))?;
+        writeln!(self.stdin, "{cmd}")
+            .map_err(|e| Error::Setup(format!("writing to child: {e}")))?;
+        self.stdin
+            .flush()
+            .map_err(|e| Error::Setup(format!("writing to child: {e}")))?;
         self.read_line(Duration::from_secs(120), progress)
     }
 
@@ -189,5 +206,8 @@ pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }

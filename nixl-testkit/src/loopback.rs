@@ -13,7 +13,11 @@ use crate::{Error, Result};
 /// A process-unique agent name with `prefix`.
 pub fn unique_name(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// An initiator and a target agent with UCX backends, one registered host buffer each, and the
@@ -47,7 +51,12 @@ impl LoopbackPair {
         let src = initiator.register(HostBuffer::new(len)?)?;
         let dst = target.register(HostBuffer::new(len)?)?;
         initiator.load_remote(target.local_metadata()?.as_bytes())?;
-        Ok(Self { initiator, target, src, dst })
+        Ok(Self {
+            initiator,
+            target,
+            src,
+            dst,
+        })
     }
 
     /// Waits for `req`, progressing the target and collecting its notifications into `notifs`.
@@ -73,10 +82,16 @@ impl LoopbackPair {
         payload: &[u8],
     ) -> Result<Notification> {
         let mut initiator_inbox = Vec::new();
-        wait_for_notification(&self.target, notifs, payload, Duration::from_secs(30), &mut || {
-            // Progress only; the initiator receives nothing in these tests.
-            let _ = self.initiator.drain_notifications(&mut initiator_inbox);
-        })
+        wait_for_notification(
+            &self.target,
+            notifs,
+            payload,
+            Duration::from_secs(30),
+            &mut || {
+                // Progress only; the initiator receives nothing in these tests.
+                let _ = self.initiator.drain_notifications(&mut initiator_inbox);
+            },
+        )
     }
 }
 

@@ -4,7 +4,11 @@
 /// and by the 4 KiB block, so misplaced blocks are caught.
 pub fn byte(seed: u64, i: usize) -> u8 {
     let block = (i / 4096) as u64;
-    ((seed.wrapping_mul(31).wrapping_add(i as u64).wrapping_add(block.wrapping_mul(17))) % 251) as u8
+    ((seed
+        .wrapping_mul(31)
+        .wrapping_add(i as u64)
+        .wrapping_add(block.wrapping_mul(17)))
+        % 251) as u8
 }
 
 /// Fills `buf` with the pattern for `seed`.

@@ -36,11 +36,17 @@ impl S3Server {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| Error::Setup(format!("starting moto_server: {e}")))?;
-        let server = Self { child, port, bucket: bucket.to_owned() };
+        let server = Self {
+            child,
+            port,
+            bucket: bucket.to_owned(),
+        };
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if start.elapsed() > Duration::from_secs(30) {
-                return Err(Error::Timeout(format!("moto_server did not listen on {port}")));
+                return Err(Error::Timeout(format!(
+                    "moto_server did not listen on {port}"
+                )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -55,7 +61,9 @@ impl S3Server {
             .status()
             .map_err(|e| Error::Setup(format!("creating bucket: {e}")))?;
         if !status.success() {
-            return Err(Error::Setup(format!("creating bucket {bucket} failed: {status}")));
+            return Err(Error::Setup(format!(
+                "creating bucket {bucket} failed: {status}"
+            )));
         }
         Ok(server)
     }
@@ -93,15 +101,19 @@ impl Drop for S3Server {
 
 fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::Setup(format!("bind: {e}")))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| Error::Setup(format!("local_addr: {e}")))
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error::Setup(format!("local_addr: {e}")))
 }
 
 fn find_venv() -> Result<PathBuf> {
     if let Some(v) = std::env::var_os(MOTO_VENV_ENV) {
         return Ok(v.into());
     }
-    let starts: Vec<PathBuf> =
-        [std::env::current_exe().ok(), std::env::current_dir().ok()].into_iter().flatten().collect();
+    let starts: Vec<PathBuf> = [std::env::current_exe().ok(), std::env::current_dir().ok()]
+        .into_iter()
+        .flatten()
+        .collect();
     for s in &starts {
         for anc in s.ancestors() {
             for rel in ["moto-venv", "target/moto-venv"] {

@@ -16,7 +16,8 @@ const PEER: &str = env!("CARGO_BIN_EXE_nixl-testkit-peer");
 
 fn initiator(mode: UcxErrorMode) -> Agent {
     let a = Agent::new(&unique_name("parent"), &AgentConfig::default()).unwrap();
-    a.create_backend(BackendKind::Ucx, &BackendParams::ucx(mode)).unwrap();
+    a.create_backend(BackendKind::Ucx, &BackendParams::ucx(mode))
+        .unwrap();
     a
 }
 
@@ -32,9 +33,18 @@ fn write_then_verify(mode: UcxErrorMode) {
     local.push_in(&src.region(), 0, len as u64);
     let mut remote = XferDescs::new(MemType::Dram);
     remote.push_in(&child.region(), 0, len as u64);
-    let req = a.create_request(XferOp::Write, &local, &remote, child.name(), Some(b"2p-write")).unwrap();
+    let req = a
+        .create_request(
+            XferOp::Write,
+            &local,
+            &remote,
+            child.name(),
+            Some(b"2p-write"),
+        )
+        .unwrap();
     req.post().unwrap();
-    req.wait(Duration::from_secs(30), std::thread::yield_now).unwrap();
+    req.wait(Duration::from_secs(30), std::thread::yield_now)
+        .unwrap();
     let mut sink = Vec::new();
     let from = child
         .wait_notification(b"2p-write", Duration::from_secs(30), &mut || {
@@ -67,9 +77,18 @@ fn read_from_a_child_process() {
     local.push_in(&dst.region(), 0, len as u64);
     let mut remote = XferDescs::new(MemType::Dram);
     remote.push_in(&child.region(), 0, len as u64);
-    let req = a.create_request(XferOp::Read, &local, &remote, child.name(), Some(b"2p-read")).unwrap();
+    let req = a
+        .create_request(
+            XferOp::Read,
+            &local,
+            &remote,
+            child.name(),
+            Some(b"2p-read"),
+        )
+        .unwrap();
     req.post().unwrap();
-    req.wait(Duration::from_secs(30), std::thread::yield_now).unwrap();
+    req.wait(Duration::from_secs(30), std::thread::yield_now)
+        .unwrap();
     let mut sink = Vec::new();
     child
         .wait_notification(b"2p-read", Duration::from_secs(30), &mut || {
@@ -89,7 +108,10 @@ fn a_dead_peer_fails_the_transfer_instead_of_hanging() {
     let (name, region) = (child.name().to_owned(), child.region());
     let pid = child.pid();
     // Kill the child hard (no QUIT), then keep writing to it.
-    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
     drop(child);
     let mut local = XferDescs::new(MemType::Dram);
     local.push_in(&src.region(), 0, len as u64);

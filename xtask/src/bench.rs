@@ -17,18 +17,32 @@ pub(crate) struct BenchArgs {
 }
 
 pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
-    let (package, bench) = match args.suite.as_str() {
+    let (package, bench, features) = match args.suite.as_str() {
         "core" => {
             runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
-            ("nixl-core", "core")
+            ("nixl-core", "core", "nixl-core/__bench")
         }
-        "wire" => ("nixl-wire", "codec"),
-        "kv" | "hicache" => bail!("the `{}` benchmark is not built yet (issue {})", args.suite, if args.suite == "kv" { 5 } else { 4 }),
+        "wire" => ("nixl-wire", "codec", ""),
+        "kv" | "hicache" => bail!(
+            "the `{}` benchmark is not built yet (issue {})",
+            args.suite,
+            if args.suite == "kv" { 5 } else { 4 }
+        ),
         other => bail!("unknown suite `{other}`; choose core, wire, kv or hicache"),
     };
     cmd::run(
         Command::new("cargo")
-            .args(["bench", "--locked", "-p", package, "--bench", bench, "--"])
+            .args([
+                "bench",
+                "--locked",
+                "-p",
+                package,
+                "--bench",
+                bench,
+                "--features",
+                features,
+                "--",
+            ])
             .args(&args.rest),
     )
 }

@@ -4,11 +4,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::{cmd, deps, prereq, runtime, tidy};
+use crate::{cmd, deps, fuzz, prereq, runtime, tidy};
 
 /// Features that turn on the tests needing the real NIXL runtime and the local S3 server.
 pub(crate) const RUNTIME_TEST_FEATURES: &str =
-    "nixl-core/nixl-runtime-tests,nixl-testkit/nixl-runtime-tests,nixl-wire/fuzz-smoke";
+    "nixl-core/nixl-runtime-tests,nixl-testkit/nixl-runtime-tests";
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct CiArgs {
@@ -25,27 +25,73 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
         prereq::ensure_moto(root).map(drop)
     })?;
     if !args.no_lint {
-        step("fmt", || cmd::run(cargo().args(["fmt", "--all", "--", "--check"])))?;
+        step("fmt", || {
+            cmd::run(cargo().args(["fmt", "--all", "--", "--check"]))
+        })?;
         step("clippy", || {
-            cmd::run(cargo().args(["clippy", "--workspace", "--all-targets", "--all-features", "--locked"]).args(["--", "-D", "warnings"]))
+            cmd::run(
+                cargo()
+                    .args([
+                        "clippy",
+                        "--workspace",
+                        "--all-targets",
+                        "--all-features",
+                        "--locked",
+                    ])
+                    .args(["--", "-D", "warnings"]),
+            )
         })?;
     }
     step("tests", || {
         let features = ["--features", RUNTIME_TEST_FEATURES];
         if cmd::exists("cargo-nextest") {
-            cmd::run(cargo().args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]).args(features))?;
+            cmd::run(
+                cargo()
+                    .args([
+                        "nextest",
+                        "run",
+                        "--workspace",
+                        "--locked",
+                        "--no-fail-fast",
+                    ])
+                    .args(features),
+            )?;
         } else {
             println!("cargo-nextest not installed; using cargo test");
-            cmd::run(cargo().args(["test", "--workspace", "--locked"]).args(features))?;
+            cmd::run(
+                cargo()
+                    .args(["test", "--workspace", "--locked"])
+                    .args(features),
+            )?;
         }
-        cmd::run(cargo().args(["test", "--doc", "--workspace", "--locked"]).args(features))
+        cmd::run(
+            cargo()
+                .args(["test", "--doc", "--workspace", "--locked"])
+                .args(features),
+        )
     })?;
     step("doc", || {
-        cmd::run(cargo().args(["doc", "--workspace", "--no-deps", "--all-features", "--locked"]).env("RUSTDOCFLAGS", "-D warnings"))
+        cmd::run(
+            cargo()
+                .args([
+                    "doc",
+                    "--workspace",
+                    "--no-deps",
+                    "--all-features",
+                    "--locked",
+                ])
+                .env("RUSTDOCFLAGS", "-D warnings"),
+        )
     })?;
     step("deps", || deps::run(root))?;
     step("tidy", || tidy::run(root))?;
-    println!("xtask ci: all steps passed in {:.0}s", start.elapsed().as_secs_f64());
+    step("fuzz (nixl-wire dispatch, 10 s)", || {
+        fuzz::run(root, &fuzz::FuzzArgs { seconds: 10 })
+    })?;
+    println!(
+        "xtask ci: all steps passed in {:.0}s",
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -53,7 +99,11 @@ fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()
     println!("\n==> {name}");
     let start = Instant::now();
     let res = f();
-    println!("<== {name}: {} in {:.1}s", if res.is_ok() { "ok" } else { "FAILED" }, start.elapsed().as_secs_f64());
+    println!(
+        "<== {name}: {} in {:.1}s",
+        if res.is_ok() { "ok" } else { "FAILED" },
+        start.elapsed().as_secs_f64()
+    );
     res
 }
 

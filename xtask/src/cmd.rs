@@ -10,9 +10,14 @@ pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let line = display(cmd);
     println!("$ {line}");
     let start = Instant::now();
-    let status = cmd.status().with_context(|| format!("cannot start `{line}`"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{line}`"))?;
     if !status.success() {
-        bail!("`{line}` failed ({status}) after {:.1}s", start.elapsed().as_secs_f64());
+        bail!(
+            "`{line}` failed ({status}) after {:.1}s",
+            start.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
@@ -20,18 +25,23 @@ pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
 /// Runs `cmd` and returns its stdout.
 pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let line = display(cmd);
-    let out = cmd.output().with_context(|| format!("cannot start `{line}`"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start `{line}`"))?;
     if !out.status.success() {
-        bail!("`{line}` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{line}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Whether a program is on PATH.
 pub(crate) fn exists(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 fn display(cmd: &Command) -> String {

@@ -29,12 +29,20 @@ const DEV_ALLOWED: &[(&str, &[&str])] = &[
 
 /// External crates that must not be reachable (through normal edges) from a crate.
 const FORBIDDEN: &[(&str, &[&str])] = &[
-    ("nixl-wire", &["nixl-sys", "zeromq", "zmq", "tokio", "cudarc"]),
+    (
+        "nixl-wire",
+        &["nixl-sys", "zeromq", "zmq", "tokio", "cudarc"],
+    ),
     ("nixl-core", &["zeromq", "zmq", "tokio", "nixl-wire"]),
 ];
 
 pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
-    let out = cmd::output(Command::new("cargo").current_dir(root).args(["metadata", "--format-version", "1", "--locked"]))?;
+    let out = cmd::output(Command::new("cargo").current_dir(root).args([
+        "metadata",
+        "--format-version",
+        "1",
+        "--locked",
+    ]))?;
     let meta: Value = serde_json::from_str(&out)?;
     let members: BTreeSet<String> = meta["workspace_members"]
         .as_array()
@@ -45,12 +53,16 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
 
     let mut errors = Vec::new();
     for pkg in meta["packages"].as_array().into_iter().flatten() {
-        let Some(name) = pkg["name"].as_str() else { continue };
+        let Some(name) = pkg["name"].as_str() else {
+            continue;
+        };
         if !members.contains(name) {
             continue;
         }
         for dep in pkg["dependencies"].as_array().into_iter().flatten() {
-            let Some(dep_name) = dep["name"].as_str() else { continue };
+            let Some(dep_name) = dep["name"].as_str() else {
+                continue;
+            };
             if !members.contains(dep_name) {
                 continue;
             }
@@ -58,7 +70,10 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
             let ok = lookup(ALLOWED, name).contains(&dep_name)
                 || (dev && lookup(DEV_ALLOWED, name).contains(&dep_name));
             if !ok {
-                errors.push(format!("{name} -> {dep_name}{} is not allowed", if dev { " (dev)" } else { "" }));
+                errors.push(format!(
+                    "{name} -> {dep_name}{} is not allowed",
+                    if dev { " (dev)" } else { "" }
+                ));
             }
         }
     }
@@ -76,28 +91,47 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     if !errors.is_empty() {
         bail!("dependency rules broken:\n  {}", errors.join("\n  "));
     }
-    println!("dependency directions ok ({} workspace crates)", members.len());
+    println!(
+        "dependency directions ok ({} workspace crates)",
+        members.len()
+    );
     Ok(())
 }
 
 fn lookup<'a>(table: &'a [(&str, &'a [&'a str])], name: &str) -> &'a [&'a str] {
-    table.iter().find(|(n, _)| *n == name).map_or(&[], |(_, v)| v)
+    table
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or(&[], |(_, v)| v)
 }
 
 fn package_name(meta: &Value, id: &str) -> Option<String> {
-    meta["packages"].as_array()?.iter().find(|p| p["id"] == id)?["name"].as_str().map(str::to_owned)
+    meta["packages"]
+        .as_array()?
+        .iter()
+        .find(|p| p["id"] == id)?["name"]
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// name -> names of its normal (non-dev, non-build) dependencies.
 fn resolve_graph(meta: &Value) -> BTreeMap<String, Vec<String>> {
     let mut g = BTreeMap::new();
     for node in meta["resolve"]["nodes"].as_array().into_iter().flatten() {
-        let Some(name) = node["id"].as_str().and_then(|id| package_name(meta, id)) else { continue };
+        let Some(name) = node["id"].as_str().and_then(|id| package_name(meta, id)) else {
+            continue;
+        };
         let deps = node["deps"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|d| d["dep_kinds"].as_array().into_iter().flatten().any(|k| k["kind"].is_null()))
+            .filter(|d| {
+                d["dep_kinds"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|k| k["kind"].is_null())
+            })
             .filter_map(|d| d["pkg"].as_str().and_then(|id| package_name(meta, id)))
             .collect();
         g.insert(name, deps);

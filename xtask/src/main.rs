@@ -3,12 +3,17 @@
 //! Every task provisions what it needs on a fresh machine (libclang, the NIXL runtime from PyPI,
 //! a moto S3 server in a venv) or says exactly what to run.
 #![forbid(unsafe_code)]
-#![allow(clippy::print_stdout, clippy::print_stderr, reason = "xtask reports to the terminal")]
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "xtask reports to the terminal"
+)]
 
 mod bench;
 mod ci;
 mod cmd;
 mod deps;
+mod fuzz;
 mod prereq;
 mod runtime;
 mod tidy;
@@ -18,7 +23,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Project automation for the nixl workspace")]
+#[command(
+    name = "cargo xtask",
+    about = "Project automation for the nixl workspace"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -36,6 +44,8 @@ enum Task {
     Deps,
     /// Source hygiene checks (unsafe placement, SAFETY comments, prints, file headers).
     Tidy,
+    /// Coverage-guided fuzzing of nixl-wire's decoders (stable toolchain, bounded time).
+    Fuzz(fuzz::FuzzArgs),
     /// Benchmarks: `core`, `wire`, `kv` or `hicache`.
     Bench(bench::BenchArgs),
     /// The main job: a prefill and a decode moving KV pages over NIXL (see README).
@@ -55,6 +65,7 @@ fn main() -> anyhow::Result<()> {
         Task::Ci(args) => ci::run(&root, &args),
         Task::Deps => deps::run(&root),
         Task::Tidy => tidy::run(&root),
+        Task::Fuzz(args) => fuzz::run(&root, &args),
         Task::Bench(args) => bench::run(&root, &args),
         Task::Demo => anyhow::bail!(
             "the demo (`pd` prefill/decode example of nixl-kv) is not built yet: see issue 5"

@@ -33,7 +33,11 @@ fn libclang_present() -> bool {
     if std::env::var_os("LIBCLANG_PATH").is_some() {
         return true;
     }
-    let mut dirs: Vec<PathBuf> = vec!["/usr/lib/x86_64-linux-gnu".into(), "/usr/lib64".into(), "/usr/lib".into()];
+    let mut dirs: Vec<PathBuf> = vec![
+        "/usr/lib/x86_64-linux-gnu".into(),
+        "/usr/lib64".into(),
+        "/usr/lib".into(),
+    ];
     if let Ok(entries) = std::fs::read_dir("/usr/lib") {
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().starts_with("llvm-") {
@@ -64,14 +68,18 @@ pub(crate) fn ensure_moto(root: &Path) -> anyhow::Result<PathBuf> {
         return Ok(venv);
     }
     if !cmd::exists("python3") {
-        bail!("python3 with pip and venv is needed for the local S3 server; run: apt-get install -y python3-venv python3-pip");
+        bail!(
+            "python3 with pip and venv is needed for the local S3 server; run: apt-get install -y python3-venv python3-pip"
+        );
     }
     println!("installing moto[server] into {}", venv.display());
     cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-    cmd::run(
-        Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check", "moto[server]>=5,<6"]),
-    )?;
+    cmd::run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "moto[server]>=5,<6",
+    ]))?;
     if !server.is_file() {
         bail!("moto installed but {} is missing", server.display());
     }

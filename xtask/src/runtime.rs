@@ -21,7 +21,12 @@ const PLUGINS: [&str; 3] = ["UCX", "POSIX", "OBJ"];
 const UCX_MODULES: [&str; 3] = ["libuct_cma", "libuct_cuda", "libucm_cuda"];
 /// Libraries a GPU host's driver provides; missing on a CPU machine, which only matters to the
 /// UCX cuda modules (UCX skips them there).
-const DRIVER_LIBS: [&str; 4] = ["libcuda.so.1", "libnvidia-ml.so.1", "libcudart.so.12", "libcudart.so.13"];
+const DRIVER_LIBS: [&str; 4] = [
+    "libcuda.so.1",
+    "libnvidia-ml.so.1",
+    "libcudart.so.12",
+    "libcudart.so.13",
+];
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct RuntimeArgs {
@@ -42,7 +47,12 @@ pub(crate) struct RuntimeArgs {
 
 impl RuntimeArgs {
     pub(crate) fn default_ci() -> Self {
-        Self { cuda: 12, dir: None, pack: None, force: false }
+        Self {
+            cuda: 12,
+            dir: None,
+            pack: None,
+            force: false,
+        }
     }
 }
 
@@ -52,7 +62,10 @@ pub(crate) fn run(root: &Path, args: &RuntimeArgs) -> anyhow::Result<PathBuf> {
         bail!("--cuda must be 12 or 13");
     }
     let package = format!("nixl-cu{}", args.cuda);
-    let dir = args.dir.clone().unwrap_or_else(|| root.join("target/nixl-runtime"));
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| root.join("target/nixl-runtime"));
     let marker = dir.join("nixl-runtime.json");
     let wanted = format!("{package}=={NIXL_VERSION}");
     let present = fs::read_to_string(&marker)
@@ -70,12 +83,31 @@ pub(crate) fn run(root: &Path, args: &RuntimeArgs) -> anyhow::Result<PathBuf> {
         verify(&dir)?;
         let manifest = serde_json::json!({ "package": wanted, "files": files });
         fs::write(&marker, serde_json::to_string_pretty(&manifest)?)?;
-        println!("NIXL runtime {wanted}: {} files in {}", files.len(), dir.display());
+        println!(
+            "NIXL runtime {wanted}: {} files in {}",
+            files.len(),
+            dir.display()
+        );
     }
     if let Some(pack) = &args.pack {
-        let flag = if pack.extension().is_some_and(|e| e == "xz") { "-cJf" } else { "-czf" };
-        cmd::run(Command::new("tar").arg("-C").arg(&dir).arg(flag).arg(pack).arg("."))?;
-        println!("packed {} ({} bytes)", pack.display(), fs::metadata(pack)?.len());
+        let flag = if pack.extension().is_some_and(|e| e == "xz") {
+            "-cJf"
+        } else {
+            "-czf"
+        };
+        cmd::run(
+            Command::new("tar")
+                .arg("-C")
+                .arg(&dir)
+                .arg(flag)
+                .arg(pack)
+                .arg("."),
+        )?;
+        println!(
+            "packed {} ({} bytes)",
+            pack.display(),
+            fs::metadata(pack)?.len()
+        );
     }
     Ok(dir)
 }
@@ -85,12 +117,16 @@ fn download(root: &Path, package: &str) -> anyhow::Result<PathBuf> {
     let wheels = root.join("target/nixl-wheels");
     let prefix = format!("{}-{NIXL_VERSION}-", package.replace('-', "_"));
     let find = || -> Option<PathBuf> {
-        fs::read_dir(&wheels).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name().is_some_and(|n| {
-                let n = n.to_string_lossy();
-                n.starts_with(&prefix) && n.ends_with(".whl")
+        fs::read_dir(&wheels)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with(&prefix) && n.ends_with(".whl")
+                })
             })
-        })
     };
     if let Some(w) = find() {
         return Ok(w);
@@ -102,7 +138,12 @@ fn download(root: &Path, package: &str) -> anyhow::Result<PathBuf> {
     cmd::run(
         Command::new("python3")
             .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
-            .args(["--python-version", "3.11", "--platform", "manylinux_2_28_x86_64"])
+            .args([
+                "--python-version",
+                "3.11",
+                "--platform",
+                "manylinux_2_28_x86_64",
+            ])
             .args(["--disable-pip-version-check", "--quiet", "-d"])
             .arg(&wheels)
             .arg(format!("{package}=={NIXL_VERSION}")),
@@ -134,18 +175,25 @@ fn extract_closure(wheel: &Path, dir: &Path, cuda: u32) -> anyhow::Result<Vec<St
         if n == &format!("{meson}libnixl_capi.so") {
             roots.push(n.clone());
         }
-        if PLUGINS.iter().any(|p| n == &format!("{meson}plugins/libplugin_{p}.so")) {
+        if PLUGINS
+            .iter()
+            .any(|p| n == &format!("{meson}plugins/libplugin_{p}.so"))
+        {
             roots.push(n.clone());
         }
         if let Some(rest) = n.strip_prefix(&format!("{libs}ucx/"))
-            && UCX_MODULES.iter().any(|m| rest.starts_with(&format!("{m}.so")))
+            && UCX_MODULES
+                .iter()
+                .any(|m| rest.starts_with(&format!("{m}.so")))
         {
             roots.push(n.clone());
         }
     }
     let wanted_roots = 1 + PLUGINS.len() + UCX_MODULES.len();
     if roots.len() != wanted_roots {
-        bail!("the wheel lacks some of libnixl_capi, the {PLUGINS:?} plugins or the {UCX_MODULES:?} modules (found {roots:?})");
+        bail!(
+            "the wheel lacks some of libnixl_capi, the {PLUGINS:?} plugins or the {UCX_MODULES:?} modules (found {roots:?})"
+        );
     }
 
     let mut seen: BTreeSet<String> = BTreeSet::new();

@@ -5,7 +5,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
-const CRATES: [&str; 6] = ["nixl-wire", "nixl-core", "nixl-kv", "nixl-hicache", "nixl-testkit", "xtask"];
+const CRATES: [&str; 6] = [
+    "nixl-wire",
+    "nixl-core",
+    "nixl-kv",
+    "nixl-hicache",
+    "nixl-testkit",
+    "xtask",
+];
 const LONG_FILE: usize = 1000;
 
 pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
@@ -16,12 +23,22 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     }
     collect(&root.join("fuzz/fuzz_targets"), &mut files);
     for path in &files {
-        let rel = path.strip_prefix(root).unwrap_or(path).to_string_lossy().into_owned();
-        let Ok(text) = fs::read_to_string(path) else { continue };
+        let rel = path
+            .strip_prefix(root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .into_owned();
+        let Ok(text) = fs::read_to_string(path) else {
+            continue;
+        };
         check_file(&rel, &text, &mut errors);
     }
     if !errors.is_empty() {
-        bail!("tidy found {} problem(s):\n  {}", errors.len(), errors.join("\n  "));
+        bail!(
+            "tidy found {} problem(s):\n  {}",
+            errors.len(),
+            errors.join("\n  ")
+        );
     }
     println!("tidy ok ({} files)", files.len());
     Ok(())
@@ -40,7 +57,10 @@ fn check_file(rel: &str, text: &str, errors: &mut Vec<String>) {
     }
     let lines: Vec<&str> = text.lines().collect();
     if lines.len() > LONG_FILE {
-        println!("note: {rel} has {} lines (> {LONG_FILE}); consider splitting", lines.len());
+        println!(
+            "note: {rel} has {} lines (> {LONG_FILE}); consider splitting",
+            lines.len()
+        );
     }
     for (i, line) in lines.iter().enumerate() {
         let n = i + 1;
@@ -52,17 +72,31 @@ fn check_file(rel: &str, text: &str, errors: &mut Vec<String>) {
         if has_unsafe && !in_sys {
             errors.push(format!("{rel}:{n}: `unsafe` outside nixl-core/src/sys.rs"));
         }
-        if (code.contains("unsafe {") || code.contains("unsafe impl")) && !has_safety_comment(&lines, i) {
-            errors.push(format!("{rel}:{n}: unsafe block or impl without a `// SAFETY:` comment"));
+        if (code.contains("unsafe {") || code.contains("unsafe impl"))
+            && !has_safety_comment(&lines, i)
+        {
+            errors.push(format!(
+                "{rel}:{n}: unsafe block or impl without a `// SAFETY:` comment"
+            ));
         }
-        if library && ["println!(", "eprintln!(", "print!(", "eprint!(", "dbg!("].iter().any(|m| code.contains(m)) {
-            errors.push(format!("{rel}:{n}: print macro in library code (use tracing)"));
+        if library
+            && ["println!(", "eprintln!(", "print!(", "eprint!(", "dbg!("]
+                .iter()
+                .any(|m| code.contains(m))
+        {
+            errors.push(format!(
+                "{rel}:{n}: print macro in library code (use tracing)"
+            ));
         }
         if code.contains("#[should_panic") || code.trim_start().starts_with("#[ignore") {
-            errors.push(format!("{rel}:{n}: #[should_panic]/#[ignore] (assert on Err; gate hardware by features)"));
+            errors.push(format!(
+                "{rel}:{n}: #[should_panic]/#[ignore] (assert on Err; gate hardware by features)"
+            ));
         }
         if rel.starts_with("nixl-kv/src/proto/")
-            && (code.contains("use zeromq") || code.contains("use tokio") || code.contains("nixl_core::Agent"))
+            && (code.contains("use zeromq")
+                || code.contains("use tokio")
+                || code.contains("nixl_core::Agent"))
         {
             errors.push(format!("{rel}:{n}: IO in the sans-IO core"));
         }
@@ -81,7 +115,13 @@ fn has_safety_comment(lines: &[&str], i: usize) -> bool {
         if t.contains("SAFETY") {
             return true;
         }
-        if !(t.starts_with("//") || t.starts_with("#[") || t.starts_with("let ") || t.is_empty() || t.ends_with('(') || t.ends_with('=')) {
+        if !(t.starts_with("//")
+            || t.starts_with("#[")
+            || t.starts_with("let ")
+            || t.is_empty()
+            || t.ends_with('(')
+            || t.ends_with('='))
+        {
             return false;
         }
     }

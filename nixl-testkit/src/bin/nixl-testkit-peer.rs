@@ -5,7 +5,9 @@ use std::io::{BufRead, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nixl_core::{Agent, AgentConfig, BackendKind, BackendParams, HostBuffer, Notification, UcxErrorMode};
+use nixl_core::{
+    Agent, AgentConfig, BackendKind, BackendParams, HostBuffer, Notification, UcxErrorMode,
+};
 use nixl_testkit::{pattern, unique_name};
 
 fn main() {
@@ -17,7 +19,10 @@ fn main() {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let len: usize = args.get(1).ok_or("usage: nixl-testkit-peer LEN peer|none")?.parse()?;
+    let len: usize = args
+        .get(1)
+        .ok_or("usage: nixl-testkit-peer LEN peer|none")?
+        .parse()?;
     let mode = match args.get(2).map(String::as_str) {
         Some("none") => UcxErrorMode::None,
         _ => UcxErrorMode::Peer,
@@ -39,14 +44,24 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 return;
             }
             if !batch.is_empty() {
-                progress_inbox.lock().unwrap_or_else(|p| p.into_inner()).append(&mut batch);
+                progress_inbox
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .append(&mut batch);
             }
             std::thread::sleep(Duration::from_micros(50));
         }
     });
 
     let mut out = std::io::stdout().lock();
-    writeln!(out, "READY {} {} {} {}", agent.name(), region.addr, region.len, nixl_testkit::hex(md.as_bytes()))?;
+    writeln!(
+        out,
+        "READY {} {} {} {}",
+        agent.name(),
+        region.addr,
+        region.len,
+        nixl_testkit::hex(md.as_bytes())
+    )?;
     out.flush()?;
     for line in std::io::stdin().lock().lines() {
         let line = line?;
@@ -58,7 +73,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             ["VERIFY", off, n, seed] => {
                 let (off, n): (usize, usize) = (off.parse()?, n.parse()?);
-                let slice = buf.buffer().as_slice().get(off..off + n).ok_or("range outside buffer")?;
+                let slice = buf
+                    .buffer()
+                    .as_slice()
+                    .get(off..off + n)
+                    .ok_or("range outside buffer")?;
                 match pattern::verify(slice, seed.parse()?) {
                     Ok(()) => "OK".to_owned(),
                     Err(i) => format!("BAD {i}"),

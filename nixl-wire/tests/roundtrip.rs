@@ -1,0 +1,226 @@
+//! Property tests: every message and notification round-trips, and decoding arbitrary input
+//! returns (an error) instead of panicking.
+
+use bytes::Bytes;
+use nixl_wire::http::RouteQuery;
+use nixl_wire::{
+    AgentName, ChunkId, DecodeError, DecodeTpInfo, GUARD, GpuId, KvArgsRegister, Notification,
+    PageIndex, PpRank, PrefillInbound, RoomId, TransferInfo,
+};
+use proptest::prelude::*;
+
+fn agent() -> impl Strategy<Value = AgentName> {
+    "[ -~]{1,40}".prop_map(|s| AgentName::new(&s).unwrap())
+}
+
+fn ip() -> impl Strategy<Value = String> {
+    prop_oneof![Just("127.0.0.1".to_owned()), "[0-9a-f:.]{0,39}"]
+}
+
+fn register() -> impl Strategy<Value = KvArgsRegister> {
+    (
+        ip(),
+        any::<u16>(),
+        agent(),
+        prop::collection::vec(any::<u8>(), 0..600),
+        prop::collection::vec(any::<u64>(), 0..80),
+        prop::collection::vec(any::<u64>(), 0..8),
+        any::<u32>(),
+        prop::option::of((any::<u32>(), any::<u32>(), any::<u64>())),
+    )
+        .prop_map(
+            |(local_ip, rank_port, agent, md, kv, aux, gpu, tp)| KvArgsRegister {
+                local_ip,
+                rank_port,
+                agent,
+                metadata: md.into(),
+                kv_ptrs: kv,
+                aux_ptrs: aux,
+                gpu_id: GpuId::new(gpu),
+                tp_info: tp.map(|(s, r, l)| DecodeTpInfo {
+                    decode_tp_size: s,
+                    decode_tp_rank: r,
+                    dst_kv_item_len: l,
+                }),
+            },
+        )
+}
+
+fn transfer() -> impl Strategy<Value = TransferInfo> {
+    (
+        any::<u64>(),
+        ip(),
+        any::<u16>(),
+        agent(),
+        prop::collection::vec(0..=i32::MAX as u32, 0..300),
+        0..=i32::MAX as u32,
+        any::<u32>(),
+    )
+        .prop_map(
+            |(room, local_ip, rank_port, agent, pages, aux, req)| TransferInfo {
+                room: RoomId::new(room),
+                local_ip,
+                rank_port,
+                agent,
+                dst_pages: pages.into_iter().map(PageIndex::new).collect(),
+                dst_aux_index: aux,
+                required_dst_info_num: req,
+            },
+        )
+}
+
+fn notification() -> impl Strategy<Value = Notification> {
+    let room = any::<u64>().prop_map(RoomId::new);
+    prop_oneof![
+        (
+            room.clone(),
+            any::<u32>(),
+            any::<bool>(),
+            prop::option::of(any::<u32>())
+        )
+            .prop_map(|(room, c, last, pp)| {
+                Notification::Kv {
+                    room,
+                    chunk: ChunkId::new(c),
+                    last,
+                    pp: pp.map(PpRank::new),
+                }
+            }),
+        room.clone().prop_map(|room| Notification::Aux { room }),
+        (room.clone(), any::<u32>()).prop_map(|(room, pp)| Notification::State {
+            room,
+            pp: PpRank::new(pp)
+        }),
+        (room, ".{0,300}").prop_map(|(room, reason)| Notification::fail(room, &reason)),
+    ]
+}
+
+fn frames() -> impl Strategy<Value = Vec<Bytes>> {
+    let frame = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from),
+        Just(Bytes::from_static(GUARD)),
+        Just(Bytes::from_static(b"None")),
+        "[0-9]{1,21}".prop_map(|s| Bytes::from(s.into_bytes())),
+    ];
+    prop::collection::vec(frame, 0..14)
+}
+
+proptest! {
+    #[test]
+    fn register_round_trips(m in register()) {
+        let frames = m.encode();
+        prop_assert_eq!(frames.len(), if m.tp_info.is_some() { 12 } else { 9 });
+        prop_assert_eq!(KvArgsRegister::decode(&frames), Ok(m.clone()));
+        prop_assert_eq!(PrefillInbound::decode(&frames), Ok(PrefillInbound::Register(m)));
+    }
+
+    #[test]
+    fn transfer_round_trips(m in transfer()) {
+        let frames = m.encode();
+        prop_assert_eq!(frames.len(), 8);
+        prop_assert_eq!(frames[5].len(), 4 * m.dst_pages.len());
+        prop_assert_eq!(TransferInfo::decode(&frames), Ok(m.clone()));
+        prop_assert_eq!(PrefillInbound::decode(&frames), Ok(PrefillInbound::Transfer(m)));
+    }
+
+    #[test]
+    fn notification_round_trips(n in notification()) {
+        let bytes = n.encode();
+        prop_assert!(bytes.iter().all(|b| (0x20..=0x7e).contains(b)));
+        prop_assert_eq!(Notification::decode(&bytes), Ok(n));
+    }
+
+    #[test]
+    fn route_query_round_trips(e in any::<i64>(), g in any::<i64>()) {
+        let q = RouteQuery { engine_rank: e, target_dp_group: g };
+        prop_assert_eq!(RouteQuery::parse(&q.to_query_string()), Ok(q));
+    }
+
+    #[test]
+    fn arbitrary_frames_never_panic(f in frames()) {
+        if let Ok(m) = PrefillInbound::decode(&f) {
+            // Whatever decodes must re-encode to exactly the input.
+            prop_assert_eq!(m.encode(), f);
+        }
+    }
+
+    #[test]
+    fn mutated_valid_frames_never_panic(m in transfer(), idx in 0usize..8, cut in 0usize..40, byte in any::<u8>()) {
+        let mut f = m.encode();
+        let mut v = f[idx].to_vec();
+        v.truncate(cut.min(v.len()));
+        v.push(byte);
+        f[idx] = v.into();
+        if let Ok(m2) = PrefillInbound::decode(&f) {
+            prop_assert_eq!(m2.encode(), f);
+        }
+    }
+
+    #[test]
+    fn arbitrary_notification_bytes_never_panic(b in prop::collection::vec(any::<u8>(), 0..80)) {
+        if let Ok(n) = Notification::decode(&b) {
+            prop_assert_eq!(n.encode(), b);
+        }
+    }
+
+    #[test]
+    fn structured_notification_noise_never_panics(s in "[0-9a-z_]{0,40}") {
+        if let Ok(n) = Notification::decode(s.as_bytes()) {
+            prop_assert_eq!(n.encode(), s.into_bytes());
+        }
+    }
+}
+
+#[test]
+fn errors_name_the_frame() {
+    let mut f = TransferInfo {
+        room: RoomId::new(1),
+        local_ip: "127.0.0.1".into(),
+        rank_port: 1,
+        agent: AgentName::new("a").unwrap(),
+        dst_pages: vec![PageIndex::new(1)],
+        dst_aux_index: 0,
+        required_dst_info_num: 1,
+    }
+    .encode();
+    f[5] = Bytes::from_static(&[1, 2, 3]);
+    match PrefillInbound::decode(&f) {
+        Err(DecodeError::Field { frame: 5, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    f[5] = Bytes::from_static(&[0xff, 0xff, 0xff, 0xff]);
+    let err = PrefillInbound::decode(&f).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "TransferInfo: frame 5 (dst page indices): negative index at position 0"
+    );
+    let mut g = f.clone();
+    g[0] = Bytes::from_static(b"NixlMsgGuarD");
+    assert!(matches!(
+        PrefillInbound::decode(&g),
+        Err(DecodeError::Field { frame: 0, .. })
+    ));
+    g.truncate(7);
+    assert!(PrefillInbound::decode(&g).is_err());
+    // A registration with the room frame `None` but 10 frames (neither seed nor #9960).
+    let mut r = KvArgsRegister::decode(&register_frames()).unwrap().encode();
+    r.push(Bytes::from_static(b"1"));
+    assert!(matches!(
+        PrefillInbound::decode(&r),
+        Err(DecodeError::FrameCount { got: 10, .. })
+    ));
+}
+
+fn register_frames() -> Vec<Bytes> {
+    KvArgsRegister {
+        local_ip: "::1".into(),
+        rank_port: 9,
+        agent: AgentName::new("d").unwrap(),
+        metadata: Bytes::from_static(b"md"),
+        kv_ptrs: vec![1, 2],
+        aux_ptrs: vec![3],
+        gpu_id: GpuId::new(0),
+        tp_info: None,
+    }
+    .encode()
+}
