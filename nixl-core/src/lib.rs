@@ -1,8 +1,8 @@
 //! Safe Rust over NVIDIA NIXL: agents, backends, memory registration, descriptor lists,
 //! transfers and notifications.
 //!
-//! `nixl-core` is the only crate of the workspace with `unsafe` code, all of it in one private
-//! module. It wraps the [`nixl-sys`](https://docs.rs/nixl-sys) bindings, built with their
+//! `nixl-core` is the only crate of the workspace allowed raw FFI and memory code, all of it in
+//! one private module. It wraps the [`nixl-sys`](https://docs.rs/nixl-sys) bindings, built with their
 //! `stub-api` feature so that no NIXL headers or libraries are needed to compile: the real
 //! runtime (`libnixl_capi.so`, its plugins and UCX) is found and loaded at run time by
 //! [`runtime`], which returns a typed error instead of letting nixl-sys abort the process.
@@ -52,7 +52,7 @@
 //! (checked at compile time in `tests/send_sync.rs`). The default [`AgentConfig`] runs no progress
 //! thread: whoever waits on an agent progresses it.
 
-#[allow(unsafe_code)]
+// The one module allowed raw FFI and memory code; see its docs.
 mod sys;
 
 mod agent;

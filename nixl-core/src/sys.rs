@@ -5,6 +5,7 @@
 //! addresses to NIXL, and the `Send`/`Sync` impls of wrappers around NIXL handles. The status code
 //! to [`Error`] mapping also lives here, so that `nixl_sys` error values are translated in exactly
 //! one function.
+#![allow(unsafe_code, reason = "the one module allowed to")]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use std::alloc::{self, Layout};
@@ -74,7 +75,7 @@ impl HostBuffer {
         })?;
         // SAFETY: the layout has a non-zero size (len.max(1)).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or(Error::OutOfMemory {
+        let ptr = NonNull::new(raw).ok_or_else(|| Error::OutOfMemory {
             bytes: layout.size(),
         })?;
         advise_huge_pages(ptr, layout.size());

@@ -29,7 +29,6 @@ impl XferOp {
 
 /// Where a posted transfer stands. Errors are returned as `Err`, not as a status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[must_use]
 #[allow(clippy::exhaustive_enums)] // Everything else is an error.
 pub enum XferStatus {
     /// Complete: the data is in place (and the notification, if any, is on its way).

@@ -1,4 +1,5 @@
 //! Real transfers between two agents of one process over UCX (needs the NIXL runtime).
+#![allow(clippy::unwrap_used, reason = "test code")]
 #![cfg(feature = "nixl-runtime-tests")]
 
 use nixl_core::{Error, MemType, UcxErrorMode, XferDescs, XferOp};

@@ -1,4 +1,5 @@
 //! The documented `Send`/`Sync` contract, checked at compile time.
+#![allow(clippy::unwrap_used, reason = "test code")]
 
 use nixl_core::{
     Agent, AgentMetadata, Backend, Error, FileRegion, HostBuffer, Notification, ObjectRegion,

@@ -1,4 +1,5 @@
 //! FILE (POSIX) and OBJ (S3 via moto) transfers (needs the NIXL runtime and the moto venv).
+#![allow(clippy::unwrap_used, reason = "test code")]
 #![cfg(feature = "nixl-runtime-tests")]
 
 use std::time::Duration;

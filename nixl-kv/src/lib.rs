@@ -6,7 +6,6 @@
 //! (`proto`) driven by an IO shell (`driver`) that owns the ZeroMQ sockets and the
 //! [`nixl_core::Agent`]. It uses [`nixl_wire`] for every message that crosses between processes.
 //! Today it only re-exports the poll states, whose numbers are part of SGLang's protocol.
-#![forbid(unsafe_code)]
 
 /// The state of a transfer as SGLang's schedulers see it (their integers are on the wire of the
 /// scheduler's all-reduce, so the discriminants are fixed).

@@ -203,7 +203,7 @@ pub(crate) fn hex_encode(bytes: &[u8]) -> String {
 
 /// Bytes of a hex string, or `None` if it is not hex of even length.
 pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

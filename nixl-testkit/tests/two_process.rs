@@ -1,5 +1,6 @@
 //! Transfers between this process and a child process, and the missing-runtime path in a fresh
 //! process (needs the NIXL runtime).
+#![allow(clippy::unwrap_used, reason = "test code")]
 #![cfg(feature = "nixl-runtime-tests")]
 
 use std::path::Path;

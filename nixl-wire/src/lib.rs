@@ -2,7 +2,7 @@
 //! the ZeroMQ multipart messages, the NIXL notification payloads and the bootstrap HTTP bodies.
 //!
 //! Compatible byte for byte with SGLang 0.5.1.x Python peers (and the three trailing
-//! registration frames later versions append). Pure: no IO, no NIXL, no ZeroMQ, no `unsafe`;
+//! registration frames later versions append). Pure: no IO, no NIXL, no ZeroMQ, no raw memory code;
 //! it compiles and is fuzzed anywhere.
 //!
 //! Every `decode` returns a [`DecodeError`] naming the message, the frame and the reason, and
@@ -28,7 +28,6 @@
 //! assert_eq!(frames.len(), 8);
 //! assert_eq!(PrefillInbound::decode(&frames), Ok(PrefillInbound::Transfer(info)));
 //! ```
-#![forbid(unsafe_code)]
 
 mod dispatch;
 mod error;

@@ -51,7 +51,7 @@ pub(crate) fn ascii(b: &[u8]) -> Result<&str, Reason> {
 
 /// Decodes concatenated little-endian u64s.
 pub(crate) fn u64_le_array(b: &[u8]) -> Result<Vec<u64>, Reason> {
-    if b.len() % 8 != 0 {
+    if !b.len().is_multiple_of(8) {
         return Err(Reason::BadLength {
             len: b.len(),
             elem_size: 8,
@@ -64,7 +64,7 @@ pub(crate) fn u64_le_array(b: &[u8]) -> Result<Vec<u64>, Reason> {
 
 /// Decodes concatenated little-endian i32s that must be non-negative, as u32.
 pub(crate) fn index_le_array(b: &[u8]) -> Result<Vec<u32>, Reason> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(Reason::BadLength {
             len: b.len(),
             elem_size: 4,

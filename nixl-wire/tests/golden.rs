@@ -2,6 +2,7 @@
 //! each decodes to its decoded view and re-encodes to identical bytes.
 //!
 //! Set `NIXL_WIRE_GOLDEN_DIR` to check another directory of captures in the same format.
+#![allow(clippy::unwrap_used, reason = "test code")]
 
 use std::path::PathBuf;
 

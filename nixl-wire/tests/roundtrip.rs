@@ -1,5 +1,6 @@
 //! Property tests: every message and notification round-trips, and decoding arbitrary input
 //! returns (an error) instead of panicking.
+#![allow(clippy::unwrap_used, reason = "test code")]
 
 use bytes::Bytes;
 use nixl_wire::http::RouteQuery;

@@ -64,15 +64,16 @@ fn check_file(rel: &str, text: &str, errors: &mut Vec<String>) {
     }
     for (i, line) in lines.iter().enumerate() {
         let n = i + 1;
-        let code = line.split("//").next().unwrap_or("");
+        let stripped = strip_strings(line);
+        let code = stripped.split("//").next().unwrap_or("");
         if line.ends_with(' ') || line.ends_with('\t') {
             errors.push(format!("{rel}:{n}: trailing whitespace"));
         }
-        let has_unsafe = code.contains("unsafe ") || code.contains("unsafe{");
-        if has_unsafe && !in_sys {
+        if has_keyword(code, "unsafe") && !in_sys {
             errors.push(format!("{rel}:{n}: `unsafe` outside nixl-core/src/sys.rs"));
         }
         if (code.contains("unsafe {") || code.contains("unsafe impl"))
+            && has_keyword(code, "unsafe")
             && !has_safety_comment(&lines, i)
         {
             errors.push(format!(
@@ -101,6 +102,41 @@ fn check_file(rel: &str, text: &str, errors: &mut Vec<String>) {
             errors.push(format!("{rel}:{n}: IO in the sans-IO core"));
         }
     }
+}
+
+/// Whether `word` occurs in `code` as a keyword (not inside an identifier).
+fn has_keyword(code: &str, word: &str) -> bool {
+    let ident = |c: char| c.is_alphanumeric() || c == '_';
+    code.match_indices(word).any(|(i, _)| {
+        let before = code[..i].chars().next_back();
+        let after = code[i + word.len()..].chars().next();
+        !before.is_some_and(ident) && !after.is_some_and(ident)
+    })
+}
+
+/// `line` with the contents of string literals blanked, so patterns inside strings do not count.
+fn strip_strings(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut in_str = false;
+    let mut escaped = false;
+    for c in line.chars() {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+                out.push(c);
+            }
+            continue;
+        }
+        if c == '"' {
+            in_str = true;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A `// SAFETY:` comment on one of the few lines above (attributes and comment lines between).

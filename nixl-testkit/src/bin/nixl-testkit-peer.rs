@@ -1,5 +1,10 @@
 //! The child side of [`nixl_testkit::ChildPeer`]: a NIXL target agent in its own process.
-#![allow(clippy::print_stdout, reason = "stdout is the protocol")]
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    reason = "stdout is the protocol"
+)]
 
 use std::io::{BufRead, Write};
 use std::sync::{Arc, Mutex};
