@@ -289,26 +289,29 @@ impl Agent {
     ///
     /// This also progresses the agent, which a target must do when no progress thread runs.
     pub fn drain_notifications(&self, out: &mut Vec<Notification>) -> Result<(), Error> {
-        let mut map = check(Op::Notifications, nixl_sys::NotificationMap::new())?;
-        check(
-            Op::Notifications,
-            self.inner.get_notifications(&mut map, None),
-        )?;
-        let peers: Vec<String> = map
-            .agents()
-            .map(|a| check(Op::Notifications, a.map(str::to_owned)))
-            .collect::<Result<_, _>>()?;
-        for peer in peers {
-            let n = check(Op::Notifications, map.get_notifications_size(&peer))?;
-            for i in 0..n {
-                let payload = check(Op::Notifications, map.get_notification_bytes(&peer, i))?;
-                out.push(Notification {
-                    peer: peer.clone(),
-                    payload,
-                });
-            }
+        // Polling loops call this constantly; reuse one NIXL map per thread while it stays
+        // empty, and replace it only after notifications arrived (nixl-sys cannot clear a map
+        // holding binary payloads).
+        thread_local! {
+            static MAP: std::cell::RefCell<Option<nixl_sys::NotificationMap>> =
+                const { std::cell::RefCell::new(None) };
         }
-        Ok(())
+        MAP.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let map = match slot.as_mut() {
+                Some(map) => map,
+                None => slot.insert(check(Op::Notifications, nixl_sys::NotificationMap::new())?),
+            };
+            check(Op::Notifications, self.inner.get_notifications(map, None))?;
+            if check(Op::Notifications, map.is_empty())? {
+                return Ok(());
+            }
+            let taken = slot.take();
+            let Some(map) = taken.as_ref() else {
+                return Ok(());
+            };
+            read_map(map, out)
+        })
     }
 
     /// Drains and returns the notifications received since the last call.
@@ -325,6 +328,25 @@ impl Agent {
             self.inner.send_notification(peer, message, None),
         )
     }
+}
+
+/// Appends every notification in `map` to `out`.
+fn read_map(map: &nixl_sys::NotificationMap, out: &mut Vec<Notification>) -> Result<(), Error> {
+    let peers: Vec<String> = map
+        .agents()
+        .map(|a| check(Op::Notifications, a.map(str::to_owned)))
+        .collect::<Result<_, _>>()?;
+    for peer in peers {
+        let n = check(Op::Notifications, map.get_notifications_size(&peer))?;
+        for i in 0..n {
+            let payload = check(Op::Notifications, map.get_notification_bytes(&peer, i))?;
+            out.push(Notification {
+                peer: peer.clone(),
+                payload,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn notif_args(notif: Option<&[u8]>) -> Result<Option<nixl_sys::OptArgs>, Error> {
