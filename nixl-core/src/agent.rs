@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::backend::{Backend, BackendKind, BackendParams};
 use crate::desc::XferDescs;
 use crate::error::{Error, Op};
-use crate::mem::{NixlBuffer, Registered, Registration, sys_region};
+use crate::mem::{MemType, NixlBuffer, Registered, Registration, sys_region};
 use crate::metadata::AgentMetadata;
 use crate::notif::Notification;
 use crate::sys::{self, check};
@@ -319,6 +319,23 @@ impl Agent {
         let mut out = Vec::new();
         self.drain_notifications(&mut out)?;
         Ok(out)
+    }
+
+    /// Asks `backend` whether each storage item exists (NIXL's `queryMem`): for files the
+    /// metadata string is a path, for objects a key. `true` where the backend answered with a
+    /// value.
+    pub fn query_storage(&self, backend: &Backend, mem: MemType, items: &[&str]) -> Result<Vec<bool>, Error> {
+        let mut list = check(Op::QueryMemory, nixl_sys::RegDescList::new(sys::sys_mem_type(mem)))?;
+        for item in items {
+            list.add_desc_with_meta(0, 0, 0, item.as_bytes());
+        }
+        let mut args = check(Op::QueryMemory, nixl_sys::OptArgs::new())?;
+        check(Op::QueryMemory, args.add_backend(&backend.inner))?;
+        let resp = check(Op::QueryMemory, self.inner.query_mem(&list, Some(&args)))?;
+        let n = check(Op::QueryMemory, resp.len())?;
+        (0..n)
+            .map(|i| check(Op::QueryMemory, resp.get(i).and_then(|r| r.has_value())))
+            .collect()
     }
 
     /// Sends a notification to `peer` without a transfer.

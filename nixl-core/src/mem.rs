@@ -2,7 +2,7 @@
 
 use crate::sys;
 
-pub use crate::sys::{HOST_ALIGN, HostBuffer, NixlBuffer};
+pub use crate::sys::{BorrowedRegistration, HOST_ALIGN, HostBuffer, NixlBuffer};
 
 /// The kind of memory or storage a region lives in, as NIXL names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

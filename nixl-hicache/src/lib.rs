@@ -1,113 +1,41 @@
 //! HiCache KV-page storage over NIXL file and object backends, compatible with SGLang's
-//! `HiCacheNixl`.
+//! `HiCacheNixl` (0.5.1.x).
 //!
-//! **Status: only the page-key chain exists yet** ([`page_key`], [`page_keys`]). The storage
-//! connector (get/set/exists over POSIX, GDS, 3FS and OBJ through [`nixl_core`]) is still to be
-//! built.
+//! - [`page_key`] / [`page_keys`]: SGLang's SHA-256 key chain over token pages.
+//! - [`HiCache`]: `get`, `set`, their batch forms and address-mode (`*_raw`) variants, `exists`,
+//!   `batch_exists`, `delete`, `clear`, over POSIX/GDS/GDS_MT/3FS files (`<dir>/<key>`, the same
+//!   files SGLang writes) or S3 objects (OBJ).
+//! - [`HiCacheConfig`]: directory (default `/tmp/hicache_storage`, overridden by
+//!   `SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR`), plugin (`auto`: 3FS, POSIX, GDS_MT, GDS, then
+//!   OBJ), an optional model/rank [`KeySuffix`], backend parameters.
+//!
+//! See [`HiCache`] for what differs from SGLang on purpose (no leaks, atomic writes, per-key
+//! batch results, safe keys).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use nixl_hicache::{HiCache, HiCacheConfig, Plugin, page_keys};
+//!
+//! # fn main() -> Result<(), nixl_hicache::Error> {
+//! let cache = HiCache::new(HiCacheConfig::new(Some("/tmp/kv".into()), Plugin::Auto))?;
+//! let tokens: Vec<u32> = (0..128).collect();
+//! let keys = page_keys(&tokens, 64, None);
+//! let page = vec![7u8; 4096];
+//! cache.set(&keys[0], &page)?;
+//! let mut back = vec![0u8; 4096];
+//! assert!(cache.get(&keys[0], &mut back)?);
+//! # Ok(()) }
+//! ```
 
-use sha2::{Digest, Sha256};
+mod config;
+mod connector;
+mod error;
+mod files;
+mod key;
+mod object;
 
-/// The key of one page: SHA-256 over the previous page's key bytes (if any) and each token id as
-/// 4-byte little-endian, as lowercase hex. Exactly SGLang's `get_hash_str`.
-///
-/// A `prior` that is not valid hex is hashed as given, never panicking; SGLang would raise.
-pub fn page_key(tokens: &[u32], prior: Option<&str>) -> String {
-    let mut h = Sha256::new();
-    if let Some(p) = prior {
-        match decode_hex(p) {
-            Some(bytes) => h.update(bytes),
-            None => h.update(p.as_bytes()),
-        }
-    }
-    for t in tokens {
-        h.update(t.to_le_bytes());
-    }
-    let digest = h.finalize();
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 15)]));
-    }
-    out
-}
-
-/// The key chain over the full pages of `tokens` (`page_size` tokens each), starting from
-/// `prior`. A partial last page is not hashed. A zero page size gives no keys.
-pub fn page_keys(tokens: &[u32], page_size: usize, prior: Option<&str>) -> Vec<String> {
-    if page_size == 0 {
-        return Vec::new();
-    }
-    let mut keys: Vec<String> = Vec::with_capacity(tokens.len() / page_size);
-    for page in tokens.chunks_exact(page_size) {
-        let k = page_key(page, keys.last().map(String::as_str).or(prior));
-        keys.push(k);
-    }
-    keys
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // Vectors computed with Python's hashlib, as SGLang's get_hash_str does:
-    //   h = sha256(); [h.update(t.to_bytes(4, "little")) for t in tokens]; h.hexdigest()
-    //   (with h.update(bytes.fromhex(prior)) first when chained).
-    #[test]
-    fn matches_python_hashlib_constants() {
-        // SHA-256 of nothing (no prior, no tokens).
-        assert_eq!(
-            page_key(&[], None),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-        // python3 -c "import hashlib; h=hashlib.sha256(); [h.update(t.to_bytes(4,'little')) for t in [1,2,3]]; print(h.hexdigest())"
-        let k1 = page_key(&[1, 2, 3], None);
-        assert_eq!(
-            k1,
-            "4636993d3e1da4e9d6b8f87b79e8f7c6d018580d52661950eabc3845c5897a4d"
-        );
-        // The same, chained: h.update(bytes.fromhex(k1)) first, then tokens 0xffffffff and 0.
-        assert_eq!(
-            page_key(&[u32::MAX, 0], Some(&k1)),
-            "82ef56b592180f623ae395d0280fb57de9a3a575fc5569d204c73351ea4fd627"
-        );
-    }
-
-    fn python_sha(tokens: &[u32], prior: Option<&str>) -> String {
-        let mut script = String::from("import hashlib,sys;h=hashlib.sha256()\n");
-        if let Some(p) = prior {
-            script.push_str(&format!("h.update(bytes.fromhex('{p}'))\n"));
-        }
-        script.push_str(&format!(
-            "for t in {tokens:?}: h.update(t.to_bytes(4,'little'))\nprint(h.hexdigest())"
-        ));
-        let out = std::process::Command::new("python3")
-            .args(["-c", &script])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
-
-    #[test]
-    fn chain_matches_python_page_by_page() {
-        let tokens: Vec<u32> = (0..40).map(|i| i * 7919 + 3).collect();
-        let keys = page_keys(&tokens, 16, None);
-        assert_eq!(keys.len(), 2, "the partial third page is not hashed");
-        assert_eq!(keys[0], python_sha(&tokens[..16], None));
-        assert_eq!(keys[1], python_sha(&tokens[16..32], Some(&keys[0])));
-        let from_prior = page_keys(&tokens[..16], 16, Some(&keys[0]));
-        assert_eq!(from_prior[0], python_sha(&tokens[..16], Some(&keys[0])));
-        assert!(page_keys(&tokens, 0, None).is_empty());
-    }
-}
+pub use config::{DEFAULT_DIR, DIR_ENV, FILE_PLUGINS, HiCacheConfig, Plugin};
+pub use connector::{HiCache, RawTarget, create_file, open_files};
+pub use error::{Error, Result};
+pub use key::{KeySuffix, page_key, page_keys};

@@ -1,0 +1,120 @@
+//! Configuration and backend selection (SGLang's `NixlBackendSelection`).
+
+use std::path::PathBuf;
+
+use nixl_core::{BackendKind, BackendParams};
+
+use crate::key::KeySuffix;
+
+/// The storage directory SGLang uses by default.
+pub const DEFAULT_DIR: &str = "/tmp/hicache_storage";
+/// The environment variable that overrides the directory (it wins even over an explicit path,
+/// as in SGLang).
+pub const DIR_ENV: &str = "SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR";
+/// File plugins in SGLang's `auto` priority order.
+pub const FILE_PLUGINS: [&str; 4] = ["3FS", "POSIX", "GDS_MT", "GDS"];
+
+/// Which NIXL storage plugin to use.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Plugin {
+    /// The first installed of 3FS, POSIX, GDS_MT, GDS, then OBJ.
+    #[default]
+    Auto,
+    /// Exactly this plugin.
+    Named(BackendKind),
+}
+
+impl Plugin {
+    /// Parses SGLang's plugin names (`auto`, `POSIX`, `OBJ`, ...; case-sensitive as in SGLang).
+    pub fn parse(name: &str) -> Self {
+        if name == "auto" { Self::Auto } else { Self::Named(BackendKind::from_plugin_name(name)) }
+    }
+}
+
+/// Connector configuration: `Default` plus chained setters.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HiCacheConfig {
+    /// The storage directory (file plugins).
+    pub dir: PathBuf,
+    /// The plugin.
+    pub plugin: Plugin,
+    /// The storage-name suffix (none, as in the seed).
+    pub suffix: Option<KeySuffix>,
+    /// Parameters for the chosen backend (for OBJ: `bucket`, `endpoint_override`, `scheme`,
+    /// `region`, `access_key`, ...). OBJ takes its bucket from `AWS_DEFAULT_BUCKET` when unset.
+    pub params: BackendParams,
+    /// How many files (or object registrations) stay open and registered for reads.
+    pub max_open: usize,
+}
+
+impl Default for HiCacheConfig {
+    fn default() -> Self {
+        Self::new(None, Plugin::Auto)
+    }
+}
+
+impl HiCacheConfig {
+    /// SGLang's construction: `path` (default [`DEFAULT_DIR`]), overridden by [`DIR_ENV`] when
+    /// that is set.
+    pub fn new(path: Option<PathBuf>, plugin: Plugin) -> Self {
+        let dir = std::env::var_os(DIR_ENV)
+            .map(PathBuf::from)
+            .or(path)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+        Self { dir, plugin, suffix: None, params: BackendParams::new(), max_open: 128 }
+    }
+
+    /// Sets the storage-name suffix.
+    #[must_use]
+    pub fn suffix(mut self, suffix: Option<KeySuffix>) -> Self {
+        self.suffix = suffix;
+        self
+    }
+
+    /// Sets the backend parameters.
+    #[must_use]
+    pub fn params(mut self, params: BackendParams) -> Self {
+        self.params = params;
+        self
+    }
+
+    /// Sets the bound on open, registered files or objects kept for reads.
+    #[must_use]
+    pub fn max_open(mut self, n: usize) -> Self {
+        self.max_open = n.max(1);
+        self
+    }
+}
+
+/// Picks the plugin among the installed ones, as SGLang's `create_backend` does.
+pub(crate) fn select(plugin: &Plugin, installed: &[String]) -> Result<BackendKind, String> {
+    let has = |n: &str| installed.iter().any(|p| p == n);
+    match plugin {
+        Plugin::Auto => FILE_PLUGINS
+            .iter()
+            .chain(["OBJ"].iter())
+            .find(|p| has(p))
+            .map(|p| BackendKind::from_plugin_name(p))
+            .ok_or_else(|| format!("no storage plugin installed (have {installed:?})")),
+        Plugin::Named(kind) if has(kind.plugin_name()) => Ok(kind.clone()),
+        Plugin::Named(kind) => Err(format!("plugin {kind} is not installed (have {installed:?})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_prefers_file_plugins_in_sglang_order() {
+        let have = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(select(&Plugin::Auto, &have(&["UCX", "OBJ", "POSIX"])), Ok(BackendKind::Posix));
+        assert_eq!(select(&Plugin::Auto, &have(&["GDS", "3FS", "POSIX"])), Ok(BackendKind::Hf3fs));
+        assert_eq!(select(&Plugin::Auto, &have(&["UCX", "OBJ"])), Ok(BackendKind::Obj));
+        assert!(select(&Plugin::Auto, &have(&["UCX"])).is_err());
+        assert!(select(&Plugin::parse("GDS"), &have(&["POSIX"])).is_err());
+        assert_eq!(select(&Plugin::parse("POSIX"), &have(&["POSIX"])), Ok(BackendKind::Posix));
+    }
+}
