@@ -324,8 +324,16 @@ impl Agent {
     /// Asks `backend` whether each storage item exists (NIXL's `queryMem`): for files the
     /// metadata string is a path, for objects a key. `true` where the backend answered with a
     /// value.
-    pub fn query_storage(&self, backend: &Backend, mem: MemType, items: &[&str]) -> Result<Vec<bool>, Error> {
-        let mut list = check(Op::QueryMemory, nixl_sys::RegDescList::new(sys::sys_mem_type(mem)))?;
+    pub fn query_storage(
+        &self,
+        backend: &Backend,
+        mem: MemType,
+        items: &[&str],
+    ) -> Result<Vec<bool>, Error> {
+        let mut list = check(
+            Op::QueryMemory,
+            nixl_sys::RegDescList::new(sys::sys_mem_type(mem)),
+        )?;
         for item in items {
             list.add_desc_with_meta(0, 0, 0, item.as_bytes());
         }

@@ -75,7 +75,10 @@ pub use agent::{Agent, AgentConfig, ThreadSync};
 pub use backend::{Backend, BackendKind, BackendParams, UcxErrorMode};
 pub use desc::{Desc, XferDescs};
 pub use error::{Error, NixlCode, Op};
-pub use mem::{BorrowedRegistration, HOST_ALIGN, HostBuffer, MemRegion, MemType, NixlBuffer, Registered, Registration};
+pub use mem::{
+    BorrowedRegistration, HOST_ALIGN, HostBuffer, MemRegion, MemType, NixlBuffer, Registered,
+    Registration,
+};
 pub use metadata::AgentMetadata;
 pub use notif::Notification;
 pub use storage::{FileRegion, ObjectRegion};

@@ -334,12 +334,18 @@ impl crate::Agent {
     ///
     /// Safe because the guard holds the exclusive borrow: nothing else can read, write, move or
     /// free the slice until the registration is gone, so transfers may write into it freely.
-    pub fn register_slice_mut<'a>(&self, buf: &'a mut [u8]) -> Result<BorrowedRegistration<'a>, Error> {
+    pub fn register_slice_mut<'a>(
+        &self,
+        buf: &'a mut [u8],
+    ) -> Result<BorrowedRegistration<'a>, Error> {
         let region = MemRegion::dram(buf.as_mut_ptr() as u64, buf.len() as u64);
         // SAFETY: the slice stays allocated and unmoved for 'a, and the exclusive borrow held by
         // the guard means no Rust code observes it while NIXL may write into it (register_raw's
         // obligations). The guard deregisters before 'a ends.
         let registration = unsafe { self.register_raw(region) }?;
-        Ok(BorrowedRegistration { registration, _slice: std::marker::PhantomData })
+        Ok(BorrowedRegistration {
+            registration,
+            _slice: std::marker::PhantomData,
+        })
     }
 }

@@ -28,8 +28,26 @@ pub enum Plugin {
 impl Plugin {
     /// Parses SGLang's plugin names (`auto`, `POSIX`, `OBJ`, ...; case-sensitive as in SGLang).
     pub fn parse(name: &str) -> Self {
-        if name == "auto" { Self::Auto } else { Self::Named(BackendKind::from_plugin_name(name)) }
+        if name == "auto" {
+            Self::Auto
+        } else {
+            Self::Named(BackendKind::from_plugin_name(name))
+        }
     }
+}
+
+/// How `set` puts a page into its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum WriteMode {
+    /// Write a private temp file and rename it into place: a failed or interrupted write never
+    /// leaves a key that `exists` reports, and readers never see a torn page. Costs one or two
+    /// renames per page.
+    #[default]
+    Atomic,
+    /// Write the key's file in place, as SGLang does (sized to the page, so no stale tail is
+    /// left). Faster where metadata operations are slow; a failed write can leave a torn page.
+    InPlace,
 }
 
 /// Connector configuration: `Default` plus chained setters.
@@ -47,6 +65,8 @@ pub struct HiCacheConfig {
     pub params: BackendParams,
     /// How many files (or object registrations) stay open and registered for reads.
     pub max_open: usize,
+    /// How file backends write pages.
+    pub write_mode: WriteMode,
 }
 
 impl Default for HiCacheConfig {
@@ -63,7 +83,14 @@ impl HiCacheConfig {
             .map(PathBuf::from)
             .or(path)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
-        Self { dir, plugin, suffix: None, params: BackendParams::new(), max_open: 128 }
+        Self {
+            dir,
+            plugin,
+            suffix: None,
+            params: BackendParams::new(),
+            max_open: 128,
+            write_mode: WriteMode::Atomic,
+        }
     }
 
     /// Sets the storage-name suffix.
@@ -77,6 +104,13 @@ impl HiCacheConfig {
     #[must_use]
     pub fn params(mut self, params: BackendParams) -> Self {
         self.params = params;
+        self
+    }
+
+    /// Sets how file backends write pages.
+    #[must_use]
+    pub fn write_mode(mut self, mode: WriteMode) -> Self {
+        self.write_mode = mode;
         self
     }
 
@@ -99,7 +133,9 @@ pub(crate) fn select(plugin: &Plugin, installed: &[String]) -> Result<BackendKin
             .map(|p| BackendKind::from_plugin_name(p))
             .ok_or_else(|| format!("no storage plugin installed (have {installed:?})")),
         Plugin::Named(kind) if has(kind.plugin_name()) => Ok(kind.clone()),
-        Plugin::Named(kind) => Err(format!("plugin {kind} is not installed (have {installed:?})")),
+        Plugin::Named(kind) => Err(format!(
+            "plugin {kind} is not installed (have {installed:?})"
+        )),
     }
 }
 
@@ -110,11 +146,23 @@ mod tests {
     #[test]
     fn auto_prefers_file_plugins_in_sglang_order() {
         let have = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(select(&Plugin::Auto, &have(&["UCX", "OBJ", "POSIX"])), Ok(BackendKind::Posix));
-        assert_eq!(select(&Plugin::Auto, &have(&["GDS", "3FS", "POSIX"])), Ok(BackendKind::Hf3fs));
-        assert_eq!(select(&Plugin::Auto, &have(&["UCX", "OBJ"])), Ok(BackendKind::Obj));
+        assert_eq!(
+            select(&Plugin::Auto, &have(&["UCX", "OBJ", "POSIX"])),
+            Ok(BackendKind::Posix)
+        );
+        assert_eq!(
+            select(&Plugin::Auto, &have(&["GDS", "3FS", "POSIX"])),
+            Ok(BackendKind::Hf3fs)
+        );
+        assert_eq!(
+            select(&Plugin::Auto, &have(&["UCX", "OBJ"])),
+            Ok(BackendKind::Obj)
+        );
         assert!(select(&Plugin::Auto, &have(&["UCX"])).is_err());
         assert!(select(&Plugin::parse("GDS"), &have(&["POSIX"])).is_err());
-        assert_eq!(select(&Plugin::parse("POSIX"), &have(&["POSIX"])), Ok(BackendKind::Posix));
+        assert_eq!(
+            select(&Plugin::parse("POSIX"), &have(&["POSIX"])),
+            Ok(BackendKind::Posix)
+        );
     }
 }

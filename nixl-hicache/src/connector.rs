@@ -70,13 +70,20 @@ impl HiCache {
     /// plugins, the directory.
     pub fn new(config: HiCacheConfig) -> Result<Self> {
         let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
-        let agent = Agent::new(&format!("hicache_nixl_{}_{n}", std::process::id()), &AgentConfig::default())?;
+        let agent = Agent::new(
+            &format!("hicache_nixl_{}_{n}", std::process::id()),
+            &AgentConfig::default(),
+        )?;
         let kind = select(&config.plugin, &agent.plugins()?).map_err(Error::Backend)?;
         let mut params = config.params.clone();
         if kind == BackendKind::Obj && params.value("bucket").is_none() {
             match std::env::var("AWS_DEFAULT_BUCKET") {
                 Ok(b) if !b.is_empty() => params.set("bucket", b),
-                _ => return Err(Error::Backend("OBJ needs a bucket (param `bucket` or AWS_DEFAULT_BUCKET)".into())),
+                _ => {
+                    return Err(Error::Backend(
+                        "OBJ needs a bucket (param `bucket` or AWS_DEFAULT_BUCKET)".into(),
+                    ));
+                }
             }
         }
         let backend = agent.create_backend(kind.clone(), &params)?;
@@ -84,15 +91,32 @@ impl HiCache {
             Store::Objects(ObjectStore::default())
         } else if kind == BackendKind::Obj {
             // `auto` fell through to OBJ: SGLang still creates the directory.
-            std::fs::create_dir_all(&config.dir).map_err(crate::error::io("create directory", &config.dir))?;
+            std::fs::create_dir_all(&config.dir)
+                .map_err(crate::error::io("create directory", &config.dir))?;
             Store::Objects(ObjectStore::default())
         } else {
-            Store::Files(FileStore::new(config.dir.clone(), config.max_open)?)
+            Store::Files(FileStore::new(
+                config.dir.clone(),
+                config.max_open,
+                config.write_mode,
+            )?)
         };
-        let suffix = config.suffix.as_ref().map(key::KeySuffix::render).unwrap_or_default();
-        key::validate(&format!("x{suffix}")).map_err(|reason| Error::InvalidKey { key: suffix.clone(), reason })?;
+        let suffix = config
+            .suffix
+            .as_ref()
+            .map(key::KeySuffix::render)
+            .unwrap_or_default();
+        key::validate(&format!("x{suffix}")).map_err(|reason| Error::InvalidKey {
+            key: suffix.clone(),
+            reason,
+        })?;
         tracing::debug!(backend = %kind, "hicache connector ready");
-        Ok(Self { agent, backend, store, suffix })
+        Ok(Self {
+            agent,
+            backend,
+            store,
+            suffix,
+        })
     }
 
     /// The backend in use.
@@ -116,7 +140,10 @@ impl HiCache {
     /// The storage name of `key`: the key plus the configured suffix, validated.
     pub fn storage_name(&self, key: &str) -> Result<String> {
         let name = format!("{key}{}", self.suffix);
-        key::validate(&name).map_err(|reason| Error::InvalidKey { key: key.to_owned(), reason })?;
+        key::validate(&name).map_err(|reason| Error::InvalidKey {
+            key: key.to_owned(),
+            reason,
+        })?;
         Ok(name)
     }
 
@@ -147,7 +174,9 @@ impl HiCache {
         keys.iter()
             .map(|k| {
                 let name = self.storage_name(k)?;
-                Ok(self.agent.register(ObjectRegion::new(ObjectStore::page_id(&name)))?)
+                Ok(self
+                    .agent
+                    .register(ObjectRegion::new(ObjectStore::page_id(&name)))?)
             })
             .collect()
     }
@@ -162,7 +191,13 @@ impl HiCache {
     pub fn batch_set(&self, items: &[(&str, &[u8])]) -> Result<()> {
         let list = items
             .iter()
-            .map(|(k, v)| Ok(Item { name: self.storage_name(k)?, addr: v.as_ptr() as u64, len: v.len() as u64 }))
+            .map(|(k, v)| {
+                Ok(Item {
+                    name: self.storage_name(k)?,
+                    addr: v.as_ptr() as u64,
+                    len: v.len() as u64,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         match self.write(&list) {
             Err(e) if unregistered(&e) => {
@@ -174,7 +209,11 @@ impl HiCache {
                 let mut off = 0usize;
                 for ((_, v), item) in items.iter().zip(list) {
                     staging.buffer_mut().as_mut_slice()[off..off + v.len()].copy_from_slice(v);
-                    staged.push(Item { name: item.name, addr: base + off as u64, len: v.len() as u64 });
+                    staged.push(Item {
+                        name: item.name,
+                        addr: base + off as u64,
+                        len: v.len() as u64,
+                    });
                     off += v.len();
                 }
                 self.write(&staged)
@@ -206,7 +245,13 @@ impl HiCache {
     pub fn batch_get(&self, items: &mut [(&str, &mut [u8])]) -> Result<Vec<bool>> {
         let list = items
             .iter()
-            .map(|(k, d)| Ok(Item { name: self.storage_name(k)?, addr: d.as_ptr() as u64, len: d.len() as u64 }))
+            .map(|(k, d)| {
+                Ok(Item {
+                    name: self.storage_name(k)?,
+                    addr: d.as_ptr() as u64,
+                    len: d.len() as u64,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         match self.read(&list) {
             Err(e) if unregistered(&e) => {
@@ -308,7 +353,13 @@ impl HiCache {
     fn raw_items(&self, items: &[(&str, RawTarget)]) -> Result<Vec<Item>> {
         items
             .iter()
-            .map(|(k, t)| Ok(Item { name: self.storage_name(k)?, addr: t.addr, len: t.len }))
+            .map(|(k, t)| {
+                Ok(Item {
+                    name: self.storage_name(k)?,
+                    addr: t.addr,
+                    len: t.len,
+                })
+            })
             .collect()
     }
 
@@ -319,8 +370,13 @@ impl HiCache {
             Some(t) => t.rsplitn(3, '.').nth(2).unwrap_or(""),
             None => rel,
         };
-        let Some(key) = name.strip_suffix(self.suffix.as_str()) else { return false };
-        key.len() == 64 && key.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        let Some(key) = name.strip_suffix(self.suffix.as_str()) else {
+            return false;
+        };
+        key.len() == 64
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     }
 
     fn write(&self, items: &[Item]) -> Result<()> {
@@ -396,10 +452,14 @@ impl HiCache {
         let mut remote = XferDescs::with_capacity(MemType::Object, items.len() * 2);
         let mut off = 0usize;
         for it in items {
-            let (page, key) = (ObjectStore::page_id(&it.name), ObjectStore::key_id(&it.name));
+            let (page, key) = (
+                ObjectStore::page_id(&it.name),
+                ObjectStore::key_id(&it.name),
+            );
             regs.push(self.agent.register(ObjectRegion::new(page))?);
             regs.push(self.agent.register(ObjectRegion::new(key))?);
-            names.buffer_mut().as_mut_slice()[off..off + it.name.len()].copy_from_slice(it.name.as_bytes());
+            names.buffer_mut().as_mut_slice()[off..off + it.name.len()]
+                .copy_from_slice(it.name.as_bytes());
             if it.len > 0 {
                 local.push(it.addr, it.len, 0);
                 remote.push(0, it.len, page);
@@ -454,7 +514,9 @@ impl HiCache {
     /// Whether the key object of `name` exists and holds `name`.
     fn object_key_matches(&self, name: &str) -> Result<bool> {
         let key = ObjectStore::key_id(name);
-        let exists = self.agent.query_storage(&self.backend, MemType::Object, &[&key.to_string()])?;
+        let exists =
+            self.agent
+                .query_storage(&self.backend, MemType::Object, &[&key.to_string()])?;
         if !exists.first().copied().unwrap_or(false) {
             return Ok(false);
         }
@@ -464,7 +526,8 @@ impl HiCache {
         local.push(buf.region().addr, name.len() as u64, 0);
         let mut remote = XferDescs::new(MemType::Object);
         remote.push(0, name.len() as u64, key);
-        let ok = self.run(XferOp::Read, &local, &remote).is_ok() && buf.buffer().as_slice() == name.as_bytes();
+        let ok = self.run(XferOp::Read, &local, &remote).is_ok()
+            && buf.buffer().as_slice() == name.as_bytes();
         drop(reg);
         Ok(ok)
     }
@@ -488,7 +551,9 @@ impl HiCache {
         if local.is_empty() {
             return Ok(());
         }
-        let req = self.agent.create_request(op, local, remote, self.agent.name(), None)?;
+        let req = self
+            .agent
+            .create_request(op, local, remote, self.agent.name(), None)?;
         if req.post()? == nixl_core::XferStatus::Done {
             return Ok(());
         }
@@ -510,7 +575,13 @@ impl std::fmt::Debug for HiCache {
 
 /// Whether NIXL refused to build the request, as it does for unregistered host memory.
 fn unregistered(e: &Error) -> bool {
-    matches!(e, Error::Core(nixl_core::Error::Nixl { op: Op::CreateRequest, .. }))
+    matches!(
+        e,
+        Error::Core(nixl_core::Error::Nixl {
+            op: Op::CreateRequest,
+            ..
+        })
+    )
 }
 
 fn raw_error(e: Error, items: &[(&str, RawTarget)]) -> Error {
@@ -526,11 +597,14 @@ fn raw_error(e: Error, items: &[(&str, RawTarget)]) -> Error {
 /// unless one exists (no truncation). A path without a directory part (`""`, `"name.bin"`) is
 /// an error, as in SGLang.
 pub fn create_file(path: &Path) -> Result<()> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| Error::Io {
-        op: "create",
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no directory part"),
-    })?;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .ok_or_else(|| Error::Io {
+            op: "create",
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no directory part"),
+        })?;
     std::fs::create_dir_all(parent).map_err(crate::error::io("create directory", parent))?;
     std::fs::OpenOptions::new()
         .write(true)
@@ -545,5 +619,8 @@ pub fn create_file(path: &Path) -> Result<()> {
 /// tuple `(0, 0, fd, path)` ([`FileRegion::fd`], [`FileRegion::path`]) and closes its file on
 /// drop.
 pub fn open_files(paths: &[&Path]) -> Result<Vec<FileRegion>> {
-    paths.iter().map(|p| Ok(FileRegion::open(p, false)?)).collect()
+    paths
+        .iter()
+        .map(|p| Ok(FileRegion::open(p, false)?))
+        .collect()
 }

@@ -133,7 +133,11 @@ impl KeySuffix {
     /// The suffix text.
     pub fn render(&self) -> String {
         match self {
-            Self::Mha { model, tp_rank, tp_size } => format!("_{model}_{tp_rank}_{tp_size}"),
+            Self::Mha {
+                model,
+                tp_rank,
+                tp_size,
+            } => format!("_{model}_{tp_rank}_{tp_size}"),
             Self::Mla { model } => format!("_{model}"),
         }
     }

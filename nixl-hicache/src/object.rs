@@ -35,16 +35,27 @@ impl ObjectStore {
     }
 
     pub(crate) fn remember(&self, name: &str) {
-        self.written.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned());
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned());
     }
 
     pub(crate) fn forget(&self, name: &str) -> bool {
-        self.written.lock().unwrap_or_else(|p| p.into_inner()).remove(name)
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
     }
 
     /// Names this instance wrote (and has not deleted).
     pub(crate) fn written(&self) -> Vec<String> {
-        self.written.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 

@@ -19,7 +19,10 @@ fn tensor(n: usize, seed: u64) -> Vec<u8> {
 
 fn posix() -> (TempDir, HiCache) {
     let dir = tempdir().unwrap();
-    let cfg = HiCacheConfig::new(Some(dir.path().join("test_nixl_unified")), Plugin::parse("POSIX"));
+    let cfg = HiCacheConfig::new(
+        Some(dir.path().join("test_nixl_unified")),
+        Plugin::parse("POSIX"),
+    );
     let cache = HiCache::new(cfg).unwrap();
     assert_eq!(cache.backend(), &BackendKind::Posix);
     (dir, cache)
@@ -32,9 +35,14 @@ fn obj(s3: &S3Server) -> HiCache {
 
 /// A registered host buffer and a raw target for its first `len` bytes (address mode).
 fn registered(cache: &HiCache, bytes: &[u8]) -> (nixl_core::Registered<HostBuffer>, RawTarget) {
-    let mut buf = cache.register_buffer(HostBuffer::new(bytes.len()).unwrap()).unwrap();
+    let mut buf = cache
+        .register_buffer(HostBuffer::new(bytes.len()).unwrap())
+        .unwrap();
     buf.buffer_mut().as_mut_slice().copy_from_slice(bytes);
-    let t = RawTarget { addr: buf.region().addr, len: bytes.len() as u64 };
+    let t = RawTarget {
+        addr: buf.region().addr,
+        len: bytes.len() as u64,
+    };
     (buf, t)
 }
 
@@ -59,25 +67,44 @@ fn single_set_get(cache: &HiCache) {
 fn batch_set_get(cache: &HiCache) {
     let keys = ["key1", "key2", "key3"];
     let values = [tensor(100, 2), tensor(36, 3), tensor(196, 4)]; // randn(5,5), (3,3), (7,7)
-    let items: Vec<(&str, &[u8])> = keys.iter().copied().zip(values.iter().map(Vec::as_slice)).collect();
+    let items: Vec<(&str, &[u8])> = keys
+        .iter()
+        .copied()
+        .zip(values.iter().map(Vec::as_slice))
+        .collect();
     cache.batch_set(&items).unwrap();
     for k in keys {
         assert!(cache.exists(k).unwrap());
     }
     let mut dsts: Vec<Vec<u8>> = values.iter().map(|v| vec![0u8; v.len()]).collect();
-    let mut gets: Vec<(&str, &mut [u8])> = keys.iter().copied().zip(dsts.iter_mut().map(Vec::as_mut_slice)).collect();
+    let mut gets: Vec<(&str, &mut [u8])> = keys
+        .iter()
+        .copied()
+        .zip(dsts.iter_mut().map(Vec::as_mut_slice))
+        .collect();
     assert_eq!(cache.batch_get(&mut gets).unwrap(), vec![true; 3]);
     assert_eq!(dsts, values);
     // Address mode: write keys2, then read `keys` (as the seed test does) into fresh buffers.
     let keys2 = ["key4", "key5", "key6"];
     let srcs: Vec<_> = values.iter().map(|v| registered(cache, v)).collect();
-    let raw: Vec<(&str, RawTarget)> = keys2.iter().copied().zip(srcs.iter().map(|(_, t)| *t)).collect();
+    let raw: Vec<(&str, RawTarget)> = keys2
+        .iter()
+        .copied()
+        .zip(srcs.iter().map(|(_, t)| *t))
+        .collect();
     cache.batch_set_raw(&raw).unwrap();
     for k in keys2 {
         assert!(cache.exists(k).unwrap());
     }
-    let dst2s: Vec<_> = values.iter().map(|v| registered(cache, &vec![0u8; v.len()])).collect();
-    let raw_get: Vec<(&str, RawTarget)> = keys.iter().copied().zip(dst2s.iter().map(|(_, t)| *t)).collect();
+    let dst2s: Vec<_> = values
+        .iter()
+        .map(|v| registered(cache, &vec![0u8; v.len()]))
+        .collect();
+    let raw_get: Vec<(&str, RawTarget)> = keys
+        .iter()
+        .copied()
+        .zip(dst2s.iter().map(|(_, t)| *t))
+        .collect();
     assert_eq!(cache.batch_get_raw(&raw_get).unwrap(), vec![true; 3]);
     for ((buf, _), v) in dst2s.iter().zip(&values) {
         assert_eq!(buf.buffer().as_slice(), &v[..]);
@@ -92,13 +119,22 @@ fn mixed_operations(cache: &HiCache) {
     assert_eq!(d1, v1);
     cache.batch_set(&[("key2", &v2)]).unwrap();
     let mut d2 = vec![0u8; 144];
-    assert_eq!(cache.batch_get(&mut [("key2", &mut d2[..])]).unwrap(), vec![true]);
+    assert_eq!(
+        cache.batch_get(&mut [("key2", &mut d2[..])]).unwrap(),
+        vec![true]
+    );
     assert_eq!(d2, v2);
 }
 
 fn data_integrity(cache: &HiCache) {
     // float32 (10,10), float64 (5,5), int32 (8,8), int64 (6,6), bool (4,4).
-    for (name, bytes, seed) in [("float32", 400, 7), ("float64", 200, 8), ("int32", 256, 9), ("int64", 288, 10), ("bool", 16, 11)] {
+    for (name, bytes, seed) in [
+        ("float32", 400, 7),
+        ("float64", 200, 8),
+        ("int32", 256, 9),
+        ("int64", 288, 10),
+        ("bool", 16, 11),
+    ] {
         let key = format!("test_{name}");
         let value = tensor(bytes, seed);
         cache.set(&key, &value).unwrap();
@@ -176,14 +212,18 @@ fn test_register_buffers() {
     let (_d, c) = posix();
     let one = c.register_buffer(HostBuffer::new(400).unwrap()).unwrap();
     assert_eq!(one.region().mem, MemType::Dram);
-    let three: Vec<_> = (0..3).map(|_| c.register_buffer(HostBuffer::new(100).unwrap()).unwrap()).collect();
+    let three: Vec<_> = (0..3)
+        .map(|_| c.register_buffer(HostBuffer::new(100).unwrap()).unwrap())
+        .collect();
     assert_eq!(three.len(), 3);
 }
 
 #[test]
 fn test_register_files_with_tuples() {
     let (_d, c) = posix();
-    let files: Vec<_> = (0..3).map(|i| c.dir().unwrap().join(format!("test_file_{i}.bin"))).collect();
+    let files: Vec<_> = (0..3)
+        .map(|i| c.dir().unwrap().join(format!("test_file_{i}.bin")))
+        .collect();
     for f in &files {
         create_file(f).unwrap();
     }
