@@ -259,9 +259,9 @@ fn pages_are_the_same_bytes_sglang_reads_and_writes() {
     let k = key(42);
     let theirs = page(4096, 5);
     std::fs::write(d.path().join(&k), &theirs).unwrap();
-    let script = format!("import sys; p=sys.argv[1]; open(p,'r+b').write(bytes(range(256))*16)");
+    let script = "import sys; p=sys.argv[1]; open(p,'r+b').write(bytes(range(256))*16)";
     let ok = std::process::Command::new("python3")
-        .args(["-c", &script])
+        .args(["-c", script])
         .arg(d.path().join(&k))
         .status()
         .unwrap();
