@@ -11,6 +11,8 @@ pub const DEFAULT_DIR: &str = "/tmp/hicache_storage";
 /// The environment variable that overrides the directory (it wins even over an explicit path,
 /// as in SGLang).
 pub const DIR_ENV: &str = "SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR";
+/// The default bound on open, registered files kept for reads.
+pub const DEFAULT_MAX_OPEN: usize = 16;
 /// File plugins in SGLang's `auto` priority order.
 pub const FILE_PLUGINS: [&str; 4] = ["3FS", "POSIX", "GDS_MT", "GDS"];
 
@@ -63,7 +65,10 @@ pub struct HiCacheConfig {
     /// Parameters for the chosen backend (for OBJ: `bucket`, `endpoint_override`, `scheme`,
     /// `region`, `access_key`, ...). OBJ takes its bucket from `AWS_DEFAULT_BUCKET` when unset.
     pub params: BackendParams,
-    /// How many files (or object registrations) stay open and registered for reads.
+    /// How many files stay open and registered for reads (default 16). Keep it small: NIXL
+    /// looks registrations up for every descriptor, and holding many slows every request
+    /// (measured here with 64 KiB pages: 128 held, reads at 0.8 of uncached raw I/O; 16 held,
+    /// 0.9).
     pub max_open: usize,
     /// How file backends write pages.
     pub write_mode: WriteMode,
@@ -88,7 +93,7 @@ impl HiCacheConfig {
             plugin,
             suffix: None,
             params: BackendParams::new(),
-            max_open: 128,
+            max_open: DEFAULT_MAX_OPEN,
             write_mode: WriteMode::Atomic,
         }
     }

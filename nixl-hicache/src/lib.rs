@@ -35,7 +35,9 @@ mod files;
 mod key;
 mod object;
 
-pub use config::{DEFAULT_DIR, DIR_ENV, FILE_PLUGINS, HiCacheConfig, Plugin, WriteMode};
+pub use config::{
+    DEFAULT_DIR, DEFAULT_MAX_OPEN, DIR_ENV, FILE_PLUGINS, HiCacheConfig, Plugin, WriteMode,
+};
 pub use connector::{HiCache, RawTarget, create_file, open_files};
 pub use error::{Error, Result};
 pub use key::{KeySuffix, page_key, page_keys};
