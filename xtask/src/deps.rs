@@ -34,6 +34,7 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
         &["nixl-sys", "zeromq", "zmq", "tokio", "cudarc"],
     ),
     ("nixl-core", &["zeromq", "zmq", "tokio", "nixl-wire"]),
+    ("nixl-hicache", &["zeromq", "zmq", "tokio"]),
 ];
 
 pub(crate) fn run(root: &Path) -> anyhow::Result<()> {

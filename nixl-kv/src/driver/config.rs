@@ -1,0 +1,78 @@
+//! Manager configuration, with SGLang's environment variables as defaults.
+
+use std::time::Duration;
+
+/// Timeouts, heartbeats and addresses: `Default` (from SGLang's environment variables) plus
+/// chained setters.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ManagerConfig {
+    /// The IP to bind (prefill) and advertise.
+    pub local_ip: String,
+    /// Decode: seconds between `/health` checks of each prefill bootstrap server
+    /// (`SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL`, default 5, at least 2 from the variable).
+    pub heartbeat_interval: Duration,
+    /// Decode: failed checks before every room of that prefill fails
+    /// (`SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE`, default 2, at least 1).
+    pub heartbeat_max_failures: u32,
+    /// Decode: how long a started receiver may wait for its data
+    /// (`SGLANG_DISAGGREGATION_WAITING_TIMEOUT`, default 300 s).
+    pub waiting_timeout: Option<Duration>,
+    /// Prefill: how long a room without a sender is kept
+    /// (`SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT`, default 300 s).
+    pub orphan_timeout: Duration,
+    /// Timeout of each bootstrap HTTP request.
+    pub http_timeout: Duration,
+}
+
+fn env_f64(name: &str) -> Option<f64> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        let interval = env_f64("SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL").map_or(5.0, |v| v.max(2.0));
+        let failures = env_f64("SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE").map_or(2.0, |v| v.max(1.0));
+        let waiting = env_f64("SGLANG_DISAGGREGATION_WAITING_TIMEOUT").unwrap_or(300.0);
+        let orphan = env_f64("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT").unwrap_or(300.0);
+        Self {
+            local_ip: "127.0.0.1".into(),
+            heartbeat_interval: Duration::from_secs_f64(interval),
+            heartbeat_max_failures: failures as u32,
+            waiting_timeout: (waiting > 0.0).then(|| Duration::from_secs_f64(waiting)),
+            orphan_timeout: Duration::from_secs_f64(orphan.max(0.0)),
+            http_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ManagerConfig {
+    /// Sets the IP to bind and advertise.
+    #[must_use]
+    pub fn local_ip(mut self, ip: &str) -> Self {
+        self.local_ip = ip.to_owned();
+        self
+    }
+
+    /// Sets the heartbeat interval and failure count (programmatic values are not clamped).
+    #[must_use]
+    pub fn heartbeat(mut self, interval: Duration, max_failures: u32) -> Self {
+        self.heartbeat_interval = interval;
+        self.heartbeat_max_failures = max_failures.max(1);
+        self
+    }
+
+    /// Sets the decode waiting timeout (`None`: wait forever, as the seed).
+    #[must_use]
+    pub fn waiting_timeout(mut self, t: Option<Duration>) -> Self {
+        self.waiting_timeout = t;
+        self
+    }
+
+    /// Sets the prefill orphan-room timeout.
+    #[must_use]
+    pub fn orphan_timeout(mut self, t: Duration) -> Self {
+        self.orphan_timeout = t;
+        self
+    }
+}

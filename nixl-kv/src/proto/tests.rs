@@ -1,0 +1,1 @@
+//! Simulated prefill/decode pairs over the sans-IO core.

@@ -1,0 +1,102 @@
+//! Helpers for nixl-kv's integration tests: a prefill and a decode with host-memory pools.
+#![allow(dead_code, clippy::unwrap_used, reason = "test helpers")]
+
+use std::time::{Duration, Instant};
+
+use nixl_core::{Agent, AgentConfig, BackendKind, BackendParams, HostBuffer, Registered};
+use nixl_kv::bootstrap::BootstrapServer;
+use nixl_kv::{KvArgs, KvManager, KvPoll, ManagerConfig};
+use nixl_testkit::unique_name;
+
+pub const AUX_ITEM: u64 = 64;
+
+/// One side: agent, registered KV and aux buffers, manager.
+pub struct Side {
+    pub mgr: KvManager,
+    pub kv: Vec<Registered<HostBuffer>>,
+    pub aux: Vec<Registered<HostBuffer>>,
+    pub page: u64,
+}
+
+fn side_memory(agent: &Agent, buffers: usize, pages: u64, page: u64, slots: u64) -> (Vec<Registered<HostBuffer>>, Vec<Registered<HostBuffer>>) {
+    let kv = (0..buffers).map(|_| agent.register(HostBuffer::new((pages * page) as usize).unwrap()).unwrap()).collect();
+    let aux = (0..2).map(|_| agent.register(HostBuffer::new((slots * AUX_ITEM) as usize).unwrap()).unwrap()).collect();
+    (kv, aux)
+}
+
+fn args(kv: &[Registered<HostBuffer>], aux: &[Registered<HostBuffer>], page: u64) -> KvArgs {
+    KvArgs::new(
+        kv.iter().map(|b| b.region()).collect(),
+        vec![page; kv.len()],
+        aux.iter().map(|b| b.region()).collect(),
+        vec![AUX_ITEM; aux.len()],
+    )
+}
+
+pub fn agent() -> Agent {
+    let a = Agent::new(&unique_name("kv"), &AgentConfig::default()).unwrap();
+    a.create_backend(BackendKind::Ucx, &BackendParams::new()).unwrap();
+    a
+}
+
+pub fn prefill(bootstrap: &str, buffers: usize, pages: u64, page: u64, config: ManagerConfig) -> Side {
+    let agent = agent();
+    let (mut kv, aux) = side_memory(&agent, buffers, pages, page, 16);
+    for (b, buf) in kv.iter_mut().enumerate() {
+        for (j, byte) in buf.buffer_mut().as_mut_slice().iter_mut().enumerate() {
+            *byte = ((7 * b + j) % 251) as u8;
+        }
+    }
+    let a = args(&kv, &aux, page);
+    let mgr = KvManager::prefill(agent, a, bootstrap, config).unwrap();
+    Side { mgr, kv, aux, page }
+}
+
+pub fn decode(buffers: usize, pages: u64, page: u64, config: ManagerConfig) -> Side {
+    let agent = agent();
+    let (kv, aux) = side_memory(&agent, buffers, pages, page, 16);
+    let a = args(&kv, &aux, page);
+    let mgr = KvManager::decode(agent, a, config).unwrap();
+    Side { mgr, kv, aux, page }
+}
+
+pub fn server() -> BootstrapServer {
+    BootstrapServer::start("127.0.0.1:0").unwrap()
+}
+
+/// Polls `f` until it returns a terminal state or `timeout` passes.
+pub fn until(timeout: Duration, mut f: impl FnMut() -> KvPoll) -> KvPoll {
+    let start = Instant::now();
+    loop {
+        let s = f();
+        if matches!(s, KvPoll::Success | KvPoll::Failed) || start.elapsed() > timeout {
+            return s;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Polls `f` until it returns `want` or a terminal state, or `timeout` passes.
+pub fn reach(timeout: Duration, want: KvPoll, mut f: impl FnMut() -> KvPoll) -> KvPoll {
+    let start = Instant::now();
+    loop {
+        let s = f();
+        if s == want || matches!(s, KvPoll::Success | KvPoll::Failed) || start.elapsed() > timeout {
+            return s;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Polls a sender and a receiver together (as two schedulers do) until both are terminal.
+pub fn both(timeout: Duration, tx: &mut nixl_kv::KvSender, rx: &mut nixl_kv::KvReceiver) -> (KvPoll, KvPoll) {
+    let start = Instant::now();
+    loop {
+        let (a, b) = (tx.poll(), rx.poll());
+        let done = |s: KvPoll| matches!(s, KvPoll::Success | KvPoll::Failed);
+        if (done(a) && done(b)) || start.elapsed() > timeout {
+            return (a, b);
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
