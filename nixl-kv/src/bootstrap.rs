@@ -52,16 +52,24 @@ pub struct BootstrapServer {
 
 impl std::fmt::Debug for BootstrapServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BootstrapServer").field("addr", &self.addr).finish()
+        f.debug_struct("BootstrapServer")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
 impl BootstrapServer {
     /// Starts the server on `addr` (`0.0.0.0:8998` as SGLang; port 0 picks one).
     pub fn start(addr: &str) -> Result<Self, BootstrapError> {
-        let err = |reason: String| BootstrapError::Bind { addr: addr.to_owned(), reason };
+        let err = |reason: String| BootstrapError::Bind {
+            addr: addr.to_owned(),
+            reason,
+        };
         let server = Arc::new(tiny_http::Server::http(addr).map_err(|e| err(e.to_string()))?);
-        let bound = server.server_addr().to_ip().ok_or_else(|| err("not an IP listener".into()))?;
+        let bound = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| err("not an IP listener".into()))?;
         let table = Arc::new(Mutex::new(Table::default()));
         let s = Arc::clone(&server);
         let thread = std::thread::Builder::new()
@@ -73,7 +81,11 @@ impl BootstrapServer {
             })
             .map_err(|e| err(e.to_string()))?;
         tracing::info!(%bound, "bootstrap server listening");
-        Ok(Self { server, addr: bound, thread: Some(thread) })
+        Ok(Self {
+            server,
+            addr: bound,
+            thread: Some(thread),
+        })
     }
 
     /// The bound address.
@@ -96,7 +108,11 @@ fn header(name: &str, value: &str) -> Option<tiny_http::Header> {
 }
 
 fn respond(req: tiny_http::Request, status: u16, body: String, json: bool) {
-    let ct = if json { "application/json; charset=utf-8" } else { "text/plain; charset=utf-8" };
+    let ct = if json {
+        "application/json; charset=utf-8"
+    } else {
+        "text/plain; charset=utf-8"
+    };
     let mut resp = tiny_http::Response::from_string(body).with_status_code(status);
     if let Some(h) = header("Content-Type", ct) {
         resp = resp.with_header(h);
@@ -114,7 +130,12 @@ fn handle(mut req: tiny_http::Request, table: &Mutex<Table>) {
         ("/health", tiny_http::Method::Get) => respond(req, 200, "OK".into(), false),
         ("/route", tiny_http::Method::Put) => {
             let mut body = String::new();
-            if req.as_reader().take(1 << 20).read_to_string(&mut body).is_err() {
+            if req
+                .as_reader()
+                .take(1 << 20)
+                .read_to_string(&mut body)
+                .is_err()
+            {
                 return respond(req, 400, "Unreadable body".into(), false);
             }
             match serde_json::from_str::<PrefillRegistration>(&body) {
@@ -130,11 +151,19 @@ fn handle(mut req: tiny_http::Request, table: &Mutex<Table>) {
         }
         ("/route", tiny_http::Method::Get) => {
             let Ok(q) = RouteQuery::parse(query) else {
-                return respond(req, 400, "Missing inputs for bootstrap server.".into(), false);
+                return respond(
+                    req,
+                    400,
+                    "Missing inputs for bootstrap server.".into(),
+                    false,
+                );
             };
             let t = table.lock().unwrap_or_else(|p| p.into_inner());
             if q.is_parallel_info() {
-                let info = ParallelInfo { prefill_tp_size: t.tp_size, prefill_dp_size: t.dp_size };
+                let info = ParallelInfo {
+                    prefill_tp_size: t.tp_size,
+                    prefill_dp_size: t.dp_size,
+                };
                 drop(t);
                 return respond(req, 200, to_python_json(&info), true);
             }
@@ -160,7 +189,10 @@ fn register(table: &Mutex<Table>, reg: PrefillRegistration) {
     let per = (reg.tp_size / reg.dp_size.max(1)).max(1);
     if reg.role == "Prefill" {
         let (group, rank) = (reg.engine_rank / per, reg.engine_rank % per);
-        let info = RankInfo { rank_ip: reg.rank_ip, rank_port: reg.rank_port };
+        let info = RankInfo {
+            rank_ip: reg.rank_ip,
+            rank_port: reg.rank_port,
+        };
         t.ranks.entry(group).or_default().insert(rank, info);
     }
 }
@@ -191,15 +223,28 @@ impl BootstrapClient {
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
             .build();
-        Self { base: format!("http://{addr}"), agent: config.into() }
+        Self {
+            base: format!("http://{addr}"),
+            agent: config.into(),
+        }
     }
 
     fn get(&self, path: &str) -> Result<(u16, String), BootstrapError> {
         let url = format!("{}{path}", self.base);
-        let err = |reason: String| BootstrapError::Request { url: url.clone(), reason };
-        let mut resp = self.agent.get(&url).call().map_err(|e| err(e.to_string()))?;
+        let err = |reason: String| BootstrapError::Request {
+            url: url.clone(),
+            reason,
+        };
+        let mut resp = self
+            .agent
+            .get(&url)
+            .call()
+            .map_err(|e| err(e.to_string()))?;
         let status = resp.status().as_u16();
-        let body = resp.body_mut().read_to_string().map_err(|e| err(e.to_string()))?;
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| err(e.to_string()))?;
         Ok((status, body))
     }
 
@@ -207,15 +252,24 @@ impl BootstrapClient {
         let (status, body) = self.get(path)?;
         let url = format!("{}{path}", self.base);
         if status != 200 {
-            return Err(BootstrapError::Request { url, reason: format!("status {status}: {body}") });
+            return Err(BootstrapError::Request {
+                url,
+                reason: format!("status {status}: {body}"),
+            });
         }
-        serde_json::from_str(&body).map_err(|e| BootstrapError::Request { url, reason: e.to_string() })
+        serde_json::from_str(&body).map_err(|e| BootstrapError::Request {
+            url,
+            reason: e.to_string(),
+        })
     }
 
     /// `PUT /route` with a prefill rank's registration.
     pub fn register(&self, reg: &PrefillRegistration) -> Result<(), BootstrapError> {
         let url = format!("{}/route", self.base);
-        let err = |reason: String| BootstrapError::Request { url: url.clone(), reason };
+        let err = |reason: String| BootstrapError::Request {
+            url: url.clone(),
+            reason,
+        };
         let body = to_python_json(reg);
         let resp = self
             .agent
@@ -231,12 +285,18 @@ impl BootstrapClient {
 
     /// The prefill's TP and DP sizes.
     pub fn parallel_info(&self) -> Result<ParallelInfo, BootstrapError> {
-        self.get_json(&format!("/route?{}", RouteQuery::PARALLEL_INFO.to_query_string()))
+        self.get_json(&format!(
+            "/route?{}",
+            RouteQuery::PARALLEL_INFO.to_query_string()
+        ))
     }
 
     /// Where rank `engine_rank` of DP group `dp_group` listens.
     pub fn rank_info(&self, engine_rank: u32, dp_group: u32) -> Result<RankInfo, BootstrapError> {
-        let q = RouteQuery { engine_rank: i64::from(engine_rank), target_dp_group: i64::from(dp_group) };
+        let q = RouteQuery {
+            engine_rank: i64::from(engine_rank),
+            target_dp_group: i64::from(dp_group),
+        };
         self.get_json(&format!("/route?{}", q.to_query_string()))
     }
 
@@ -261,7 +321,13 @@ mod tests {
         let addr = server.addr().to_string();
         let c = BootstrapClient::new(&addr, Duration::from_secs(5));
         // Nobody registered yet: nulls.
-        assert_eq!(c.parallel_info().unwrap(), ParallelInfo { prefill_tp_size: None, prefill_dp_size: None });
+        assert_eq!(
+            c.parallel_info().unwrap(),
+            ParallelInfo {
+                prefill_tp_size: None,
+                prefill_dp_size: None
+            }
+        );
         let reg = |rank: u32, port: u16| PrefillRegistration {
             role: "Prefill".into(),
             tp_size: 2,
@@ -273,16 +339,36 @@ mod tests {
         c.register(&reg(0, 41943)).unwrap();
         c.register(&reg(1, 41944)).unwrap();
         let (status, body) = c.get("/route?engine_rank=-1&target_dp_group=-1").unwrap();
-        assert_eq!((status, body.as_str()), (200, r#"{"prefill_tp_size": 2, "prefill_dp_size": 1}"#));
+        assert_eq!(
+            (status, body.as_str()),
+            (200, r#"{"prefill_tp_size": 2, "prefill_dp_size": 1}"#)
+        );
         let (status, body) = c.get("/route?engine_rank=1&target_dp_group=0").unwrap();
-        assert_eq!((status, body.as_str()), (200, r#"{"rank_ip": "127.0.0.1", "rank_port": 41944}"#));
-        assert_eq!(c.get("/route?engine_rank=0").unwrap(), (400, "Missing inputs for bootstrap server.".into()));
-        assert_eq!(c.get("/route?engine_rank=5&target_dp_group=0").unwrap().0, 404);
+        assert_eq!(
+            (status, body.as_str()),
+            (200, r#"{"rank_ip": "127.0.0.1", "rank_port": 41944}"#)
+        );
+        assert_eq!(
+            c.get("/route?engine_rank=0").unwrap(),
+            (400, "Missing inputs for bootstrap server.".into())
+        );
+        assert_eq!(
+            c.get("/route?engine_rank=5&target_dp_group=0").unwrap().0,
+            404
+        );
         assert_eq!(c.health(), Health::Up);
-        let resp = c.agent.post(&format!("{}/route", c.base)).send("x").unwrap();
+        let resp = c
+            .agent
+            .post(&format!("{}/route", c.base))
+            .send("x")
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 405);
         // Garbage registration: 400, and the server keeps serving.
-        let resp = c.agent.put(&format!("{}/route", c.base)).send("{not json").unwrap();
+        let resp = c
+            .agent
+            .put(&format!("{}/route", c.base))
+            .send("{not json")
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 400);
         assert_eq!(c.rank_info(0, 0).unwrap().rank_port, 41943);
     }

@@ -26,13 +26,23 @@ fn chunked_request_lands_byte_for_byte() {
     let mut tx = KvSender::new(&p.mgr, room);
     assert_eq!(rx.poll(), KvPoll::WaitingForInput);
     rx.init(&dst_pages, 3);
-    assert_eq!(reach(T, KvPoll::WaitingForInput, || tx.poll()), KvPoll::WaitingForInput, "prefill should see the decode's info");
+    assert_eq!(
+        reach(T, KvPoll::WaitingForInput, || tx.poll()),
+        KvPoll::WaitingForInput,
+        "prefill should see the decode's info"
+    );
     tx.init(dst_pages.len() as u32, 5);
     // Two chunks: 5 pages, then 3.
     tx.send(&src_pages[..5]);
     tx.send(&src_pages[5..]);
     let states = both(T, &mut tx, &mut rx);
-    assert_eq!(states, (KvPoll::Success, KvPoll::Success), "{:?} {:?}", tx.failure(), rx.failure());
+    assert_eq!(
+        states,
+        (KvPoll::Success, KvPoll::Success),
+        "{:?} {:?}",
+        tx.failure(),
+        rx.failure()
+    );
 
     for b in 0..4 {
         let src = p.kv[b].buffer().as_slice();
@@ -61,13 +71,24 @@ fn bad_page_indices_fail_the_room_and_the_decode_hears_it() {
     let mut rx = KvReceiver::new(&d.mgr, &addr, 42, None);
     let mut tx = KvSender::new(&p.mgr, 42);
     rx.init(&[1, 2], 0);
-    assert_eq!(reach(T, KvPoll::WaitingForInput, || tx.poll()), KvPoll::WaitingForInput);
+    assert_eq!(
+        reach(T, KvPoll::WaitingForInput, || tx.poll()),
+        KvPoll::WaitingForInput
+    );
     tx.init(2, 0);
     tx.send(&[1, 999]); // outside the prefill pool
     // Failure push: the decode fails with the prefill's reason instead of waiting.
     assert_eq!(both(T, &mut tx, &mut rx), (KvPoll::Failed, KvPoll::Failed));
-    assert!(tx.failure().unwrap().contains("page index 999"), "{:?}", tx.failure());
-    assert!(rx.failure().unwrap().contains("page index 999"), "{:?}", rx.failure());
+    assert!(
+        tx.failure().unwrap().contains("page index 999"),
+        "{:?}",
+        tx.failure()
+    );
+    assert!(
+        rx.failure().unwrap().contains("page index 999"),
+        "{:?}",
+        rx.failure()
+    );
 }
 
 #[test]
@@ -81,7 +102,11 @@ fn decode_with_bad_pages_or_unreachable_bootstrap_fails_cleanly() {
     assert_eq!(rx.poll(), KvPoll::Failed);
     let mut lost = KvReceiver::new(&d.mgr, "127.0.0.1:1", 8, None);
     assert_eq!(lost.poll(), KvPoll::Failed);
-    assert!(lost.failure().unwrap().contains("127.0.0.1:1"), "{:?}", lost.failure());
+    assert!(
+        lost.failure().unwrap().contains("127.0.0.1:1"),
+        "{:?}",
+        lost.failure()
+    );
 }
 
 #[test]
@@ -89,7 +114,9 @@ fn a_dead_prefill_fails_waiting_rooms_within_two_heartbeats() {
     let bs = server();
     let addr = bs.addr().to_string();
     let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
-    let cfg = ManagerConfig::default().heartbeat(Duration::from_millis(200), 1).waiting_timeout(None);
+    let cfg = ManagerConfig::default()
+        .heartbeat(Duration::from_millis(200), 1)
+        .waiting_timeout(None);
     let d = decode(2, 16, 1024, cfg);
     let mut rx = KvReceiver::new(&d.mgr, &addr, 9, None);
     rx.init(&[1], 0);
@@ -99,8 +126,16 @@ fn a_dead_prefill_fails_waiting_rooms_within_two_heartbeats() {
     drop(p);
     let start = std::time::Instant::now();
     assert_eq!(until(T, || rx.poll()), KvPoll::Failed);
-    assert!(start.elapsed() < Duration::from_millis(1500), "took {:?}", start.elapsed());
-    assert!(rx.failure().unwrap().contains("unreachable"), "{:?}", rx.failure());
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(
+        rx.failure().unwrap().contains("unreachable"),
+        "{:?}",
+        rx.failure()
+    );
 }
 
 #[test]
@@ -108,11 +143,20 @@ fn waiting_timeout_fails_a_room_the_prefill_never_serves() {
     let bs = server();
     let addr = bs.addr().to_string();
     let _p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
-    let d = decode(2, 16, 1024, ManagerConfig::default().waiting_timeout(Some(Duration::from_millis(300))));
+    let d = decode(
+        2,
+        16,
+        1024,
+        ManagerConfig::default().waiting_timeout(Some(Duration::from_millis(300))),
+    );
     let mut rx = KvReceiver::new(&d.mgr, &addr, 10, None);
     rx.init(&[1], 0);
     assert_eq!(until(T, || rx.poll()), KvPoll::Failed);
-    assert!(rx.failure().unwrap().contains("within"), "{:?}", rx.failure());
+    assert!(
+        rx.failure().unwrap().contains("within"),
+        "{:?}",
+        rx.failure()
+    );
 }
 
 #[test]
@@ -122,18 +166,31 @@ fn malformed_zmq_messages_are_dropped_and_the_listener_keeps_serving() {
     let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
     // A hostile peer sends garbage to the prefill's PULL socket (through pyzmq-compatible ZMTP).
     let endpoint = format!("tcp://127.0.0.1:{}", p.mgr.rank_port());
-    nixl_kv::driver::send_raw_for_tests(&endpoint, vec![b"NixlMsgGuard".to_vec(), b"None".to_vec()]).unwrap();
+    nixl_kv::driver::send_raw_for_tests(
+        &endpoint,
+        vec![b"NixlMsgGuard".to_vec(), b"None".to_vec()],
+    )
+    .unwrap();
     nixl_kv::driver::send_raw_for_tests(&endpoint, vec![b"garbage".to_vec()]).unwrap();
     // A real exchange still works afterwards.
     let d = decode(2, 16, 1024, ManagerConfig::default());
     let mut rx = KvReceiver::new(&d.mgr, &addr, 11, None);
     let mut tx = KvSender::new(&p.mgr, 11);
     rx.init(&[4], 1);
-    assert_eq!(reach(T, KvPoll::WaitingForInput, || tx.poll()), KvPoll::WaitingForInput);
+    assert_eq!(
+        reach(T, KvPoll::WaitingForInput, || tx.poll()),
+        KvPoll::WaitingForInput
+    );
     tx.init(1, 1);
     tx.send(&[6]);
     let states = both(T, &mut tx, &mut rx);
-    assert_eq!(states, (KvPoll::Success, KvPoll::Success), "{:?} {:?}", tx.failure(), rx.failure());
+    assert_eq!(
+        states,
+        (KvPoll::Success, KvPoll::Success),
+        "{:?} {:?}",
+        tx.failure(),
+        rx.failure()
+    );
 }
 
 #[test]
@@ -149,16 +206,33 @@ fn thousands_of_rooms_leave_every_table_empty() {
         rx.init(&pages, (room % 16) as u32);
         if room % 10 == 9 {
             // Some requests are aborted on the prefill side before sending.
-            assert_eq!(reach(T, KvPoll::WaitingForInput, || tx.poll()), KvPoll::WaitingForInput);
+            assert_eq!(
+                reach(T, KvPoll::WaitingForInput, || tx.poll()),
+                KvPoll::WaitingForInput
+            );
             tx.abort("scheduler aborted");
-            assert_eq!(both(T, &mut tx, &mut rx), (KvPoll::Failed, KvPoll::Failed), "room {room}");
+            assert_eq!(
+                both(T, &mut tx, &mut rx),
+                (KvPoll::Failed, KvPoll::Failed),
+                "room {room}"
+            );
             continue;
         }
-        assert_eq!(reach(T, KvPoll::WaitingForInput, || tx.poll()), KvPoll::WaitingForInput, "room {room}");
+        assert_eq!(
+            reach(T, KvPoll::WaitingForInput, || tx.poll()),
+            KvPoll::WaitingForInput,
+            "room {room}"
+        );
         tx.init(2, (room % 16) as u32);
         tx.send(&pages);
         let states = both(T, &mut tx, &mut rx);
-        assert_eq!(states, (KvPoll::Success, KvPoll::Success), "room {room}: {:?} {:?}", tx.failure(), rx.failure());
+        assert_eq!(
+            states,
+            (KvPoll::Success, KvPoll::Success),
+            "room {room}: {:?} {:?}",
+            tx.failure(),
+            rx.failure()
+        );
     }
     assert_eq!(p.mgr.table_sizes().0, 0, "prefill rooms");
     assert_eq!(d.mgr.table_sizes().1, 0, "decode rooms");

@@ -12,6 +12,7 @@
 mod bench;
 mod ci;
 mod cmd;
+mod demo;
 mod deps;
 mod fuzz;
 mod prereq;
@@ -49,7 +50,7 @@ enum Task {
     /// Benchmarks: `core`, `wire`, `kv` or `hicache`.
     Bench(bench::BenchArgs),
     /// The main job: a prefill and a decode moving KV pages over NIXL (see README).
-    Demo,
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,9 +68,7 @@ fn main() -> anyhow::Result<()> {
         Task::Tidy => tidy::run(&root),
         Task::Fuzz(args) => fuzz::run(&root, &args),
         Task::Bench(args) => bench::run(&root, &args),
-        Task::Demo => anyhow::bail!(
-            "the demo (`pd` prefill/decode example of nixl-kv) is not built yet: see issue 5"
-        ),
+        Task::Demo(args) => demo::run(&root, &args),
     }
 }
 

@@ -31,8 +31,10 @@ fn env_f64(name: &str) -> Option<f64> {
 
 impl Default for ManagerConfig {
     fn default() -> Self {
-        let interval = env_f64("SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL").map_or(5.0, |v| v.max(2.0));
-        let failures = env_f64("SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE").map_or(2.0, |v| v.max(1.0));
+        let interval =
+            env_f64("SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL").map_or(5.0, |v| v.max(2.0));
+        let failures =
+            env_f64("SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE").map_or(2.0, |v| v.max(1.0));
         let waiting = env_f64("SGLANG_DISAGGREGATION_WAITING_TIMEOUT").unwrap_or(300.0);
         let orphan = env_f64("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT").unwrap_or(300.0);
         Self {

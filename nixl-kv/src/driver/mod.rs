@@ -66,9 +66,27 @@ pub struct KvArgs {
 
 impl KvArgs {
     /// Args for one engine rank; set the parallel sizes with [`KvArgs::parallel`].
-    pub fn new(kv: Vec<MemRegion>, kv_item_lens: Vec<u64>, aux: Vec<MemRegion>, aux_item_lens: Vec<u64>) -> Self {
-        let gpu_id = kv.first().filter(|r| r.mem == MemType::Vram).map_or(0, |r| r.dev as u32);
-        Self { engine_rank: 0, kv, kv_item_lens, aux, aux_item_lens, gpu_id, is_mla: false, tp_size: 1, dp_size: 1 }
+    pub fn new(
+        kv: Vec<MemRegion>,
+        kv_item_lens: Vec<u64>,
+        aux: Vec<MemRegion>,
+        aux_item_lens: Vec<u64>,
+    ) -> Self {
+        let gpu_id = kv
+            .first()
+            .filter(|r| r.mem == MemType::Vram)
+            .map_or(0, |r| r.dev as u32);
+        Self {
+            engine_rank: 0,
+            kv,
+            kv_item_lens,
+            aux,
+            aux_item_lens,
+            gpu_id,
+            is_mla: false,
+            tp_size: 1,
+            dp_size: 1,
+        }
     }
 
     /// Sets the engine rank and the TP/DP sizes.
@@ -92,8 +110,20 @@ impl KvArgs {
             return Err("one item length per buffer is needed".into());
         }
         let pages = |r: &MemRegion, item: u64| if item == 0 { 0 } else { r.len / item };
-        let kv_pages = self.kv.iter().zip(&self.kv_item_lens).map(|(r, &i)| pages(r, i)).min().unwrap_or(0);
-        let slots = self.aux.iter().zip(&self.aux_item_lens).map(|(r, &i)| pages(r, i)).min().unwrap_or(0);
+        let kv_pages = self
+            .kv
+            .iter()
+            .zip(&self.kv_item_lens)
+            .map(|(r, &i)| pages(r, i))
+            .min()
+            .unwrap_or(0);
+        let slots = self
+            .aux
+            .iter()
+            .zip(&self.aux_item_lens)
+            .map(|(r, &i)| pages(r, i))
+            .min()
+            .unwrap_or(0);
         Ok(Layout {
             kv_ptrs: self.kv.iter().map(|r| r.addr).collect(),
             kv_item_lens: self.kv_item_lens.clone(),
@@ -167,7 +197,12 @@ impl KvManager {
     /// A prefill manager: binds its PULL socket on `config.local_ip` and registers with the
     /// bootstrap server at `bootstrap` (`host:port`). `agent` must have a UCX backend and the
     /// memory of `args` registered.
-    pub fn prefill(agent: Agent, args: KvArgs, bootstrap: &str, config: ManagerConfig) -> Result<Self, Error> {
+    pub fn prefill(
+        agent: Agent,
+        args: KvArgs,
+        bootstrap: &str,
+        config: ManagerConfig,
+    ) -> Result<Self, Error> {
         let layout = args.layout().map_err(Error::Args)?;
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
             let weak = weak.clone();
@@ -176,7 +211,8 @@ impl KvManager {
                     handle_inbound(&s, &frames);
                 }
             });
-            let started = zmq::ZmqThread::start(Some(format!("tcp://{}:0", config.local_ip)), on_message);
+            let started =
+                zmq::ZmqThread::start(Some(format!("tcp://{}:0", config.local_ip)), on_message);
             let (zmq, port) = match started {
                 Ok((z, p)) => (Some(z), p.unwrap_or(0)),
                 Err(e) => {
@@ -210,7 +246,15 @@ impl KvManager {
         let port = std::net::TcpListener::bind((config.local_ip.as_str(), 0))
             .and_then(|l| l.local_addr())
             .map_or(0, |a| a.port());
-        let shared = Arc::new(shared_new(Mode::Decode, agent, args, config, layout, Some(zmq), port));
+        let shared = Arc::new(shared_new(
+            Mode::Decode,
+            agent,
+            args,
+            config,
+            layout,
+            Some(zmq),
+            port,
+        ));
         heartbeat::start(&shared);
         Ok(Self { shared })
     }
@@ -225,9 +269,27 @@ impl KvManager {
         self.shared.rank_port
     }
 
+    /// Prefill: rooms whose decode infos arrived but that no [`KvSender`] claims yet, with the
+    /// page count the decode asked for (room, pages).
+    pub fn unclaimed_rooms(&self) -> Vec<(u64, u32)> {
+        let core = self
+            .shared
+            .prefill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        core.unclaimed()
+            .into_iter()
+            .map(|(r, n)| (r.get(), n))
+            .collect()
+    }
+
     /// Rooms and peers held, for leak checks: (prefill rooms, decode rooms, prefill peers).
     pub fn table_sizes(&self) -> (usize, usize, usize) {
-        let p = self.shared.prefill.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self
+            .shared
+            .prefill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let d = self.shared.decode.lock().unwrap_or_else(|e| e.into_inner());
         (p.rooms(), d.rooms(), p.peers())
     }
@@ -289,7 +351,10 @@ fn handle_inbound(s: &Shared, frames: &[Bytes]) {
                 false
             }
         };
-        s.prefill.lock().unwrap_or_else(|e| e.into_inner()).remote_loaded(&agent, ok);
+        s.prefill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remote_loaded(&agent, ok);
     }
 }
 

@@ -32,7 +32,10 @@ pub struct KvReceiver {
 
 impl std::fmt::Debug for KvReceiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvReceiver").field("room", &self.room).field("targets", &self.targets.len()).finish()
+        f.debug_struct("KvReceiver")
+            .field("room", &self.room)
+            .field("targets", &self.targets.len())
+            .finish()
     }
 }
 
@@ -42,11 +45,24 @@ impl KvReceiver {
     pub fn new(mgr: &KvManager, bootstrap: &str, room: u64, dp_rank: Option<u32>) -> Self {
         let shared = Arc::clone(&mgr.shared);
         let room = RoomId::new(room);
-        shared.decode.lock().unwrap_or_else(|e| e.into_inner()).receiver_new(room, bootstrap, Instant::now());
-        let mut r = Self { shared, room, targets: Vec::new(), required: 1 };
+        shared
+            .decode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .receiver_new(room, bootstrap, Instant::now());
+        let mut r = Self {
+            shared,
+            room,
+            targets: Vec::new(),
+            required: 1,
+        };
         if let Err(reason) = r.connect(bootstrap, dp_rank) {
             tracing::warn!(room = %room, bootstrap, %reason, "receiver failed to bootstrap");
-            r.shared.decode.lock().unwrap_or_else(|e| e.into_inner()).fail(room, &reason);
+            r.shared
+                .decode
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .fail(room, &reason);
         }
         r
     }
@@ -54,7 +70,12 @@ impl KvReceiver {
     fn connect(&mut self, bootstrap: &str, dp_rank: Option<u32>) -> Result<(), String> {
         let s = &self.shared;
         let client = BootstrapClient::new(bootstrap, s.config.http_timeout);
-        let cached = s.parallel.lock().unwrap_or_else(|e| e.into_inner()).get(bootstrap).copied();
+        let cached = s
+            .parallel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(bootstrap)
+            .copied();
         let (ptp, pdp) = match cached {
             Some(v) => v,
             None => {
@@ -62,7 +83,10 @@ impl KvReceiver {
                 let (Some(tp), Some(dp)) = (info.prefill_tp_size, info.prefill_dp_size) else {
                     return Err("no prefill has registered with the bootstrap server yet".into());
                 };
-                s.parallel.lock().unwrap_or_else(|e| e.into_inner()).insert(bootstrap.to_owned(), (tp, dp));
+                s.parallel
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(bootstrap.to_owned(), (tp, dp));
                 (tp, dp)
             }
         };
@@ -72,7 +96,12 @@ impl KvReceiver {
         self.required = t.required_dst_info_num;
         let group = dp_group(self.room.get(), dp_rank, pdp);
         let key = format!("{bootstrap}_{group}_{}", t.real);
-        let known = s.pools.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let known = s
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
         if let Some(targets) = known {
             self.targets = targets;
             return Ok(());
@@ -80,15 +109,25 @@ impl KvReceiver {
         let mut list = Vec::with_capacity(t.ranks.len());
         for (rank, dummy) in &t.ranks {
             let info = client.rank_info(*rank, group).map_err(|e| e.to_string())?;
-            let host = if info.rank_ip.contains(':') { format!("[{}]", info.rank_ip) } else { info.rank_ip };
-            list.push(Target { endpoint: format!("tcp://{host}:{}", info.rank_port), dummy: *dummy });
+            let host = if info.rank_ip.contains(':') {
+                format!("[{}]", info.rank_ip)
+            } else {
+                info.rank_ip
+            };
+            list.push(Target {
+                endpoint: format!("tcp://{host}:{}", info.rank_port),
+                dummy: *dummy,
+            });
         }
         // First contact with this pool key: register with every target, dummies included.
         let reg = self.registration(local)?;
         for target in &list {
             self.send(&target.endpoint, reg.clone())?;
         }
-        s.pools.lock().unwrap_or_else(|e| e.into_inner()).insert(key, list.clone());
+        s.pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, list.clone());
         self.targets = list;
         Ok(())
     }
@@ -99,7 +138,12 @@ impl KvReceiver {
             local_ip: s.config.local_ip.clone(),
             rank_port: s.rank_port,
             agent: self.agent_name()?,
-            metadata: s.agent.local_metadata().map_err(|e| e.to_string())?.into_bytes().into(),
+            metadata: s
+                .agent
+                .local_metadata()
+                .map_err(|e| e.to_string())?
+                .into_bytes()
+                .into(),
             kv_ptrs: s.args.kv.iter().map(|r| r.addr).collect(),
             aux_ptrs: s.args.aux.iter().map(|r| r.addr).collect(),
             gpu_id: GpuId::new(s.args.gpu_id),
@@ -137,9 +181,20 @@ impl KvReceiver {
     }
 
     fn send_infos(&self, pages: &[u32], aux_index: u32) -> Result<(), String> {
-        let kv_pages = self.shared.prefill.lock().unwrap_or_else(|e| e.into_inner()).layout().kv_pages;
-        if let Some(bad) = pages.iter().find(|&&p| p >= kv_pages || p > i32::MAX as u32) {
-            return Err(format!("page index {bad} outside this pool of {kv_pages} pages"));
+        let kv_pages = self
+            .shared
+            .prefill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .layout()
+            .kv_pages;
+        if let Some(bad) = pages
+            .iter()
+            .find(|&&p| p >= kv_pages || p > i32::MAX as u32)
+        {
+            return Err(format!(
+                "page index {bad} outside this pool of {kv_pages} pages"
+            ));
         }
         let agent = self.agent_name()?;
         for t in &self.targets {
@@ -148,7 +203,11 @@ impl KvReceiver {
                 local_ip: self.shared.config.local_ip.clone(),
                 rank_port: self.shared.rank_port,
                 agent: agent.clone(),
-                dst_pages: if t.dummy { Vec::new() } else { pages.iter().copied().map(PageIndex::new).collect() },
+                dst_pages: if t.dummy {
+                    Vec::new()
+                } else {
+                    pages.iter().copied().map(PageIndex::new).collect()
+                },
                 dst_aux_index: aux_index,
                 required_dst_info_num: self.required,
             };
@@ -171,17 +230,30 @@ impl KvReceiver {
     }
 
     fn poll_quiet(&self) -> KvPoll {
-        self.shared.decode.lock().unwrap_or_else(|e| e.into_inner()).poll(self.room, Instant::now())
+        self.shared
+            .decode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .poll(self.room, Instant::now())
     }
 
     /// Why the request failed.
     pub fn failure(&self) -> Option<String> {
-        self.shared.decode.lock().unwrap_or_else(|e| e.into_inner()).failure(self.room).map(str::to_owned)
+        self.shared
+            .decode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failure(self.room)
+            .map(str::to_owned)
     }
 
     /// Fails the request locally (the scheduler aborted it).
     pub fn abort(&mut self, reason: &str) {
-        self.shared.decode.lock().unwrap_or_else(|e| e.into_inner()).fail(self.room, reason);
+        self.shared
+            .decode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fail(self.room, reason);
     }
 
     /// The room.
@@ -192,6 +264,10 @@ impl KvReceiver {
 
 impl Drop for KvReceiver {
     fn drop(&mut self) {
-        self.shared.decode.lock().unwrap_or_else(|e| e.into_inner()).release(self.room);
+        self.shared
+            .decode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(self.room);
     }
 }

@@ -25,7 +25,10 @@ pub struct KvSender {
 
 impl std::fmt::Debug for KvSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvSender").field("room", &self.room).field("in_flight", &self.in_flight.len()).finish()
+        f.debug_struct("KvSender")
+            .field("room", &self.room)
+            .field("in_flight", &self.in_flight.len())
+            .finish()
     }
 }
 
@@ -40,7 +43,12 @@ impl KvSender {
             core.handle_timeout(now);
             core.sender_new(room, now);
         }
-        Self { shared, room, in_flight: Vec::new(), pushed_failure: false }
+        Self {
+            shared,
+            room,
+            in_flight: Vec::new(),
+            pushed_failure: false,
+        }
     }
 
     /// The request has `num_pages` pages; its aux row is slot `aux_index`.
@@ -75,7 +83,11 @@ impl KvSender {
     }
 
     fn post(&self, t: &Transfer) -> Result<XferRequest, String> {
-        let (src_mem, dst_mem) = if t.aux { (MemType::Dram, MemType::Dram) } else { (self.shared.kv_mem, self.shared.kv_mem) };
+        let (src_mem, dst_mem) = if t.aux {
+            (MemType::Dram, MemType::Dram)
+        } else {
+            (self.shared.kv_mem, self.shared.kv_mem)
+        };
         let mut local = XferDescs::with_capacity(src_mem, t.ops.len());
         let mut remote = XferDescs::with_capacity(dst_mem, t.ops.len());
         for op in &t.ops {
@@ -84,7 +96,13 @@ impl KvSender {
         }
         let agent = &self.shared.agent;
         let req = agent
-            .create_request(XferOp::Write, &local, &remote, t.peer.as_str(), Some(&t.notif))
+            .create_request(
+                XferOp::Write,
+                &local,
+                &remote,
+                t.peer.as_str(),
+                Some(&t.notif),
+            )
             .map_err(|e| e.to_string())?;
         req.post().map_err(|e| e.to_string())?;
         Ok(req)
@@ -112,7 +130,10 @@ impl KvSender {
             // only when its sender is progressed, and no progress thread runs by default.
             let mut stray = Vec::new();
             if self.shared.agent.drain_notifications(&mut stray).is_ok() && !stray.is_empty() {
-                tracing::debug!(count = stray.len(), "prefill agent received notifications; ignored");
+                tracing::debug!(
+                    count = stray.len(),
+                    "prefill agent received notifications; ignored"
+                );
             }
         }
         let state = self.core().sender_poll(self.room);
@@ -158,7 +179,10 @@ impl KvSender {
     }
 
     fn core(&self) -> std::sync::MutexGuard<'_, crate::proto::prefill::PrefillCore> {
-        self.shared.prefill.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared
+            .prefill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 

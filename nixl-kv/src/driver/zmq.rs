@@ -13,7 +13,11 @@ use zeromq::{PullSocket, PushSocket, Socket, SocketRecv, SocketSend, ZmqMessage}
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum Cmd {
-    Send { endpoint: String, frames: Vec<Bytes>, done: std_mpsc::Sender<Result<(), String>> },
+    Send {
+        endpoint: String,
+        frames: Vec<Bytes>,
+        done: std_mpsc::Sender<Result<(), String>>,
+    },
 }
 
 /// Handle to the ZMQ thread; stops it when dropped.
@@ -34,7 +38,10 @@ impl ZmqThread {
         let thread = std::thread::Builder::new()
             .name("kv-zmq".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
@@ -72,7 +79,11 @@ impl ZmqThread {
                     let mut pushes: HashMap<String, PushSocket> = HashMap::new();
                     while let Some(cmd) = rx.recv().await {
                         match cmd {
-                            Cmd::Send { endpoint, frames, done } => {
+                            Cmd::Send {
+                                endpoint,
+                                frames,
+                                done,
+                            } => {
                                 let res = send(&mut pushes, &endpoint, frames).await;
                                 if res.is_err() {
                                     // Reconnect next time.
@@ -86,7 +97,13 @@ impl ZmqThread {
             })
             .map_err(|e| e.to_string())?;
         let port = ready_rx.recv().map_err(|e| e.to_string())??;
-        Ok((Self { tx: Some(tx), thread: Some(thread) }, port))
+        Ok((
+            Self {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            port,
+        ))
     }
 
     /// Sends a multipart message to `endpoint` (connecting once and caching the socket) and
@@ -94,12 +111,22 @@ impl ZmqThread {
     pub(crate) fn send(&self, endpoint: &str, frames: Vec<Bytes>) -> Result<(), String> {
         let (done, rx) = std_mpsc::channel();
         let tx = self.tx.as_ref().ok_or("zmq thread stopped")?;
-        tx.send(Cmd::Send { endpoint: endpoint.to_owned(), frames, done }).map_err(|_| "zmq thread stopped")?;
-        rx.recv_timeout(CONNECT_TIMEOUT * 2).map_err(|_| format!("sending to {endpoint} timed out"))?
+        tx.send(Cmd::Send {
+            endpoint: endpoint.to_owned(),
+            frames,
+            done,
+        })
+        .map_err(|_| "zmq thread stopped")?;
+        rx.recv_timeout(CONNECT_TIMEOUT * 2)
+            .map_err(|_| format!("sending to {endpoint} timed out"))?
     }
 }
 
-async fn send(pushes: &mut HashMap<String, PushSocket>, endpoint: &str, frames: Vec<Bytes>) -> Result<(), String> {
+async fn send(
+    pushes: &mut HashMap<String, PushSocket>,
+    endpoint: &str,
+    frames: Vec<Bytes>,
+) -> Result<(), String> {
     if !pushes.contains_key(endpoint) {
         let mut s = PushSocket::new();
         tokio::time::timeout(CONNECT_TIMEOUT, s.connect(endpoint))

@@ -30,7 +30,10 @@ pub struct DecodeCore {
 impl DecodeCore {
     /// A core that fails rooms waiting longer than `waiting_timeout` (`None`: never).
     pub fn new(waiting_timeout: Option<Duration>) -> Self {
-        Self { rooms: HashMap::new(), waiting_timeout }
+        Self {
+            rooms: HashMap::new(),
+            waiting_timeout,
+        }
     }
 
     /// A receiver for `room` whose prefill is reached through `bootstrap` (host:port).
@@ -97,7 +100,9 @@ impl DecodeCore {
     /// The receiver's poll. Success once every chunk 0..last and the aux row arrived.
     pub fn poll(&mut self, room: RoomId, now: Instant) -> KvPoll {
         let timeout = self.waiting_timeout;
-        let Some(r) = self.rooms.get_mut(&room) else { return KvPoll::Failed };
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return KvPoll::Failed;
+        };
         if let Some(c) = r.concluded {
             return c;
         }
@@ -115,7 +120,11 @@ impl DecodeCore {
             r.concluded = Some(KvPoll::Failed);
             return KvPoll::Failed;
         }
-        if r.chunks.is_empty() { KvPoll::WaitingForInput } else { KvPoll::Transferring }
+        if r.chunks.is_empty() {
+            KvPoll::WaitingForInput
+        } else {
+            KvPoll::Transferring
+        }
     }
 
     /// Fails `room` (an abort, or an error sending its infos).
@@ -131,7 +140,11 @@ impl DecodeCore {
     /// Fails every unfinished room whose prefill is `bootstrap` (a dead prefill). Returns how many.
     pub fn fail_bootstrap(&mut self, bootstrap: &str, reason: &str) -> usize {
         let mut n = 0;
-        for r in self.rooms.values_mut().filter(|r| r.bootstrap == bootstrap && r.concluded.is_none()) {
+        for r in self
+            .rooms
+            .values_mut()
+            .filter(|r| r.bootstrap == bootstrap && r.concluded.is_none())
+        {
             r.failure = Some(reason.to_owned());
             r.concluded = Some(KvPoll::Failed);
             n += 1;
@@ -141,8 +154,12 @@ impl DecodeCore {
 
     /// The bootstrap addresses with unfinished rooms (the ones to heartbeat).
     pub fn live_bootstraps(&self) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.rooms.values().filter(|r| r.concluded.is_none()).map(|r| r.bootstrap.clone()).collect();
+        let mut v: Vec<String> = self
+            .rooms
+            .values()
+            .filter(|r| r.concluded.is_none())
+            .map(|r| r.bootstrap.clone())
+            .collect();
         v.sort();
         v.dedup();
         v

@@ -25,7 +25,11 @@ pub fn group_runs(src: &[u32], dst: &[u32], out: &mut Vec<Run>) {
     if n == 0 {
         return;
     }
-    let mut cur = Run { src: src[0], dst: dst[0], len: 1 };
+    let mut cur = Run {
+        src: src[0],
+        dst: dst[0],
+        len: 1,
+    };
     for k in 1..n {
         let contiguous = i64::from(src[k]) - i64::from(src[k - 1]) == 1
             && i64::from(dst[k]) - i64::from(dst[k - 1]) == 1;
@@ -33,7 +37,11 @@ pub fn group_runs(src: &[u32], dst: &[u32], out: &mut Vec<Run>) {
             cur.len += 1;
         } else {
             out.push(cur);
-            cur = Run { src: src[k], dst: dst[k], len: 1 };
+            cur = Run {
+                src: src[k],
+                dst: dst[k],
+                len: 1,
+            };
         }
     }
     out.push(cur);
@@ -54,7 +62,13 @@ pub struct CopyOp {
 /// `src_ptrs[i] + run.src·item_lens[i] → dst_ptrs[i] + run.dst·item_lens[i]`, `run.len·item_lens[i]`
 /// bytes. The prefill item length is applied to both sides, as in SGLang. Buffers beyond the
 /// shortest of the three lists are not planned (the caller checks the layouts match).
-pub fn plan_kv(src_ptrs: &[u64], dst_ptrs: &[u64], item_lens: &[u64], runs: &[Run], out: &mut Vec<CopyOp>) {
+pub fn plan_kv(
+    src_ptrs: &[u64],
+    dst_ptrs: &[u64],
+    item_lens: &[u64],
+    runs: &[Run],
+    out: &mut Vec<CopyOp>,
+) {
     let buffers = src_ptrs.len().min(dst_ptrs.len()).min(item_lens.len());
     out.reserve(buffers * runs.len());
     for i in 0..buffers {
@@ -101,7 +115,23 @@ mod tests {
         group_runs(&[3, 4, 5, 9, 10], &[7, 8, 20, 21, 22], &mut runs);
         assert_eq!(
             runs,
-            vec![Run { src: 3, dst: 7, len: 2 }, Run { src: 5, dst: 20, len: 1 }, Run { src: 9, dst: 21, len: 2 }]
+            vec![
+                Run {
+                    src: 3,
+                    dst: 7,
+                    len: 2
+                },
+                Run {
+                    src: 5,
+                    dst: 20,
+                    len: 1
+                },
+                Run {
+                    src: 9,
+                    dst: 21,
+                    len: 2
+                }
+            ]
         );
         group_runs(&[], &[], &mut runs);
         assert!(runs.is_empty());
@@ -112,20 +142,54 @@ mod tests {
 
     #[test]
     fn kv_plan_is_buffer_major_then_runs() {
-        let runs = [Run { src: 1, dst: 10, len: 2 }, Run { src: 5, dst: 3, len: 1 }];
+        let runs = [
+            Run {
+                src: 1,
+                dst: 10,
+                len: 2,
+            },
+            Run {
+                src: 5,
+                dst: 3,
+                len: 1,
+            },
+        ];
         let mut out = Vec::new();
         plan_kv(&[1000, 2000], &[50_000, 60_000], &[16, 32], &runs, &mut out);
         assert_eq!(
             out,
             vec![
-                CopyOp { src: 1016, dst: 50_160, len: 32 },
-                CopyOp { src: 1080, dst: 50_048, len: 16 },
-                CopyOp { src: 2032, dst: 60_320, len: 64 },
-                CopyOp { src: 2160, dst: 60_096, len: 32 },
+                CopyOp {
+                    src: 1016,
+                    dst: 50_160,
+                    len: 32
+                },
+                CopyOp {
+                    src: 1080,
+                    dst: 50_048,
+                    len: 16
+                },
+                CopyOp {
+                    src: 2032,
+                    dst: 60_320,
+                    len: 64
+                },
+                CopyOp {
+                    src: 2160,
+                    dst: 60_096,
+                    len: 32
+                },
             ]
         );
         let mut aux = Vec::new();
         plan_aux(&[100, 200], &[900], &[64, 512], 2, 3, &mut aux);
-        assert_eq!(aux, vec![CopyOp { src: 228, dst: 1092, len: 64 }]);
+        assert_eq!(
+            aux,
+            vec![CopyOp {
+                src: 228,
+                dst: 1092,
+                len: 64
+            }]
+        );
     }
 }

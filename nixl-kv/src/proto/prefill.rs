@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use nixl_wire::{AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PrefillInbound, RoomId, TransferInfo};
+use nixl_wire::{
+    AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PrefillInbound, RoomId,
+    TransferInfo,
+};
 
 use super::plan::{CopyOp, Run, group_runs, plan_aux, plan_kv};
 use super::{KvPoll, Layout};
@@ -73,7 +76,14 @@ struct Room {
 
 impl Room {
     fn new(status: KvPoll, now: Instant) -> Self {
-        Self { status, infos: Vec::new(), sender: None, failure: None, in_flight: 0, touched: now }
+        Self {
+            status,
+            infos: Vec::new(),
+            sender: None,
+            failure: None,
+            in_flight: 0,
+            touched: now,
+        }
     }
 
     /// SGLang's max-merge rule; but Failed always wins (ours, as Mooncake does).
@@ -150,9 +160,17 @@ impl PrefillCore {
             tracing::debug!(agent = %r.agent, "decode agent already registered");
             return None;
         }
-        let peer = Peer { kv_ptrs: r.kv_ptrs, aux_ptrs: r.aux_ptrs, gpu_id: r.gpu_id, tp_info: r.tp_info };
+        let peer = Peer {
+            kv_ptrs: r.kv_ptrs,
+            aux_ptrs: r.aux_ptrs,
+            gpu_id: r.gpu_id,
+            tp_info: r.tp_info,
+        };
         self.pending_peers.insert(r.agent.clone(), peer);
-        Some(Command::LoadRemote { agent: r.agent, metadata: r.metadata })
+        Some(Command::LoadRemote {
+            agent: r.agent,
+            metadata: r.metadata,
+        })
     }
 
     /// The outcome of a [`Command::LoadRemote`].
@@ -177,7 +195,10 @@ impl PrefillCore {
 
     fn handle_transfer_info(&mut self, t: TransferInfo, now: Instant) {
         let required = t.required_dst_info_num as usize;
-        let room = self.rooms.entry(t.room).or_insert_with(|| Room::new(KvPoll::Bootstrapping, now));
+        let room = self
+            .rooms
+            .entry(t.room)
+            .or_insert_with(|| Room::new(KvPoll::Bootstrapping, now));
         room.touched = now;
         match room.infos.iter_mut().find(|i| i.agent == t.agent) {
             Some(existing) => *existing = t,
@@ -190,21 +211,44 @@ impl PrefillCore {
 
     /// A sender is created for `room` (status at least Bootstrapping).
     pub fn sender_new(&mut self, room: RoomId, now: Instant) {
-        let r = self.rooms.entry(room).or_insert_with(|| Room::new(KvPoll::Bootstrapping, now));
+        let r = self
+            .rooms
+            .entry(room)
+            .or_insert_with(|| Room::new(KvPoll::Bootstrapping, now));
         r.touched = now;
         r.merge(KvPoll::Bootstrapping);
         if r.sender.is_none() {
-            r.sender = Some(Sender { num_pages: 0, aux_index: 0, sent: 0, chunk: 0, finished_sending: false });
+            r.sender = Some(Sender {
+                num_pages: 0,
+                aux_index: 0,
+                sent: 0,
+                chunk: 0,
+                finished_sending: false,
+            });
         }
     }
 
     /// The sender learns the request's page count and its aux slot.
-    pub fn sender_init(&mut self, room: RoomId, num_pages: u32, aux_index: u32) -> Result<(), SendError> {
+    pub fn sender_init(
+        &mut self,
+        room: RoomId,
+        num_pages: u32,
+        aux_index: u32,
+    ) -> Result<(), SendError> {
         if aux_index >= self.layout.aux_slots {
-            return Err(self.fail(room, format!("aux index {aux_index} outside {} slots", self.layout.aux_slots)));
+            return Err(self.fail(
+                room,
+                format!(
+                    "aux index {aux_index} outside {} slots",
+                    self.layout.aux_slots
+                ),
+            ));
         }
         let Some(s) = self.rooms.get_mut(&room).and_then(|r| r.sender.as_mut()) else {
-            return Err(SendError { room, reason: "no sender for this room".into() });
+            return Err(SendError {
+                room,
+                reason: "no sender for this room".into(),
+            });
         };
         s.num_pages = num_pages;
         s.aux_index = aux_index;
@@ -213,28 +257,48 @@ impl PrefillCore {
 
     /// Plans one chunk: the next `pages.len()` pages of the request. Returns one KV transfer per
     /// non-dummy decode (plus its aux transfer after the last chunk). Any problem fails the room.
-    pub fn sender_send(&mut self, room: RoomId, pages: &[u32], now: Instant) -> Result<Vec<Transfer>, SendError> {
+    pub fn sender_send(
+        &mut self,
+        room: RoomId,
+        pages: &[u32],
+        now: Instant,
+    ) -> Result<Vec<Transfer>, SendError> {
         let kv_pages = self.layout.kv_pages;
         if let Some(bad) = pages.iter().find(|&&p| p >= kv_pages) {
-            return Err(self.fail(room, format!("page index {bad} outside the pool of {kv_pages} pages")));
+            return Err(self.fail(
+                room,
+                format!("page index {bad} outside the pool of {kv_pages} pages"),
+            ));
         }
         let Some(r) = self.rooms.get_mut(&room) else {
-            return Err(SendError { room, reason: "no sender for this room".into() });
+            return Err(SendError {
+                room,
+                reason: "no sender for this room".into(),
+            });
         };
         r.touched = now;
         if let Some(reason) = &r.failure {
-            return Err(SendError { room, reason: reason.clone() });
+            return Err(SendError {
+                room,
+                reason: reason.clone(),
+            });
         }
         if r.status < KvPoll::WaitingForInput {
             let reason = "send before the decode side's transfer info arrived".to_owned();
             return Err(self.fail(room, reason));
         }
         let Some(s) = r.sender.as_mut() else {
-            return Err(SendError { room, reason: "no sender for this room".into() });
+            return Err(SendError {
+                room,
+                reason: "no sender for this room".into(),
+            });
         };
         let n = pages.len() as u32;
         if s.finished_sending || s.sent + n > s.num_pages || n == 0 {
-            let reason = format!("chunk of {n} pages after {} of {} sent", s.sent, s.num_pages);
+            let reason = format!(
+                "chunk of {n} pages after {} of {} sent",
+                s.sent, s.num_pages
+            );
             return Err(self.fail(room, reason));
         }
         let (start, chunk) = (s.sent as usize, s.chunk);
@@ -248,14 +312,26 @@ impl PrefillCore {
         let mut out = Vec::new();
         for info in infos.iter().filter(|i| !i.is_dummy()) {
             let Some(peer) = self.peers.get(&info.agent) else {
-                return Err(self.fail(room, format!("decode agent {} is not registered", info.agent)));
+                return Err(self.fail(
+                    room,
+                    format!("decode agent {} is not registered", info.agent),
+                ));
             };
             let Some(dst) = info.dst_pages.get(start..start + pages.len()) else {
-                let reason = format!("decode {} sent {} pages, need {}", info.agent, info.dst_pages.len(), start + pages.len());
+                let reason = format!(
+                    "decode {} sent {} pages, need {}",
+                    info.agent,
+                    info.dst_pages.len(),
+                    start + pages.len()
+                );
                 return Err(self.fail(room, reason));
             };
             if peer.kv_ptrs.len() != self.layout.kv_ptrs.len() {
-                let reason = format!("decode has {} KV buffers, prefill {}", peer.kv_ptrs.len(), self.layout.kv_ptrs.len());
+                let reason = format!(
+                    "decode has {} KV buffers, prefill {}",
+                    peer.kv_ptrs.len(),
+                    self.layout.kv_ptrs.len()
+                );
                 return Err(self.fail(room, reason));
             }
             self.src_idx.clear();
@@ -264,13 +340,46 @@ impl PrefillCore {
             self.dst_idx.extend(dst.iter().map(|p| p.get()));
             group_runs(&self.src_idx, &self.dst_idx, &mut self.runs);
             let mut ops = Vec::new();
-            plan_kv(&self.layout.kv_ptrs, &peer.kv_ptrs, &self.layout.kv_item_lens, &self.runs, &mut ops);
-            let notif = Notification::Kv { room, chunk: chunk.into(), last, pp: None }.encode();
-            out.push(Transfer { peer: info.agent.clone(), src_dev: self.layout.gpu_id, dst_dev: peer.gpu_id.get(), ops, aux: false, notif });
+            plan_kv(
+                &self.layout.kv_ptrs,
+                &peer.kv_ptrs,
+                &self.layout.kv_item_lens,
+                &self.runs,
+                &mut ops,
+            );
+            let notif = Notification::Kv {
+                room,
+                chunk: chunk.into(),
+                last,
+                pp: None,
+            }
+            .encode();
+            out.push(Transfer {
+                peer: info.agent.clone(),
+                src_dev: self.layout.gpu_id,
+                dst_dev: peer.gpu_id.get(),
+                ops,
+                aux: false,
+                notif,
+            });
             if last {
                 let mut ops = Vec::new();
-                plan_aux(&self.layout.aux_ptrs, &peer.aux_ptrs, &self.layout.aux_item_lens, aux_index, info.dst_aux_index, &mut ops);
-                out.push(Transfer { peer: info.agent.clone(), src_dev: 0, dst_dev: 0, ops, aux: true, notif: Notification::Aux { room }.encode() });
+                plan_aux(
+                    &self.layout.aux_ptrs,
+                    &peer.aux_ptrs,
+                    &self.layout.aux_item_lens,
+                    aux_index,
+                    info.dst_aux_index,
+                    &mut ops,
+                );
+                out.push(Transfer {
+                    peer: info.agent.clone(),
+                    src_dev: 0,
+                    dst_dev: 0,
+                    ops,
+                    aux: true,
+                    notif: Notification::Aux { room }.encode(),
+                });
             }
         }
         if let Some(r) = self.rooms.get_mut(&room) {
@@ -282,7 +391,9 @@ impl PrefillCore {
 
     /// One transfer of `room` completed (`ok`) or failed.
     pub fn transfer_done(&mut self, room: RoomId, ok: Result<(), String>) {
-        let Some(r) = self.rooms.get_mut(&room) else { return };
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
         r.in_flight = r.in_flight.saturating_sub(1);
         if let Err(reason) = ok {
             r.failure.get_or_insert(reason);
@@ -293,13 +404,19 @@ impl PrefillCore {
     /// The sender's poll: Failed, Bootstrapping, WaitingForInput (also while transfers run, as
     /// SGLang reports), or Success once the last chunk's transfers all completed.
     pub fn sender_poll(&self, room: RoomId) -> KvPoll {
-        let Some(r) = self.rooms.get(&room) else { return KvPoll::Failed };
+        let Some(r) = self.rooms.get(&room) else {
+            return KvPoll::Failed;
+        };
         if r.failure.is_some() || r.status == KvPoll::Failed {
             return KvPoll::Failed;
         }
         match &r.sender {
             Some(s) if s.finished_sending => {
-                if r.in_flight == 0 { KvPoll::Success } else { KvPoll::WaitingForInput }
+                if r.in_flight == 0 {
+                    KvPoll::Success
+                } else {
+                    KvPoll::WaitingForInput
+                }
             }
             _ => r.status,
         }
@@ -312,10 +429,16 @@ impl PrefillCore {
 
     /// Fails `room` with `reason`; returns the decode agents to tell (failure push).
     pub fn abort(&mut self, room: RoomId, reason: &str) -> Vec<AgentName> {
-        let Some(r) = self.rooms.get_mut(&room) else { return Vec::new() };
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return Vec::new();
+        };
         r.failure.get_or_insert_with(|| reason.to_owned());
         r.merge(KvPoll::Failed);
-        r.infos.iter().filter(|i| !i.is_dummy()).map(|i| i.agent.clone()).collect()
+        r.infos
+            .iter()
+            .filter(|i| !i.is_dummy())
+            .map(|i| i.agent.clone())
+            .collect()
     }
 
     fn fail(&mut self, room: RoomId, reason: String) -> SendError {
@@ -336,8 +459,30 @@ impl PrefillCore {
     pub fn handle_timeout(&mut self, now: Instant) -> usize {
         let before = self.rooms.len();
         let timeout = self.orphan_timeout;
-        self.rooms.retain(|_, r| r.sender.is_some() || now.saturating_duration_since(r.touched) < timeout);
+        self.rooms.retain(|_, r| {
+            r.sender.is_some() || now.saturating_duration_since(r.touched) < timeout
+        });
         before - self.rooms.len()
+    }
+
+    /// Rooms whose decode infos are complete but that no sender claims yet, with the number of
+    /// pages the (first real) decode asked for. A server that learns of requests only from its
+    /// decodes (like the `pd` example) creates senders for these.
+    pub fn unclaimed(&self) -> Vec<(RoomId, u32)> {
+        self.rooms
+            .iter()
+            .filter(|(_, r)| {
+                r.sender.is_none() && r.status == KvPoll::WaitingForInput && r.failure.is_none()
+            })
+            .map(|(room, r)| {
+                let pages = r
+                    .infos
+                    .iter()
+                    .find(|i| !i.is_dummy())
+                    .map_or(0, |i| i.dst_pages.len() as u32);
+                (*room, pages)
+            })
+            .collect()
     }
 
     /// Rooms held (for leak checks).

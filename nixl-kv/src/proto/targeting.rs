@@ -18,11 +18,17 @@ pub struct Targets {
 /// TP ranks), as in SGLang; for others this is an error, not SGLang's AssertionError.
 pub fn targets(local: u32, remote: u32, engine_rank: u32, is_mla: bool) -> Result<Targets, String> {
     if local == 0 || remote == 0 {
-        return Err(format!("TP size per DP rank is zero (decode {local}, prefill {remote})"));
+        return Err(format!(
+            "TP size per DP rank is zero (decode {local}, prefill {remote})"
+        ));
     }
     if local == remote {
         let t = engine_rank % local;
-        return Ok(Targets { ranks: vec![(t, false)], required_dst_info_num: 1, real: t });
+        return Ok(Targets {
+            ranks: vec![(t, false)],
+            required_dst_info_num: 1,
+            real: t,
+        });
     }
     if !is_mla {
         return Err(format!(
@@ -32,18 +38,30 @@ pub fn targets(local: u32, remote: u32, engine_rank: u32, is_mla: bool) -> Resul
     if local > remote {
         let ratio = local / remote;
         if ratio == 0 || local % remote != 0 {
-            return Err(format!("decode TP {local} is not a multiple of prefill TP {remote}"));
+            return Err(format!(
+                "decode TP {local} is not a multiple of prefill TP {remote}"
+            ));
         }
         let t = (engine_rank % local) / ratio;
-        Ok(Targets { ranks: vec![(t, false)], required_dst_info_num: ratio, real: t })
+        Ok(Targets {
+            ranks: vec![(t, false)],
+            required_dst_info_num: ratio,
+            real: t,
+        })
     } else {
         if remote % local != 0 {
-            return Err(format!("prefill TP {remote} is not a multiple of decode TP {local}"));
+            return Err(format!(
+                "prefill TP {remote} is not a multiple of decode TP {local}"
+            ));
         }
         let ratio = remote / local;
         let first = (engine_rank % local) * ratio;
         let ranks = (first..first + ratio).map(|r| (r, r != first)).collect();
-        Ok(Targets { ranks, required_dst_info_num: 1, real: first })
+        Ok(Targets {
+            ranks,
+            required_dst_info_num: 1,
+            real: first,
+        })
     }
 }
 

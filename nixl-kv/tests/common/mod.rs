@@ -18,9 +18,27 @@ pub struct Side {
     pub page: u64,
 }
 
-fn side_memory(agent: &Agent, buffers: usize, pages: u64, page: u64, slots: u64) -> (Vec<Registered<HostBuffer>>, Vec<Registered<HostBuffer>>) {
-    let kv = (0..buffers).map(|_| agent.register(HostBuffer::new((pages * page) as usize).unwrap()).unwrap()).collect();
-    let aux = (0..2).map(|_| agent.register(HostBuffer::new((slots * AUX_ITEM) as usize).unwrap()).unwrap()).collect();
+fn side_memory(
+    agent: &Agent,
+    buffers: usize,
+    pages: u64,
+    page: u64,
+    slots: u64,
+) -> (Vec<Registered<HostBuffer>>, Vec<Registered<HostBuffer>>) {
+    let kv = (0..buffers)
+        .map(|_| {
+            agent
+                .register(HostBuffer::new((pages * page) as usize).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let aux = (0..2)
+        .map(|_| {
+            agent
+                .register(HostBuffer::new((slots * AUX_ITEM) as usize).unwrap())
+                .unwrap()
+        })
+        .collect();
     (kv, aux)
 }
 
@@ -35,11 +53,18 @@ fn args(kv: &[Registered<HostBuffer>], aux: &[Registered<HostBuffer>], page: u64
 
 pub fn agent() -> Agent {
     let a = Agent::new(&unique_name("kv"), &AgentConfig::default()).unwrap();
-    a.create_backend(BackendKind::Ucx, &BackendParams::new()).unwrap();
+    a.create_backend(BackendKind::Ucx, &BackendParams::new())
+        .unwrap();
     a
 }
 
-pub fn prefill(bootstrap: &str, buffers: usize, pages: u64, page: u64, config: ManagerConfig) -> Side {
+pub fn prefill(
+    bootstrap: &str,
+    buffers: usize,
+    pages: u64,
+    page: u64,
+    config: ManagerConfig,
+) -> Side {
     let agent = agent();
     let (mut kv, aux) = side_memory(&agent, buffers, pages, page, 16);
     for (b, buf) in kv.iter_mut().enumerate() {
@@ -89,7 +114,11 @@ pub fn reach(timeout: Duration, want: KvPoll, mut f: impl FnMut() -> KvPoll) -> 
 }
 
 /// Polls a sender and a receiver together (as two schedulers do) until both are terminal.
-pub fn both(timeout: Duration, tx: &mut nixl_kv::KvSender, rx: &mut nixl_kv::KvReceiver) -> (KvPoll, KvPoll) {
+pub fn both(
+    timeout: Duration,
+    tx: &mut nixl_kv::KvSender,
+    rx: &mut nixl_kv::KvReceiver,
+) -> (KvPoll, KvPoll) {
     let start = Instant::now();
     loop {
         let (a, b) = (tx.poll(), rx.poll());

@@ -1,0 +1,442 @@
+//! `pd`: a prefill and a decode moving KV pages over NIXL with SGLang's protocol.
+//!
+//! ```text
+//! pd prefill --bootstrap-port P --layers L [--mla] --page-bytes B --pages N [--aux-slots S]
+//!            [--chunk-pages K] [--seed X]
+//! pd decode  --bootstrap HOST:P --layers L [--mla] --page-bytes B --pages N [--prefill-pages NP]
+//!            --requests R --pages-per-request M [--concurrency C] [--seed X]
+//!            [--aux-verify all|first] [--json]
+//! ```
+//!
+//! Byte j of page p of KV buffer b on the prefill is `(7·b + 13·p + j) mod 251` (buffers in
+//! SGLang's order: K of layers 0..L−1, then V). For room R the prefill sends source pages
+//! `(R + 97·i) mod N`; aux buffer k's row for the room holds `(R + 17·k + j) mod 256`.
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    missing_docs,
+    reason = "command-line program"
+)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use nixl_core::{Agent, AgentConfig, BackendKind, BackendParams, HostBuffer, Registered};
+use nixl_kv::bootstrap::BootstrapServer;
+use nixl_kv::{KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig};
+use rand::{Rng, SeedableRng};
+
+/// Aux buffers: row lengths (SGLang's first three metadata buffers are 64 B rows).
+const AUX_ITEMS: [u64; 3] = [64, 64, 512];
+
+#[derive(Parser)]
+#[command(
+    name = "pd",
+    about = "SGLang-compatible prefill/decode KV transfer over NIXL"
+)]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(clap::Args, Clone)]
+struct Pool {
+    /// Model layers.
+    #[arg(long)]
+    layers: u32,
+    /// MLA: one latent buffer per layer instead of K and V.
+    #[arg(long)]
+    mla: bool,
+    /// Bytes of one page of one buffer.
+    #[arg(long)]
+    page_bytes: u64,
+    /// Pages in each buffer of this side's pool.
+    #[arg(long)]
+    pages: u32,
+    /// Aux rows.
+    #[arg(long, default_value_t = 64)]
+    aux_slots: u32,
+    /// Seed.
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AuxVerify {
+    All,
+    First,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Serve rooms until killed.
+    Prefill {
+        #[command(flatten)]
+        pool: Pool,
+        /// Port of the bootstrap HTTP server this process starts.
+        #[arg(long, default_value_t = 8998)]
+        bootstrap_port: u16,
+        /// Address to bind the bootstrap server and ZMQ socket on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Pages per chunk (default: the whole request in one chunk).
+        #[arg(long)]
+        chunk_pages: Option<usize>,
+    },
+    /// Run requests against a prefill and verify every byte.
+    Decode {
+        #[command(flatten)]
+        pool: Pool,
+        /// The prefill's bootstrap server, host:port.
+        #[arg(long)]
+        bootstrap: String,
+        /// The prefill's pool size (default: ours), needed to verify.
+        #[arg(long)]
+        prefill_pages: Option<u32>,
+        #[arg(long)]
+        requests: usize,
+        #[arg(long)]
+        pages_per_request: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[arg(long, value_enum, default_value_t = AuxVerify::All)]
+        aux_verify: AuxVerify,
+        /// End stdout with one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().role {
+        Role::Prefill {
+            pool,
+            bootstrap_port,
+            host,
+            chunk_pages,
+        } => prefill(&pool, bootstrap_port, &host, chunk_pages),
+        Role::Decode {
+            pool,
+            bootstrap,
+            prefill_pages,
+            requests,
+            pages_per_request,
+            concurrency,
+            aux_verify,
+            json,
+        } => {
+            let np = prefill_pages.unwrap_or(pool.pages);
+            decode(
+                &pool,
+                &bootstrap,
+                np,
+                requests,
+                pages_per_request,
+                concurrency.max(1),
+                aux_verify,
+                json,
+            )
+        }
+    }
+}
+
+struct Memory {
+    agent: Agent,
+    kv: Vec<Registered<HostBuffer>>,
+    aux: Vec<Registered<HostBuffer>>,
+}
+
+fn memory(pool: &Pool, role: &str) -> anyhow::Result<Memory> {
+    let agent = Agent::new(
+        &format!("pd-{role}-{}", std::process::id()),
+        &AgentConfig::default(),
+    )?;
+    agent.create_backend(BackendKind::Ucx, &BackendParams::new())?;
+    let buffers = if pool.mla {
+        pool.layers
+    } else {
+        2 * pool.layers
+    };
+    let len = usize::try_from(u64::from(pool.pages) * pool.page_bytes)?;
+    let kv = (0..buffers)
+        .map(|_| Ok(agent.register(HostBuffer::new(len)?)?))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let aux = AUX_ITEMS
+        .iter()
+        .map(|&i| {
+            Ok(agent.register(HostBuffer::new(usize::try_from(
+                i * u64::from(pool.aux_slots),
+            )?)?)?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Memory { agent, kv, aux })
+}
+
+fn args(m: &Memory, pool: &Pool) -> KvArgs {
+    KvArgs::new(
+        m.kv.iter().map(|b| b.region()).collect(),
+        vec![pool.page_bytes; m.kv.len()],
+        m.aux.iter().map(|b| b.region()).collect(),
+        AUX_ITEMS.to_vec(),
+    )
+    .mla(pool.mla)
+}
+
+fn kv_byte(b: usize, page: u64, j: usize) -> u8 {
+    ((7 * b as u64 + 13 * page + j as u64) % 251) as u8
+}
+
+fn aux_byte(room: u64, k: usize, j: usize) -> u8 {
+    (room.wrapping_add(17 * k as u64).wrapping_add(j as u64) % 256) as u8
+}
+
+fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::Result<()> {
+    let mut m = memory(pool, "prefill")?;
+    let page = pool.page_bytes as usize;
+    for (b, buf) in m.kv.iter_mut().enumerate() {
+        for (p, chunk) in buf.buffer_mut().as_mut_slice().chunks_mut(page).enumerate() {
+            for (j, byte) in chunk.iter_mut().enumerate() {
+                *byte = kv_byte(b, p as u64, j);
+            }
+        }
+    }
+    let server = BootstrapServer::start(&format!("{host}:{port}"))?;
+    let addr = server.addr().to_string();
+    let a = args(&m, pool);
+    let mgr = KvManager::prefill(
+        m.agent.clone(),
+        a,
+        &addr,
+        ManagerConfig::default().local_ip(host),
+    )?;
+    eprintln!(
+        "prefill: bootstrap on {addr}, zmq port {}, {} KV buffers of {} pages",
+        mgr.rank_port(),
+        m.kv.len(),
+        pool.pages
+    );
+    let mut active: HashMap<u64, (KvSender, Vec<u32>, usize)> = HashMap::new();
+    let mut next_slot = 0u32;
+    loop {
+        for (room, n) in mgr.unclaimed_rooms() {
+            let slot = next_slot % pool.aux_slots;
+            next_slot = next_slot.wrapping_add(1);
+            for (k, aux) in m.aux.iter_mut().enumerate() {
+                let item = AUX_ITEMS[k] as usize;
+                let row = &mut aux.buffer_mut().as_mut_slice()
+                    [slot as usize * item..(slot as usize + 1) * item];
+                for (j, b) in row.iter_mut().enumerate() {
+                    *b = aux_byte(room, k, j);
+                }
+            }
+            let mut tx = KvSender::new(&mgr, room);
+            tx.init(n, slot);
+            let src: Vec<u32> = (0..u64::from(n))
+                .map(|i| (room.wrapping_add(97 * i) % u64::from(pool.pages)) as u32)
+                .collect();
+            active.insert(room, (tx, src, 0));
+        }
+        let mut finished = Vec::new();
+        for (room, (tx, src, sent)) in active.iter_mut() {
+            if *sent < src.len() {
+                let k = chunk.unwrap_or(src.len()).max(1).min(src.len() - *sent);
+                tx.send(&src[*sent..*sent + k]);
+                *sent += k;
+            }
+            match tx.poll() {
+                KvPoll::Success => finished.push(*room),
+                KvPoll::Failed => {
+                    eprintln!(
+                        "prefill: room {room} failed: {}",
+                        tx.failure().unwrap_or_default()
+                    );
+                    finished.push(*room);
+                }
+                _ => {}
+            }
+        }
+        for r in finished {
+            active.remove(&r);
+        }
+        if active.is_empty() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+struct Request {
+    rx: KvReceiver,
+    pages: Vec<u32>,
+    slot: u32,
+    start: Instant,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    pool: &Pool,
+    bootstrap: &str,
+    prefill_pages: u32,
+    requests: usize,
+    per_request: usize,
+    concurrency: usize,
+    aux_verify: AuxVerify,
+    json: bool,
+) -> anyhow::Result<()> {
+    if per_request == 0 || per_request * concurrency > pool.pages as usize {
+        bail!(
+            "{concurrency} concurrent requests of {per_request} pages do not fit in {} pages",
+            pool.pages
+        );
+    }
+    let m = memory(pool, "decode")?;
+    let mgr = KvManager::decode(m.agent.clone(), args(&m, pool), ManagerConfig::default())?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(pool.seed);
+    let mut free_pages: Vec<u32> = (0..pool.pages).collect();
+    let mut free_slots: Vec<u32> = (0..pool.aux_slots).collect();
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(requests as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("decode [{bar:40}] {pos}/{len} requests {per_sec} {msg}")?
+            .progress_chars("=> "),
+    );
+    let (mut started, mut failures, mut latencies, mut bytes) = (0usize, 0usize, Vec::new(), 0u64);
+    let mut inflight: Vec<Request> = Vec::new();
+    let t0 = Instant::now();
+    while started < requests || !inflight.is_empty() {
+        while started < requests && inflight.len() < concurrency {
+            let room = rng.random::<u64>() >> 1;
+            let pages = take_pages(&mut free_pages, per_request, &mut rng);
+            let slot = free_slots.pop().context("out of aux slots")?;
+            let mut rx = KvReceiver::new(&mgr, bootstrap, room, None);
+            rx.init(&pages, slot);
+            inflight.push(Request {
+                rx,
+                pages,
+                slot,
+                start: Instant::now(),
+            });
+            started += 1;
+        }
+        let mut i = 0;
+        while i < inflight.len() {
+            let state = inflight[i].rx.poll();
+            if !matches!(state, KvPoll::Success | KvPoll::Failed) {
+                i += 1;
+                continue;
+            }
+            let req = inflight.swap_remove(i);
+            latencies.push(req.start.elapsed());
+            let room = req.rx.room();
+            let ok = state == KvPoll::Success
+                && verify(
+                    &m,
+                    pool,
+                    prefill_pages,
+                    room,
+                    &req.pages,
+                    req.slot,
+                    aux_verify,
+                )
+                .map_err(|e| eprintln!("room {room}: {e}"))
+                .is_ok();
+            if state == KvPoll::Failed {
+                eprintln!(
+                    "room {room} failed: {}",
+                    req.rx.failure().unwrap_or_default()
+                );
+            }
+            if ok {
+                bytes += req.pages.len() as u64 * pool.page_bytes * m.kv.len() as u64;
+            } else {
+                failures += 1;
+            }
+            free_pages.extend(&req.pages);
+            free_slots.push(req.slot);
+            bar.inc(1);
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    bar.finish();
+    let seconds = t0.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let (p50, p99) = (pct(0.5), pct(0.99));
+    let gbps = bytes as f64 / seconds / 1e9;
+    println!(
+        "{requests} requests x {per_request} pages x {} buffers x {} B: {:.1} req/s, {gbps:.2} GB/s, p50 {p50:.2} ms, p99 {p99:.2} ms, {failures} failed",
+        m.kv.len(),
+        pool.page_bytes,
+        requests as f64 / seconds
+    );
+    if json {
+        let out = serde_json::json!({
+            "requests": requests, "bytes": bytes, "seconds": seconds, "p50_ms": p50, "p99_ms": p99,
+            "gbps": gbps, "failures": failures,
+        });
+        println!("{out}");
+    }
+    if failures > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `n` random free pages in runs of 1–8 consecutive pages where the free list allows.
+fn take_pages(free: &mut Vec<u32>, n: usize, rng: &mut impl Rng) -> Vec<u32> {
+    free.sort_unstable();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let run = rng.random_range(1..=8).min(n - out.len());
+        let start = rng.random_range(0..free.len());
+        let mut k = start;
+        while k < free.len() && k - start < run && (k == start || free[k] == free[k - 1] + 1) {
+            k += 1;
+        }
+        out.extend(free.drain(start..k));
+    }
+    out
+}
+
+fn verify(
+    m: &Memory,
+    pool: &Pool,
+    np: u32,
+    room: u64,
+    pages: &[u32],
+    slot: u32,
+    aux: AuxVerify,
+) -> Result<(), String> {
+    let page = pool.page_bytes as usize;
+    for (b, buf) in m.kv.iter().enumerate() {
+        let data = buf.buffer().as_slice();
+        for (i, &d) in pages.iter().enumerate() {
+            let src = room.wrapping_add(97 * i as u64) % u64::from(np);
+            let got = &data[d as usize * page..(d as usize + 1) * page];
+            if let Some(j) = (0..page).find(|&j| got[j] != kv_byte(b, src, j)) {
+                return Err(format!("buffer {b} page {d} byte {j} differs"));
+            }
+        }
+    }
+    let buffers = match aux {
+        AuxVerify::All => m.aux.len(),
+        AuxVerify::First => 1,
+    };
+    for (k, buf) in m.aux.iter().enumerate().take(buffers) {
+        let item = AUX_ITEMS[k] as usize;
+        let row = &buf.buffer().as_slice()[slot as usize * item..(slot as usize + 1) * item];
+        if let Some(j) = (0..item).find(|&j| row[j] != aux_byte(room, k, j)) {
+            return Err(format!("aux buffer {k} byte {j} differs"));
+        }
+    }
+    Ok(())
+}
