@@ -2,7 +2,7 @@
 //! exactly the bytes of a naive per-page expansion.
 #![allow(clippy::unwrap_used, reason = "test code")]
 
-use nixl_kv::proto::plan::{CopyOp, group_runs, plan_kv};
+use nixl_kv::proto::plan::{group_runs, plan_kv};
 use proptest::prelude::*;
 
 fn pages() -> impl Strategy<Value = (Vec<u32>, Vec<u32>)> {

@@ -109,7 +109,7 @@ impl KvArgs {
         if self.kv.len() != self.kv_item_lens.len() || self.aux.len() != self.aux_item_lens.len() {
             return Err("one item length per buffer is needed".into());
         }
-        let pages = |r: &MemRegion, item: u64| if item == 0 { 0 } else { r.len / item };
+        let pages = |r: &MemRegion, item: u64| r.len.checked_div(item).unwrap_or(0);
         let kv_pages = self
             .kv
             .iter()

@@ -37,7 +37,7 @@ pub fn targets(local: u32, remote: u32, engine_rank: u32, is_mla: bool) -> Resul
     }
     if local > remote {
         let ratio = local / remote;
-        if ratio == 0 || local % remote != 0 {
+        if ratio == 0 || !local.is_multiple_of(remote) {
             return Err(format!(
                 "decode TP {local} is not a multiple of prefill TP {remote}"
             ));
@@ -49,7 +49,7 @@ pub fn targets(local: u32, remote: u32, engine_rank: u32, is_mla: bool) -> Resul
             real: t,
         })
     } else {
-        if remote % local != 0 {
+        if !remote.is_multiple_of(local) {
             return Err(format!(
                 "prefill TP {remote} is not a multiple of decode TP {local}"
             ));

@@ -1,5 +1,10 @@
 //! Helpers for nixl-kv's integration tests: a prefill and a decode with host-memory pools.
-#![allow(dead_code, clippy::unwrap_used, reason = "test helpers")]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    reason = "test helpers"
+)]
 
 use std::time::{Duration, Instant};
 
@@ -8,14 +13,14 @@ use nixl_kv::bootstrap::BootstrapServer;
 use nixl_kv::{KvArgs, KvManager, KvPoll, ManagerConfig};
 use nixl_testkit::unique_name;
 
-pub const AUX_ITEM: u64 = 64;
+pub(crate) const AUX_ITEM: u64 = 64;
 
 /// One side: agent, registered KV and aux buffers, manager.
-pub struct Side {
-    pub mgr: KvManager,
-    pub kv: Vec<Registered<HostBuffer>>,
-    pub aux: Vec<Registered<HostBuffer>>,
-    pub page: u64,
+pub(crate) struct Side {
+    pub(crate) mgr: KvManager,
+    pub(crate) kv: Vec<Registered<HostBuffer>>,
+    pub(crate) aux: Vec<Registered<HostBuffer>>,
+    pub(crate) page: u64,
 }
 
 fn side_memory(
@@ -51,14 +56,14 @@ fn args(kv: &[Registered<HostBuffer>], aux: &[Registered<HostBuffer>], page: u64
     )
 }
 
-pub fn agent() -> Agent {
+pub(crate) fn agent() -> Agent {
     let a = Agent::new(&unique_name("kv"), &AgentConfig::default()).unwrap();
     a.create_backend(BackendKind::Ucx, &BackendParams::new())
         .unwrap();
     a
 }
 
-pub fn prefill(
+pub(crate) fn prefill(
     bootstrap: &str,
     buffers: usize,
     pages: u64,
@@ -77,7 +82,7 @@ pub fn prefill(
     Side { mgr, kv, aux, page }
 }
 
-pub fn decode(buffers: usize, pages: u64, page: u64, config: ManagerConfig) -> Side {
+pub(crate) fn decode(buffers: usize, pages: u64, page: u64, config: ManagerConfig) -> Side {
     let agent = agent();
     let (kv, aux) = side_memory(&agent, buffers, pages, page, 16);
     let a = args(&kv, &aux, page);
@@ -85,12 +90,12 @@ pub fn decode(buffers: usize, pages: u64, page: u64, config: ManagerConfig) -> S
     Side { mgr, kv, aux, page }
 }
 
-pub fn server() -> BootstrapServer {
+pub(crate) fn server() -> BootstrapServer {
     BootstrapServer::start("127.0.0.1:0").unwrap()
 }
 
 /// Polls `f` until it returns a terminal state or `timeout` passes.
-pub fn until(timeout: Duration, mut f: impl FnMut() -> KvPoll) -> KvPoll {
+pub(crate) fn until(timeout: Duration, mut f: impl FnMut() -> KvPoll) -> KvPoll {
     let start = Instant::now();
     loop {
         let s = f();
@@ -102,7 +107,7 @@ pub fn until(timeout: Duration, mut f: impl FnMut() -> KvPoll) -> KvPoll {
 }
 
 /// Polls `f` until it returns `want` or a terminal state, or `timeout` passes.
-pub fn reach(timeout: Duration, want: KvPoll, mut f: impl FnMut() -> KvPoll) -> KvPoll {
+pub(crate) fn reach(timeout: Duration, want: KvPoll, mut f: impl FnMut() -> KvPoll) -> KvPoll {
     let start = Instant::now();
     loop {
         let s = f();
@@ -114,7 +119,7 @@ pub fn reach(timeout: Duration, want: KvPoll, mut f: impl FnMut() -> KvPoll) -> 
 }
 
 /// Polls a sender and a receiver together (as two schedulers do) until both are terminal.
-pub fn both(
+pub(crate) fn both(
     timeout: Duration,
     tx: &mut nixl_kv::KvSender,
     rx: &mut nixl_kv::KvReceiver,
