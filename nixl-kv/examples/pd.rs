@@ -107,6 +107,9 @@ enum Role {
         /// End stdout with one JSON object.
         #[arg(long)]
         json: bool,
+        /// Skip byte verification (benchmarks only; the summary says so).
+        #[arg(long)]
+        no_verify: bool,
     },
 }
 
@@ -127,8 +130,10 @@ fn main() -> anyhow::Result<()> {
             concurrency,
             aux_verify,
             json,
+            no_verify,
         } => {
             let np = prefill_pages.unwrap_or(pool.pages);
+            let verify = if no_verify { None } else { Some(aux_verify) };
             decode(
                 &pool,
                 &bootstrap,
@@ -136,7 +141,7 @@ fn main() -> anyhow::Result<()> {
                 requests,
                 pages_per_request,
                 concurrency.max(1),
-                aux_verify,
+                verify,
                 json,
             )
         }
@@ -282,7 +287,7 @@ fn decode(
     requests: usize,
     per_request: usize,
     concurrency: usize,
-    aux_verify: AuxVerify,
+    aux_verify: Option<AuxVerify>,
     json: bool,
 ) -> anyhow::Result<()> {
     if per_request == 0 || per_request * concurrency > pool.pages as usize {
@@ -334,17 +339,11 @@ fn decode(
             latencies.push(req.start.elapsed());
             let room = req.rx.room();
             let ok = state == KvPoll::Success
-                && verify(
-                    &m,
-                    pool,
-                    prefill_pages,
-                    room,
-                    &req.pages,
-                    req.slot,
-                    aux_verify,
-                )
-                .map_err(|e| eprintln!("room {room}: {e}"))
-                .is_ok();
+                && aux_verify.is_none_or(|a| {
+                    verify(&m, pool, prefill_pages, room, &req.pages, req.slot, a)
+                        .map_err(|e| eprintln!("room {room}: {e}"))
+                        .is_ok()
+                });
             if state == KvPoll::Failed {
                 eprintln!(
                     "room {room} failed: {}",
@@ -373,10 +372,15 @@ fn decode(
     let (p50, p99) = (pct(0.5), pct(0.99));
     let gbps = bytes as f64 / seconds / 1e9;
     println!(
-        "{requests} requests x {per_request} pages x {} buffers x {} B: {:.1} req/s, {gbps:.2} GB/s, p50 {p50:.2} ms, p99 {p99:.2} ms, {failures} failed",
+        "{requests} requests x {per_request} pages x {} buffers x {} B: {:.1} req/s, {gbps:.2} GB/s, p50 {p50:.2} ms, p99 {p99:.2} ms, {failures} failed{}",
         m.kv.len(),
         pool.page_bytes,
-        requests as f64 / seconds
+        requests as f64 / seconds,
+        if aux_verify.is_some() {
+            ", every byte verified"
+        } else {
+            " (not verified)"
+        }
     );
     if json {
         let out = serde_json::json!({

@@ -27,11 +27,24 @@ pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
             ("nixl-hicache", "hicache", "")
         }
-        "kv" => bail!("the `kv` benchmark is not built yet (issue 5)"),
+        "kv" => {
+            runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
+            cmd::run(Command::new("cargo").args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "nixl-kv",
+                "--example",
+                "pd",
+            ]))?;
+            ("nixl-kv", "kv", "")
+        }
         other => bail!("unknown suite `{other}`; choose core, wire, kv or hicache"),
     };
     cmd::run(
         Command::new("cargo")
+            .env("PD_BIN", root.join("target/release/examples/pd"))
             .args([
                 "bench",
                 "--locked",

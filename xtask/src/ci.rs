@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::{cmd, deps, fuzz, prereq, runtime, tidy};
+use crate::{cmd, demo, deps, fuzz, prereq, runtime, tidy};
 
 /// Features that turn on the tests needing the real NIXL runtime and the local S3 server.
 pub(crate) const RUNTIME_TEST_FEATURES: &str = "nixl-core/nixl-runtime-tests,nixl-testkit/nixl-runtime-tests,nixl-hicache/nixl-runtime-tests,nixl-kv/nixl-runtime-tests";
@@ -84,6 +84,10 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
     })?;
     step("deps", || deps::run(root))?;
     step("tidy", || tidy::run(root))?;
+    step(
+        "demo (pd prefill + decode, two processes, 100 requests verified)",
+        || demo::run(root, &demo::DemoArgs::smoke()),
+    )?;
     step("fuzz (nixl-wire dispatch, 10 s)", || {
         fuzz::run(root, &fuzz::FuzzArgs { seconds: 10 })
     })?;

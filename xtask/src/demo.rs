@@ -35,6 +35,20 @@ pub(crate) struct DemoArgs {
     concurrency: usize,
 }
 
+impl DemoArgs {
+    /// A short run for CI: two processes, 100 requests, chunked sends, every byte verified.
+    pub(crate) fn smoke() -> Self {
+        Self {
+            requests: 100,
+            pages_per_request: 16,
+            layers: 4,
+            page_bytes: 8192,
+            chunk_pages: 4,
+            concurrency: 4,
+        }
+    }
+}
+
 pub(crate) fn run(root: &Path, args: &DemoArgs) -> anyhow::Result<()> {
     prereq::ensure_libclang()?;
     runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
