@@ -136,8 +136,14 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn ours_write(cache: &HiCache, src: &Registered<HostBuffer>, keys: &[String], case: &Case) {
-    let base = src.region().addr;
+/// Page `key` of the run lives at its index in `buf`; calls `op` once per batch.
+fn batches(
+    buf: &Registered<HostBuffer>,
+    keys: &[String],
+    case: &Case,
+    mut op: impl FnMut(&[(&str, RawTarget)]),
+) {
+    let base = buf.region().addr;
     for (b, chunk) in keys.chunks(case.batch).enumerate() {
         let items: Vec<(&str, RawTarget)> = chunk
             .iter()
@@ -153,29 +159,18 @@ fn ours_write(cache: &HiCache, src: &Registered<HostBuffer>, keys: &[String], ca
                 )
             })
             .collect();
-        cache.batch_set_raw(&items).unwrap();
+        op(&items);
     }
 }
 
+fn ours_write(cache: &HiCache, src: &Registered<HostBuffer>, keys: &[String], case: &Case) {
+    batches(src, keys, case, |items| cache.batch_set_raw(items).unwrap());
+}
+
 fn ours_read(cache: &HiCache, dst: &Registered<HostBuffer>, keys: &[String], case: &Case) {
-    let base = dst.region().addr;
-    for (b, chunk) in keys.chunks(case.batch).enumerate() {
-        let items: Vec<(&str, RawTarget)> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let off = ((b * case.batch + i) * case.bytes) as u64;
-                (
-                    k.as_str(),
-                    RawTarget {
-                        addr: base + off,
-                        len: case.bytes as u64,
-                    },
-                )
-            })
-            .collect();
-        assert!(cache.batch_get_raw(&items).unwrap().iter().all(|&h| h));
-    }
+    batches(dst, keys, case, |items| {
+        assert!(cache.batch_get_raw(items).unwrap().iter().all(|&h| h))
+    });
 }
 
 /// nixl-core alone, doing the same I/O without the connector.

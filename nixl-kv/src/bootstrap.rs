@@ -61,6 +61,16 @@ impl std::fmt::Debug for BootstrapServer {
 impl BootstrapServer {
     /// Starts the server on `addr` (`0.0.0.0:8998` as SGLang; port 0 picks one).
     pub fn start(addr: &str) -> Result<Self, BootstrapError> {
+        Self::start_with(addr, true)
+    }
+
+    /// Starts the server exactly like SGLang 0.5.1's, without the `/health` route (which then
+    /// answers 404, and decodes turn heartbeats off for it).
+    pub fn start_seed_compatible(addr: &str) -> Result<Self, BootstrapError> {
+        Self::start_with(addr, false)
+    }
+
+    fn start_with(addr: &str, health: bool) -> Result<Self, BootstrapError> {
         let err = |reason: String| BootstrapError::Bind {
             addr: addr.to_owned(),
             reason,
@@ -76,7 +86,7 @@ impl BootstrapServer {
             .name("kv-bootstrap".into())
             .spawn(move || {
                 for req in s.incoming_requests() {
-                    handle(req, &table);
+                    handle(req, &table, health);
                 }
             })
             .map_err(|e| err(e.to_string()))?;
@@ -122,12 +132,12 @@ fn respond(req: tiny_http::Request, status: u16, body: String, json: bool) {
     }
 }
 
-fn handle(mut req: tiny_http::Request, table: &Mutex<Table>) {
+fn handle(mut req: tiny_http::Request, table: &Mutex<Table>, health: bool) {
     let url = req.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let method = req.method().clone();
     match (path, &method) {
-        ("/health", tiny_http::Method::Get) => respond(req, 200, "OK".into(), false),
+        ("/health", tiny_http::Method::Get) if health => respond(req, 200, "OK".into(), false),
         ("/route", tiny_http::Method::Put) => {
             let mut body = String::new();
             if req

@@ -238,3 +238,68 @@ fn thousands_of_rooms_leave_every_table_empty() {
     assert_eq!(d.mgr.table_sizes().1, 0, "decode rooms");
     assert_eq!(p.mgr.table_sizes().2, 1, "one registered decode agent");
 }
+
+#[test]
+fn against_a_seed_bootstrap_server_heartbeats_are_off_and_the_waiting_timeout_applies() {
+    let bs = nixl_kv::bootstrap::BootstrapServer::start_seed_compatible("127.0.0.1:0").unwrap();
+    let addr = bs.addr().to_string();
+    let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
+    let cfg = ManagerConfig::default()
+        .heartbeat(Duration::from_millis(100), 1)
+        .waiting_timeout(Some(Duration::from_millis(800)));
+    let d = decode(2, 16, 1024, cfg);
+    let mut rx = KvReceiver::new(&d.mgr, &addr, 12, None);
+    rx.init(&[1], 0);
+    // Several heartbeat rounds hit the 404: the room is not failed for it.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(rx.poll(), KvPoll::WaitingForInput, "{:?}", rx.failure());
+    // The prefill never serves the room: the waiting timeout fails it.
+    assert_eq!(until(T, || rx.poll()), KvPoll::Failed);
+    assert!(
+        rx.failure().unwrap().contains("within"),
+        "{:?}",
+        rx.failure()
+    );
+    // A served room still works against the seed-style server.
+    let mut rx = KvReceiver::new(&d.mgr, &addr, 13, None);
+    let mut tx = KvSender::new(&p.mgr, 13);
+    rx.init(&[2], 1);
+    assert_eq!(
+        reach(T, KvPoll::WaitingForInput, || tx.poll()),
+        KvPoll::WaitingForInput
+    );
+    tx.init(1, 1);
+    tx.send(&[3]);
+    assert_eq!(
+        both(T, &mut tx, &mut rx),
+        (KvPoll::Success, KvPoll::Success)
+    );
+}
+
+#[test]
+fn a_decode_that_dies_mid_request_fails_the_prefill_room_instead_of_hanging() {
+    let bs = server();
+    let addr = bs.addr().to_string();
+    let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
+    let d = decode(2, 16, 1024, ManagerConfig::default());
+    let mut rx = KvReceiver::new(&d.mgr, &addr, 14, None);
+    let mut tx = KvSender::new(&p.mgr, 14);
+    rx.init(&[1, 2], 0);
+    assert_eq!(
+        reach(T, KvPoll::WaitingForInput, || tx.poll()),
+        KvPoll::WaitingForInput
+    );
+    tx.init(2, 0);
+    // The decode goes away (its agent and memory are destroyed) before the prefill sends.
+    drop(rx);
+    drop(d);
+    tx.send(&[1]);
+    tx.send(&[2]);
+    let state = until(T, || tx.poll());
+    assert_eq!(
+        state,
+        KvPoll::Failed,
+        "writes into a destroyed decode must fail"
+    );
+    assert!(tx.failure().is_some());
+}
