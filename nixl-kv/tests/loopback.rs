@@ -58,6 +58,8 @@ fn chunked_request_lands_byte_for_byte() {
         assert_eq!(row, src, "aux buffer {k}");
     }
     drop((tx, rx));
+    // Two KV chunks and the aux rows, all made by index from lists prepared once per peer.
+    assert_eq!(p.mgr.request_paths(), (3, 0));
     assert_eq!(p.mgr.table_sizes().0, 0, "prefill rooms freed");
     assert_eq!(d.mgr.table_sizes().1, 0, "decode rooms freed");
 }

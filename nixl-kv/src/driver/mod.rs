@@ -6,6 +6,7 @@
 
 mod config;
 mod heartbeat;
+mod prepared;
 mod receiver;
 mod sender;
 mod zmq;
@@ -172,6 +173,10 @@ pub(crate) struct Shared {
     pub(crate) parallel: Mutex<HashMap<String, (u32, u32)>>,
     /// Decode: targets per connection-pool key `{addr}_{dp}_{real rank}`.
     pub(crate) pools: Mutex<HashMap<String, Vec<receiver::Target>>>,
+    pub(crate) prepared: Mutex<prepared::PreparedLists>,
+    /// Requests made from prepared lists / from per-request lists.
+    pub(crate) made_prepared: std::sync::atomic::AtomicU64,
+    pub(crate) made_per_request: std::sync::atomic::AtomicU64,
     pub(crate) stop: AtomicBool,
     pub(crate) heartbeat: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -283,6 +288,15 @@ impl KvManager {
             .collect()
     }
 
+    /// Prefill: transfers made from prepared descriptor lists, and from per-request lists.
+    pub fn request_paths(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.shared.made_prepared.load(Relaxed),
+            self.shared.made_per_request.load(Relaxed),
+        )
+    }
+
     /// Rooms and peers held, for leak checks: (prefill rooms, decode rooms, prefill peers).
     pub fn table_sizes(&self) -> (usize, usize, usize) {
         let p = self
@@ -317,6 +331,9 @@ fn shared_new(
         rank_port,
         parallel: Mutex::default(),
         pools: Mutex::default(),
+        prepared: Mutex::default(),
+        made_prepared: Default::default(),
+        made_per_request: Default::default(),
         stop: AtomicBool::new(false),
         heartbeat: Mutex::new(None),
     }

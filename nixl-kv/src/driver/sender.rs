@@ -83,6 +83,28 @@ impl KvSender {
     }
 
     fn post(&self, t: &Transfer) -> Result<XferRequest, String> {
+        // The hot path: requests by index from lists prepared once per peer.
+        let peer = self.core().peer(&t.peer);
+        if let Some(peer) = peer {
+            let layout = self.core().layout();
+            let made = self
+                .shared
+                .prepared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .request(&self.shared.agent, &layout, self.shared.kv_mem, &peer, t);
+            if let Some(res) = made {
+                self.shared
+                    .made_prepared
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let req = res?;
+                req.post().map_err(|e| e.to_string())?;
+                return Ok(req);
+            }
+        }
+        self.shared
+            .made_per_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (src_mem, dst_mem) = if t.aux {
             (MemType::Dram, MemType::Dram)
         } else {

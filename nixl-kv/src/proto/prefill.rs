@@ -53,6 +53,9 @@ pub struct Transfer {
     pub aux: bool,
     /// The notification payload.
     pub notif: Vec<u8>,
+    /// For KV transfers: the chunk's (prefill page, decode page) pairs, for callers that make
+    /// requests from prepared per-page descriptor lists. For aux: (our slot, their slot).
+    pub pages: Vec<(u32, u32)>,
 }
 
 #[derive(Debug)]
@@ -109,8 +112,8 @@ pub struct SendError {
 /// The prefill side of one engine rank.
 #[derive(Debug)]
 pub struct PrefillCore {
-    layout: Layout,
-    peers: HashMap<AgentName, Peer>,
+    layout: std::sync::Arc<Layout>,
+    peers: HashMap<AgentName, std::sync::Arc<Peer>>,
     pending_peers: HashMap<AgentName, Peer>,
     rooms: HashMap<RoomId, Room>,
     orphan_timeout: Duration,
@@ -124,7 +127,7 @@ impl PrefillCore {
     /// `orphan_timeout` are dropped by [`PrefillCore::handle_timeout`].
     pub fn new(layout: Layout, orphan_timeout: Duration) -> Self {
         Self {
-            layout,
+            layout: std::sync::Arc::new(layout),
             peers: HashMap::new(),
             pending_peers: HashMap::new(),
             rooms: HashMap::new(),
@@ -135,9 +138,9 @@ impl PrefillCore {
         }
     }
 
-    /// Our layout.
-    pub fn layout(&self) -> &Layout {
-        &self.layout
+    /// Our layout (shared, immutable).
+    pub fn layout(&self) -> std::sync::Arc<Layout> {
+        std::sync::Arc::clone(&self.layout)
     }
 
     /// Handles a decoded message from a decode. Returns what the driver must do.
@@ -178,7 +181,7 @@ impl PrefillCore {
         if let Some(peer) = self.pending_peers.remove(agent)
             && ok
         {
-            self.peers.insert(agent.clone(), peer);
+            self.peers.insert(agent.clone(), std::sync::Arc::new(peer));
         }
     }
 
@@ -354,6 +357,12 @@ impl PrefillCore {
                 pp: None,
             }
             .encode();
+            let pages = self
+                .src_idx
+                .iter()
+                .copied()
+                .zip(self.dst_idx.iter().copied())
+                .collect();
             out.push(Transfer {
                 peer: info.agent.clone(),
                 src_dev: self.layout.gpu_id,
@@ -361,6 +370,7 @@ impl PrefillCore {
                 ops,
                 aux: false,
                 notif,
+                pages,
             });
             if last {
                 let mut ops = Vec::new();
@@ -379,6 +389,7 @@ impl PrefillCore {
                     ops,
                     aux: true,
                     notif: Notification::Aux { room }.encode(),
+                    pages: vec![(aux_index, info.dst_aux_index)],
                 });
             }
         }
@@ -493,5 +504,10 @@ impl PrefillCore {
     /// Registered decode agents.
     pub fn peers(&self) -> usize {
         self.peers.len()
+    }
+
+    /// A registered decode agent's buffers.
+    pub fn peer(&self, agent: &AgentName) -> Option<std::sync::Arc<Peer>> {
+        self.peers.get(agent).cloned()
     }
 }
