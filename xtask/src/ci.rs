@@ -21,7 +21,8 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
     step("prerequisites", || {
         prereq::ensure_libclang()?;
         runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
-        prereq::ensure_moto(root).map(drop)
+        prereq::ensure_moto(root)?;
+        prereq::ensure_python_peer(root).map(drop)
     })?;
     if !args.no_lint {
         step("fmt", || {

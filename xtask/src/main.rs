@@ -61,7 +61,8 @@ fn main() -> anyhow::Result<()> {
         Task::Runtime(args) => runtime::run(&root, &args).map(drop),
         Task::Prereq => {
             prereq::ensure_libclang()?;
-            prereq::ensure_moto(&root).map(drop)
+            prereq::ensure_moto(&root)?;
+            prereq::ensure_python_peer(&root).map(drop)
         }
         Task::Ci(args) => ci::run(&root, &args),
         Task::Deps => deps::run(&root),

@@ -85,3 +85,46 @@ pub(crate) fn ensure_moto(root: &Path) -> anyhow::Result<PathBuf> {
     }
     Ok(venv)
 }
+
+/// The Python peer venv under target/ (pyzmq, numpy and NIXL's Python API from the same wheel as
+/// the runtime), for the interop tests that play a seed SGLang peer. Returns the venv.
+pub(crate) fn ensure_python_peer(root: &Path) -> anyhow::Result<PathBuf> {
+    let venv = root.join("target/py-peer-venv");
+    let marker = venv.join(".nixl-peer-ready");
+    if marker.is_file() {
+        return Ok(venv);
+    }
+    let wheel = std::fs::read_dir(root.join("target/nixl-wheels"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("nixl_cu12-"))
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!("no nixl_cu12 wheel in target/nixl-wheels; run `cargo xtask runtime`")
+        })?;
+    println!("creating the Python peer venv in {}", venv.display());
+    cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    let pip = venv.join("bin/pip");
+    cmd::run(Command::new(&pip).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "numpy",
+        "pyzmq",
+    ]))?;
+    // torch is a declared dependency but only imported for type hints; leave it out.
+    cmd::run(
+        Command::new(&pip)
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+            ])
+            .arg(&wheel),
+    )?;
+    std::fs::write(&marker, b"")?;
+    Ok(venv)
+}
