@@ -24,3 +24,19 @@ fn public_handles_are_send_and_sync() {
     send_sync::<Notification>();
     send_sync::<Error>();
 }
+
+#[cfg(feature = "cuda")]
+#[test]
+fn device_buffers_are_send_sync_and_fail_cleanly_without_a_driver() {
+    send_sync::<nixl_core::cuda::DeviceBuffer>();
+    match nixl_core::cuda::DeviceBuffer::new(0, 4096) {
+        Ok(b) => assert!(nixl_core::cuda::driver_present() && b.len() == 4096),
+        Err(e) => {
+            assert!(matches!(e, Error::Cuda { .. }), "{e}");
+            // On a machine without a GPU the reason says so instead of panicking.
+            if !nixl_core::cuda::driver_present() {
+                assert!(e.to_string().contains("libcuda"), "{e}");
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::{cmd, demo, deps, fuzz, prereq, runtime, tidy};
 
 /// Features that turn on the tests needing the real NIXL runtime and the local S3 server.
-pub(crate) const RUNTIME_TEST_FEATURES: &str = "nixl-core/nixl-runtime-tests,nixl-testkit/nixl-runtime-tests,nixl-hicache/nixl-runtime-tests,nixl-kv/nixl-runtime-tests";
+pub(crate) const RUNTIME_TEST_FEATURES: &str = "nixl-core/nixl-runtime-tests,nixl-testkit/nixl-runtime-tests,nixl-hicache/nixl-runtime-tests,nixl-kv/nixl-runtime-tests,nixl-core/cuda";
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct CiArgs {
