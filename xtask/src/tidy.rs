@@ -89,9 +89,12 @@ fn check_file(rel: &str, text: &str, errors: &mut Vec<String>) {
                 "{rel}:{n}: print macro in library code (use tracing)"
             ));
         }
-        if code.contains("#[should_panic") || code.trim_start().starts_with("#[ignore") {
+        // Spelled in two pieces so that this file does not match its own rule.
+        if code.contains(concat!("#[should", "_panic"))
+            || code.trim_start().starts_with(concat!("#[ig", "nore"))
+        {
             errors.push(format!(
-                "{rel}:{n}: #[should_panic]/#[ignore] (assert on Err; gate hardware by features)"
+                "{rel}:{n}: should_panic/ignore attribute (assert on Err; gate hardware by features)"
             ));
         }
         if rel.starts_with("nixl-kv/src/proto/")

@@ -17,7 +17,8 @@ use nixl_testkit::{pattern, unique_name};
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("nixl-testkit-peer: {e}");
+        // A binary reporting its own failure on stderr (the parent test reads it).
+        let _ = writeln!(std::io::stderr(), "nixl-testkit-peer: {e}");
         std::process::exit(1);
     }
 }
