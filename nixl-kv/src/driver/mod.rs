@@ -360,7 +360,14 @@ fn handle_inbound(s: &Shared, frames: &[Bytes]) {
             Ok(name) if name == agent.as_str() => true,
             Ok(name) => {
                 tracing::warn!(claimed = %agent, actual = %name, "decode metadata names another agent");
-                let _ = s.agent.invalidate_remote(&name);
+                // Forget what was just loaded, unless it belongs to a registered decode (a hostile
+                // message must not disconnect a legitimate peer).
+                let known = nixl_wire::AgentName::new(&name)
+                    .map(|n| s.prefill.lock().unwrap_or_else(|e| e.into_inner()).has_peer(&n))
+                    .unwrap_or(false);
+                if !known {
+                    let _ = s.agent.invalidate_remote(&name);
+                }
                 false
             }
             Err(e) => {
