@@ -305,3 +305,63 @@ fn a_decode_that_dies_mid_request_fails_the_prefill_room_instead_of_hanging() {
     );
     assert!(tx.failure().is_some());
 }
+
+#[test]
+fn a_registration_carrying_another_decodes_metadata_does_not_disconnect_it() {
+    use nixl_wire::{AgentName, GpuId, KvArgsRegister};
+
+    let bs = server();
+    let addr = bs.addr().to_string();
+    let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
+    let d = decode(2, 16, 1024, ManagerConfig::default());
+    // The real decode registers and completes a room.
+    let mut rx = KvReceiver::new(&d.mgr, &addr, 21, None);
+    let mut tx = KvSender::new(&p.mgr, 21);
+    rx.init(&[1], 0);
+    assert_eq!(
+        reach(T, KvPoll::WaitingForInput, || tx.poll()),
+        KvPoll::WaitingForInput
+    );
+    tx.init(1, 0);
+    tx.send(&[2]);
+    assert_eq!(
+        both(T, &mut tx, &mut rx),
+        (KvPoll::Success, KvPoll::Success)
+    );
+    // A hostile peer replays the decode's metadata under another name.
+    let evil = KvArgsRegister {
+        local_ip: "127.0.0.1".into(),
+        rank_port: 1,
+        agent: AgentName::new("evil").unwrap(),
+        metadata: d.mgr.agent().local_metadata().unwrap().into_bytes().into(),
+        kv_ptrs: vec![0, 0],
+        aux_ptrs: vec![0, 0],
+        gpu_id: GpuId::new(0),
+        tp_info: None,
+    };
+    let endpoint = format!("tcp://127.0.0.1:{}", p.mgr.rank_port());
+    let frames = evil.encode().into_iter().map(|b| b.to_vec()).collect();
+    nixl_kv::driver::send_raw_for_tests(&endpoint, frames).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // The real decode still gets its pages.
+    let mut rx = KvReceiver::new(&d.mgr, &addr, 22, None);
+    let mut tx = KvSender::new(&p.mgr, 22);
+    rx.init(&[3], 1);
+    assert_eq!(
+        reach(T, KvPoll::WaitingForInput, || tx.poll()),
+        KvPoll::WaitingForInput
+    );
+    tx.init(1, 1);
+    tx.send(&[4]);
+    assert_eq!(
+        both(T, &mut tx, &mut rx),
+        (KvPoll::Success, KvPoll::Success),
+        "{:?}",
+        tx.failure()
+    );
+    assert_eq!(
+        p.mgr.table_sizes().2,
+        1,
+        "the impostor is not a registered peer"
+    );
+}

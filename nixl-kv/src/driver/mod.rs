@@ -363,7 +363,12 @@ fn handle_inbound(s: &Shared, frames: &[Bytes]) {
                 // Forget what was just loaded, unless it belongs to a registered decode (a hostile
                 // message must not disconnect a legitimate peer).
                 let known = nixl_wire::AgentName::new(&name)
-                    .map(|n| s.prefill.lock().unwrap_or_else(|e| e.into_inner()).has_peer(&n))
+                    .map(|n| {
+                        s.prefill
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .has_peer(&n)
+                    })
                     .unwrap_or(false);
                 if !known {
                     let _ = s.agent.invalidate_remote(&name);
