@@ -81,6 +81,30 @@ impl DeviceBuffer {
         sys::cuda_copy_to_device(self, src)
     }
 
+    /// Copies `src` into the buffer at byte `offset` (synchronously).
+    pub fn write_at(&mut self, offset: usize, src: &[u8]) -> Result<(), Error> {
+        self.check_range(offset, src.len())?;
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
+        sys::cuda_copy_to_device_at(self, offset, src)
+    }
+
+    /// Copies `out.len()` bytes from byte `offset` of the buffer into `out` (synchronously).
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), Error> {
+        self.check_range(offset, out.len())?;
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
+        sys::cuda_copy_to_host_at(self, offset, out)
+    }
+
+    fn check_range(&self, offset: usize, len: usize) -> Result<(), Error> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Error::InvalidArgument {
+                what: "device range",
+                reason: format!("{len} bytes at {offset} in a {}-byte buffer", self.len),
+            });
+        }
+        Ok(())
+    }
+
     /// Copies the whole buffer to host memory (synchronously).
     pub fn to_host(&self) -> Result<Vec<u8>, Error> {
         self.ctx.bind_to_thread().map_err(cuda_err)?;

@@ -274,6 +274,32 @@ pub(crate) fn cuda_copy_to_host(
         .map_err(crate::cuda::cuda_err)
 }
 
+/// Copies `src` to byte `offset` of `buf` (the caller checked the range and bound the context).
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_copy_to_device_at(
+    buf: &mut crate::cuda::DeviceBuffer,
+    offset: usize,
+    src: &[u8],
+) -> Result<(), Error> {
+    // SAFETY: `offset + src.len()` lies inside the live allocation (checked by the caller),
+    // `&mut` excludes concurrent use, and the copy is synchronous.
+    unsafe { cudarc::driver::result::memcpy_htod_sync(buf.addr() + offset as u64, src) }
+        .map_err(crate::cuda::cuda_err)
+}
+
+/// Copies `out.len()` bytes from byte `offset` of `buf` (range checked, context bound).
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_copy_to_host_at(
+    buf: &crate::cuda::DeviceBuffer,
+    offset: usize,
+    out: &mut [u8],
+) -> Result<(), Error> {
+    // SAFETY: `offset + out.len()` lies inside the live allocation (checked by the caller) and
+    // the copy is synchronous.
+    unsafe { cudarc::driver::result::memcpy_dtoh_sync(out, buf.addr() + offset as u64) }
+        .map_err(crate::cuda::cuda_err)
+}
+
 /// Frees `buf`'s allocation (from Drop, with its context bound).
 #[cfg(feature = "cuda")]
 pub(crate) fn cuda_free(buf: &mut crate::cuda::DeviceBuffer) {

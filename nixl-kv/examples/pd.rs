@@ -62,6 +62,10 @@ struct Pool {
     /// Seed.
     #[arg(long, default_value_t = 1234)]
     seed: u64,
+    /// Where the KV pool lives: `cpu` (host memory) or `gpu:N` (GPU N; aux stays in host
+    /// memory, as in SGLang).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -148,9 +152,71 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+enum Kv {
+    Host(Vec<Registered<HostBuffer>>),
+    Gpu(Vec<Registered<nixl_core::cuda::DeviceBuffer>>),
+}
+
+impl Kv {
+    fn len(&self) -> usize {
+        match self {
+            Self::Host(v) => v.len(),
+            Self::Gpu(v) => v.len(),
+        }
+    }
+
+    fn regions(&self) -> Vec<nixl_core::MemRegion> {
+        match self {
+            Self::Host(v) => v.iter().map(|b| b.region()).collect(),
+            Self::Gpu(v) => v.iter().map(|b| b.region()).collect(),
+        }
+    }
+
+    /// Fills buffer `b` page by page with `page_fill(page, bytes)`.
+    fn fill(
+        &mut self,
+        b: usize,
+        page: usize,
+        page_fill: impl Fn(u64, &mut [u8]),
+    ) -> anyhow::Result<()> {
+        match self {
+            Self::Host(v) => {
+                for (p, chunk) in v[b]
+                    .buffer_mut()
+                    .as_mut_slice()
+                    .chunks_mut(page)
+                    .enumerate()
+                {
+                    page_fill(p as u64, chunk);
+                }
+            }
+            Self::Gpu(v) => {
+                let mut host = vec![0u8; v[b].buffer().len()];
+                for (p, chunk) in host.chunks_mut(page).enumerate() {
+                    page_fill(p as u64, chunk);
+                }
+                v[b].buffer_mut().write_at(0, &host)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Page `p` of buffer `b` as host bytes.
+    fn read_page(&self, b: usize, p: usize, page: usize, out: &mut Vec<u8>) -> anyhow::Result<()> {
+        out.resize(page, 0);
+        match self {
+            Self::Host(v) => {
+                out.copy_from_slice(&v[b].buffer().as_slice()[p * page..(p + 1) * page])
+            }
+            Self::Gpu(v) => v[b].buffer().read_at(p * page, out)?,
+        }
+        Ok(())
+    }
+}
+
 struct Memory {
     agent: Agent,
-    kv: Vec<Registered<HostBuffer>>,
+    kv: Kv,
     aux: Vec<Registered<HostBuffer>>,
 }
 
@@ -166,9 +232,21 @@ fn memory(pool: &Pool, role: &str) -> anyhow::Result<Memory> {
         2 * pool.layers
     };
     let len = usize::try_from(u64::from(pool.pages) * pool.page_bytes)?;
-    let kv = (0..buffers)
-        .map(|_| Ok(agent.register(HostBuffer::new(len)?)?))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let kv = match pool.device.strip_prefix("gpu:") {
+        Some(n) => {
+            let ordinal: u32 = n.parse().context("--device gpu:N")?;
+            let bufs = (0..buffers)
+                .map(|_| Ok(agent.register(nixl_core::cuda::DeviceBuffer::new(ordinal, len)?)?))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Kv::Gpu(bufs)
+        }
+        None if pool.device == "cpu" => Kv::Host(
+            (0..buffers)
+                .map(|_| Ok(agent.register(HostBuffer::new(len)?)?))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        ),
+        None => bail!("--device is cpu or gpu:N, not {}", pool.device),
+    };
     let aux = AUX_ITEMS
         .iter()
         .map(|&i| {
@@ -182,7 +260,7 @@ fn memory(pool: &Pool, role: &str) -> anyhow::Result<Memory> {
 
 fn args(m: &Memory, pool: &Pool) -> KvArgs {
     KvArgs::new(
-        m.kv.iter().map(|b| b.region()).collect(),
+        m.kv.regions(),
         vec![pool.page_bytes; m.kv.len()],
         m.aux.iter().map(|b| b.region()).collect(),
         AUX_ITEMS.to_vec(),
@@ -201,12 +279,12 @@ fn aux_byte(room: u64, k: usize, j: usize) -> u8 {
 fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::Result<()> {
     let mut m = memory(pool, "prefill")?;
     let page = pool.page_bytes as usize;
-    for (b, buf) in m.kv.iter_mut().enumerate() {
-        for (p, chunk) in buf.buffer_mut().as_mut_slice().chunks_mut(page).enumerate() {
-            for (j, byte) in chunk.iter_mut().enumerate() {
-                *byte = kv_byte(b, p as u64, j);
+    for b in 0..m.kv.len() {
+        m.kv.fill(b, page, |p, bytes| {
+            for (j, byte) in bytes.iter_mut().enumerate() {
+                *byte = kv_byte(b, p, j);
             }
-        }
+        })?;
     }
     let server = BootstrapServer::start(&format!("{host}:{port}"))?;
     let addr = server.addr().to_string();
@@ -421,11 +499,12 @@ fn verify(
     aux: AuxVerify,
 ) -> Result<(), String> {
     let page = pool.page_bytes as usize;
-    for (b, buf) in m.kv.iter().enumerate() {
-        let data = buf.buffer().as_slice();
+    let mut got = Vec::with_capacity(page);
+    for b in 0..m.kv.len() {
         for (i, &d) in pages.iter().enumerate() {
             let src = room.wrapping_add(97 * i as u64) % u64::from(np);
-            let got = &data[d as usize * page..(d as usize + 1) * page];
+            m.kv.read_page(b, d as usize, page, &mut got)
+                .map_err(|e| e.to_string())?;
             if let Some(j) = (0..page).find(|&j| got[j] != kv_byte(b, src, j)) {
                 return Err(format!("buffer {b} page {d} byte {j} differs"));
             }
