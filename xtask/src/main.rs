@@ -15,6 +15,7 @@ mod cmd;
 mod demo;
 mod deps;
 mod fuzz;
+mod gpu;
 mod prereq;
 mod runtime;
 mod tidy;
@@ -45,6 +46,8 @@ enum Task {
     Deps,
     /// Source hygiene checks (unsafe placement, SAFETY comments, prints, file headers).
     Tidy,
+    /// Build and pack everything the GPU machine needs; print the command to run there.
+    Gpu,
     /// Coverage-guided fuzzing of nixl-wire's decoders (stable toolchain, bounded time).
     Fuzz(fuzz::FuzzArgs),
     /// Benchmarks: `core`, `wire`, `kv` or `hicache`.
@@ -68,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         Task::Deps => deps::run(&root),
         Task::Tidy => tidy::run(&root),
         Task::Fuzz(args) => fuzz::run(&root, &args),
+        Task::Gpu => gpu::run(&root),
         Task::Bench(args) => bench::run(&root, &args),
         Task::Demo(args) => demo::run(&root, &args),
     }

@@ -54,6 +54,16 @@ impl RuntimeArgs {
             force: false,
         }
     }
+
+    /// The CUDA 13 runtime in `dir` (for GPU machines).
+    pub(crate) fn cuda13(dir: PathBuf) -> Self {
+        Self {
+            cuda: 13,
+            dir: Some(dir),
+            pack: None,
+            force: false,
+        }
+    }
 }
 
 /// Provisions the runtime; returns its directory.

@@ -1,0 +1,181 @@
+//! `cargo xtask gpu`: everything the GPU machine needs, in one archive to carry there.
+//!
+//! The device has no network and no cargo, so nothing may be built or downloaded there. This
+//! builds the release binaries here (the `pd` example and nixl-core's GPU test), provisions the
+//! CUDA 13 runtime closure (`nixl-cu13`) plus `libcudart.so.13` from PyPI's
+//! `nvidia-cuda-runtime`, writes a run script, packs it all as `target/gpu/bundle.tar.xz` and
+//! prints the one command to run on the device.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::{cmd, prereq, runtime};
+
+/// The CUDA runtime wheel whose libcudart ran with driver 580 (RUNTIME.md).
+const CUDART: &str = "nvidia-cuda-runtime==13.5.37";
+
+const RUN_SH: &str = r#"#!/bin/bash
+# Runs on the GPU machine from the unpacked bundle: the GPU test, then the pd flow with VRAM pools
+# (two processes on one GPU) and with host pools, 64 buffers x 32 KiB pages. Logs go to $OUT.
+set -u
+B=$(cd "$(dirname "$0")" && pwd)
+OUT=${OUT:-/tmp}
+export NIXL_RUNTIME_DIR=$B/runtime
+nvidia-smi -L
+echo "== nixl-core GPU test (VRAM->VRAM WRITE, one process, cuda_ipc)"
+UCX_CUDA_IPC_ENABLE_SAME_PROCESS=y "$B/bin/gpu-test" --test-threads=1 --nocapture 2>&1 | grep -E "WRITE|test result|panicked"
+for dev in gpu:0 cpu; do
+  for ppr in 32 256; do
+    n=$([ "$ppr" = 32 ] && echo 200 || echo 40)
+    "$B/bin/pd" prefill --bootstrap-port 19000 --layers 32 --page-bytes 32768 --pages 600 --device $dev 2> "$OUT/prefill.log" &
+    P=$!
+    for i in $(seq 100); do grep -q "bootstrap on" "$OUT/prefill.log" && break; sleep 0.2; done
+    echo "== pd, KV on $dev, $ppr pages per request, $n requests, every byte verified"
+    "$B/bin/pd" decode --bootstrap 127.0.0.1:19000 --layers 32 --page-bytes 32768 --pages 600 --device $dev \
+      --requests $n --pages-per-request $ppr --concurrency 1 2>&1 | grep -v "^decode \["
+    echo "== same, --no-verify (throughput without the decode's verification copies)"
+    "$B/bin/pd" decode --bootstrap 127.0.0.1:19000 --layers 32 --page-bytes 32768 --pages 600 --device $dev \
+      --requests $n --pages-per-request $ppr --concurrency 1 --no-verify --json 2>&1 | grep -v "^decode \["
+    kill $P; wait $P 2>/dev/null
+  done
+done
+"#;
+
+pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
+    prereq::ensure_libclang()?;
+    let rt_args = runtime::RuntimeArgs::cuda13(root.join("target/nixl-runtime-cu13"));
+    let rt = runtime::run(root, &rt_args)?;
+    add_cudart(root, &rt)?;
+    cmd::run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "nixl-kv",
+        "--example",
+        "pd",
+    ]))?;
+    let test_bin = build_gpu_test(root)?;
+
+    let stage = root.join("target/gpu-stage");
+    if stage.exists() {
+        fs::remove_dir_all(&stage)?;
+    }
+    fs::create_dir_all(stage.join("bin"))?;
+    for (src, name) in [
+        (root.join("target/release/examples/pd"), "pd"),
+        (test_bin, "gpu-test"),
+    ] {
+        let dst = stage.join("bin").join(name);
+        fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+        let _ = Command::new("strip").arg(&dst).status();
+    }
+    cmd::run(
+        Command::new("cp")
+            .arg("-r")
+            .arg(&rt)
+            .arg(stage.join("runtime")),
+    )?;
+    fs::write(stage.join("run.sh"), RUN_SH)?;
+    cmd::run(Command::new("chmod").arg("+x").arg(stage.join("run.sh")))?;
+    let out = root.join("target/gpu");
+    fs::create_dir_all(&out)?;
+    let archive = out.join("bundle.tar.xz");
+    cmd::run(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&stage)
+            .arg("-cJf")
+            .arg(&archive)
+            .arg("."),
+    )?;
+    let size = fs::metadata(&archive)?.len();
+    if size > 60 << 20 {
+        bail!("the bundle is {size} bytes, over what the device tool carries");
+    }
+    println!(
+        "\nbundle: {} ({:.1} MiB)",
+        archive.display(),
+        size as f64 / (1 << 20) as f64
+    );
+    println!("run it on the GPU machine with the device tool, carrying \"target/gpu\":");
+    println!(
+        "  mkdir -p /tmp/b && tar -C /tmp/b -xJf target/gpu/bundle.tar.xz && /tmp/b/run.sh 2>&1 | tee $OUT/gpu.log"
+    );
+    Ok(())
+}
+
+/// Puts `libcudart.so.13` into the runtime's bundled-library folder (UCX's cuda module needs it).
+fn add_cudart(root: &Path, rt: &Path) -> anyhow::Result<()> {
+    let dst = rt.join("nixl_cu13.libs/libcudart.so.13");
+    if dst.is_file() {
+        return Ok(());
+    }
+    let wheels = root.join("target/nixl-wheels");
+    let find = || -> Option<PathBuf> {
+        fs::read_dir(&wheels)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("nvidia_cuda_runtime-13"))
+            })
+    };
+    if find().is_none() {
+        cmd::run(
+            Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--quiet",
+                ])
+                .args([
+                    "--python-version",
+                    "3.11",
+                    "--platform",
+                    "manylinux2014_x86_64",
+                    "-d",
+                ])
+                .arg(&wheels)
+                .arg(CUDART),
+        )?;
+    }
+    let wheel = find().context("nvidia-cuda-runtime wheel missing after pip")?;
+    let mut zip = zip::ZipArchive::new(fs::File::open(&wheel)?)?;
+    let mut data = Vec::new();
+    zip.by_name("nvidia/cu13/lib/libcudart.so.13")?
+        .read_to_end(&mut data)?;
+    fs::write(&dst, data)?;
+    Ok(())
+}
+
+/// Builds nixl-core's GPU test in release and returns the executable.
+fn build_gpu_test(root: &Path) -> anyhow::Result<PathBuf> {
+    let out = cmd::output(
+        Command::new("cargo")
+            .current_dir(root)
+            .args([
+                "test",
+                "--release",
+                "--locked",
+                "-p",
+                "nixl-core",
+                "--features",
+                "gpu-tests",
+            ])
+            .args(["--test", "gpu", "--no-run", "--message-format=json"]),
+    )?;
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"]["name"] == "gpu")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not report the gpu test executable")
+}
