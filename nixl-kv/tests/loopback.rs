@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{AUX_ITEM, both, decode, prefill, reach, server, until};
+use common::{AUX_ITEM, both, decode, exchange, prefill, reach, server, until};
 use nixl_kv::{KvPoll, KvReceiver, KvSender, ManagerConfig};
 
 const T: Duration = Duration::from_secs(30);
@@ -176,22 +176,11 @@ fn malformed_zmq_messages_are_dropped_and_the_listener_keeps_serving() {
     nixl_kv::driver::send_raw_for_tests(&endpoint, vec![b"garbage".to_vec()]).unwrap();
     // A real exchange still works afterwards.
     let d = decode(2, 16, 1024, ManagerConfig::default());
-    let mut rx = KvReceiver::new(&d.mgr, &addr, 11, None);
-    let mut tx = KvSender::new(&p.mgr, 11);
-    rx.init(&[4], 1);
-    assert_eq!(
-        reach(T, KvPoll::WaitingForInput, || tx.poll()),
-        KvPoll::WaitingForInput
-    );
-    tx.init(1, 1);
-    tx.send(&[6]);
-    let states = both(T, &mut tx, &mut rx);
+    let (states, tx_err, rx_err) = exchange(&p.mgr, &d.mgr, &addr, 11, &[6], &[4], 1);
     assert_eq!(
         states,
         (KvPoll::Success, KvPoll::Success),
-        "{:?} {:?}",
-        tx.failure(),
-        rx.failure()
+        "{tx_err:?} {rx_err:?}"
     );
 }
 
@@ -263,18 +252,11 @@ fn against_a_seed_bootstrap_server_heartbeats_are_off_and_the_waiting_timeout_ap
         rx.failure()
     );
     // A served room still works against the seed-style server.
-    let mut rx = KvReceiver::new(&d.mgr, &addr, 13, None);
-    let mut tx = KvSender::new(&p.mgr, 13);
-    rx.init(&[2], 1);
+    let (states, tx_err, rx_err) = exchange(&p.mgr, &d.mgr, &addr, 13, &[3], &[2], 1);
     assert_eq!(
-        reach(T, KvPoll::WaitingForInput, || tx.poll()),
-        KvPoll::WaitingForInput
-    );
-    tx.init(1, 1);
-    tx.send(&[3]);
-    assert_eq!(
-        both(T, &mut tx, &mut rx),
-        (KvPoll::Success, KvPoll::Success)
+        states,
+        (KvPoll::Success, KvPoll::Success),
+        "{tx_err:?} {rx_err:?}"
     );
 }
 
@@ -315,18 +297,11 @@ fn a_registration_carrying_another_decodes_metadata_does_not_disconnect_it() {
     let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
     let d = decode(2, 16, 1024, ManagerConfig::default());
     // The real decode registers and completes a room.
-    let mut rx = KvReceiver::new(&d.mgr, &addr, 21, None);
-    let mut tx = KvSender::new(&p.mgr, 21);
-    rx.init(&[1], 0);
+    let (states, tx_err, rx_err) = exchange(&p.mgr, &d.mgr, &addr, 21, &[2], &[1], 0);
     assert_eq!(
-        reach(T, KvPoll::WaitingForInput, || tx.poll()),
-        KvPoll::WaitingForInput
-    );
-    tx.init(1, 0);
-    tx.send(&[2]);
-    assert_eq!(
-        both(T, &mut tx, &mut rx),
-        (KvPoll::Success, KvPoll::Success)
+        states,
+        (KvPoll::Success, KvPoll::Success),
+        "{tx_err:?} {rx_err:?}"
     );
     // A hostile peer replays the decode's metadata under another name.
     let evil = KvArgsRegister {
@@ -344,20 +319,11 @@ fn a_registration_carrying_another_decodes_metadata_does_not_disconnect_it() {
     nixl_kv::driver::send_raw_for_tests(&endpoint, frames).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     // The real decode still gets its pages.
-    let mut rx = KvReceiver::new(&d.mgr, &addr, 22, None);
-    let mut tx = KvSender::new(&p.mgr, 22);
-    rx.init(&[3], 1);
+    let (states, tx_err, rx_err) = exchange(&p.mgr, &d.mgr, &addr, 22, &[4], &[3], 1);
     assert_eq!(
-        reach(T, KvPoll::WaitingForInput, || tx.poll()),
-        KvPoll::WaitingForInput
-    );
-    tx.init(1, 1);
-    tx.send(&[4]);
-    assert_eq!(
-        both(T, &mut tx, &mut rx),
+        states,
         (KvPoll::Success, KvPoll::Success),
-        "{:?}",
-        tx.failure()
+        "{tx_err:?} {rx_err:?}"
     );
     assert_eq!(
         p.mgr.table_sizes().2,

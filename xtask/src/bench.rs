@@ -29,15 +29,7 @@ pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         }
         "kv" => {
             runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
-            cmd::run(Command::new("cargo").args([
-                "build",
-                "--release",
-                "--locked",
-                "-p",
-                "nixl-kv",
-                "--example",
-                "pd",
-            ]))?;
+            crate::demo::build_pd(root)?;
             ("nixl-kv", "kv", "")
         }
         other => bail!("unknown suite `{other}`; choose core, wire, kv or hicache"),

@@ -35,6 +35,20 @@ pub(crate) struct DemoArgs {
     concurrency: usize,
 }
 
+/// Builds the `pd` example in release and returns its path (demo, `bench kv` and `gpu` use it).
+pub(crate) fn build_pd(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+    cmd::run(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "nixl-kv",
+        "--example",
+        "pd",
+    ]))?;
+    Ok(root.join("target/release/examples/pd"))
+}
+
 impl DemoArgs {
     /// A short run for CI: two processes, 100 requests, chunked sends, every byte verified.
     pub(crate) fn smoke() -> Self {
@@ -52,16 +66,7 @@ impl DemoArgs {
 pub(crate) fn run(root: &Path, args: &DemoArgs) -> anyhow::Result<()> {
     prereq::ensure_libclang()?;
     runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
-    cmd::run(Command::new("cargo").args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "nixl-kv",
-        "--example",
-        "pd",
-    ]))?;
-    let pd = root.join("target/release/examples/pd");
+    let pd = build_pd(root)?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let pages = (args.pages_per_request * args.concurrency * 2).max(256);
     let pool = |c: &mut Command| {

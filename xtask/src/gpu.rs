@@ -50,15 +50,7 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     let rt_args = runtime::RuntimeArgs::cuda13(root.join("target/nixl-runtime-cu13"));
     let rt = runtime::run(root, &rt_args)?;
     add_cudart(root, &rt)?;
-    cmd::run(Command::new("cargo").args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "nixl-kv",
-        "--example",
-        "pd",
-    ]))?;
+    let pd = crate::demo::build_pd(root)?;
     let test_bin = build_gpu_test(root)?;
 
     let stage = root.join("target/gpu-stage");
@@ -66,10 +58,7 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
         fs::remove_dir_all(&stage)?;
     }
     fs::create_dir_all(stage.join("bin"))?;
-    for (src, name) in [
-        (root.join("target/release/examples/pd"), "pd"),
-        (test_bin, "gpu-test"),
-    ] {
+    for (src, name) in [(pd, "pd"), (test_bin, "gpu-test")] {
         let dst = stage.join("bin").join(name);
         fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
         let _ = Command::new("strip").arg(&dst).status();

@@ -134,3 +134,30 @@ pub(crate) fn both(
         std::thread::sleep(Duration::from_micros(100));
     }
 }
+
+/// One whole room: the decode asks for `dst` (aux row `aux`), the prefill sees the info and
+/// sends `src` in one chunk from aux row `aux`; both are polled to the end. Returns both states
+/// and the failure reasons.
+pub(crate) fn exchange(
+    p: &KvManager,
+    d: &KvManager,
+    bootstrap: &str,
+    room: u64,
+    src: &[u32],
+    dst: &[u32],
+    aux: u32,
+) -> ((KvPoll, KvPoll), Option<String>, Option<String>) {
+    let mut rx = nixl_kv::KvReceiver::new(d, bootstrap, room, None);
+    let mut tx = nixl_kv::KvSender::new(p, room);
+    rx.init(dst, aux);
+    assert_eq!(
+        reach(Duration::from_secs(30), KvPoll::WaitingForInput, || tx
+            .poll()),
+        KvPoll::WaitingForInput,
+        "room {room}"
+    );
+    tx.init(src.len() as u32, aux);
+    tx.send(src);
+    let states = both(Duration::from_secs(30), &mut tx, &mut rx);
+    (states, tx.failure(), rx.failure())
+}
