@@ -1,10 +1,13 @@
 //! Agents: the NIXL endpoint that owns backends, registrations and transfers.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::backend::{Backend, BackendKind, BackendParams};
 use crate::desc::XferDescs;
+use crate::emulation::{self, EmulationRisk, PeerPlace, TransferShape, UcxEnv};
 use crate::error::{Error, Op};
 use crate::mem::{MemType, NixlBuffer, Registered, Registration, sys_region};
 use crate::metadata::AgentMetadata;
@@ -106,6 +109,54 @@ impl AgentConfig {
 pub struct Agent {
     pub(crate) inner: nixl_sys::Agent,
     name: Arc<str>,
+    facts: Arc<Facts>,
+}
+
+/// What the agent knows about itself for emulation warnings.
+#[derive(Debug)]
+struct Facts {
+    /// Whether a UCX backend was created in peer error mode (NIXL's default).
+    ucx_peer_mode: AtomicBool,
+    /// Transfer shapes already warned about (hashes of shape and peer).
+    warned: Mutex<HashSet<u64>>,
+    /// Keeps the agent's name in [`LIVE_AGENTS`] while any clone lives.
+    _live: LiveName,
+}
+
+/// Names of the agents alive in this process, with counts (names may repeat).
+static LIVE_AGENTS: Mutex<Option<HashMap<Arc<str>, usize>>> = Mutex::new(None);
+
+#[derive(Debug)]
+struct LiveName(Arc<str>);
+
+impl LiveName {
+    fn new(name: Arc<str>) -> Self {
+        let mut live = LIVE_AGENTS.lock().unwrap_or_else(PoisonError::into_inner);
+        *live
+            .get_or_insert_with(HashMap::new)
+            .entry(Arc::clone(&name))
+            .or_insert(0) += 1;
+        Self(name)
+    }
+
+    fn is_live(name: &str) -> bool {
+        let live = LIVE_AGENTS.lock().unwrap_or_else(PoisonError::into_inner);
+        live.as_ref().is_some_and(|m| m.contains_key(name))
+    }
+}
+
+impl Drop for LiveName {
+    fn drop(&mut self) {
+        let mut live = LIVE_AGENTS.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(map) = live.as_mut()
+            && let Some(n) = map.get_mut(&self.0)
+        {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.0);
+            }
+        }
+    }
 }
 
 impl Agent {
@@ -120,9 +171,15 @@ impl Agent {
             nixl_sys::Agent::new_configured(name, &config.to_sys()),
         )?;
         tracing::debug!(agent = name, "created NIXL agent");
+        let name: Arc<str> = name.into();
         Ok(Self {
             inner,
-            name: name.into(),
+            facts: Arc::new(Facts {
+                ucx_peer_mode: AtomicBool::new(false),
+                warned: Mutex::new(HashSet::new()),
+                _live: LiveName::new(Arc::clone(&name)),
+            }),
+            name,
         })
     }
 
@@ -166,6 +223,9 @@ impl Agent {
             self.inner.create_backend(kind.plugin_name(), &sys_params),
         )?;
         tracing::debug!(agent = %self.name, backend = %kind, "created NIXL backend");
+        if kind == BackendKind::Ucx && params.value("ucx_error_handling_mode") != Some("none") {
+            self.facts.ucx_peer_mode.store(true, Ordering::Relaxed);
+        }
         Ok(Backend {
             kind,
             inner: Arc::new(inner),
@@ -179,6 +239,7 @@ impl Agent {
             Op::RegisterMemory,
             self.inner.register_memory(&sys_region(region), None),
         )?;
+        self.check_exportable(region);
         Ok(Registered::new(Registration { handle, region }, buffer))
     }
 
@@ -228,6 +289,7 @@ impl Agent {
                 ),
             });
         }
+        self.warn_emulation(op, local.mem_type(), remote.mem_type(), peer);
         let l = local.to_sys()?;
         let r = remote.to_sys()?;
         let args = notif_args(notif)?;
@@ -250,11 +312,7 @@ impl Agent {
             Op::PrepareDescriptors,
             self.inner.prepare_xfer_dlist(name, &list, None),
         )?;
-        Ok(PreparedDescs::new(
-            sys::PreparedHandle(handle),
-            descs.as_slice(),
-            peer,
-        ))
+        Ok(PreparedDescs::new(sys::PreparedHandle(handle), descs, peer))
     }
 
     /// Makes a transfer from prepared lists, pairing `local[local_idx[i]]` with
@@ -270,6 +328,7 @@ impl Agent {
     ) -> Result<XferRequest, Error> {
         local.check_indices(local_idx, remote, remote_idx)?;
         let peer = remote.peer().unwrap_or(&self.name).to_owned();
+        self.warn_emulation(op, local.mem_type(), remote.mem_type(), &peer);
         let args = notif_args(notif)?;
         let inner = check(
             Op::MakeRequest,
@@ -352,6 +411,84 @@ impl Agent {
             Op::SendNotification,
             self.inner.send_notification(peer, message, None),
         )
+    }
+}
+
+impl Agent {
+    /// Why UCX would move a transfer of this shape to or from `peer` by software emulation
+    /// (empty: a zero-copy transport serves it), judged from this process's `UCX_*` variables.
+    ///
+    /// [`Agent::create_request`] and [`Agent::make_request`] log each reason once per shape and
+    /// peer as a `tracing` warning; this lets a caller check before moving anything.
+    pub fn emulation_risks(
+        &self,
+        op: XferOp,
+        local: MemType,
+        remote: MemType,
+        peer: &str,
+    ) -> Vec<EmulationRisk> {
+        let place = if peer == &*self.name {
+            PeerPlace::SameAgent
+        } else if LiveName::is_live(peer) {
+            PeerPlace::SameProcess
+        } else {
+            PeerPlace::OtherProcess
+        };
+        let peer_mode = self.facts.ucx_peer_mode.load(Ordering::Relaxed);
+        let shape = TransferShape::new(op, local, remote, place, peer_mode);
+        emulation::risks(&shape, &UcxEnv::from_process())
+    }
+
+    /// Logs [`Agent::emulation_risks`] once per shape and peer; free for host-only transfers.
+    fn warn_emulation(&self, op: XferOp, local: MemType, remote: MemType, peer: &str) {
+        if local != MemType::Vram && remote != MemType::Vram {
+            return;
+        }
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (op, local, remote, peer).hash(&mut h);
+            h.finish()
+        };
+        let fresh = self
+            .facts
+            .warned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key);
+        if !fresh {
+            return;
+        }
+        for risk in self.emulation_risks(op, local, remote, peer) {
+            tracing::warn!(
+                agent = %self.name,
+                peer,
+                ?op,
+                ?local,
+                ?remote,
+                "UCX will fall back to software emulation: {risk}"
+            );
+        }
+    }
+
+    /// Warns when registered GPU memory cannot be exported to other processes (feature `cuda`;
+    /// without it the check is skipped).
+    pub(crate) fn check_exportable(&self, region: crate::mem::MemRegion) {
+        #[cfg(feature = "cuda")]
+        if region.mem == MemType::Vram {
+            let dev = u32::try_from(region.dev).unwrap_or(0);
+            match crate::cuda::ipc_capable(dev, region.addr) {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    agent = %self.name,
+                    "UCX will fall back to software emulation for other processes: {}",
+                    EmulationRisk::NotIpcExportable { addr: region.addr }
+                ),
+                Err(e) => tracing::debug!(agent = %self.name, "cannot query GPU pointer: {e}"),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = region;
     }
 }
 

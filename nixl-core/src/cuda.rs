@@ -18,7 +18,46 @@ use crate::sys;
 
 /// Whether the CUDA driver library (`libcuda.so.1`) can be loaded.
 pub fn driver_present() -> bool {
-    sys::cuda_driver_present()
+    sys::cuda::cuda_driver_present()
+}
+
+pub use crate::sys::cuda::PinnedBuffer;
+
+/// The number of CUDA devices (an error without a driver).
+pub fn device_count() -> Result<u32, Error> {
+    require_driver()?;
+    let n = CudaContext::device_count().map_err(cuda_err)?;
+    Ok(u32::try_from(n).unwrap_or(0))
+}
+
+fn require_driver() -> Result<(), Error> {
+    if driver_present() {
+        Ok(())
+    } else {
+        Err(Error::Cuda {
+            reason: "CUDA driver library (libcuda.so.1) not found".into(),
+        })
+    }
+}
+
+impl PinnedBuffer {
+    /// Allocates `len` zeroed bytes of pinned host memory through GPU `ordinal`'s context.
+    pub fn new(ordinal: u32, len: usize) -> Result<Self, Error> {
+        require_driver()?;
+        let ctx = CudaContext::new(ordinal as usize).map_err(cuda_err)?;
+        Self::alloc(ctx, len)
+    }
+}
+
+/// Whether the device memory at `addr` on GPU `ordinal` can be exported with legacy CUDA IPC
+/// handles. UCX's `cuda_ipc` transport needs that to reach it from another process; memory from
+/// a stream-ordered pool (`cuMemAllocAsync`, PyTorch's expandable segments) cannot be, and UCX
+/// then falls back to software emulation without a warning.
+pub fn ipc_capable(ordinal: u32, addr: u64) -> Result<bool, Error> {
+    require_driver()?;
+    let ctx = CudaContext::new(ordinal as usize).map_err(cuda_err)?;
+    ctx.bind_to_thread().map_err(cuda_err)?;
+    sys::cuda::cuda_ipc_capable(addr)
 }
 
 /// An owned device allocation on one GPU, registrable as VRAM.
@@ -33,14 +72,10 @@ pub struct DeviceBuffer {
 impl DeviceBuffer {
     /// Allocates `len` zeroed bytes on GPU `ordinal`.
     pub fn new(ordinal: u32, len: usize) -> Result<Self, Error> {
-        if !driver_present() {
-            return Err(Error::Cuda {
-                reason: "CUDA driver library (libcuda.so.1) not found".into(),
-            });
-        }
+        require_driver()?;
         let ctx = CudaContext::new(ordinal as usize).map_err(cuda_err)?;
         ctx.bind_to_thread().map_err(cuda_err)?;
-        let ptr = sys::cuda_alloc_zeroed(len.max(1))?;
+        let ptr = sys::cuda::cuda_alloc_zeroed(len.max(1))?;
         Ok(Self {
             ctx,
             ptr,
@@ -78,21 +113,21 @@ impl DeviceBuffer {
             });
         }
         self.ctx.bind_to_thread().map_err(cuda_err)?;
-        sys::cuda_copy_to_device(self, src)
+        sys::cuda::cuda_copy_to_device(self, src)
     }
 
     /// Copies `src` into the buffer at byte `offset` (synchronously).
     pub fn write_at(&mut self, offset: usize, src: &[u8]) -> Result<(), Error> {
         self.check_range(offset, src.len())?;
         self.ctx.bind_to_thread().map_err(cuda_err)?;
-        sys::cuda_copy_to_device_at(self, offset, src)
+        sys::cuda::cuda_copy_to_device_at(self, offset, src)
     }
 
     /// Copies `out.len()` bytes from byte `offset` of the buffer into `out` (synchronously).
     pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), Error> {
         self.check_range(offset, out.len())?;
         self.ctx.bind_to_thread().map_err(cuda_err)?;
-        sys::cuda_copy_to_host_at(self, offset, out)
+        sys::cuda::cuda_copy_to_host_at(self, offset, out)
     }
 
     fn check_range(&self, offset: usize, len: usize) -> Result<(), Error> {
@@ -105,11 +140,30 @@ impl DeviceBuffer {
         Ok(())
     }
 
+    /// Copies `len` bytes from byte `src_off` of `src` to byte `dst_off` of this buffer and
+    /// waits for the copy; `src` may live on another GPU (`cuMemcpyPeer`).
+    pub fn copy_from_device(
+        &mut self,
+        dst_off: usize,
+        src: &Self,
+        src_off: usize,
+        len: usize,
+    ) -> Result<(), Error> {
+        self.check_range(dst_off, len)?;
+        src.check_range(src_off, len)?;
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
+        sys::cuda::cuda_copy_device(self, dst_off, src, src_off, len)
+    }
+
+    pub(crate) fn cu_ctx(&self) -> cudarc::driver::sys::CUcontext {
+        self.ctx.cu_ctx()
+    }
+
     /// Copies the whole buffer to host memory (synchronously).
     pub fn to_host(&self) -> Result<Vec<u8>, Error> {
         self.ctx.bind_to_thread().map_err(cuda_err)?;
         let mut out = vec![0u8; self.len];
-        sys::cuda_copy_to_host(self, &mut out)?;
+        sys::cuda::cuda_copy_to_host(self, &mut out)?;
         Ok(out)
     }
 
@@ -126,7 +180,7 @@ impl DeviceBuffer {
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_ok() {
-            sys::cuda_free(self);
+            sys::cuda::cuda_free(self);
         }
     }
 }

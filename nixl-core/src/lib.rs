@@ -60,6 +60,7 @@ mod backend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod desc;
+pub mod emulation;
 mod error;
 mod mem;
 mod metadata;

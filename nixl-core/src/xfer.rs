@@ -4,8 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::agent::Agent;
-use crate::desc::Desc;
+use crate::desc::XferDescs;
 use crate::error::{Error, Op};
+use crate::mem::MemType;
 use crate::sys;
 
 /// The direction of a transfer, seen from the initiator.
@@ -128,16 +129,23 @@ pub struct PreparedDescs {
     len: usize,
     lens: Vec<u64>,
     peer: Option<Arc<str>>,
+    mem: MemType,
 }
 
 impl PreparedDescs {
-    pub(crate) fn new(handle: sys::PreparedHandle, descs: &[Desc], peer: Option<&str>) -> Self {
+    pub(crate) fn new(handle: sys::PreparedHandle, descs: &XferDescs, peer: Option<&str>) -> Self {
         Self {
             handle,
             len: descs.len(),
-            lens: descs.iter().map(|d| d.len).collect(),
+            lens: descs.as_slice().iter().map(|d| d.len).collect(),
             peer: peer.map(Into::into),
+            mem: descs.mem_type(),
         }
+    }
+
+    /// The memory type of the prepared descriptors.
+    pub fn mem_type(&self) -> MemType {
+        self.mem
     }
 
     /// Number of prepared descriptors.

@@ -249,3 +249,36 @@ fn plugins_include_the_extracted_ones() {
         .unwrap();
     assert!(ucx.value("ucx_error_handling_mode").is_some(), "{ucx:?}");
 }
+
+#[test]
+fn emulation_risks_know_where_the_peer_lives() {
+    use nixl_core::emulation::EmulationRisk;
+    use nixl_core::{Agent, AgentConfig};
+    let a = Agent::new(&nixl_testkit::unique_name("emu-a"), &AgentConfig::default()).unwrap();
+    let b = Agent::new(&nixl_testkit::unique_name("emu-b"), &AgentConfig::default()).unwrap();
+    let (w, v, d) = (XferOp::Write, MemType::Vram, MemType::Dram);
+    // Host-only transfers never warn.
+    assert!(a.emulation_risks(w, d, d, b.name()).is_empty());
+    // Another agent of this process needs UCX's same-process switch.
+    let same_process_ok = std::env::var("UCX_CUDA_IPC_ENABLE_SAME_PROCESS").is_ok_and(|v| v == "y");
+    let risks = a.emulation_risks(w, v, v, b.name());
+    assert_eq!(
+        risks.contains(&EmulationRisk::SameProcessWithoutIpc),
+        !same_process_ok,
+        "{risks:?}"
+    );
+    // Host memory to a peer's GPU memory is emulated wherever the peer is.
+    assert_eq!(
+        a.emulation_risks(w, d, v, b.name()),
+        vec![EmulationRisk::HostAndPeerVram]
+    );
+    // A copy inside one agent without a UCX backend is not a peer transfer.
+    assert!(a.emulation_risks(w, v, v, a.name()).is_empty());
+    // Once the peer agent is gone, the same name is taken to be another process.
+    let name = b.name().to_owned();
+    drop(b);
+    assert!(
+        !a.emulation_risks(w, v, v, &name)
+            .contains(&EmulationRisk::SameProcessWithoutIpc)
+    );
+}

@@ -70,7 +70,7 @@ fn check_file(rel: &str, text: &str, errors: &mut Vec<String>) {
             errors.push(format!("{rel}:{n}: trailing whitespace"));
         }
         if has_keyword(code, "unsafe") && !in_sys {
-            errors.push(format!("{rel}:{n}: `unsafe` outside nixl-core/src/sys.rs"));
+            errors.push(format!("{rel}:{n}: `unsafe` outside nixl-core/src/sys"));
         }
         if (code.contains("unsafe {") || code.contains("unsafe impl"))
             && has_keyword(code, "unsafe")

@@ -229,98 +229,8 @@ impl crate::Agent {
             Op::RegisterMemory,
             self.inner.register_memory(&SysRegion(region), None),
         )?;
+        self.check_exportable(region);
         Ok(crate::Registration { handle, region })
-    }
-}
-
-/// `cuMemAlloc` plus a zero fill, on the context bound to this thread.
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_alloc_zeroed(len: usize) -> Result<u64, Error> {
-    use cudarc::driver::result;
-    // SAFETY: the caller bound a live context to this thread; cuMemAlloc has no other
-    // precondition and returns a fresh allocation of `len` bytes or an error.
-    let ptr = unsafe { result::malloc_sync(len) }.map_err(crate::cuda::cuda_err)?;
-    // SAFETY: `ptr` is the allocation just made, `len` bytes long, owned by no one else yet.
-    if let Err(e) = unsafe { result::memset_d8_sync(ptr, 0, len) } {
-        // SAFETY: freeing the allocation made above, exactly once, on the same context.
-        let _ = unsafe { result::free_sync(ptr) };
-        return Err(crate::cuda::cuda_err(e));
-    }
-    Ok(ptr)
-}
-
-/// Copies `src` to the start of `buf` (the caller checked the length and bound the context).
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_copy_to_device(
-    buf: &mut crate::cuda::DeviceBuffer,
-    src: &[u8],
-) -> Result<(), Error> {
-    // SAFETY: `buf` owns a live device allocation of at least `src.len()` bytes (checked by the
-    // caller), `&mut` excludes concurrent use, and the copy is synchronous.
-    unsafe { cudarc::driver::result::memcpy_htod_sync(buf.addr(), src) }
-        .map_err(crate::cuda::cuda_err)
-}
-
-/// Copies the whole of `buf` into `out` (same length; the caller bound the context).
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_copy_to_host(
-    buf: &crate::cuda::DeviceBuffer,
-    out: &mut [u8],
-) -> Result<(), Error> {
-    let n = out.len().min(buf.len());
-    // SAFETY: `buf` owns a live device allocation of `buf.len()` bytes and `out` has room for
-    // `n` ≤ that many; the copy is synchronous.
-    unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut out[..n], buf.addr()) }
-        .map_err(crate::cuda::cuda_err)
-}
-
-/// Copies `src` to byte `offset` of `buf` (the caller checked the range and bound the context).
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_copy_to_device_at(
-    buf: &mut crate::cuda::DeviceBuffer,
-    offset: usize,
-    src: &[u8],
-) -> Result<(), Error> {
-    // SAFETY: `offset + src.len()` lies inside the live allocation (checked by the caller),
-    // `&mut` excludes concurrent use, and the copy is synchronous.
-    unsafe { cudarc::driver::result::memcpy_htod_sync(buf.addr() + offset as u64, src) }
-        .map_err(crate::cuda::cuda_err)
-}
-
-/// Copies `out.len()` bytes from byte `offset` of `buf` (range checked, context bound).
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_copy_to_host_at(
-    buf: &crate::cuda::DeviceBuffer,
-    offset: usize,
-    out: &mut [u8],
-) -> Result<(), Error> {
-    // SAFETY: `offset + out.len()` lies inside the live allocation (checked by the caller) and
-    // the copy is synchronous.
-    unsafe { cudarc::driver::result::memcpy_dtoh_sync(out, buf.addr() + offset as u64) }
-        .map_err(crate::cuda::cuda_err)
-}
-
-/// Frees `buf`'s allocation (from Drop, with its context bound).
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_free(buf: &mut crate::cuda::DeviceBuffer) {
-    // SAFETY: called once from DeviceBuffer::drop; the pointer came from cuMemAlloc and any
-    // registration of it was dropped before (Registered drops the registration first).
-    let _ = unsafe { cudarc::driver::result::free_sync(buf.addr()) };
-}
-
-/// Whether libcuda can be loaded (cudarc panics on first use otherwise).
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_driver_present() -> bool {
-    // SAFETY: is_culib_present only attempts to dlopen the driver library and reports the result.
-    unsafe { cudarc::driver::sys::is_culib_present() }
-}
-
-// SAFETY: the DeviceBuffer owns its CudaSlice; the allocation neither moves nor is freed before
-// the buffer drops, and the address/length are fixed at construction.
-#[cfg(feature = "cuda")]
-unsafe impl NixlBuffer for crate::cuda::DeviceBuffer {
-    fn region(&self) -> MemRegion {
-        self.device_region()
     }
 }
 
@@ -345,6 +255,9 @@ unsafe impl NixlBuffer for HostBuffer {
         MemRegion::dram(self.addr(), self.len() as u64)
     }
 }
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 
 /// Benchmark support (feature `__bench`, not covered by semver): lets a benchmark register a
 /// [`HostBuffer`] with a raw `nixl_sys::Agent`, so raw and wrapped paths move identical memory.
