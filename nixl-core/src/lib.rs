@@ -65,6 +65,7 @@ mod error;
 mod mem;
 mod metadata;
 mod notif;
+pub mod proto_info;
 pub mod runtime;
 #[cfg(feature = "__bench")]
 #[doc(hidden)]

@@ -1,0 +1,336 @@
+//! The initiator of one benchmark case: sets up both sides (the target in this process or in a
+//! child process), fills the sources, times transfers and verifies the destinations.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nixl_core::{MemRegion, XferOp, XferRequest};
+use serde_json::{Value, json};
+
+use crate::side::{Layout, MemKind, Side};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Place {
+    /// Both agents in this process.
+    One,
+    /// The target agent in a child process.
+    Two,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Op {
+    Write,
+    Read,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub(crate) struct CaseArgs {
+    #[arg(long)]
+    pub(crate) name: String,
+    #[arg(long, value_enum)]
+    pub(crate) place: Place,
+    #[arg(long, value_enum, default_value = "write")]
+    pub(crate) op: Op,
+    #[arg(long, value_enum, default_value = "vram")]
+    pub(crate) local: MemKind,
+    #[arg(long, value_enum, default_value = "vram")]
+    pub(crate) remote: MemKind,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) gpu: u32,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) remote_gpu: u32,
+    #[command(flatten)]
+    pub(crate) layout: Layout,
+    /// Seconds of timed transfers (at least 5 transfers, at most 5000).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) seconds: f64,
+    /// Also time requests made from descriptor lists prepared once (what nixl-kv does).
+    #[arg(long)]
+    pub(crate) prepared: bool,
+    /// Write the JSON result here instead of stdout (UCX_PROTO_INFO prints to stdout too).
+    #[arg(long)]
+    pub(crate) result: Option<std::path::PathBuf>,
+}
+
+/// The remote side as the initiator sees it.
+enum Target {
+    Local(Side),
+    Child {
+        child: Child,
+        stdin: ChildStdin,
+        stdout: BufReader<ChildStdout>,
+        name: String,
+        regions: Vec<MemRegion>,
+        metadata: Vec<u8>,
+    },
+}
+
+impl Target {
+    fn start(args: &CaseArgs) -> anyhow::Result<Self> {
+        match args.place {
+            Place::One => {
+                let name = format!("gpubench-b-{}", std::process::id());
+                Ok(Self::Local(Side::new(
+                    &name,
+                    args.remote,
+                    args.remote_gpu,
+                    args.layout,
+                )?))
+            }
+            Place::Two => spawn_child(args),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Self::Local(s) => s.agent.name(),
+            Self::Child { name, .. } => name,
+        }
+    }
+
+    fn metadata(&self) -> anyhow::Result<Vec<u8>> {
+        Ok(match self {
+            Self::Local(s) => s.agent.local_metadata()?.as_bytes().to_vec(),
+            Self::Child { metadata, .. } => metadata.clone(),
+        })
+    }
+
+    fn regions(&self) -> Vec<MemRegion> {
+        match self {
+            Self::Local(s) => s.mem.regions(),
+            Self::Child { regions, .. } => regions.clone(),
+        }
+    }
+
+    fn command(&mut self, cmd: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Local(s) => match cmd {
+                "FILL" => s.fill_sources(),
+                _ => s.verify_destinations(),
+            },
+            Self::Child { stdin, stdout, .. } => {
+                writeln!(stdin, "{cmd}")?;
+                stdin.flush()?;
+                let line = reply(stdout)?;
+                if line.trim() != "OK" {
+                    bail!("target answered {cmd} with {}", line.trim());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Progresses an in-process target (a child progresses itself).
+    fn progress(&self, seen: &mut Vec<nixl_core::Notification>) {
+        if let Self::Local(s) = self {
+            let _ = s.agent.drain_notifications(seen);
+            seen.clear();
+        }
+    }
+
+    fn stop(self) {
+        if let Self::Child {
+            mut child,
+            mut stdin,
+            ..
+        } = self
+        {
+            let _ = writeln!(stdin, "QUIT");
+            drop(stdin);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The next protocol line from the target (UCX may print its own lines to the same stdout).
+fn reply(stdout: &mut BufReader<ChildStdout>) -> anyhow::Result<String> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if stdout.read_line(&mut line)? == 0 {
+            bail!("the target process exited");
+        }
+        if ["READY", "OK", "BAD", "ERR"]
+            .iter()
+            .any(|k| line.starts_with(k))
+        {
+            return Ok(line);
+        }
+    }
+}
+
+fn spawn_child(args: &CaseArgs) -> anyhow::Result<Target> {
+    let l = &args.layout;
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("target")
+        .args(["--mem", &format!("{:?}", args.remote).to_lowercase()])
+        .args(["--gpu", &args.remote_gpu.to_string()])
+        .args(["--buffers", &l.buffers.to_string()])
+        .args(["--pool-pages", &l.pool_pages.to_string()])
+        .args(["--block", &l.block.to_string()])
+        .args(["--per-buffer", &l.per_buffer.to_string()])
+        .env_remove("UCX_PROTO_INFO")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the target process")?;
+    let stdin = child.stdin.take().context("child stdin")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("child stdout")?);
+    let line = reply(&mut stdout)?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let ["READY", name, md, addrs] = words[..] else {
+        let _ = child.kill();
+        bail!("target did not start: {line:?}");
+    };
+    let metadata = nixl_testkit::unhex(md).context("target metadata hex")?;
+    let len = l.buffer_len() as u64;
+    let mem = args.remote.nixl();
+    let regions = addrs
+        .split(',')
+        .map(|a| {
+            Ok(MemRegion {
+                addr: a.parse()?,
+                len,
+                dev: u64::from(args.remote_gpu),
+                mem,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let target = Target::Child {
+        child,
+        stdin,
+        stdout,
+        name: name.to_owned(),
+        regions,
+        metadata,
+    };
+    Ok(target)
+}
+
+/// Per-transfer times of one series.
+struct Series {
+    first: Duration,
+    samples: Vec<Duration>,
+}
+
+impl Series {
+    fn json(&self, bytes: u64) -> Value {
+        let mut s = self.samples.clone();
+        s.sort();
+        let pct = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+        let total: Duration = s.iter().sum();
+        let mean = total / s.len() as u32;
+        let gbps = |d: Duration| bytes as f64 / d.as_secs_f64() / 1e9;
+        json!({
+            "reps": s.len(),
+            "first_us": self.first.as_secs_f64() * 1e6,
+            "mean_us": mean.as_secs_f64() * 1e6,
+            "p50_us": pct(0.5).as_secs_f64() * 1e6,
+            "p99_us": pct(0.99).as_secs_f64() * 1e6,
+            "gbps": gbps(mean),
+        })
+    }
+}
+
+/// Times `make` + post + wait until `seconds` have passed (5 to 5000 transfers).
+fn time_series(
+    seconds: f64,
+    target: &Target,
+    mut make: impl FnMut() -> anyhow::Result<XferRequest>,
+) -> anyhow::Result<Series> {
+    let mut seen = Vec::new();
+    let mut one = || -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let req = make()?;
+        req.post()?;
+        req.wait(Duration::from_secs(60), || target.progress(&mut seen))?;
+        Ok(t.elapsed())
+    };
+    let first = one()?;
+    one()?;
+    let budget = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < 5 || (start.elapsed() < budget && samples.len() < 5000) {
+        samples.push(one()?);
+    }
+    Ok(Series { first, samples })
+}
+
+/// Runs one case and returns its JSON result.
+pub(crate) fn run(args: &CaseArgs) -> anyhow::Result<Value> {
+    let l = args.layout;
+    let name = format!("gpubench-a-{}", std::process::id());
+    let mut local = Side::new(&name, args.local, args.gpu, l)?;
+    let mut target = Target::start(args)?;
+    let result = run_with(args, &mut local, &mut target);
+    target.stop();
+    let (series, prepared, risks) = result?;
+    let mut out = json!({
+        "case": args.name,
+        "place": format!("{:?}", args.place).to_lowercase(),
+        "op": format!("{:?}", args.op).to_lowercase(),
+        "local": format!("{:?}", args.local).to_lowercase(),
+        "remote": format!("{:?}", args.remote).to_lowercase(),
+        "gpu": args.gpu,
+        "remote_gpu": args.remote_gpu,
+        "descs": l.descs(),
+        "block": l.block,
+        "bytes": l.bytes(),
+        "create": series.json(l.bytes()),
+        "verified": true,
+        "predicted_emulation": risks,
+    });
+    if let Some(p) = prepared {
+        out["prepared"] = p.json(l.bytes());
+    }
+    Ok(out)
+}
+
+type Outcome = (Series, Option<Series>, Vec<String>);
+
+fn run_with(args: &CaseArgs, local: &mut Side, target: &mut Target) -> anyhow::Result<Outcome> {
+    let l = args.layout;
+    local.agent.load_remote(&target.metadata()?)?;
+    let peer = target.name().to_owned();
+    let (op, source_is_local) = match args.op {
+        Op::Write => (XferOp::Write, true),
+        Op::Read => (XferOp::Read, false),
+    };
+    if source_is_local {
+        local.fill_sources()?;
+    } else {
+        target.command("FILL")?;
+    }
+    let (lmem, rmem) = (args.local.nixl(), args.remote.nixl());
+    let ldescs = l.xfer_descs(&local.mem.regions(), lmem, source_is_local);
+    let rdescs = l.xfer_descs(&target.regions(), rmem, !source_is_local);
+    let risks: Vec<String> = local
+        .agent
+        .emulation_risks(op, lmem, rmem, &peer)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let agent = local.agent.clone();
+    let series = time_series(args.seconds, target, || {
+        Ok(agent.create_request(op, &ldescs, &rdescs, &peer, Some(b"gpubench"))?)
+    })?;
+    let prepared = if args.prepared {
+        let lp = agent.prepare(None, &ldescs)?;
+        let rp = agent.prepare(Some(&peer), &rdescs)?;
+        let idx: Vec<i32> = (0..i32::try_from(l.descs())?).collect();
+        Some(time_series(args.seconds, target, || {
+            Ok(agent.make_request(op, &lp, &idx, &rp, &idx, Some(b"gpubench"))?)
+        })?)
+    } else {
+        None
+    };
+    if source_is_local {
+        target.command("VERIFY")?;
+    } else {
+        local.verify_destinations()?;
+    }
+    Ok((series, prepared, risks))
+}

@@ -1,0 +1,377 @@
+//! `gpubench all`: the anchors, then every case in a child process of its own (so that each
+//! gets its own UCX environment and `UCX_PROTO_INFO` tables), then the `pd` flow, then one
+//! Markdown report with the ratios.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use nixl_core::proto_info::rma_tables;
+use serde_json::{Value, json};
+
+use crate::report;
+
+#[derive(Clone, Debug, clap::Args)]
+pub(crate) struct AllArgs {
+    #[arg(long, default_value_t = 0)]
+    pub(crate) gpu: u32,
+    /// The GPU of the target side (default: the same GPU).
+    #[arg(long)]
+    pub(crate) remote_gpu: Option<u32>,
+    /// The `pd` binary, for the prefill/decode rows and their ratio to raw NIXL.
+    #[arg(long)]
+    pub(crate) pd: Option<PathBuf>,
+    /// Directory for per-case logs, results.json and report.md.
+    #[arg(long, default_value = "gpubench-out")]
+    pub(crate) out: PathBuf,
+    /// Seconds of timed transfers per case and series.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) seconds: f64,
+    /// Ordinary host memory everywhere, no anchors (needs no GPU; for trying the program out).
+    #[arg(long)]
+    pub(crate) host: bool,
+}
+
+/// One planned case: its command-line arguments and extra environment.
+struct Plan {
+    args: Vec<String>,
+    env: Vec<(&'static str, &'static str)>,
+    /// A short label for the configuration column.
+    config: &'static str,
+}
+
+const SAME_PROCESS: (&str, &str) = ("UCX_CUDA_IPC_ENABLE_SAME_PROCESS", "y");
+
+/// Environment variables for a case.
+type Env = &'static [(&'static str, &'static str)];
+
+fn plan(a: &AllArgs) -> Vec<Plan> {
+    let rg = a.remote_gpu.unwrap_or(a.gpu);
+    let two_gpus = rg != a.gpu;
+    let base = |name: &str, place: &str| -> Vec<String> {
+        [
+            "case",
+            "--name",
+            name,
+            "--place",
+            place,
+            "--gpu",
+            &a.gpu.to_string(),
+            "--remote-gpu",
+            &rg.to_string(),
+            "--seconds",
+            &a.seconds.to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let with = |mut v: Vec<String>, extra: &[&str]| {
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v
+    };
+    let sizes: [(&str, &[&str]); 5] = [
+        ("1 x 4 KiB", &["--block", "4096"]),
+        ("1 x 64 KiB", &["--block", "65536"]),
+        ("1 x 1 MiB", &["--block", "1048576"]),
+        ("1 x 64 MiB", &["--block", "67108864"]),
+        (
+            "4096 x 64 KiB scattered",
+            &[
+                "--block",
+                "65536",
+                "--pool-pages",
+                "8192",
+                "--per-buffer",
+                "4096",
+            ],
+        ),
+    ];
+    let mut out = Vec::new();
+    let places: &[(&str, &'static str, Env)] = if two_gpus {
+        &[("two", "2 proc", &[])]
+    } else {
+        &[
+            ("two", "2 proc", &[]),
+            ("one", "1 proc + SAME_PROCESS", &[SAME_PROCESS]),
+        ]
+    };
+    for &(place, config, env) in places {
+        for (name, extra) in sizes {
+            out.push(Plan {
+                args: with(base(name, place), extra),
+                env: env.to_vec(),
+                config,
+            });
+        }
+    }
+    let pd_secs = (a.seconds * 3.0).to_string();
+    for ppr in ["32", "256"] {
+        let name = format!("pd descriptors: 64 x {ppr} x 32 KiB");
+        let mut args = with(
+            base(&name, "two"),
+            &[
+                "--block",
+                "32768",
+                "--buffers",
+                "64",
+                "--pool-pages",
+                "600",
+                "--per-buffer",
+                ppr,
+                "--prepared",
+            ],
+        );
+        if let Some(i) = args.iter().position(|s| s == "--seconds") {
+            args[i + 1].clone_from(&pd_secs);
+        }
+        out.push(Plan {
+            args,
+            env: vec![],
+            config: "2 proc",
+        });
+    }
+    // Configurations in which UCX emulates; each should be predicted by nixl-core.
+    let short = |v: Vec<String>| {
+        let mut v = v;
+        if let Some(i) = v.iter().position(|s| s == "--seconds") {
+            v[i + 1] = "0.3".into();
+        }
+        v
+    };
+    let mib = ["--block", "1048576"];
+    let m64 = ["--block", "67108864"];
+    if !two_gpus {
+        out.push(Plan {
+            args: short(with(base("1 x 1 MiB", "one"), &mib)),
+            env: vec![],
+            config: "1 proc, default UCX",
+        });
+    }
+    out.push(Plan {
+        args: short(with(
+            base("1 x 1 MiB", "two"),
+            &[&mib[..], &["--local", "pinned"]].concat(),
+        )),
+        env: vec![],
+        config: "2 proc, pinned host -> VRAM",
+    });
+    out.push(Plan {
+        args: short(with(
+            base("1 x 64 MiB", "two"),
+            &[&m64[..], &["--op", "read"]].concat(),
+        )),
+        env: vec![],
+        config: "2 proc, READ",
+    });
+    out.push(Plan {
+        args: short(with(
+            base("1 x 64 MiB", "two"),
+            &[&m64[..], &["--op", "read"]].concat(),
+        )),
+        env: vec![("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "y")],
+        config: "2 proc, READ + GET_ZCOPY=y",
+    });
+    out.push(Plan {
+        args: short(with(base("1 x 1 MiB", "two"), &mib)),
+        env: vec![("UCX_TLS", "tcp,cuda_copy")],
+        config: "2 proc, UCX_TLS=tcp,cuda_copy",
+    });
+    if a.host {
+        out.retain(|p| !p.args.iter().any(|s| s == "--local"));
+        for p in &mut out {
+            p.args
+                .extend(["--local", "host", "--remote", "host"].map(String::from));
+        }
+    }
+    out
+}
+
+/// Runs one planned case in a child process; returns its JSON with the UCX tables added.
+fn run_case(p: &Plan, log: &Path) -> anyhow::Result<Value> {
+    let result = log.with_extension("json");
+    let _ = std::fs::remove_file(&result);
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(&p.args)
+        .arg("--result")
+        .arg(&result)
+        .env("UCX_PROTO_INFO", "y");
+    for (k, v) in &p.env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("running a case")?;
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(log, &text)?;
+    let mut v: Value = match std::fs::read_to_string(&result) {
+        Ok(l) if out.status.success() => serde_json::from_str(&l)?,
+        _ => json!({ "case": p.args[2], "failed": format!("{}: {}", out.status, tail(&text)) }),
+    };
+    let tables: Vec<Value> = rma_tables(&text)
+        .into_iter()
+        .map(|t| {
+            json!({
+                "endpoint": t.endpoint,
+                "operation": t.operation,
+                "summary": t.summary(),
+                "emulated": t.emulated(),
+                "gpu": t.involves_gpu(),
+            })
+        })
+        .collect();
+    v["ucx_tables"] = Value::Array(tables);
+    v["config"] = json!(p.config);
+    v["env"] = json!(
+        p.env
+            .iter()
+            .map(|(k, val)| format!("{k}={val}"))
+            .collect::<Vec<_>>()
+    );
+    Ok(v)
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains('|') && !l.starts_with(' ') && !l.starts_with('['))
+        .collect();
+    lines[lines.len().saturating_sub(5)..].join(" / ")
+}
+
+/// Runs the `pd` flow (prefill and decode processes, VRAM pools) for 32 and 256 pages.
+fn run_pd(pd: &Path, a: &AllArgs, out_dir: &Path) -> anyhow::Result<Vec<Value>> {
+    let rg = a.remote_gpu.unwrap_or(a.gpu);
+    let pool = |dev: u32| -> Vec<String> {
+        let device = if a.host {
+            "cpu".to_owned()
+        } else {
+            format!("gpu:{dev}")
+        };
+        [
+            "--layers",
+            "32",
+            "--page-bytes",
+            "32768",
+            "--pages",
+            "600",
+            "--device",
+            &device,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let mut rows = Vec::new();
+    for (ppr, n) in [(32, 200), (256, 40)] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let plog = out_dir.join(format!("pd-prefill-{ppr}.log"));
+        let mut prefill = Command::new(pd)
+            .arg("prefill")
+            .args(["--bootstrap-port", &port.to_string()])
+            .args(pool(a.gpu))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting pd prefill")?;
+        let mut err = BufReader::new(prefill.stderr.take().context("stderr")?);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if err.read_line(&mut line)? == 0 {
+                bail!("pd prefill exited before its bootstrap server started");
+            }
+            if line.contains("bootstrap on") {
+                break;
+            }
+        }
+        let drain = std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+            rest
+        });
+        for verify in [true, false] {
+            let mut cmd = Command::new(pd);
+            cmd.arg("decode")
+                .args(["--bootstrap", &format!("127.0.0.1:{port}")])
+                .args(pool(rg))
+                .args([
+                    "--requests",
+                    &n.to_string(),
+                    "--pages-per-request",
+                    &ppr.to_string(),
+                ])
+                .args(["--concurrency", "1", "--json"]);
+            if !verify {
+                cmd.arg("--no-verify");
+            }
+            let out = cmd.output()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let json_line = text.lines().rev().find(|l| l.starts_with('{'));
+            let mut v: Value = match json_line {
+                Some(l) => serde_json::from_str(l)?,
+                None => json!({"failed": tail(&String::from_utf8_lossy(&out.stderr))}),
+            };
+            v["pages_per_request"] = json!(ppr);
+            v["verified"] = json!(verify && out.status.success());
+            v["exit"] = json!(out.status.code());
+            rows.push(v);
+        }
+        let _ = prefill.kill();
+        let _ = prefill.wait();
+        std::fs::write(&plog, drain.join().unwrap_or_default())?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(rows)
+}
+
+pub(crate) fn all(a: &AllArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&a.out)?;
+    let peer = a.remote_gpu.filter(|&r| r != a.gpu);
+    eprintln!(
+        "gpubench: anchors on GPU {}{}",
+        a.gpu,
+        peer.map_or(String::new(), |p| format!(" and {p}"))
+    );
+    let anchors = if a.host {
+        json!({"gpu": null})
+    } else {
+        crate::anchors::measure(a.gpu, peer)?
+    };
+    let plans = plan(a);
+    let bar = ProgressBar::new(plans.len() as u64)
+        .with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
+    let mut cases = Vec::new();
+    for (i, p) in plans.iter().enumerate() {
+        bar.set_message(format!("{} ({})", p.args[2], p.config));
+        cases.push(run_case(p, &a.out.join(format!("case-{i:02}.log")))?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let pd = match &a.pd {
+        Some(pd) => {
+            eprintln!("gpubench: pd flow");
+            run_pd(pd, a, &a.out)?
+        }
+        None => Vec::new(),
+    };
+    let all = json!({"anchors": anchors, "cases": cases, "pd": pd});
+    std::fs::write(
+        a.out.join("results.json"),
+        serde_json::to_string_pretty(&all)?,
+    )?;
+    let md = report::markdown(&all);
+    std::fs::write(a.out.join("report.md"), &md)?;
+    println!("{md}");
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! `gpubench`: NIXL GPU-memory benchmarks for the lent GPU machine (feature `cuda`).
+//!
+//! ```text
+//! gpubench all [--gpu 0] [--remote-gpu 1] [--pd path/to/pd] [--out DIR] [--seconds S]
+//! gpubench case --name N --place one|two [--op write|read] [--local vram|pinned] ...
+//! gpubench target ...   (started by `case --place two`)
+//! ```
+//!
+//! `all` measures the copy-engine anchors, runs each case in a child process with
+//! `UCX_PROTO_INFO=y` (recording the protocol and transport UCX chose and comparing it with
+//! nixl-core's emulation prediction), runs the `pd` flow with VRAM pools when given the binary,
+//! and writes `results.json` and `report.md`. Every case verifies every byte it moved.
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    missing_docs,
+    reason = "command-line benchmark program"
+)]
+
+mod anchors;
+mod case;
+mod driver;
+mod report;
+mod side;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "gpubench", about = "NIXL GPU-memory benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Anchors, every case, the pd flow, and the report.
+    All(driver::AllArgs),
+    /// One case, printed as one JSON line.
+    Case(case::CaseArgs),
+    /// Re-renders the Markdown report from a results.json.
+    Report { results: std::path::PathBuf },
+    /// The target side of a two-process case.
+    Target {
+        #[arg(long, value_enum)]
+        mem: side::MemKind,
+        #[arg(long, default_value_t = 0)]
+        gpu: u32,
+        #[command(flatten)]
+        layout: side::Layout,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::All(a) => driver::all(&a),
+        Cmd::Case(c) => {
+            let out = case::run(&c)?.to_string();
+            match &c.result {
+                Some(path) => std::fs::write(path, out)?,
+                None => println!("{out}"),
+            }
+            Ok(())
+        }
+        Cmd::Report { results } => {
+            let all: serde_json::Value = serde_json::from_slice(&std::fs::read(results)?)?;
+            println!("{}", report::markdown(&all));
+            Ok(())
+        }
+        Cmd::Target { mem, gpu, layout } => side::serve(mem, gpu, layout),
+    }
+}

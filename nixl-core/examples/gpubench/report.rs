@@ -1,0 +1,186 @@
+//! The Markdown report of `gpubench all`.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// What UCX chose, from the case's PROTO_INFO tables.
+fn observed(case: &Value) -> (String, bool) {
+    // The tables of this case's operation towards the peer (not the agents' self endpoints),
+    // GPU ones when there are any (host-only runs have none).
+    let rma = if case["op"] == "read" {
+        "ucp_get"
+    } else {
+        "ucp_put"
+    };
+    let all: Vec<Value> = case["ucx_tables"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| {
+            t["operation"].as_str().is_some_and(|o| o.contains(rma))
+                && !t["endpoint"].as_str().is_some_and(|e| e.contains(" self "))
+        })
+        .collect();
+    let gpu: Vec<Value> = all.iter().filter(|t| t["gpu"] == true).cloned().collect();
+    let tables = if gpu.is_empty() { all } else { gpu };
+    let emulated = tables.iter().any(|t| t["emulated"].as_bool() == Some(true));
+    let mut parts: Vec<String> = Vec::new();
+    for t in &tables {
+        let s = t["summary"].as_str().unwrap_or("").to_owned();
+        if !parts.contains(&s) {
+            parts.push(s);
+        }
+    }
+    let text = if parts.is_empty() {
+        "(no table)".to_owned()
+    } else {
+        parts.join(" / ")
+    };
+    (text, emulated)
+}
+
+fn predicted(case: &Value) -> (String, bool) {
+    let risks = case["predicted_emulation"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if risks.is_empty() {
+        return ("zero-copy".into(), false);
+    }
+    let first = risks[0].as_str().unwrap_or("");
+    let short: String = first.chars().take(70).collect();
+    (format!("emulation: {short}…"), true)
+}
+
+pub(crate) fn markdown(all: &Value) -> String {
+    let mut s = String::new();
+    let a = &all["anchors"];
+    let dtod = f(&a["dtod_1g_gbps"]);
+    let _ = writeln!(s, "#### Anchors (GPU {})\n", a["gpu"]);
+    let _ = writeln!(s, "| copy | GB/s |\n|---|---|");
+    for (k, label) in [
+        ("dtod_1g_gbps", "cuMemcpyDtoD 1 GiB (one-way bytes)"),
+        ("dtod_64m_gbps", "cuMemcpyDtoD 64 MiB"),
+        ("pinned_htod_gbps", "pinned host → device, 256 MiB"),
+        ("pinned_dtoh_gbps", "device → pinned host, 256 MiB"),
+        ("peer_copy_gbps", "cuMemcpyPeer GPU a → GPU b, 1 GiB"),
+        ("peer_copy_back_gbps", "cuMemcpyPeer GPU b → GPU a, 1 GiB"),
+    ] {
+        if !a[k].is_null() {
+            let _ = writeln!(s, "| {label} | {:.1} |", f(&a[k]));
+        }
+    }
+    let cases = all["cases"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "\n#### nixl-core transfers (create + post + wait per transfer, notification on each)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| case | config | op | GB/s | of DtoD | mean µs | p50 µs | p99 µs | first µs | reps | UCX chose (PROTO_INFO) | nixl-core predicted | agree |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut disagreements = 0;
+    for c in &cases {
+        if let Some(why) = c["failed"].as_str() {
+            let _ = writeln!(
+                s,
+                "| {} | {} | | **failed**: {why} |||||||||",
+                c["case"], c["config"]
+            );
+            continue;
+        }
+        let cr = &c["create"];
+        let (obs, emulated) = observed(c);
+        let (pred, predicted_emul) = predicted(c);
+        let agree = emulated == predicted_emul;
+        if !agree {
+            disagreements += 1;
+        }
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} {}→{} | {:.2} | {:.1}% | {:.1} | {:.1} | {:.1} | {:.0} | {} | {obs} | {pred} | {} |",
+            c["case"].as_str().unwrap_or(""),
+            c["config"].as_str().unwrap_or(""),
+            c["op"].as_str().unwrap_or(""),
+            c["local"].as_str().unwrap_or(""),
+            c["remote"].as_str().unwrap_or(""),
+            f(&cr["gbps"]),
+            100.0 * f(&cr["gbps"]) / dtod,
+            f(&cr["mean_us"]),
+            f(&cr["p50_us"]),
+            f(&cr["p99_us"]),
+            f(&cr["first_us"]),
+            cr["reps"],
+            if agree { "yes" } else { "**no**" },
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nPredictions that disagree with UCX's tables: {disagreements}."
+    );
+    pd_section(&mut s, all, &cases);
+    s
+}
+
+fn pd_section(s: &mut String, all: &Value, cases: &[Value]) {
+    let pd = all["pd"].as_array().cloned().unwrap_or_default();
+    if pd.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n#### pd flow (prefill and decode processes, VRAM pools) vs raw nixl-core on the same descriptors\n"
+    );
+    let _ = writeln!(
+        s,
+        "| pages/request | descs | pd verified | pd GB/s (no-verify) | pd p50 ms | pd p99 ms | raw create p50 ms | raw prepared p50 ms | raw best GB/s | pd / raw GB/s | raw p50 / pd p50 |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for ppr in [32u64, 256] {
+        let rows: Vec<&Value> = pd
+            .iter()
+            .filter(|r| r["pages_per_request"] == ppr)
+            .collect();
+        let verified = rows.iter().find(|r| r["verified"] == true);
+        let bench = rows
+            .iter()
+            .find(|r| r["verified"] == false && r["failed"].is_null());
+        let raw = cases.iter().find(|c| {
+            c["case"]
+                .as_str()
+                .is_some_and(|n| n.contains(&format!("64 x {ppr} x")))
+        });
+        let (Some(b), Some(raw)) = (bench, raw) else {
+            let _ = writeln!(s, "| {ppr} | | missing run |||||||||");
+            continue;
+        };
+        let create = &raw["create"];
+        let prep = &raw["prepared"];
+        let best_gbps = f(&create["gbps"]).max(f(&prep["gbps"]));
+        let best_p50 = f(&create["p50_us"]).min(f(&prep["p50_us"])) / 1e3;
+        let _ = writeln!(
+            s,
+            "| {ppr} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} |",
+            raw["descs"],
+            verified.map_or_else(
+                || "not run".to_owned(),
+                |v| format!("{} requests, {} failed", v["requests"], v["failures"])
+            ),
+            f(&b["gbps"]),
+            f(&b["p50_ms"]),
+            f(&b["p99_ms"]),
+            f(&create["p50_us"]) / 1e3,
+            f(&prep["p50_us"]) / 1e3,
+            best_gbps,
+            f(&b["gbps"]) / best_gbps,
+            best_p50 / f(&b["p50_ms"]),
+        );
+    }
+}
