@@ -109,6 +109,10 @@ enum Cmd {
         /// Print one JSON object at the end instead of the text summary.
         #[arg(long)]
         json: bool,
+        /// Where the pages live: `cpu` (registered host memory) or `gpu:N` (GPU N, staged
+        /// through a pinned buffer of one batch).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
@@ -185,9 +189,94 @@ fn main() -> anyhow::Result<()> {
             page_bytes,
             batch,
             json,
-        } => bench(&store, pages, page_bytes, batch.max(1), json)?,
+            device,
+        } => {
+            let gpu = match device.strip_prefix("gpu:") {
+                Some(n) => Some(n.parse::<u32>().context("--device gpu:N")?),
+                None if device == "cpu" => None,
+                None => bail!("--device is cpu or gpu:N, not {device}"),
+            };
+            bench(&store, pages, page_bytes, batch.max(1), json, gpu)?;
+        }
     }
     Ok(())
+}
+
+/// `bench --device gpu:N`: pages in GPU memory, staged through a pinned buffer of one batch.
+#[cfg(feature = "cuda")]
+mod device {
+    use std::time::{Duration, Instant};
+
+    use nixl_core::cuda::DeviceBuffer;
+    use nixl_hicache::{DevicePage, HiCache, page_key};
+
+    /// Stores every page of a GPU buffer, loads them into another, and compares the two.
+    pub(crate) fn run(
+        cache: &HiCache,
+        gpu: u32,
+        pages: usize,
+        page_bytes: usize,
+        batch: usize,
+        json: bool,
+    ) -> anyhow::Result<(Duration, Duration, usize, bool)> {
+        let total = pages * page_bytes;
+        let mut pattern = vec![0u8; total];
+        nixl_testkit::pattern::fill(&mut pattern, 42);
+        let mut src = DeviceBuffer::new(gpu, total)?;
+        src.copy_from_host(&pattern)?;
+        let mut dst = DeviceBuffer::new(gpu, total)?;
+        let mut staging = cache.device_staging(gpu, batch * page_bytes)?;
+        // Keys distinct from the host bench's, so a previous run cannot satisfy this one.
+        let keys: Vec<String> = (0..pages as u32)
+            .map(|i| page_key(&[i, 0x6e4d], None))
+            .collect();
+        let list: Vec<DevicePage<'_>> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| DevicePage {
+                key: k,
+                offset: i * page_bytes,
+                len: page_bytes,
+            })
+            .collect();
+        let bar = |msg: &'static str| super::bar(pages, json, msg);
+        let b = bar("set");
+        let start = Instant::now();
+        for chunk in list.chunks(batch) {
+            cache.batch_set_device(&mut staging, &src, chunk)?;
+            b.inc(chunk.len() as u64);
+        }
+        let set_t = start.elapsed();
+        b.finish();
+        let b = bar("get");
+        let start = Instant::now();
+        let mut misses = 0;
+        for chunk in list.chunks(batch) {
+            let hits = cache.batch_get_device(&mut staging, &mut dst, chunk)?;
+            misses += hits.iter().filter(|&&h| !h).count();
+            b.inc(chunk.len() as u64);
+        }
+        let get_t = start.elapsed();
+        b.finish();
+        let ok = misses == 0 && dst.to_host()? == pattern;
+        Ok((set_t, get_t, misses, ok))
+    }
+}
+
+/// A progress bar over `pages` pages (hidden with `--json`).
+fn bar(pages: usize, json: bool, msg: &'static str) -> ProgressBar {
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(pages as u64)
+    };
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>5} [{bar:40}] {pos}/{len} pages {per_sec}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(msg);
+    bar
 }
 
 fn open(store: &Store) -> anyhow::Result<HiCache> {
@@ -230,27 +319,35 @@ fn bench(
     page_bytes: usize,
     batch: usize,
     json: bool,
+    gpu: Option<u32>,
 ) -> anyhow::Result<()> {
     let cache = open(store)?;
     let total = pages
         .checked_mul(page_bytes)
         .context("pages x page-bytes overflows")?;
+    if let Some(gpu) = gpu {
+        #[cfg(not(feature = "cuda"))]
+        bail!("GPU {gpu}: this build lacks the `cuda` feature (cargo run --features cuda ...)");
+        #[cfg(feature = "cuda")]
+        let (set_t, get_t, misses, ok) = device::run(&cache, gpu, pages, page_bytes, batch, json)?;
+        #[cfg(feature = "cuda")]
+        return summary(
+            pages,
+            page_bytes,
+            batch,
+            json,
+            (set_t, get_t, misses, ok),
+            Some(gpu),
+        );
+    }
     let mut src = cache.register_buffer(HostBuffer::new(total)?)?;
     nixl_testkit::pattern::fill(src.buffer_mut().as_mut_slice(), 42);
     let dst = cache.register_buffer(HostBuffer::new(total)?)?;
     let keys: Vec<String> = (0..pages as u32)
         .map(|i| page_key(&[i, 0x5eed], None))
         .collect();
-    let style = ProgressStyle::with_template("{msg:>5} [{bar:40}] {pos}/{len} pages {per_sec}")?
-        .progress_chars("=> ");
     let run = |msg: &'static str, base: u64, write: bool| -> anyhow::Result<(Duration, usize)> {
-        let bar = if json {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(pages as u64)
-        };
-        bar.set_style(style.clone());
-        bar.set_message(msg);
+        let bar = bar(pages, json, msg);
         let start = Instant::now();
         let mut misses = 0;
         for (b, chunk) in keys.chunks(batch).enumerate() {
@@ -281,9 +378,31 @@ fn bench(
     let (set_t, _) = run("set", src.region().addr, true)?;
     let (get_t, misses) = run("get", dst.region().addr, false)?;
     let ok = src.buffer().as_slice() == dst.buffer().as_slice() && misses == 0;
+    summary(
+        pages,
+        page_bytes,
+        batch,
+        json,
+        (set_t, get_t, misses, ok),
+        None,
+    )
+}
+
+/// Prints the bench result; an error if anything missed or differed.
+fn summary(
+    pages: usize,
+    page_bytes: usize,
+    batch: usize,
+    json: bool,
+    (set_t, get_t, misses, ok): (Duration, Duration, usize, bool),
+    gpu: Option<u32>,
+) -> anyhow::Result<()> {
+    let total = pages * page_bytes;
     let gbps = |d: Duration| total as f64 / d.as_secs_f64() / 1e9;
+    let device = gpu.map_or_else(|| "cpu".to_owned(), |g| format!("gpu:{g}"));
     if json {
         let out = serde_json::json!({
+            "device": device,
             "pages": pages, "page_bytes": page_bytes, "batch": batch, "bytes": total,
             "set_seconds": set_t.as_secs_f64(), "get_seconds": get_t.as_secs_f64(),
             "set_gbps": gbps(set_t), "get_gbps": gbps(get_t), "misses": misses, "verified": ok,
@@ -291,7 +410,7 @@ fn bench(
         println!("{out}");
     } else {
         println!(
-            "{pages} pages x {page_bytes} B, batch {batch}: batch_set {:.2} GB/s ({:.1} ms), batch_get {:.2} GB/s ({:.1} ms), {}",
+            "{pages} pages x {page_bytes} B in {device}, batch {batch}: batch_set {:.2} GB/s ({:.1} ms), batch_get {:.2} GB/s ({:.1} ms), {}",
             gbps(set_t),
             set_t.as_secs_f64() * 1e3,
             gbps(get_t),

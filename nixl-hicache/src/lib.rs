@@ -30,6 +30,8 @@
 
 mod config;
 mod connector;
+#[cfg(feature = "cuda")]
+mod device;
 mod error;
 mod files;
 mod key;
@@ -39,5 +41,7 @@ pub use config::{
     DEFAULT_DIR, DEFAULT_MAX_OPEN, DIR_ENV, FILE_PLUGINS, HiCacheConfig, Plugin, WriteMode,
 };
 pub use connector::{HiCache, RawTarget, create_file, open_files};
+#[cfg(feature = "cuda")]
+pub use device::{DevicePage, DeviceStaging};
 pub use error::{Error, Result};
 pub use key::{KeySuffix, page_key, page_keys};

@@ -303,6 +303,11 @@ fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::
     );
     let mut active: HashMap<u64, (KvSender, Vec<u32>, usize)> = HashMap::new();
     let mut next_slot = 0u32;
+    // Per-room time from claiming the room (all decode infos arrived) to both transfers done,
+    // summarised on stderr every 20 rooms: the transfer time as this side sees it, to tell
+    // apart from what the decode measures (which adds the ZMQ request and the notification).
+    let mut claimed: HashMap<u64, Instant> = HashMap::new();
+    let mut served: Vec<Duration> = Vec::new();
     loop {
         for (room, n) in mgr.unclaimed_rooms() {
             let slot = next_slot % pool.aux_slots;
@@ -315,6 +320,7 @@ fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::
                     *b = aux_byte(room, k, j);
                 }
             }
+            claimed.insert(room, Instant::now());
             let mut tx = KvSender::new(&mgr, room);
             tx.init(n, slot);
             let src: Vec<u32> = (0..u64::from(n))
@@ -343,6 +349,19 @@ fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::
         }
         for r in finished {
             active.remove(&r);
+            if let Some(t) = claimed.remove(&r) {
+                served.push(t.elapsed());
+            }
+        }
+        if served.len() >= 20 {
+            served.sort();
+            eprintln!(
+                "prefill: last {} rooms, claim to transfers done: p50 {:.2} ms, p99 {:.2} ms",
+                served.len(),
+                served[served.len() / 2].as_secs_f64() * 1e3,
+                served[served.len() * 99 / 100].as_secs_f64() * 1e3
+            );
+            served.clear();
         }
         if active.is_empty() {
             std::thread::sleep(Duration::from_micros(200));

@@ -1,7 +1,7 @@
 //! `cargo xtask gpu`: everything the GPU machine needs, in one archive to carry there.
 //!
 //! The device has no network and no cargo, so nothing may be built or downloaded there. This
-//! builds the release binaries here (the `pd` example and nixl-core's GPU test), provisions the
+//! builds the release binaries here (the `pd`, `gpubench` and `hicache` examples and nixl-core's GPU test), provisions the
 //! CUDA 13 runtime closure (`nixl-cu13`) plus `libcudart.so.13` from PyPI's
 //! `nvidia-cuda-runtime`, writes a run script, packs it all as `target/gpu/bundle.tar.xz` and
 //! prints the one command to run on the device.
@@ -19,30 +19,35 @@ use crate::{cmd, prereq, runtime};
 const CUDART: &str = "nvidia-cuda-runtime==13.5.37";
 
 const RUN_SH: &str = r#"#!/bin/bash
-# Runs on the GPU machine from the unpacked bundle: the GPU test, then the pd flow with VRAM pools
-# (two processes on one GPU) and with host pools, 64 buffers x 32 KiB pages. Logs go to $OUT.
+# Runs on the GPU machine from the unpacked bundle: the GPU test, then gpubench (anchors, nixl-core
+# VRAM transfers with UCX's protocol choices, emulation predictions, the pd flow with VRAM pools
+# against raw NIXL on the same descriptors), on one GPU and, where there are two, across them.
+# Logs and reports go to $OUT.
 set -u
 B=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp}
-export NIXL_RUNTIME_DIR=$B/runtime
+export NIXL_RUNTIME_DIR=$B/runtime NCCL_NVLS_ENABLE=0
 nvidia-smi -L
+N=$(nvidia-smi -L | grep -c "^GPU")
 echo "== nixl-core GPU test (VRAM->VRAM WRITE, one process, cuda_ipc)"
 UCX_CUDA_IPC_ENABLE_SAME_PROCESS=y "$B/bin/gpu-test" --test-threads=1 --nocapture 2>&1 | grep -E "WRITE|test result|panicked"
-for dev in gpu:0 cpu; do
-  for ppr in 32 256; do
-    n=$([ "$ppr" = 32 ] && echo 200 || echo 40)
-    "$B/bin/pd" prefill --bootstrap-port 19000 --layers 32 --page-bytes 32768 --pages 600 --device $dev 2> "$OUT/prefill.log" &
-    P=$!
-    for i in $(seq 100); do grep -q "bootstrap on" "$OUT/prefill.log" && break; sleep 0.2; done
-    echo "== pd, KV on $dev, $ppr pages per request, $n requests, every byte verified"
-    "$B/bin/pd" decode --bootstrap 127.0.0.1:19000 --layers 32 --page-bytes 32768 --pages 600 --device $dev \
-      --requests $n --pages-per-request $ppr --concurrency 1 2>&1 | grep -v "^decode \["
-    echo "== same, --no-verify (throughput without the decode's verification copies)"
-    "$B/bin/pd" decode --bootstrap 127.0.0.1:19000 --layers 32 --page-bytes 32768 --pages 600 --device $dev \
-      --requests $n --pages-per-request $ppr --concurrency 1 --no-verify --json 2>&1 | grep -v "^decode \["
-    kill $P; wait $P 2>/dev/null
+echo "== gpubench, GPU 0"
+"$B/bin/gpubench" all --gpu 0 --pd "$B/bin/pd" --out "$OUT/gpubench" 2>&1 | grep -v "^\["
+(cd "$OUT" && tar -czf gpubench.tgz gpubench && rm -rf gpubench)
+echo "== HiCache over POSIX files (/tmp/hicache-bench): pages in GPU 0 memory vs host memory"
+for shape in "1000 65536 64" "256 1048576 64"; do
+  set -- $shape
+  for dev in gpu:0 cpu; do
+    rm -rf /tmp/hicache-bench
+    "$B/bin/hicache" bench --dir /tmp/hicache-bench --pages $1 --page-bytes $2 --batch $3 --device $dev --json 2>&1 | grep -v "^\["
   done
 done
+rm -rf /tmp/hicache-bench
+if [ "$N" -ge 2 ]; then
+  echo "== gpubench, GPU 0 -> GPU 1"
+  "$B/bin/gpubench" all --gpu 0 --remote-gpu 1 --pd "$B/bin/pd" --out "$OUT/gpubench-2gpu" 2>&1 | grep -v "^\["
+  (cd "$OUT" && tar -czf gpubench-2gpu.tgz gpubench-2gpu && rm -rf gpubench-2gpu)
+fi
 "#;
 
 pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
@@ -52,13 +57,20 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     add_cudart(root, &rt)?;
     let pd = crate::demo::build_pd(root)?;
     let test_bin = build_gpu_test(root)?;
+    let bench = build_example(root, "nixl-core", "cuda", "gpubench")?;
+    let hicache = build_example(root, "nixl-hicache", "cuda", "hicache")?;
 
     let stage = root.join("target/gpu-stage");
     if stage.exists() {
         fs::remove_dir_all(&stage)?;
     }
     fs::create_dir_all(stage.join("bin"))?;
-    for (src, name) in [(pd, "pd"), (test_bin, "gpu-test")] {
+    for (src, name) in [
+        (pd, "pd"),
+        (test_bin, "gpu-test"),
+        (bench, "gpubench"),
+        (hicache, "hicache"),
+    ] {
         let dst = stage.join("bin").join(name);
         fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
         let _ = Command::new("strip").arg(&dst).status();
@@ -144,6 +156,27 @@ fn add_cudart(root: &Path, rt: &Path) -> anyhow::Result<()> {
         .read_to_end(&mut data)?;
     fs::write(&dst, data)?;
     Ok(())
+}
+
+/// Builds `example` of `package` with `features` in release and returns the executable.
+fn build_example(
+    root: &Path,
+    package: &str,
+    features: &str,
+    example: &str,
+) -> anyhow::Result<PathBuf> {
+    cmd::run(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        package,
+        "--features",
+        features,
+        "--example",
+        example,
+    ]))?;
+    Ok(root.join("target/release/examples").join(example))
 }
 
 /// Builds nixl-core's GPU test in release and returns the executable.

@@ -171,6 +171,7 @@ fn spawn_child(args: &CaseArgs) -> anyhow::Result<Target> {
         .args(["--pool-pages", &l.pool_pages.to_string()])
         .args(["--block", &l.block.to_string()])
         .args(["--per-buffer", &l.per_buffer.to_string()])
+        .args(["--dst-run", &l.dst_run.to_string()])
         .env_remove("UCX_PROTO_INFO")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -10,25 +10,30 @@ fn f(v: &Value) -> f64 {
 
 /// What UCX chose, from the case's PROTO_INFO tables.
 fn observed(case: &Value) -> (String, bool) {
-    // The tables of this case's operation towards the peer (not the agents' self endpoints),
-    // GPU ones when there are any (host-only runs have none).
+    // The tables of this case's operation towards the peer (not the agents' self endpoints).
+    // UCX also prints tables for memory-type pairs the case never uses (e.g. host to cuda for
+    // every remote GPU key); keep those naming exactly this case's memory types.
     let rma = if case["op"] == "read" {
         "ucp_get"
     } else {
         "ucp_put"
     };
-    let all: Vec<Value> = case["ucx_tables"]
+    let sides = [&case["local"], &case["remote"]];
+    let host = sides.iter().any(|m| *m != "vram");
+    let cuda = sides.iter().any(|m| *m == "vram");
+    let tables: Vec<Value> = case["ucx_tables"]
         .as_array()
         .cloned()
         .unwrap_or_default()
         .into_iter()
         .filter(|t| {
-            t["operation"].as_str().is_some_and(|o| o.contains(rma))
+            let op = t["operation"].as_str().unwrap_or("");
+            op.contains(rma)
+                && op.contains("host") == host
+                && op.contains("cuda") == cuda
                 && !t["endpoint"].as_str().is_some_and(|e| e.contains(" self "))
         })
         .collect();
-    let gpu: Vec<Value> = all.iter().filter(|t| t["gpu"] == true).cloned().collect();
-    let tables = if gpu.is_empty() { all } else { gpu };
     let emulated = tables.iter().any(|t| t["emulated"].as_bool() == Some(true));
     let mut parts: Vec<String> = Vec::new();
     for t in &tables {
@@ -140,9 +145,9 @@ fn pd_section(s: &mut String, all: &Value, cases: &[Value]) {
     );
     let _ = writeln!(
         s,
-        "| pages/request | descs | pd verified | pd GB/s (no-verify) | pd p50 ms | pd p99 ms | raw create p50 ms | raw prepared p50 ms | raw best GB/s | pd / raw GB/s | raw p50 / pd p50 |"
+        "| pages/request | descs | pd verified | pd GB/s (no-verify) | pd p50 ms | pd p99 ms | prefill claim→done p50 ms | raw create p50 ms | raw prepared p50 ms | raw best GB/s | pd / raw GB/s | raw p50 / pd p50 |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for ppr in [32u64, 256] {
         let rows: Vec<&Value> = pd
             .iter()
@@ -167,7 +172,7 @@ fn pd_section(s: &mut String, all: &Value, cases: &[Value]) {
         let best_p50 = f(&create["p50_us"]).min(f(&prep["p50_us"])) / 1e3;
         let _ = writeln!(
             s,
-            "| {ppr} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} |",
+            "| {ppr} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} |",
             raw["descs"],
             verified.map_or_else(
                 || "not run".to_owned(),
@@ -176,6 +181,7 @@ fn pd_section(s: &mut String, all: &Value, cases: &[Value]) {
             f(&b["gbps"]),
             f(&b["p50_ms"]),
             f(&b["p99_ms"]),
+            f(&b["prefill_p50_ms"]),
             f(&create["p50_us"]) / 1e3,
             f(&prep["p50_us"]) / 1e3,
             best_gbps,

@@ -33,8 +33,8 @@ impl MemKind {
 }
 
 /// `buffers` buffers of `pool_pages` blocks; a transfer moves `per_buffer` blocks of each.
-/// Block i of buffer b goes from source block `(1 + 97 i) mod P` to destination block
-/// `(5 + 31 i) mod P`: scattered, distinct, never merged into runs (as in the `pd` flow).
+/// Block i of buffer b goes from source block `(1 + 97 i) mod P` (as the `pd` prefill picks its
+/// pages) to a destination block (see [`Layout::dst_block`]): distinct, never merged into runs.
 #[derive(Clone, Copy, Debug, clap::Args)]
 pub(crate) struct Layout {
     #[arg(long, default_value_t = 1)]
@@ -45,6 +45,10 @@ pub(crate) struct Layout {
     pub(crate) block: usize,
     #[arg(long, default_value_t = 1)]
     pub(crate) per_buffer: usize,
+    /// Destination blocks come in runs of this many consecutive blocks (the `pd` decode's
+    /// allocator hands out runs of 1 to 8 pages); sources stay scattered, so runs never merge.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) dst_run: usize,
 }
 
 impl Layout {
@@ -60,6 +64,14 @@ impl Layout {
         (self.descs() * self.block) as u64
     }
 
+    /// The destination block of the i-th block of a buffer: run `i / r` goes to run slot
+    /// `(5 + 31 k) mod (P / r)`, distinct while the slot count is coprime with 31.
+    fn dst_block(&self, i: usize) -> usize {
+        let r = self.dst_run.max(1);
+        let slots = (self.pool_pages / r).max(1);
+        ((5 + 31 * (i / r)) % slots) * r + i % r
+    }
+
     /// `(buffer, source offset, destination offset)` of every block moved.
     pub(crate) fn pairs(&self) -> Vec<(usize, u64, u64)> {
         let p = self.pool_pages.max(1);
@@ -67,7 +79,7 @@ impl Layout {
         for b in 0..self.buffers {
             for i in 0..self.per_buffer {
                 let s = if p == 1 { 0 } else { (1 + 97 * i) % p };
-                let d = if p == 1 { 0 } else { (5 + 31 * i) % p };
+                let d = if p == 1 { 0 } else { self.dst_block(i) };
                 out.push((b, (s * self.block) as u64, (d * self.block) as u64));
             }
         }
