@@ -117,16 +117,7 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    // The libraries log with `tracing`: show warnings (e.g. UCX emulation) on stderr, or the
-    // level named by RUST_LOG (`error`, `warn`, `info`, `debug`, `trace`).
-    let level = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(tracing::Level::WARN);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .init();
+    nixl_testkit::init_logging();
     match Cli::parse().cmd {
         Cmd::Put { store, key, file } => {
             let cache = open(&store)?;

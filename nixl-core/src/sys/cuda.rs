@@ -131,7 +131,7 @@ pub(crate) fn cuda_ipc_capable(addr: u64) -> Result<bool, Error> {
 pub struct PinnedBuffer {
     ptr: NonNull<u8>,
     len: usize,
-    _ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+    ctx: std::sync::Arc<cudarc::driver::CudaContext>,
 }
 
 impl std::fmt::Debug for PinnedBuffer {
@@ -167,7 +167,7 @@ impl PinnedBuffer {
         Ok(Self {
             ptr,
             len,
-            _ctx: ctx,
+            ctx,
         })
     }
 
@@ -201,7 +201,7 @@ impl PinnedBuffer {
 
 impl Drop for PinnedBuffer {
     fn drop(&mut self) {
-        if self._ctx.bind_to_thread().is_ok() {
+        if self.ctx.bind_to_thread().is_ok() {
             // SAFETY: the pointer came from cuMemHostAlloc and is freed once; any registration
             // was dropped before (Registered drops the registration first).
             let _ = unsafe { result::free_host(self.ptr.as_ptr().cast()) };
