@@ -164,11 +164,7 @@ impl PinnedBuffer {
         let ptr = NonNull::new(raw.cast::<u8>()).ok_or(Error::OutOfMemory { bytes: len })?;
         // SAFETY: `ptr` points at `len` writable bytes owned by no one else yet.
         unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
-        Ok(Self {
-            ptr,
-            len,
-            ctx,
-        })
+        Ok(Self { ptr, len, ctx })
     }
 
     /// The address.
