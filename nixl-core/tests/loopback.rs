@@ -282,3 +282,62 @@ fn emulation_risks_know_where_the_peer_lives() {
             .contains(&EmulationRisk::SameProcessWithoutIpc)
     );
 }
+
+/// Collects what a `tracing` fmt subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn an_emulated_transfer_shape_is_warned_about_once() {
+    use nixl_core::{Agent, AgentConfig};
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let a = Agent::new(
+            &nixl_testkit::unique_name("warn-a"),
+            &AgentConfig::default(),
+        )
+        .unwrap();
+        let b = Agent::new(
+            &nixl_testkit::unique_name("warn-b"),
+            &AgentConfig::default(),
+        )
+        .unwrap();
+        let mut local = XferDescs::new(MemType::Dram);
+        local.push(0x1000, 4096, 0);
+        let mut remote = XferDescs::new(MemType::Vram);
+        remote.push(0x2000, 4096, 0);
+        // Host memory to a peer's GPU memory: NIXL refuses these unregistered addresses, but
+        // the warning comes first, and only once for the same shape and peer.
+        for _ in 0..3 {
+            let _ = a.create_request(XferOp::Write, &local, &remote, b.name(), None);
+        }
+        // Host-only transfers never warn.
+        let mut host = XferDescs::new(MemType::Dram);
+        host.push(0x2000, 4096, 0);
+        let _ = a.create_request(XferOp::Write, &local, &host, b.name(), None);
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        text.matches("software emulation").count(),
+        1,
+        "captured log:\n{text}"
+    );
+    assert!(text.contains("host memory on one side"), "{text}");
+}
