@@ -46,7 +46,9 @@ pub(crate) struct CaseArgs {
     /// Seconds of timed transfers (at least 5 transfers, at most 5000).
     #[arg(long, default_value_t = 1.0)]
     pub(crate) seconds: f64,
-    /// Also time requests made from descriptor lists prepared once (what nixl-kv does).
+    /// Also time requests made from descriptor lists prepared once: lists of exactly the
+    /// transfer's blocks, and lists of every block of every buffer indexed per transfer (what
+    /// nixl-kv does with its per-peer lists).
     #[arg(long)]
     pub(crate) prepared: bool,
     /// Write the JSON result here instead of stdout (UCX_PROTO_INFO prints to stdout too).
@@ -108,6 +110,7 @@ impl Target {
         match self {
             Self::Local(s) => match cmd {
                 "FILL" => s.fill_sources(),
+                "CLEAR" => s.clear_destinations(),
                 _ => s.verify_destinations(),
             },
             Self::Child { stdin, stdout, .. } => {
@@ -284,13 +287,14 @@ pub(crate) fn run(args: &CaseArgs) -> anyhow::Result<Value> {
         "verified": true,
         "predicted_emulation": risks,
     });
-    if let Some(p) = prepared {
+    if let Some((p, pool)) = prepared {
         out["prepared"] = p.json(l.bytes());
+        out["prepared_pool"] = pool.json(l.bytes());
     }
     Ok(out)
 }
 
-type Outcome = (Series, Option<Series>, Vec<String>);
+type Outcome = (Series, Option<(Series, Series)>, Vec<String>);
 
 fn run_with(args: &CaseArgs, local: &mut Side, target: &mut Target) -> anyhow::Result<Outcome> {
     let l = args.layout;
@@ -315,23 +319,44 @@ fn run_with(args: &CaseArgs, local: &mut Side, target: &mut Target) -> anyhow::R
         .map(ToString::to_string)
         .collect();
     let agent = local.agent.clone();
+    // Each series is verified on its own: check the destinations, then zero them.
+    let check = |local: &mut Side, target: &mut Target| -> anyhow::Result<()> {
+        if source_is_local {
+            target.command("VERIFY")?;
+            target.command("CLEAR")
+        } else {
+            local.verify_destinations()?;
+            local.clear_destinations()
+        }
+    };
     let series = time_series(args.seconds, target, || {
         Ok(agent.create_request(op, &ldescs, &rdescs, &peer, Some(b"gpubench"))?)
     })?;
+    check(local, target)?;
     let prepared = if args.prepared {
         let lp = agent.prepare(None, &ldescs)?;
         let rp = agent.prepare(Some(&peer), &rdescs)?;
         let idx: Vec<i32> = (0..i32::try_from(l.descs())?).collect();
-        Some(time_series(args.seconds, target, || {
+        let exact = time_series(args.seconds, target, || {
             Ok(agent.make_request(op, &lp, &idx, &rp, &idx, Some(b"gpubench"))?)
-        })?)
+        })?;
+        check(local, target)?;
+        // Pool-wide lists: every block of every buffer, as nixl-kv prepares per peer.
+        let lp = agent.prepare(None, &l.pool_descs(&local.mem.regions(), lmem))?;
+        let rp = agent.prepare(Some(&peer), &l.pool_descs(&target.regions(), rmem))?;
+        let (src_idx, dst_idx) = l.pool_indices()?;
+        let (li, ri) = if source_is_local {
+            (src_idx, dst_idx)
+        } else {
+            (dst_idx, src_idx)
+        };
+        let pool = time_series(args.seconds, target, || {
+            Ok(agent.make_request(op, &lp, &li, &rp, &ri, Some(b"gpubench"))?)
+        })?;
+        check(local, target)?;
+        Some((exact, pool))
     } else {
         None
     };
-    if source_is_local {
-        target.command("VERIFY")?;
-    } else {
-        local.verify_destinations()?;
-    }
     Ok((series, prepared, risks))
 }

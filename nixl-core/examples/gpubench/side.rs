@@ -86,6 +86,30 @@ impl Layout {
         out
     }
 
+    /// Every block of every buffer, buffer-major (for lists prepared once).
+    pub(crate) fn pool_descs(&self, regions: &[MemRegion], mem: MemType) -> XferDescs {
+        let mut d = XferDescs::with_capacity(mem, self.buffers * self.pool_pages);
+        for r in regions.iter().take(self.buffers) {
+            for p in 0..self.pool_pages {
+                d.push_in(r, (p * self.block) as u64, self.block as u64);
+            }
+        }
+        d
+    }
+
+    /// The indices of every transfer block in [`Layout::pool_descs`]: sources, destinations.
+    pub(crate) fn pool_indices(&self) -> anyhow::Result<(Vec<i32>, Vec<i32>)> {
+        let idx =
+            |b: usize, off: u64| i32::try_from(b * self.pool_pages + off as usize / self.block);
+        let mut src = Vec::with_capacity(self.descs());
+        let mut dst = Vec::with_capacity(self.descs());
+        for (b, s, d) in self.pairs() {
+            src.push(idx(b, s)?);
+            dst.push(idx(b, d)?);
+        }
+        Ok((src, dst))
+    }
+
     /// Descriptor lists over `regions`: the source offsets, or the destination offsets.
     pub(crate) fn xfer_descs(
         &self,
@@ -188,6 +212,15 @@ impl Side {
         Ok(())
     }
 
+    /// Zeroes every destination block, so that the next series is verified on its own.
+    pub(crate) fn clear_destinations(&mut self) -> anyhow::Result<()> {
+        let zeros = vec![0u8; self.layout.block];
+        for (b, _, d) in self.layout.pairs() {
+            self.mem.write(b, d as usize, &zeros)?;
+        }
+        Ok(())
+    }
+
     /// Checks every destination block against its source's pattern.
     pub(crate) fn verify_destinations(&self) -> anyhow::Result<()> {
         let mut page = vec![0u8; self.layout.block];
@@ -204,7 +237,7 @@ impl Side {
 }
 
 /// The target process: prints `READY name hex-metadata addr,addr,...`, progresses its agent,
-/// and answers `FILL`, `VERIFY` and `QUIT` on stdin.
+/// and answers `FILL`, `VERIFY`, `CLEAR` and `QUIT` on stdin.
 pub(crate) fn serve(kind: MemKind, gpu: u32, layout: Layout) -> anyhow::Result<()> {
     let name = format!("gpubench-target-{}", std::process::id());
     let mut side = Side::new(&name, kind, gpu, layout)?;
@@ -241,6 +274,7 @@ pub(crate) fn serve(kind: MemKind, gpu: u32, layout: Layout) -> anyhow::Result<(
         let reply = match line?.trim() {
             "FILL" => side.fill_sources().map(|()| "OK".to_owned()),
             "VERIFY" => side.verify_destinations().map(|()| "OK".to_owned()),
+            "CLEAR" => side.clear_destinations().map(|()| "OK".to_owned()),
             "QUIT" => break,
             other => Ok(format!("ERR unknown command {other}")),
         }
