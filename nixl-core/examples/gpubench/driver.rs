@@ -250,7 +250,10 @@ fn tail(text: &str) -> String {
 }
 
 /// Runs the `pd` flow (prefill and decode processes, VRAM pools) for 32 and 256 pages.
-fn run_pd(pd: &Path, a: &AllArgs, out_dir: &Path) -> anyhow::Result<Vec<Value>> {
+/// Rounds of raw and pd runs, alternating.
+const ROUNDS: usize = 3;
+
+fn run_pd(pd: &Path, a: &AllArgs, out_dir: &Path, raw: &[&Plan]) -> anyhow::Result<Vec<Value>> {
     let rg = a.remote_gpu.unwrap_or(a.gpu);
     let pool = |dev: u32| -> Vec<String> {
         let device = if a.host {
@@ -302,7 +305,7 @@ fn run_pd(pd: &Path, a: &AllArgs, out_dir: &Path) -> anyhow::Result<Vec<Value>> 
             let _ = std::io::Read::read_to_string(&mut err, &mut rest);
             rest
         });
-        for verify in [true, false] {
+        let decode = |verify: bool| -> anyhow::Result<Value> {
             let mut cmd = Command::new(pd);
             cmd.arg("decode")
                 .args(["--bootstrap", &format!("127.0.0.1:{port}")])
@@ -327,6 +330,24 @@ fn run_pd(pd: &Path, a: &AllArgs, out_dir: &Path) -> anyhow::Result<Vec<Value>> 
             v["pages_per_request"] = json!(ppr);
             v["verified"] = json!(verify && out.status.success());
             v["exit"] = json!(out.status.code());
+            Ok(v)
+        };
+        rows.push(decode(true)?);
+        // Raw and pd rounds alternate, so that both see the same machine state.
+        let raw_plan = raw
+            .iter()
+            .find(|p| p.args[2].contains(&format!("64 x {ppr} x")));
+        for round in 0..ROUNDS {
+            if let Some(p) = raw_plan {
+                let log = out_dir.join(format!("interleaved-raw-{ppr}-{round}.log"));
+                let mut v = run_case(p, &log)?;
+                v["round"] = json!(round);
+                v["pages_per_request"] = json!(ppr);
+                v["interleaved_raw"] = json!(true);
+                rows.push(v);
+            }
+            let mut v = decode(false)?;
+            v["round"] = json!(round);
             rows.push(v);
         }
         let _ = prefill.kill();
@@ -376,7 +397,11 @@ pub(crate) fn all(a: &AllArgs) -> anyhow::Result<()> {
     let pd = match &a.pd {
         Some(pd) => {
             eprintln!("gpubench: pd flow");
-            run_pd(pd, a, &a.out)?
+            let raw: Vec<&Plan> = plans
+                .iter()
+                .filter(|p| p.args[2].starts_with("pd descriptors"))
+                .collect();
+            run_pd(pd, a, &a.out, &raw)?
         }
         None => Vec::new(),
     };

@@ -131,6 +131,7 @@ pub(crate) fn markdown(all: &Value) -> String {
         "\nPredictions that disagree with UCX's tables: {disagreements}."
     );
     pd_section(&mut s, all, &cases);
+    interleaved_section(&mut s, all);
     s
 }
 
@@ -154,9 +155,9 @@ fn pd_section(s: &mut String, all: &Value, cases: &[Value]) {
             .filter(|r| r["pages_per_request"] == ppr)
             .collect();
         let verified = rows.iter().find(|r| r["verified"] == true);
-        let bench = rows
-            .iter()
-            .find(|r| r["verified"] == false && r["failed"].is_null());
+        let bench = rows.iter().find(|r| {
+            r["verified"] == false && r["failed"].is_null() && r["interleaved_raw"].is_null()
+        });
         let raw = cases.iter().find(|c| {
             c["case"]
                 .as_str()
@@ -187,7 +188,9 @@ fn pd_section(s: &mut String, all: &Value, cases: &[Value]) {
             f(&b["gbps"]),
             f(&b["p50_ms"]),
             f(&b["p99_ms"]),
-            f(&b["prefill_p50_ms"]),
+            rows.iter()
+                .find_map(|r| r["prefill_p50_ms"].as_f64())
+                .unwrap_or(f64::NAN),
             f(&create["p50_us"]) / 1e3,
             f(&prep["p50_us"]) / 1e3,
             f(&pool["p50_us"]) / 1e3,
@@ -195,5 +198,62 @@ fn pd_section(s: &mut String, all: &Value, cases: &[Value]) {
             f(&b["gbps"]) / best_gbps,
             best_p50 / f(&b["p50_ms"]),
         );
+    }
+}
+
+/// The best raw GB/s of a case (create, prepared or pool-prepared series).
+fn raw_best_gbps(raw: &Value) -> f64 {
+    ["create", "prepared", "prepared_pool"]
+        .iter()
+        .map(|k| f(&raw[*k]["gbps"]))
+        .filter(|g| !g.is_nan())
+        .fold(f64::NAN, f64::max)
+}
+
+/// Raw and pd rounds run alternately: the ratio per round and its median.
+fn interleaved_section(s: &mut String, all: &Value) {
+    let pd = all["pd"].as_array().cloned().unwrap_or_default();
+    if !pd.iter().any(|r| r["interleaved_raw"] == true) {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n#### pd vs raw, rounds alternating in time (raw case, then pd decode --no-verify)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| pages/request | round | raw best GB/s | pd GB/s | pd p50 ms | pd / raw |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for ppr in [32u64, 256] {
+        let mut ratios = Vec::new();
+        for round in 0u64..8 {
+            let at = |raw: bool| {
+                pd.iter().find(|r| {
+                    r["pages_per_request"] == ppr
+                        && r["round"] == round
+                        && (r["interleaved_raw"] == true) == raw
+                })
+            };
+            let (Some(raw), Some(run)) = (at(true), at(false)) else {
+                continue;
+            };
+            let (rg, pg) = (raw_best_gbps(raw), f(&run["gbps"]));
+            ratios.push(pg / rg);
+            let _ = writeln!(
+                s,
+                "| {ppr} | {round} | {rg:.2} | {pg:.2} | {:.2} | {:.3} |",
+                f(&run["p50_ms"]),
+                pg / rg
+            );
+        }
+        if !ratios.is_empty() {
+            ratios.sort_by(f64::total_cmp);
+            let _ = writeln!(
+                s,
+                "| {ppr} | **median** | | | | **{:.3}** |",
+                ratios[ratios.len() / 2]
+            );
+        }
     }
 }
