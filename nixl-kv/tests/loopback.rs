@@ -7,7 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{AUX_ITEM, both, decode, exchange, prefill, reach, server, until};
+use common::{AUX_ITEM, Side, both, decode, exchange, prefill, reach, server, until};
+use nixl_core::{HostBuffer, Registered};
 use nixl_kv::{KvPoll, KvReceiver, KvSender, ManagerConfig};
 
 const T: Duration = Duration::from_secs(30);
@@ -274,9 +275,17 @@ fn a_decode_that_dies_mid_request_fails_the_prefill_room_instead_of_hanging() {
         KvPoll::WaitingForInput
     );
     tx.init(2, 0);
-    // The decode goes away (its agent and memory are destroyed) before the prefill sends.
+    // The decode goes away (its agent is destroyed) before the prefill sends. Its memory is
+    // deregistered but stays mapped until the end of the test: both sides share this process,
+    // and a dead decode process's memory would never be ours to free under UCX's feet.
     drop(rx);
-    drop(d);
+    let Side { mgr, kv, aux, .. } = d;
+    let kept: Vec<HostBuffer> = kv
+        .into_iter()
+        .chain(aux)
+        .map(Registered::into_inner)
+        .collect();
+    drop(mgr);
     tx.send(&[1]);
     tx.send(&[2]);
     let state = until(T, || tx.poll());
@@ -286,6 +295,7 @@ fn a_decode_that_dies_mid_request_fails_the_prefill_room_instead_of_hanging() {
         "writes into a destroyed decode must fail"
     );
     assert!(tx.failure().is_some());
+    drop(kept);
 }
 
 #[test]
