@@ -170,9 +170,7 @@ fn pd_section(s: &mut String, all: &Value, cases: &[Value]) {
         let create = &raw["create"];
         let prep = &raw["prepared"];
         let pool = &raw["prepared_pool"];
-        let best_gbps = f(&create["gbps"])
-            .max(f(&prep["gbps"]))
-            .max(f(&pool["gbps"]));
+        let best_gbps = raw_best_gbps(raw);
         let best_p50 = f(&create["p50_us"])
             .min(f(&prep["p50_us"]))
             .min(f(&pool["p50_us"]))
