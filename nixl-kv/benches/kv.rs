@@ -74,17 +74,7 @@ struct Stats {
 /// Destination pages as the `pd` decode picks them: random runs of 1-8 consecutive pages.
 fn dst_pages(n: usize, rng: &mut impl Rng) -> Vec<u32> {
     let mut free: Vec<u32> = (0..POOL as u32).collect();
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let run = rng.random_range(1..=8).min(n - out.len());
-        let start = rng.random_range(0..free.len());
-        let mut k = start;
-        while k < free.len() && k - start < run && (k == start || free[k] == free[k - 1] + 1) {
-            k += 1;
-        }
-        out.extend(free.drain(start..k));
-    }
-    out
+    nixl_testkit::take_page_runs(&mut free, n, rng)
 }
 
 fn src_pages(room: u64, n: usize) -> Vec<u32> {

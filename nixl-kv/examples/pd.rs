@@ -414,7 +414,7 @@ fn decode(
     while started < requests || !inflight.is_empty() {
         while started < requests && inflight.len() < concurrency {
             let room = rng.random::<u64>() >> 1;
-            let pages = take_pages(&mut free_pages, per_request, &mut rng);
+            let pages = nixl_testkit::take_page_runs(&mut free_pages, per_request, &mut rng);
             let slot = free_slots.pop().context("out of aux slots")?;
             let mut rx = KvReceiver::new(&mgr, bootstrap, room, None);
             rx.init(&pages, slot);
@@ -491,22 +491,6 @@ fn decode(
         std::process::exit(1);
     }
     Ok(())
-}
-
-/// `n` random free pages in runs of 1–8 consecutive pages where the free list allows.
-fn take_pages(free: &mut Vec<u32>, n: usize, rng: &mut impl Rng) -> Vec<u32> {
-    free.sort_unstable();
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let run = rng.random_range(1..=8).min(n - out.len());
-        let start = rng.random_range(0..free.len());
-        let mut k = start;
-        while k < free.len() && k - start < run && (k == start || free[k] == free[k - 1] + 1) {
-            k += 1;
-        }
-        out.extend(free.drain(start..k));
-    }
-    out
 }
 
 fn verify(

@@ -13,11 +13,13 @@
 
 mod child;
 mod loopback;
+mod pages;
 pub mod pattern;
 mod s3;
 
 pub use child::ChildPeer;
 pub use loopback::{LoopbackPair, unique_name, wait_for_notification};
+pub use pages::take_page_runs;
 pub use s3::{MOTO_VENV_ENV, S3Server};
 pub use tempfile::{TempDir, tempdir};
 
