@@ -9,7 +9,7 @@ use crate::backend::{Backend, BackendKind, BackendParams};
 use crate::desc::XferDescs;
 use crate::emulation::{self, EmulationRisk, PeerPlace, TransferShape, UcxEnv};
 use crate::error::{Error, Op};
-use crate::mem::{MemType, NixlBuffer, Registered, Registration, sys_region};
+use crate::mem::{BorrowedRegistration, MemRegion, MemType, NixlBuffer, Registered, Registration};
 use crate::metadata::AgentMetadata;
 use crate::notif::Notification;
 use crate::sys::{self, check};
@@ -32,7 +32,7 @@ pub enum ThreadSync {
 /// Agent configuration: `Default` plus chained setters.
 ///
 /// The default has **no progress thread**: on small machines NIXL's default thread (spinning with
-/// no delay) costs a core and made transfers 3-10× slower (RUNTIME.md §2). Without it, every agent
+/// no delay) costs a core and made transfers 3-10× slower (docs/runtime.md §2). Without it, every agent
 /// taking part in a transfer must be progressed by someone: the initiator by polling
 /// [`XferRequest::status`], the target by draining [`Agent::notifications`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,13 +234,37 @@ impl Agent {
 
     /// Registers `buffer` with every backend that supports its memory type.
     pub fn register<B: NixlBuffer>(&self, buffer: B) -> Result<Registered<B>, Error> {
-        let region = buffer.region();
-        let handle = check(
-            Op::RegisterMemory,
-            self.inner.register_memory(&sys_region(region), None),
-        )?;
-        self.check_exportable(region);
-        Ok(Registered::new(Registration { handle, region }, buffer))
+        sys::register_owned(self, buffer)
+    }
+
+    /// Registers `buf` (host memory) for as long as the returned guard lives.
+    ///
+    /// Safe because the guard holds the exclusive borrow: nothing else can read, write, move or
+    /// free the slice until the registration is gone, so transfers may write into it freely.
+    pub fn register_slice_mut<'a>(
+        &self,
+        buf: &'a mut [u8],
+    ) -> Result<BorrowedRegistration<'a>, Error> {
+        sys::register_borrowed(self, buf)
+    }
+
+    /// Registers memory that the caller owns and keeps alive.
+    ///
+    /// # Safety
+    ///
+    /// Until the returned [`Registration`] is dropped:
+    /// - `[region.addr, region.addr + region.len)` must stay allocated and must not move;
+    /// - for [`MemType::Dram`] it must be host memory of this process, for [`MemType::Vram`] device
+    ///   memory of the CUDA device `region.dev`;
+    /// - nothing else may rely on the contents staying unchanged: peers may write into the region
+    ///   at any time, outside Rust's aliasing rules.
+    #[allow(
+        unsafe_code,
+        unsafe_op_in_unsafe_fn,
+        reason = "a wrapper that forwards its contract, unchanged, to the sys primitive"
+    )]
+    pub unsafe fn register_raw(&self, region: MemRegion) -> Result<Registration, Error> {
+        sys::register_raw(self, region)
     }
 
     /// This agent's metadata, for a peer to load with [`Agent::load_remote`].
@@ -473,7 +497,7 @@ impl Agent {
 
     /// Warns when registered GPU memory cannot be exported to other processes (feature `cuda`;
     /// without it the check is skipped).
-    pub(crate) fn check_exportable(&self, region: crate::mem::MemRegion) {
+    pub(crate) fn check_exportable(&self, region: MemRegion) {
         #[cfg(feature = "cuda")]
         if region.mem == MemType::Vram {
             let dev = u32::try_from(region.dev).unwrap_or(0);

@@ -21,8 +21,6 @@ pub fn driver_present() -> bool {
     sys::cuda::cuda_driver_present()
 }
 
-pub use crate::sys::cuda::PinnedBuffer;
-
 /// The number of CUDA devices (an error without a driver).
 pub fn device_count() -> Result<u32, Error> {
     require_driver()?;
@@ -40,12 +38,57 @@ fn require_driver() -> Result<(), Error> {
     }
 }
 
+/// Page-locked ("pinned") host memory from `cuMemHostAlloc`, usable by every CUDA context.
+///
+/// Copies between it and device memory run at the bus's speed without a staging copy; NIXL
+/// registers it as ordinary host memory ([`MemType::Dram`]).
+pub struct PinnedBuffer {
+    alloc: sys::cuda::PinnedAlloc,
+}
+
 impl PinnedBuffer {
-    /// Allocates `len` zeroed bytes of pinned host memory through GPU `ordinal`'s context.
+    /// Allocates `len` zeroed bytes of pinned host memory (one byte at least) through GPU
+    /// `ordinal`'s context (portable: every context sees it as pinned).
     pub fn new(ordinal: u32, len: usize) -> Result<Self, Error> {
         require_driver()?;
         let ctx = CudaContext::new(ordinal as usize).map_err(cuda_err)?;
-        Self::alloc(ctx, len)
+        Ok(Self {
+            alloc: sys::cuda::PinnedAlloc::zeroed(ctx, len)?,
+        })
+    }
+
+    /// The address.
+    pub fn addr(&self) -> u64 {
+        self.alloc.addr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// Always false (a zero-length request allocates one byte).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.alloc.as_slice()
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.alloc.as_mut_slice()
+    }
+}
+
+impl std::fmt::Debug for PinnedBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedBuffer")
+            .field("addr", &self.addr())
+            .field("len", &self.len())
+            .finish()
     }
 }
 

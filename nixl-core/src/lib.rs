@@ -67,9 +67,12 @@ mod metadata;
 mod notif;
 pub mod proto_info;
 pub mod runtime;
+/// Benchmark support (feature `__bench`, not covered by semver).
 #[cfg(feature = "__bench")]
 #[doc(hidden)]
-pub use sys::bench as __bench;
+pub mod __bench {
+    pub use crate::mem::RawHostRegion;
+}
 mod storage;
 mod xfer;
 

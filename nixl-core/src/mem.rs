@@ -1,8 +1,11 @@
 //! Memory kinds, regions and registrations.
 
+use std::alloc::Layout;
+
+use crate::error::Error;
 use crate::sys;
 
-pub use crate::sys::{BorrowedRegistration, HOST_ALIGN, HostBuffer, NixlBuffer};
+pub use crate::sys::NixlBuffer;
 
 /// The kind of memory or storage a region lives in, as NIXL names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -113,6 +116,104 @@ impl<B: NixlBuffer> Registered<B> {
     }
 }
 
-pub(crate) fn sys_region(region: MemRegion) -> sys::SysRegion {
-    sys::SysRegion(region)
+/// A registration of a borrowed, exclusively held slice; deregistered when dropped, which the
+/// borrow forces to happen before the slice can be used, moved or freed again.
+///
+/// Made by [`crate::Agent::register_slice_mut`].
+#[derive(Debug)]
+#[must_use = "dropping it deregisters the slice at once"]
+pub struct BorrowedRegistration<'a> {
+    registration: Registration,
+    _slice: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+impl BorrowedRegistration<'_> {
+    pub(crate) fn new(registration: Registration) -> Self {
+        Self {
+            registration,
+            _slice: std::marker::PhantomData,
+        }
+    }
+
+    /// The registered region.
+    pub fn region(&self) -> MemRegion {
+        self.registration.region()
+    }
+}
+
+/// The alignment of every [`HostBuffer`].
+pub const HOST_ALIGN: usize = 4096;
+
+/// An owned, zero-initialised, page-aligned host allocation.
+///
+/// Page alignment keeps NIXL and UCX on their fast paths and lets the kernel back large buffers
+/// with transparent huge pages.
+pub struct HostBuffer {
+    alloc: sys::HostAlloc,
+}
+
+impl HostBuffer {
+    /// Allocates `len` zeroed bytes aligned to 4096. A zero length allocates one page, so that
+    /// every buffer has a distinct, registrable address.
+    pub fn new(len: usize) -> Result<Self, Error> {
+        let layout = Layout::from_size_align(len.max(1), HOST_ALIGN).map_err(|e| {
+            Error::InvalidArgument {
+                what: "host buffer length",
+                reason: e.to_string(),
+            }
+        })?;
+        let alloc = sys::HostAlloc::zeroed(layout, len).ok_or_else(|| Error::OutOfMemory {
+            bytes: layout.size(),
+        })?;
+        Ok(Self { alloc })
+    }
+
+    /// The number of usable bytes.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// Whether the buffer has no usable bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The start address, as NIXL descriptors take it.
+    pub fn addr(&self) -> u64 {
+        self.alloc.addr()
+    }
+
+    /// The contents.
+    pub fn as_slice(&self) -> &[u8] {
+        self.alloc.as_slice()
+    }
+
+    /// The contents, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.alloc.as_mut_slice()
+    }
+}
+
+impl std::fmt::Debug for HostBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBuffer")
+            .field("addr", &self.addr())
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+/// Benchmark support (feature `__bench`, not covered by semver): a [`HostBuffer`]'s region as a
+/// raw `nixl_sys` descriptor, so that a benchmark can register it with a raw `nixl_sys::Agent` and
+/// raw and wrapped paths move identical memory.
+#[cfg(feature = "__bench")]
+#[derive(Debug)]
+pub struct RawHostRegion(pub(crate) MemRegion);
+
+#[cfg(feature = "__bench")]
+impl RawHostRegion {
+    /// The region of `buf`.
+    pub fn new(buf: &HostBuffer) -> Self {
+        Self(MemRegion::dram(buf.addr(), buf.len() as u64))
+    }
 }

@@ -27,6 +27,7 @@
 //! assert!(cache.get(&keys[0], &mut back)?);
 //! # Ok(()) }
 //! ```
+#![forbid(unsafe_code)]
 
 mod config;
 mod connector;

@@ -10,6 +10,7 @@
 //!
 //! Everything here uses the real NIXL runtime that `cargo xtask runtime` provisions; nothing is
 //! mocked.
+#![forbid(unsafe_code)]
 
 mod child;
 mod loopback;

@@ -28,6 +28,7 @@
 //! assert_eq!(frames.len(), 8);
 //! assert_eq!(PrefillInbound::decode(&frames), Ok(PrefillInbound::Transfer(info)));
 //! ```
+#![forbid(unsafe_code)]
 
 mod dispatch;
 mod error;

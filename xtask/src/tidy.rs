@@ -1,4 +1,12 @@
 //! Source hygiene that clippy does not cover.
+//!
+//! The `unsafe` rule:
+//! - `unsafe` blocks, `unsafe impl`, `unsafe trait` and `unsafe extern` appear only under
+//!   `nixl-core/src/sys`, and every block and impl there has a `// SAFETY:` comment;
+//! - an `unsafe fn` outside `nixl-core/src/sys` is allowed only in `nixl-core/src`, as a wrapper:
+//!   its docs have a `# Safety` section and its body is exactly one call into `sys::` (so the
+//!   contract it states is forwarded unchanged to the audited primitive);
+//! - every other library crate's root declares `#![forbid(unsafe_code)]`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -13,6 +21,13 @@ const CRATES: [&str; 6] = [
     "nixl-testkit",
     "xtask",
 ];
+/// Library crates whose root must `#![forbid(unsafe_code)]` (all but nixl-core).
+const FORBID_UNSAFE: [&str; 4] = [
+    "nixl-wire/src/lib.rs",
+    "nixl-kv/src/lib.rs",
+    "nixl-hicache/src/lib.rs",
+    "nixl-testkit/src/lib.rs",
+];
 const LONG_FILE: usize = 1000;
 
 pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
@@ -22,6 +37,13 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
         collect(&root.join(c), &mut files);
     }
     collect(&root.join("fuzz/fuzz_targets"), &mut files);
+    for lib in FORBID_UNSAFE {
+        let forbids = fs::read_to_string(root.join(lib))
+            .is_ok_and(|t| t.lines().any(|l| l.trim() == "#![forbid(unsafe_code)]"));
+        if !forbids {
+            errors.push(format!("{lib}: crate root lacks `#![forbid(unsafe_code)]`"));
+        }
+    }
     for path in &files {
         let rel = path
             .strip_prefix(root)
@@ -70,7 +92,13 @@ fn check_file(rel: &str, text: &str, errors: &mut Vec<String>) {
             errors.push(format!("{rel}:{n}: trailing whitespace"));
         }
         if has_keyword(code, "unsafe") && !in_sys {
-            errors.push(format!("{rel}:{n}: `unsafe` outside nixl-core/src/sys"));
+            if code.contains("unsafe fn") && rel.starts_with("nixl-core/src/") {
+                if let Err(why) = check_unsafe_wrapper(&lines, i) {
+                    errors.push(format!("{rel}:{n}: `unsafe fn` outside sys {why}"));
+                }
+            } else {
+                errors.push(format!("{rel}:{n}: `unsafe` outside nixl-core/src/sys"));
+            }
         }
         if (code.contains("unsafe {") || code.contains("unsafe impl"))
             && has_keyword(code, "unsafe")
@@ -104,6 +132,77 @@ fn check_file(rel: &str, text: &str, errors: &mut Vec<String>) {
         {
             errors.push(format!("{rel}:{n}: IO in the sans-IO core"));
         }
+    }
+}
+
+/// Checks that the `unsafe fn` declared on line `i` is a wrapper: a `# Safety` doc section above,
+/// and a body that is one call into `sys::`, e.g. `{ sys::register_raw(self, region) }`.
+fn check_unsafe_wrapper(lines: &[&str], i: usize) -> Result<(), &'static str> {
+    let mut j = i;
+    let mut documented = false;
+    while j > 0 && i - j < 40 {
+        j -= 1;
+        let t = lines[j].trim();
+        let comment = t.starts_with("//");
+        if t.is_empty() || !comment && (t.ends_with('{') || t.ends_with('}') || t.ends_with(';')) {
+            break;
+        }
+        documented |= t.starts_with("///") && t.contains("# Safety");
+    }
+    if !documented {
+        return Err("lacks a `# Safety` doc section");
+    }
+    // The body: from the first `{` after the signature to its matching `}`.
+    let mut body = String::new();
+    let mut depth = 0usize;
+    let mut started = false;
+    'scan: for line in &lines[i..] {
+        let stripped = strip_strings(line);
+        let code = stripped.split("//").next().unwrap_or("");
+        for c in code.chars() {
+            match c {
+                '{' => {
+                    if started {
+                        body.push(c);
+                    }
+                    started = true;
+                    depth += 1;
+                }
+                '}' if started => {
+                    depth -= 1;
+                    if depth == 0 {
+                        break 'scan;
+                    }
+                    body.push(c);
+                }
+                _ if started => body.push(c),
+                _ => {}
+            }
+        }
+        body.push(' ');
+    }
+    let body = body.trim();
+    let path = body
+        .strip_prefix("crate::sys::")
+        .or_else(|| body.strip_prefix("sys::"))
+        .ok_or("must have a body that is one call into `sys::`")?;
+    let args = path.trim_start_matches(|c: char| c.is_alphanumeric() || c == '_' || c == ':');
+    let single_call = args.starts_with('(')
+        && args.ends_with(')')
+        && !args.contains(';')
+        && !args.contains('{')
+        && args[1..args.len() - 1]
+            .chars()
+            .try_fold(0usize, |d, c| match c {
+                '(' => Some(d + 1),
+                ')' => d.checked_sub(1),
+                _ => Some(d),
+            })
+            == Some(0);
+    if single_call {
+        Ok(())
+    } else {
+        Err("must have a body that is one call into `sys::`")
     }
 }
 
@@ -179,5 +278,61 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
         } else if p.extension().is_some_and(|x| x == "rs") {
             out.push(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_file;
+
+    /// `text` with `UNSAFE` replaced by the keyword (spelled so that this file passes its rules).
+    fn problems(rel: &str, text: &str) -> Vec<String> {
+        let text = text.replace("UNSAFE", concat!("uns", "afe"));
+        let mut errors = Vec::new();
+        check_file(rel, &text, &mut errors);
+        errors
+    }
+
+    const WRAPPER: &str = concat!(
+        "//! m\nimpl A {\n    /// Does it.\n    ///\n    /// # Safety\n    ///\n",
+        "    /// The contract; see `x`.\n    #[allow(\n        UNSAFE_code,\n",
+        "        reason = \"wrapper\"\n    )]\n",
+        "    pub UNSAFE fn f(&self, r: R) -> Result<(), E> {\n        sys::f(self, r)\n    }\n}\n",
+    );
+
+    #[test]
+    fn a_wrapper_unsafe_fn_in_nixl_core_passes() {
+        assert_eq!(
+            problems("nixl-core/src/mem.rs", WRAPPER),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_wrapper_elsewhere_or_with_more_body_fails() {
+        assert_eq!(problems("nixl-kv/src/a.rs", WRAPPER).len(), 1);
+        for body in [
+            "let x = 1;\n        sys::f(self, r)",
+            "sys::f(self, r);\n        sys::g()",
+            "sys::f(self, r)?",
+            "other::f(self, r)",
+        ] {
+            let text = WRAPPER.replace("sys::f(self, r)", body);
+            assert_eq!(problems("nixl-core/src/mem.rs", &text).len(), 1, "{body}");
+        }
+        let undocumented = WRAPPER.replace("# Safety", "Safety");
+        assert_eq!(problems("nixl-core/src/mem.rs", &undocumented).len(), 1);
+    }
+
+    #[test]
+    fn unsafe_blocks_belong_in_sys_with_a_safety_comment() {
+        let block = "//! m\nfn f() {\n    UNSAFE { g() }\n}\n";
+        assert_eq!(problems("nixl-core/src/mem.rs", block).len(), 2);
+        assert_eq!(problems("nixl-core/src/sys/mod.rs", block).len(), 1);
+        let commented = block.replace("    UNSAFE", "    // SAFETY: g has none.\n    UNSAFE");
+        assert_eq!(
+            problems("nixl-core/src/sys/mod.rs", &commented),
+            Vec::<String>::new()
+        );
     }
 }

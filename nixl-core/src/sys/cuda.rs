@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 use cudarc::driver::{result, sys as cu};
 
 use super::NixlBuffer;
-use crate::cuda::{DeviceBuffer, cuda_err};
+use crate::cuda::{DeviceBuffer, PinnedBuffer, cuda_err};
 use crate::error::Error;
 use crate::mem::MemRegion;
 
@@ -124,35 +124,24 @@ pub(crate) fn cuda_ipc_capable(addr: u64) -> Result<bool, Error> {
     Ok(capable != 0)
 }
 
-/// Page-locked ("pinned") host memory from `cuMemHostAlloc`, usable by every CUDA context.
-///
-/// Copies between it and device memory run at the bus's speed without a staging copy; NIXL
-/// registers it as ordinary host memory ([`crate::MemType::Dram`]).
-pub struct PinnedBuffer {
+/// Page-locked ("pinned") host memory from `cuMemHostAlloc`: the raw half of
+/// [`crate::cuda::PinnedBuffer`].
+pub(crate) struct PinnedAlloc {
     ptr: NonNull<u8>,
     len: usize,
     ctx: std::sync::Arc<cudarc::driver::CudaContext>,
 }
 
-impl std::fmt::Debug for PinnedBuffer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PinnedBuffer")
-            .field("addr", &self.ptr)
-            .field("len", &self.len)
-            .finish()
-    }
-}
-
-// SAFETY: the buffer exclusively owns its allocation; `&self` gives shared reads only and
-// `&mut self` exclusive writes, as for a Vec<u8>.
-unsafe impl Send for PinnedBuffer {}
+// SAFETY: the allocation is exclusively owned; `&self` gives shared reads only and `&mut self`
+// exclusive writes, as for a Vec<u8>. The context handle is itself Send + Sync.
+unsafe impl Send for PinnedAlloc {}
 // SAFETY: see Send.
-unsafe impl Sync for PinnedBuffer {}
+unsafe impl Sync for PinnedAlloc {}
 
-impl PinnedBuffer {
-    /// Allocates `len` zeroed bytes of pinned memory (one byte at least) on GPU `ordinal`'s
-    /// context (portable: every context sees it as pinned).
-    pub(crate) fn alloc(
+impl PinnedAlloc {
+    /// Allocates `len` zeroed bytes of pinned memory (one byte at least) on `ctx` (portable:
+    /// every context sees it as pinned).
+    pub(crate) fn zeroed(
         ctx: std::sync::Arc<cudarc::driver::CudaContext>,
         len: usize,
     ) -> Result<Self, Error> {
@@ -168,34 +157,24 @@ impl PinnedBuffer {
     }
 
     /// The address.
-    pub fn addr(&self) -> u64 {
+    pub(crate) fn addr(&self) -> u64 {
         self.ptr.as_ptr() as u64
     }
 
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false (a zero-length request allocates one byte).
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
     /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: `len` initialised bytes owned by self; shared borrow of self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
     /// The bytes, mutably.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: `len` initialised bytes owned by self; exclusive borrow of self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl Drop for PinnedBuffer {
+impl Drop for PinnedAlloc {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_ok() {
             // SAFETY: the pointer came from cuMemHostAlloc and is freed once; any registration
@@ -209,6 +188,6 @@ impl Drop for PinnedBuffer {
 // fixed at construction.
 unsafe impl NixlBuffer for PinnedBuffer {
     fn region(&self) -> MemRegion {
-        MemRegion::dram(self.addr(), self.len as u64)
+        MemRegion::dram(self.addr(), self.len() as u64)
     }
 }

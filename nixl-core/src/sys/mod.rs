@@ -1,10 +1,17 @@
 //! The one module of the workspace that contains `unsafe` code.
 //!
-//! Everything here is small and audited on its own: loading the NIXL runtime library by absolute
-//! path, page-aligned host allocations, the [`nixl_sys::MemoryRegion`] impls that hand raw
-//! addresses to NIXL, and the `Send`/`Sync` impls of wrappers around NIXL handles. The status code
-//! to [`Error`] mapping also lives here, so that `nixl_sys` error values are translated in exactly
+//! It holds only `unsafe` declarations and impls (the [`NixlBuffer`] trait and its impls, the
+//! `Send`/`Sync` impls of wrappers around raw pointers and NIXL handles, the
+//! [`nixl_sys::MemoryRegion`] impls that hand raw addresses to NIXL) and `pub(crate)` primitives
+//! that contain the `unsafe` blocks: loading the NIXL runtime library by absolute path, the raw
+//! half of host and pinned allocations, registration, and CUDA driver calls. The safe public types
+//! built on them live beside their kin (`mem.rs`, `cuda.rs`, `agent.rs`). The status code to
+//! [`Error`] mapping also lives here, so that `nixl_sys` error values are translated in exactly
 //! one function.
+//!
+//! The rule, enforced by `cargo xtask tidy`: `unsafe` blocks, `unsafe impl` and `unsafe trait`
+//! appear only under `nixl-core/src/sys`, each block and impl with a `// SAFETY:` comment; an
+//! `unsafe fn` elsewhere in nixl-core is a public wrapper whose body is one call into `sys`.
 #![allow(unsafe_code, reason = "the one module allowed to")]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -12,8 +19,9 @@ use std::alloc::{self, Layout};
 use std::path::Path;
 use std::ptr::NonNull;
 
+use crate::Agent;
 use crate::error::{Error, NixlCode, Op};
-use crate::mem::{MemRegion, MemType};
+use crate::mem::{BorrowedRegistration, MemRegion, MemType, Registered, Registration};
 
 /// Maps a `nixl_sys` error into ours. The only place where `NixlError` is inspected.
 pub(crate) fn nixl_error(op: Op, err: nixl_sys::NixlError) -> Error {
@@ -50,91 +58,60 @@ pub(crate) fn load_library(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// An owned, zero-initialised, page-aligned host allocation.
-///
-/// Page alignment keeps NIXL and UCX on their fast paths and lets the kernel back large buffers
-/// with transparent huge pages.
-pub struct HostBuffer {
+/// An owned, zero-initialised host allocation: the raw half of [`crate::HostBuffer`].
+pub(crate) struct HostAlloc {
     ptr: NonNull<u8>,
     len: usize,
     layout: Layout,
 }
 
-/// The alignment of every [`HostBuffer`].
-pub const HOST_ALIGN: usize = 4096;
-
-impl HostBuffer {
-    /// Allocates `len` zeroed bytes aligned to 4096. A zero length allocates one page, so that
-    /// every buffer has a distinct, registrable address.
-    pub fn new(len: usize) -> Result<Self, Error> {
-        let layout = Layout::from_size_align(len.max(1), HOST_ALIGN).map_err(|e| {
-            Error::InvalidArgument {
-                what: "host buffer length",
-                reason: e.to_string(),
-            }
-        })?;
-        // SAFETY: the layout has a non-zero size (len.max(1)).
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or_else(|| Error::OutOfMemory {
-            bytes: layout.size(),
-        })?;
+impl HostAlloc {
+    /// Allocates `layout` zeroed, of which the first `len` bytes are usable. `None` if the
+    /// allocator fails, the layout is zero-sized, or `len` exceeds the layout.
+    pub(crate) fn zeroed(layout: Layout, len: usize) -> Option<Self> {
+        if layout.size() == 0 || len > layout.size() {
+            return None;
+        }
+        // SAFETY: the layout has a non-zero size (checked above).
+        let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
         advise_huge_pages(ptr, layout.size());
-        Ok(Self { ptr, len, layout })
+        Some(Self { ptr, len, layout })
     }
 
-    /// The number of usable bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the buffer has no usable bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The start address, as NIXL descriptors take it.
-    pub fn addr(&self) -> u64 {
+    /// The start address.
+    pub(crate) fn addr(&self) -> u64 {
         self.ptr.as_ptr() as u64
     }
 
-    /// The contents.
-    pub fn as_slice(&self) -> &[u8] {
+    /// The usable bytes.
+    pub(crate) fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` is a live allocation of at least `len` initialised (zeroed) bytes owned by
         // self; the shared borrow of self prevents concurrent mutation through `as_mut_slice`.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
-    /// The contents, mutably.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+    /// The usable bytes, mutably.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and the exclusive borrow of self makes this the only access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl Drop for HostBuffer {
+impl Drop for HostAlloc {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout and is freed once.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
 
-impl std::fmt::Debug for HostBuffer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostBuffer")
-            .field("addr", &self.addr())
-            .field("len", &self.len)
-            .finish()
-    }
-}
-
-// SAFETY: HostBuffer uniquely owns its allocation (like Box<[u8]>); moving it to another thread
+// SAFETY: HostAlloc uniquely owns its allocation (like Box<[u8]>); moving it to another thread
 // moves that ownership, and shared references only allow reads.
-unsafe impl Send for HostBuffer {}
-// SAFETY: &HostBuffer only exposes `&[u8]` and the address; no interior mutability.
-unsafe impl Sync for HostBuffer {}
+unsafe impl Send for HostAlloc {}
+// SAFETY: &HostAlloc only exposes `&[u8]` and the address; no interior mutability.
+unsafe impl Sync for HostAlloc {}
 
-/// Asks the kernel for transparent huge pages on large buffers (RUNTIME.md: 64 MiB copies go from
-/// 5.5 to 6.8 GB/s). Purely advisory; a failure changes nothing.
+/// Asks the kernel for transparent huge pages on large buffers (docs/runtime.md §4: 64 MiB
+/// copies go from 5.5 to 6.8 GB/s). Purely advisory; a failure changes nothing.
 fn advise_huge_pages(ptr: NonNull<u8>, len: usize) {
     const HUGE: usize = 2 << 20;
     if len >= HUGE {
@@ -213,25 +190,44 @@ unsafe impl NixlBuffer for crate::storage::ObjectRegion {
     }
 }
 
-impl crate::Agent {
-    /// Registers memory that the caller owns and keeps alive.
-    ///
-    /// # Safety
-    ///
-    /// Until the returned [`crate::Registration`] is dropped:
-    /// - `[region.addr, region.addr + region.len)` must stay allocated and must not move;
-    /// - for [`MemType::Dram`] it must be host memory of this process, for [`MemType::Vram`] device
-    ///   memory of the CUDA device `region.dev`;
-    /// - nothing else may rely on the contents staying unchanged: peers may write into the region
-    ///   at any time, outside Rust's aliasing rules.
-    pub unsafe fn register_raw(&self, region: MemRegion) -> Result<crate::Registration, Error> {
-        let handle = check(
-            Op::RegisterMemory,
-            self.inner.register_memory(&SysRegion(region), None),
-        )?;
-        self.check_exportable(region);
-        Ok(crate::Registration { handle, region })
-    }
+/// Registers `region` with every backend of `agent` that supports its memory type, then checks
+/// that registered GPU memory is exportable.
+///
+/// # Safety
+///
+/// The caller upholds [`crate::Agent::register_raw`]'s contract for `region` until the returned
+/// registration is dropped.
+pub(crate) unsafe fn register_raw(agent: &Agent, region: MemRegion) -> Result<Registration, Error> {
+    let handle = check(
+        Op::RegisterMemory,
+        agent.inner.register_memory(&SysRegion(region), None),
+    )?;
+    agent.check_exportable(region);
+    Ok(Registration { handle, region })
+}
+
+/// Registers an owned buffer; the registration drops before the buffer (see [`Registered`]).
+pub(crate) fn register_owned<B: NixlBuffer>(
+    agent: &Agent,
+    buffer: B,
+) -> Result<Registered<B>, Error> {
+    // SAFETY: NixlBuffer's contract: the region is owned by `buffer` and neither freed nor moved
+    // while it lives; Registered keeps the buffer and drops the registration first.
+    let registration = unsafe { register_raw(agent, buffer.region()) }?;
+    Ok(Registered::new(registration, buffer))
+}
+
+/// Registers an exclusively borrowed host slice for as long as the returned guard lives.
+pub(crate) fn register_borrowed<'a>(
+    agent: &Agent,
+    buf: &'a mut [u8],
+) -> Result<BorrowedRegistration<'a>, Error> {
+    let region = MemRegion::dram(buf.as_mut_ptr() as u64, buf.len() as u64);
+    // SAFETY: the slice stays allocated and unmoved for 'a, and the exclusive borrow held by
+    // the guard means no Rust code observes it while NIXL may write into it (register_raw's
+    // obligations). The guard deregisters before 'a ends.
+    let registration = unsafe { register_raw(agent, region) }?;
+    Ok(BorrowedRegistration::new(registration))
 }
 
 /// Memory that can be registered with NIXL and stays valid and unmoved while it is owned.
@@ -250,7 +246,7 @@ pub unsafe trait NixlBuffer: Send + Sync {
 
 // SAFETY: a HostBuffer owns its heap allocation, which never moves or shrinks while it lives,
 // and `addr()`/`len()` are fixed at construction.
-unsafe impl NixlBuffer for HostBuffer {
+unsafe impl NixlBuffer for crate::HostBuffer {
     fn region(&self) -> MemRegion {
         MemRegion::dram(self.addr(), self.len() as u64)
     }
@@ -259,81 +255,27 @@ unsafe impl NixlBuffer for HostBuffer {
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 
-/// Benchmark support (feature `__bench`, not covered by semver): lets a benchmark register a
-/// [`HostBuffer`] with a raw `nixl_sys::Agent`, so raw and wrapped paths move identical memory.
+// Benchmark support (feature `__bench`): a host buffer's region as a raw nixl-sys descriptor.
 #[cfg(feature = "__bench")]
-#[doc(hidden)]
-pub mod bench {
-    /// A host buffer's region as a raw nixl-sys descriptor.
-    #[derive(Debug)]
-    pub struct RawHostRegion(pub(crate) super::SysRegion);
-
-    impl RawHostRegion {
-        /// The region of `buf`.
-        pub fn new(buf: &super::HostBuffer) -> Self {
-            Self(super::SysRegion(crate::MemRegion::dram(
-                buf.addr(),
-                buf.len() as u64,
-            )))
-        }
+impl nixl_sys::MemoryRegion for crate::mem::RawHostRegion {
+    // SAFETY (trait contract): only an address handed to NIXL, never dereferenced here;
+    // the benchmark keeps the HostBuffer alive while registered.
+    unsafe fn as_ptr(&self) -> *const u8 {
+        self.0.addr as usize as *const u8
     }
 
-    impl nixl_sys::MemoryRegion for RawHostRegion {
-        // SAFETY (trait contract): only an address handed to NIXL, never dereferenced here;
-        // the benchmark keeps the HostBuffer alive while registered.
-        unsafe fn as_ptr(&self) -> *const u8 {
-            self.0.0.addr as usize as *const u8
-        }
-
-        fn size(&self) -> usize {
-            nixl_sys::MemoryRegion::size(&self.0)
-        }
-    }
-
-    impl nixl_sys::NixlDescriptor for RawHostRegion {
-        fn mem_type(&self) -> nixl_sys::MemType {
-            nixl_sys::MemType::Dram
-        }
-
-        fn device_id(&self) -> u64 {
-            0
-        }
+    fn size(&self) -> usize {
+        usize::try_from(self.0.len).unwrap_or(usize::MAX)
     }
 }
 
-/// A registration of a borrowed, exclusively held slice; deregistered when dropped, which the
-/// borrow forces to happen before the slice can be used, moved or freed again.
-#[derive(Debug)]
-#[must_use = "dropping it deregisters the slice at once"]
-pub struct BorrowedRegistration<'a> {
-    registration: crate::Registration,
-    _slice: std::marker::PhantomData<&'a mut [u8]>,
-}
-
-impl BorrowedRegistration<'_> {
-    /// The registered region.
-    pub fn region(&self) -> MemRegion {
-        self.registration.region()
+#[cfg(feature = "__bench")]
+impl nixl_sys::NixlDescriptor for crate::mem::RawHostRegion {
+    fn mem_type(&self) -> nixl_sys::MemType {
+        nixl_sys::MemType::Dram
     }
-}
 
-impl crate::Agent {
-    /// Registers `buf` (host memory) for as long as the returned guard lives.
-    ///
-    /// Safe because the guard holds the exclusive borrow: nothing else can read, write, move or
-    /// free the slice until the registration is gone, so transfers may write into it freely.
-    pub fn register_slice_mut<'a>(
-        &self,
-        buf: &'a mut [u8],
-    ) -> Result<BorrowedRegistration<'a>, Error> {
-        let region = MemRegion::dram(buf.as_mut_ptr() as u64, buf.len() as u64);
-        // SAFETY: the slice stays allocated and unmoved for 'a, and the exclusive borrow held by
-        // the guard means no Rust code observes it while NIXL may write into it (register_raw's
-        // obligations). The guard deregisters before 'a ends.
-        let registration = unsafe { self.register_raw(region) }?;
-        Ok(BorrowedRegistration {
-            registration,
-            _slice: std::marker::PhantomData,
-        })
+    fn device_id(&self) -> u64 {
+        0
     }
 }
