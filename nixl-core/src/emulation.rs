@@ -4,7 +4,7 @@
 //! 1 GB/s) whenever no zero-copy transport can reach both sides of a transfer, and says nothing
 //! about it at default log levels. On one host the fast path for GPU memory is `cuda_ipc`; the
 //! rules below are the situations in which it is not available, each measured on an H100
-//! (RUNTIME.md, GPU section) and each reported by [`crate::Agent`] as a `tracing` warning the
+//! (docs/runtime.md §5) and each reported by [`crate::Agent`] as a `tracing` warning the
 //! first time a transfer of that shape is created.
 
 use std::fmt;

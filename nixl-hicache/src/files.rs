@@ -1,5 +1,5 @@
 //! Pages as files: `<dir>/<key><suffix>`, raw bytes from offset 0 — the same files SGLang's
-//! HiCacheNixl reads and writes.
+//! HiCacheNixl reads and writes (docs/protocol.md §9.3).
 //!
 //! Writes go to `<dir>/.tmp.<name>.<pid>.<n>` and are renamed into place only after the
 //! transfer completed, so a failed or interrupted write never leaves a key that `exists`

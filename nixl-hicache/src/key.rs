@@ -1,4 +1,5 @@
-//! Page keys: SGLang's SHA-256 chain, the optional model/rank suffix, and key validation.
+//! Page keys: SGLang's SHA-256 chain, the optional model/rank suffix, and key validation
+//! (docs/protocol.md §9.1–§9.2).
 
 use sha2::{Digest, Sha256};
 

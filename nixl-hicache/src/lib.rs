@@ -10,7 +10,8 @@
 //!   OBJ), an optional model/rank [`KeySuffix`], backend parameters.
 //!
 //! See [`HiCache`] for what differs from SGLang on purpose (no leaks, atomic writes, per-key
-//! batch results, safe keys).
+//! batch results, safe keys). The key chain and the file and object layout are specified in the
+//! repository's `docs/protocol.md` §9.
 //!
 //! # Example
 //!

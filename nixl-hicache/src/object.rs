@@ -1,4 +1,4 @@
-//! Pages as S3 objects through the NIXL OBJ plugin.
+//! Pages as S3 objects through the NIXL OBJ plugin (docs/protocol.md §9.4).
 //!
 //! The plugin names an object by its registration's device id (the S3 key is the id in
 //! decimal); nixl-sys cannot pass the key string SGLang intended. So each page is stored under

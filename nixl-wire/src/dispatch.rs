@@ -1,4 +1,4 @@
-//! Dispatch of a frame set arriving at a prefill's PULL socket.
+//! Dispatch of a frame set arriving at a prefill's PULL socket (docs/protocol.md §3.2).
 
 use bytes::Bytes;
 

@@ -1,4 +1,5 @@
-//! A cursor over a message's frames that turns every problem into a [`DecodeError`].
+//! A cursor over a message's frames that turns every problem into a [`DecodeError`], and the
+//! GUARD frame (docs/protocol.md §3.2).
 
 use bytes::Bytes;
 

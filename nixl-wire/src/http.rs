@@ -1,4 +1,4 @@
-//! Bootstrap HTTP bodies and queries (SPEC.md §2.2), as serde types.
+//! Bootstrap HTTP bodies and queries (docs/protocol.md §2), as serde types.
 //!
 //! SGLang's aiohttp server writes JSON with Python's `json.dumps` defaults (`", "` and `": "`
 //! separators, non-ASCII escaped); [`to_python_json`] writes the same bytes, so a Rust bootstrap

@@ -9,6 +9,9 @@
 //! never panics, whatever a peer sends; no allocation is sized by anything but the frame itself.
 //! Every `encode` is infallible. Binary integers are little-endian, as on every SGLang host.
 //!
+//! The formats are specified in the repository's `docs/protocol.md`: encodings §1.2, bootstrap
+//! HTTP §2, the ZeroMQ frames §3, notifications §4.
+//!
 //! # Example
 //!
 //! ```

@@ -1,4 +1,4 @@
-//! NIXL notification payloads that travel with the prefill's WRITEs (SPEC.md §3.4).
+//! NIXL notification payloads that travel with the prefill's WRITEs (docs/protocol.md §4).
 //!
 //! | form | meaning |
 //! |---|---|

@@ -1,5 +1,5 @@
 //! `KVArgsRegisterInfo`: the decode's registration, sent once per connection-pool key and target
-//! prefill rank (SPEC.md §3.2).
+//! prefill rank (docs/protocol.md §3.3).
 
 use bytes::Bytes;
 

@@ -1,5 +1,5 @@
 //! Scalar encodings: ASCII decimal integers as Python's `str(int)` writes them, printable ASCII
-//! text, and little-endian integer arrays.
+//! text, and little-endian integer arrays (docs/protocol.md §1.2).
 
 use crate::error::Reason;
 

@@ -1,4 +1,4 @@
-//! `TransferInfo`: one per request per target prefill rank (SPEC.md §3.3).
+//! `TransferInfo`: one per request per target prefill rank (docs/protocol.md §3.4).
 
 use bytes::Bytes;
 
