@@ -65,7 +65,6 @@ mod error;
 mod mem;
 mod metadata;
 mod notif;
-pub mod proto_info;
 pub mod runtime;
 /// Benchmark support (feature `__bench`, not covered by semver).
 #[cfg(feature = "__bench")]

@@ -14,13 +14,11 @@
 
 mod child;
 mod loopback;
-mod pages;
 pub mod pattern;
 mod s3;
 
 pub use child::ChildPeer;
 pub use loopback::{LoopbackPair, unique_name, wait_for_notification};
-pub use pages::take_page_runs;
 pub use s3::{MOTO_VENV_ENV, S3Server};
 pub use tempfile::{TempDir, tempdir};
 
@@ -50,18 +48,4 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Bytes of a hex string, or `None` if it is not hex of even length.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
     child::hex_decode(s)
-}
-
-/// For example and test binaries: prints the libraries' `tracing` events on stderr, at the level
-/// named by `RUST_LOG` (`error`, `warn`, `info`, `debug`, `trace`; default `warn`, so that
-/// warnings such as UCX's software emulation of a GPU transfer are seen). Later calls do nothing.
-pub fn init_logging() {
-    let level = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(tracing::Level::WARN);
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .try_init();
 }

@@ -8,7 +8,7 @@ use rand::Rng;
 ///
 /// # Panics
 ///
-/// If `free` holds fewer than `n` pages (a test set-up error).
+/// If `free` holds fewer than `n` pages (a caller error).
 pub fn take_page_runs(free: &mut Vec<u32>, n: usize, rng: &mut impl Rng) -> Vec<u32> {
     assert!(free.len() >= n, "{n} pages wanted, {} free", free.len());
     free.sort_unstable();

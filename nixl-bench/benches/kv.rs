@@ -2,7 +2,7 @@
 //!
 //! (a) nixl-core WRITEs of exactly the descriptors those requests need, to a target agent in a
 //!     child process (this binary re-run with `--serve-target`); create + post + wait per request.
-//! (b) the full path in two processes (`pd prefill` and `pd decode`, from `$PD_BIN`): transfer
+//! (b) the full path in two processes (`nixl-pd prefill` and `nixl-pd decode`, from `$PD_BIN`): transfer
 //!     message → prefill send → NIXL → notifications → Success on the decode.
 //! (c) planner nanoseconds per descriptor; (d) CPU used by idle managers.
 #![allow(
@@ -74,7 +74,7 @@ struct Stats {
 /// Destination pages as the `pd` decode picks them: random runs of 1-8 consecutive pages.
 fn dst_pages(n: usize, rng: &mut impl Rng) -> Vec<u32> {
     let mut free: Vec<u32> = (0..POOL as u32).collect();
-    nixl_testkit::take_page_runs(&mut free, n, rng)
+    nixl_tools::take_page_runs(&mut free, n, rng)
 }
 
 fn src_pages(room: u64, n: usize) -> Vec<u32> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use nixl_core::proto_info::rma_tables;
+use nixl_bench::proto_info::rma_tables;
 use serde_json::{Value, json};
 
 use crate::report;
@@ -21,7 +21,7 @@ pub(crate) struct AllArgs {
     /// The GPU of the target side (default: the same GPU).
     #[arg(long)]
     pub(crate) remote_gpu: Option<u32>,
-    /// The `pd` binary, for the prefill/decode rows and their ratio to raw NIXL.
+    /// The `nixl-pd` binary, for the prefill/decode rows and their ratio to raw NIXL.
     #[arg(long)]
     pub(crate) pd: Option<PathBuf>,
     /// Directory for per-case logs, results.json and report.md.

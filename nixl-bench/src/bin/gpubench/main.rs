@@ -1,14 +1,14 @@
 //! `gpubench`: NIXL GPU-memory benchmarks for the lent GPU machine (feature `cuda`).
 //!
 //! ```text
-//! gpubench all [--gpu 0] [--remote-gpu 1] [--pd path/to/pd] [--out DIR] [--seconds S]
+//! gpubench all [--gpu 0] [--remote-gpu 1] [--pd path/to/nixl-pd] [--out DIR] [--seconds S]
 //! gpubench case --name N --place one|two [--op write|read] [--local vram|pinned] ...
 //! gpubench target ...   (started by `case --place two`)
 //! ```
 //!
 //! `all` measures the copy-engine anchors, runs each case in a child process with
 //! `UCX_PROTO_INFO=y` (recording the protocol and transport UCX chose and comparing it with
-//! nixl-core's emulation prediction), runs the `pd` flow with VRAM pools when given the binary,
+//! nixl-core's emulation prediction), runs the `nixl-pd` flow with VRAM pools when given the binary,
 //! and writes `results.json` and `report.md`. Every case verifies every byte it moved.
 #![allow(
     clippy::print_stdout,
@@ -53,7 +53,7 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    nixl_testkit::init_logging();
+    nixl_tools::init_logging();
     match Cli::parse().cmd {
         Cmd::All(a) => driver::all(&a),
         Cmd::Case(c) => {

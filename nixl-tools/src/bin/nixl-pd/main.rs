@@ -1,22 +1,32 @@
-//! `pd`: a prefill and a decode moving KV pages over NIXL with SGLang's protocol.
+//! `nixl-pd`: a prefill and a decode moving KV pages over NIXL with SGLang's protocol.
 //!
 //! ```text
-//! pd prefill --bootstrap-port P --layers L [--mla] --page-bytes B --pages N [--aux-slots S]
-//!            [--chunk-pages K] [--seed X]
-//! pd decode  --bootstrap HOST:P --layers L [--mla] --page-bytes B --pages N [--prefill-pages NP]
-//!            --requests R --pages-per-request M [--concurrency C] [--seed X]
-//!            [--aux-verify all|first] [--json]
+//! nixl-pd prefill --bootstrap-port P --layers L [--mla] --page-bytes B --pages N [--aux-slots S]
+//!                 [--hidden-size H] [--aux-layout sglang|legacy] [--chunk-pages K] [--seed X]
+//! nixl-pd decode  --bootstrap HOST:P --layers L [--mla] --page-bytes B --pages N
+//!                 [--prefill-pages NP] [--hidden-size H] [--aux-layout sglang|legacy]
+//!                 --requests R --pages-per-request M [--concurrency C] [--seed X]
+//!                 [--aux-verify all|first] [--json] [--no-verify]
+//! nixl-pd doctor  [--device cpu|gpu:N] [--peer-device cpu|gpu:N]
 //! ```
 //!
 //! Byte j of page p of KV buffer b on the prefill is `(7·b + 13·p + j) mod 251` (buffers in
 //! SGLang's order: K of layers 0..L−1, then V). For room R the prefill sends source pages
 //! `(R + 97·i) mod N`; aux buffer k's row for the room holds `(R + 17·k + j) mod 256`.
+//!
+//! The aux (metadata) buffers are SGLang 0.5.1's `MetadataBuffers`, six per slot: output ids
+//! (16 × int32), logprob values (16 × f32), logprob indices (16 × int32), top-logprob values
+//! (128 × f32), top-logprob indices (128 × int32) and hidden states (`--hidden-size` × bf16).
+//! Both sides must agree on the layout: a prefill lowers aux copies with its own row lengths.
+#![forbid(unsafe_code)]
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
     missing_docs,
     reason = "command-line program"
 )]
+
+mod doctor;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -29,17 +39,46 @@ use nixl_kv::bootstrap::BootstrapServer;
 use nixl_kv::{KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig};
 use rand::{Rng, SeedableRng};
 
-/// Aux buffers: row lengths (SGLang's first three metadata buffers are 64 B rows).
-const AUX_ITEMS: [u64; 3] = [64, 64, 512];
+/// Which aux buffers each slot has.
+#[derive(Clone, Copy, ValueEnum)]
+enum AuxLayout {
+    /// SGLang 0.5.1's `MetadataBuffers`: six buffers of 64, 64, 64, 512, 512 and
+    /// 2 × hidden-size bytes per slot.
+    Sglang,
+    /// Three buffers of 64, 64 and 512 bytes per slot (what earlier versions of this program
+    /// registered).
+    Legacy,
+}
+
+/// Row lengths of SGLang 0.5.1's `MetadataBuffers` (`disaggregation/utils.py`), hidden states
+/// last: 16 int32 output ids (padded to 64 B, the smallest RDMA write SGLang allows), 16 f32
+/// logprob values, 16 int32 logprob indices, 128 f32 top-logprob values, 128 int32 top-logprob
+/// indices.
+const SGLANG_AUX_ITEMS: [u64; 5] = [16 * 4, 16 * 4, 16 * 4, 128 * 4, 128 * 4];
 
 #[derive(Parser)]
 #[command(
-    name = "pd",
+    name = "nixl-pd",
     about = "SGLang-compatible prefill/decode KV transfer over NIXL"
 )]
 struct Cli {
     #[command(subcommand)]
     role: Role,
+}
+
+impl Pool {
+    /// The row length of each aux buffer.
+    fn aux_items(&self) -> Vec<u64> {
+        match self.aux_layout {
+            AuxLayout::Sglang => {
+                let mut v = SGLANG_AUX_ITEMS.to_vec();
+                // bf16 hidden states.
+                v.push(2 * self.hidden_size);
+                v
+            }
+            AuxLayout::Legacy => vec![64, 64, 512],
+        }
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -59,6 +98,12 @@ struct Pool {
     /// Aux rows.
     #[arg(long, default_value_t = 64)]
     aux_slots: u32,
+    /// The model's hidden size: the sixth aux buffer holds this many bf16 values per slot.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    hidden_size: u64,
+    /// Aux buffers per slot; must match the peer's.
+    #[arg(long, value_enum, default_value_t = AuxLayout::Sglang)]
+    aux_layout: AuxLayout,
     /// Seed.
     #[arg(long, default_value_t = 1234)]
     seed: u64,
@@ -70,7 +115,9 @@ struct Pool {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum AuxVerify {
+    /// Every aux buffer of the slot.
     All,
+    /// Only the first (output ids): all that SGLang 0.5.1's prefill writes.
     First,
 }
 
@@ -115,11 +162,29 @@ enum Role {
         #[arg(long)]
         no_verify: bool,
     },
+    /// Print where the NIXL runtime was found, the UCX and NIXL settings in force, and whether
+    /// UCX would emulate the KV transfers for these memory types; fail if there is no runtime.
+    Doctor(doctor::DoctorArgs),
 }
 
 fn main() -> anyhow::Result<()> {
-    nixl_testkit::init_logging();
-    match Cli::parse().role {
+    nixl_tools::init_logging();
+    let role = Cli::parse().role;
+    if let Role::Doctor(args) = &role {
+        return doctor::run(args);
+    }
+    match nixl_tools::runtime::load() {
+        Ok(loaded) => {
+            if let nixl_tools::runtime::Source::PipWheel(dir) = &loaded.source {
+                eprintln!("using the pip-installed NIXL runtime in {}", dir.display());
+            }
+        }
+        Err(e) => {
+            eprintln!("nixl-pd: {e}");
+            std::process::exit(2);
+        }
+    }
+    match role {
         Role::Prefill {
             pool,
             bootstrap_port,
@@ -150,6 +215,7 @@ fn main() -> anyhow::Result<()> {
                 json,
             )
         }
+        Role::Doctor(_) => Ok(()),
     }
 }
 
@@ -219,6 +285,8 @@ struct Memory {
     agent: Agent,
     kv: Kv,
     aux: Vec<Registered<HostBuffer>>,
+    /// Row length of each aux buffer.
+    aux_items: Vec<u64>,
 }
 
 fn memory(pool: &Pool, role: &str) -> anyhow::Result<Memory> {
@@ -248,7 +316,8 @@ fn memory(pool: &Pool, role: &str) -> anyhow::Result<Memory> {
         ),
         None => bail!("--device is cpu or gpu:N, not {}", pool.device),
     };
-    let aux = AUX_ITEMS
+    let aux_items = pool.aux_items();
+    let aux = aux_items
         .iter()
         .map(|&i| {
             Ok(agent.register(HostBuffer::new(usize::try_from(
@@ -256,7 +325,12 @@ fn memory(pool: &Pool, role: &str) -> anyhow::Result<Memory> {
             )?)?)?)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Memory { agent, kv, aux })
+    Ok(Memory {
+        agent,
+        kv,
+        aux,
+        aux_items,
+    })
 }
 
 fn args(m: &Memory, pool: &Pool) -> KvArgs {
@@ -264,7 +338,7 @@ fn args(m: &Memory, pool: &Pool) -> KvArgs {
         m.kv.regions(),
         vec![pool.page_bytes; m.kv.len()],
         m.aux.iter().map(|b| b.region()).collect(),
-        AUX_ITEMS.to_vec(),
+        m.aux_items.clone(),
     )
     .mla(pool.mla)
 }
@@ -314,7 +388,7 @@ fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::
             let slot = next_slot % pool.aux_slots;
             next_slot = next_slot.wrapping_add(1);
             for (k, aux) in m.aux.iter_mut().enumerate() {
-                let item = AUX_ITEMS[k] as usize;
+                let item = m.aux_items[k] as usize;
                 let row = &mut aux.buffer_mut().as_mut_slice()
                     [slot as usize * item..(slot as usize + 1) * item];
                 for (j, b) in row.iter_mut().enumerate() {
@@ -414,7 +488,7 @@ fn decode(
     while started < requests || !inflight.is_empty() {
         while started < requests && inflight.len() < concurrency {
             let room = rng.random::<u64>() >> 1;
-            let pages = nixl_testkit::take_page_runs(&mut free_pages, per_request, &mut rng);
+            let pages = nixl_tools::take_page_runs(&mut free_pages, per_request, &mut rng);
             let slot = free_slots.pop().context("out of aux slots")?;
             let mut rx = KvReceiver::new(&mgr, bootstrap, room, None);
             rx.init(&pages, slot);
@@ -519,7 +593,7 @@ fn verify(
         AuxVerify::First => 1,
     };
     for (k, buf) in m.aux.iter().enumerate().take(buffers) {
-        let item = AUX_ITEMS[k] as usize;
+        let item = m.aux_items[k] as usize;
         let row = &buf.buffer().as_slice()[slot as usize * item..(slot as usize + 1) * item];
         if let Some(j) = (0..item).find(|&j| row[j] != aux_byte(room, k, j)) {
             return Err(format!("aux buffer {k} byte {j} differs"));

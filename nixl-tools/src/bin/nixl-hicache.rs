@@ -1,13 +1,15 @@
-//! `hicache`: store, fetch and benchmark KV pages with the HiCache connector.
+//! `nixl-hicache`: store, fetch and benchmark KV pages with the HiCache connector.
 //!
 //! ```text
-//! hicache put    --dir D --key K [--file F]        # F or stdin
-//! hicache get    --dir D --key K [--file F]        # F or stdout; exit 1 on a miss
-//! hicache exists --dir D --key K                   # prints true/false; exit 1 if absent
-//! hicache bench  --dir D --pages N --page-bytes B [--batch K] [--backend posix|obj] [--json]
+//! nixl-hicache put    --dir D --key K [--file F]        # F or stdin
+//! nixl-hicache get    --dir D --key K [--file F]        # F or stdout; exit 1 on a miss
+//! nixl-hicache exists --dir D --key K                   # prints true/false; exit 1 if absent
+//! nixl-hicache bench  --dir D --pages N --page-bytes B [--batch K] [--backend posix|obj]
+//!                     [--device cpu|gpu:N] [--json]
 //! ```
 //! For `--backend obj` set `--endpoint HOST:PORT --bucket NAME` (credentials from
 //! `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, or `--access-key/--secret-key`).
+#![forbid(unsafe_code)]
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -27,7 +29,7 @@ use nixl_hicache::{HiCache, HiCacheConfig, Plugin, RawTarget, page_key};
 
 #[derive(Parser)]
 #[command(
-    name = "hicache",
+    name = "nixl-hicache",
     about = "KV pages in files or objects over NIXL (SGLang HiCache layout)"
 )]
 struct Cli {
@@ -117,8 +119,20 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    nixl_testkit::init_logging();
-    match Cli::parse().cmd {
+    nixl_tools::init_logging();
+    let cmd = Cli::parse().cmd;
+    match nixl_tools::runtime::load() {
+        Ok(loaded) => {
+            if let nixl_tools::runtime::Source::PipWheel(dir) = &loaded.source {
+                eprintln!("using the pip-installed NIXL runtime in {}", dir.display());
+            }
+        }
+        Err(e) => {
+            eprintln!("nixl-hicache: {e}");
+            std::process::exit(2);
+        }
+    }
+    match cmd {
         Cmd::Put { store, key, file } => {
             let cache = open(&store)?;
             let mut data = Vec::new();
@@ -204,7 +218,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `bench --device gpu:N`: pages in GPU memory, staged through a pinned buffer of one batch.
-#[cfg(feature = "cuda")]
 mod device {
     use std::time::{Duration, Instant};
 
@@ -222,7 +235,7 @@ mod device {
     ) -> anyhow::Result<(Duration, Duration, usize, bool)> {
         let total = pages * page_bytes;
         let mut pattern = vec![0u8; total];
-        nixl_testkit::pattern::fill(&mut pattern, 42);
+        nixl_tools::pattern::fill(&mut pattern, 42);
         let mut src = DeviceBuffer::new(gpu, total)?;
         src.copy_from_host(&pattern)?;
         let mut dst = DeviceBuffer::new(gpu, total)?;
@@ -327,11 +340,7 @@ fn bench(
         .checked_mul(page_bytes)
         .context("pages x page-bytes overflows")?;
     if let Some(gpu) = gpu {
-        #[cfg(not(feature = "cuda"))]
-        bail!("GPU {gpu}: this build lacks the `cuda` feature (cargo run --features cuda ...)");
-        #[cfg(feature = "cuda")]
         let (set_t, get_t, misses, ok) = device::run(&cache, gpu, pages, page_bytes, batch, json)?;
-        #[cfg(feature = "cuda")]
         return summary(
             pages,
             page_bytes,
@@ -342,7 +351,7 @@ fn bench(
         );
     }
     let mut src = cache.register_buffer(HostBuffer::new(total)?)?;
-    nixl_testkit::pattern::fill(src.buffer_mut().as_mut_slice(), 42);
+    nixl_tools::pattern::fill(src.buffer_mut().as_mut_slice(), 42);
     let dst = cache.register_buffer(HostBuffer::new(total)?)?;
     let keys: Vec<String> = (0..pages as u32)
         .map(|i| page_key(&[i, 0x5eed], None))
