@@ -30,13 +30,13 @@ pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         "kv" => {
             runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
             crate::demo::build_pd(root)?;
-            ("nixl-kv", "kv", "")
+            ("nixl-bench", "kv", "")
         }
         other => bail!("unknown suite `{other}`; choose core, wire, kv or hicache"),
     };
     cmd::run(
         Command::new("cargo")
-            .env("PD_BIN", root.join("target/release/examples/pd"))
+            .env("PD_BIN", root.join("target/release/nixl-pd"))
             .args([
                 "bench",
                 "--locked",

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -35,18 +35,24 @@ pub(crate) struct DemoArgs {
     concurrency: usize,
 }
 
-/// Builds the `pd` example in release and returns its path (demo, `bench kv` and `gpu` use it).
-pub(crate) fn build_pd(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+/// Builds the `nixl-pd` program in release and returns its path (demo, `bench kv` and `gpu`
+/// use it).
+pub(crate) fn build_pd(root: &Path) -> anyhow::Result<PathBuf> {
+    build_bin(root, "nixl-tools", "nixl-pd")
+}
+
+/// Builds binary `bin` of `package` in release and returns its path.
+pub(crate) fn build_bin(root: &Path, package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     cmd::run(Command::new("cargo").current_dir(root).args([
         "build",
         "--release",
         "--locked",
         "-p",
-        "nixl-kv",
-        "--example",
-        "pd",
+        package,
+        "--bin",
+        bin,
     ]))?;
-    Ok(root.join("target/release/examples/pd"))
+    Ok(root.join("target/release").join(bin))
 }
 
 impl DemoArgs {
@@ -91,7 +97,7 @@ pub(crate) fn run(root: &Path, args: &DemoArgs) -> anyhow::Result<()> {
     let mut child = prefill
         .stderr(Stdio::piped())
         .spawn()
-        .context("starting pd prefill")?;
+        .context("starting nixl-pd prefill")?;
     let stderr = child.stderr.take().context("no stderr")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -126,7 +132,7 @@ pub(crate) fn run(root: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         "running {} requests of {} pages on the decode",
         args.requests, args.pages_per_request
     );
-    let status = decode.status().context("running pd decode");
+    let status = decode.status().context("running nixl-pd decode");
     let _ = child.kill();
     let _ = child.wait();
     if !status?.success() {

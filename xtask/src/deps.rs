@@ -10,13 +10,29 @@ use serde_json::Value;
 use crate::cmd;
 
 /// Which workspace crates each crate may depend on (normal and build edges; dev edges are
-/// checked by `DEV_ALLOWED`).
+/// checked by `DEV_ALLOWED`). The programs sit on top: no library lists `nixl-tools` or
+/// `nixl-bench`; `nixl-tools` is published, so it never names the unpublished `nixl-testkit`.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("nixl-wire", &[]),
     ("nixl-core", &[]),
     ("nixl-kv", &["nixl-core", "nixl-wire"]),
     ("nixl-hicache", &["nixl-core", "nixl-wire"]),
     ("nixl-testkit", &["nixl-core", "nixl-wire"]),
+    (
+        "nixl-tools",
+        &["nixl-core", "nixl-wire", "nixl-kv", "nixl-hicache"],
+    ),
+    (
+        "nixl-bench",
+        &[
+            "nixl-core",
+            "nixl-wire",
+            "nixl-kv",
+            "nixl-hicache",
+            "nixl-tools",
+            "nixl-testkit",
+        ],
+    ),
     ("xtask", &[]),
 ];
 
@@ -35,6 +51,7 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ),
     ("nixl-core", &["zeromq", "zmq", "tokio", "nixl-wire"]),
     ("nixl-hicache", &["zeromq", "zmq", "tokio"]),
+    ("nixl-tools", &["nixl-testkit", "nixl-bench"]),
 ];
 
 pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
@@ -60,6 +77,8 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
         if !members.contains(name) {
             continue;
         }
+        // `publish = false` is `[]` in the metadata; absent (null) means publishable.
+        let published = !pkg["publish"].as_array().is_some_and(Vec::is_empty);
         for dep in pkg["dependencies"].as_array().into_iter().flatten() {
             let Some(dep_name) = dep["name"].as_str() else {
                 continue;
@@ -68,6 +87,12 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
                 continue;
             }
             let dev = dep["kind"].as_str() == Some("dev");
+            // A published crate's path dependencies need a version, or `cargo publish` refuses.
+            if published && !dev && dep["req"].as_str().is_none_or(|r| r == "*") {
+                errors.push(format!(
+                    "{name} -> {dep_name} has no version; a published crate's path dependencies need one"
+                ));
+            }
             let ok = lookup(ALLOWED, name).contains(&dep_name)
                 || (dev && lookup(DEV_ALLOWED, name).contains(&dep_name));
             if !ok {

@@ -1,7 +1,8 @@
 //! `cargo xtask gpu`: everything the GPU machine needs, in one archive to carry there.
 //!
 //! The device has no network and no cargo, so nothing may be built or downloaded there. This
-//! builds the release binaries here (the `pd`, `gpubench` and `hicache` examples and nixl-core's GPU test), provisions the
+//! builds the release binaries here (`nixl-pd` and `nixl-hicache` of nixl-tools, `gpubench` of
+//! nixl-bench, and nixl-core's GPU test), provisions the
 //! CUDA 13 runtime closure (`nixl-cu13`) plus `libcudart.so.13` from PyPI's
 //! `nvidia-cuda-runtime`, writes a run script, packs it all as `target/gpu/bundle.tar.xz` and
 //! prints the one command to run on the device.
@@ -32,20 +33,20 @@ N=$(nvidia-smi -L | grep -c "^GPU")
 echo "== nixl-core GPU test (VRAM->VRAM WRITE, one process, cuda_ipc)"
 UCX_CUDA_IPC_ENABLE_SAME_PROCESS=y "$B/bin/gpu-test" --test-threads=1 --nocapture 2>&1 | grep -E "WRITE|test result|panicked"
 echo "== gpubench, GPU 0"
-"$B/bin/gpubench" all --gpu 0 --pd "$B/bin/pd" --out "$OUT/gpubench" 2>&1 | grep -v "^\["
+"$B/bin/gpubench" all --gpu 0 --pd "$B/bin/nixl-pd" --out "$OUT/gpubench" 2>&1 | grep -v "^\["
 (cd "$OUT" && tar -czf gpubench.tgz gpubench && rm -rf gpubench)
 echo "== HiCache over POSIX files (/tmp/hicache-bench): pages in GPU 0 memory vs host memory"
 for shape in "1000 65536 64" "256 1048576 64"; do
   set -- $shape
   for dev in gpu:0 cpu; do
     rm -rf /tmp/hicache-bench
-    "$B/bin/hicache" bench --dir /tmp/hicache-bench --pages $1 --page-bytes $2 --batch $3 --device $dev --json 2>&1 | grep -v "^\["
+    "$B/bin/nixl-hicache" bench --dir /tmp/hicache-bench --pages $1 --page-bytes $2 --batch $3 --device $dev --json 2>&1 | grep -v "^\["
   done
 done
 rm -rf /tmp/hicache-bench
 if [ "$N" -ge 2 ]; then
   echo "== gpubench, GPU 0 -> GPU 1"
-  "$B/bin/gpubench" all --gpu 0 --remote-gpu 1 --pd "$B/bin/pd" --out "$OUT/gpubench-2gpu" 2>&1 | grep -v "^\["
+  "$B/bin/gpubench" all --gpu 0 --remote-gpu 1 --pd "$B/bin/nixl-pd" --out "$OUT/gpubench-2gpu" 2>&1 | grep -v "^\["
   (cd "$OUT" && tar -czf gpubench-2gpu.tgz gpubench-2gpu && rm -rf gpubench-2gpu)
 fi
 "#;
@@ -57,8 +58,8 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     add_cudart(root, &rt)?;
     let pd = crate::demo::build_pd(root)?;
     let test_bin = build_gpu_test(root)?;
-    let bench = build_example(root, "nixl-core", "cuda", "gpubench")?;
-    let hicache = build_example(root, "nixl-hicache", "cuda", "hicache")?;
+    let bench = crate::demo::build_bin(root, "nixl-bench", "gpubench")?;
+    let hicache = crate::demo::build_bin(root, "nixl-tools", "nixl-hicache")?;
 
     let stage = root.join("target/gpu-stage");
     if stage.exists() {
@@ -66,10 +67,10 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     }
     fs::create_dir_all(stage.join("bin"))?;
     for (src, name) in [
-        (pd, "pd"),
+        (pd, "nixl-pd"),
         (test_bin, "gpu-test"),
         (bench, "gpubench"),
-        (hicache, "hicache"),
+        (hicache, "nixl-hicache"),
     ] {
         let dst = stage.join("bin").join(name);
         fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
@@ -156,27 +157,6 @@ fn add_cudart(root: &Path, rt: &Path) -> anyhow::Result<()> {
         .read_to_end(&mut data)?;
     fs::write(&dst, data)?;
     Ok(())
-}
-
-/// Builds `example` of `package` with `features` in release and returns the executable.
-fn build_example(
-    root: &Path,
-    package: &str,
-    features: &str,
-    example: &str,
-) -> anyhow::Result<PathBuf> {
-    cmd::run(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        package,
-        "--features",
-        features,
-        "--example",
-        example,
-    ]))?;
-    Ok(root.join("target/release/examples").join(example))
 }
 
 /// Builds nixl-core's GPU test in release and returns the executable.

@@ -13,20 +13,26 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
-const CRATES: [&str; 6] = [
+const CRATES: [&str; 8] = [
     "nixl-wire",
     "nixl-core",
     "nixl-kv",
     "nixl-hicache",
+    "nixl-tools",
+    "nixl-bench",
     "nixl-testkit",
     "xtask",
 ];
-/// Library crates whose root must `#![forbid(unsafe_code)]` (all but nixl-core).
-const FORBID_UNSAFE: [&str; 4] = [
+/// Crate roots that must `#![forbid(unsafe_code)]` (all but nixl-core's).
+const FORBID_UNSAFE: [&str; 8] = [
     "nixl-wire/src/lib.rs",
     "nixl-kv/src/lib.rs",
     "nixl-hicache/src/lib.rs",
     "nixl-testkit/src/lib.rs",
+    "nixl-tools/src/lib.rs",
+    "nixl-tools/src/bin/nixl-pd/main.rs",
+    "nixl-tools/src/bin/nixl-hicache.rs",
+    "nixl-bench/src/lib.rs",
 ];
 const LONG_FILE: usize = 1000;
 
