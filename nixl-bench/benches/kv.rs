@@ -5,6 +5,7 @@
 //! (b) the full path in two processes (`nixl-pd prefill` and `nixl-pd decode`, from `$PD_BIN`): transfer
 //!     message → prefill send → NIXL → notifications → Success on the decode.
 //! (c) planner nanoseconds per descriptor; (d) CPU used by idle managers.
+#![forbid(unsafe_code)]
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,

@@ -10,6 +10,7 @@
 //! `UCX_PROTO_INFO=y` (recording the protocol and transport UCX chose and comparing it with
 //! nixl-core's emulation prediction), runs the `nixl-pd` flow with VRAM pools when given the binary,
 //! and writes `results.json` and `report.md`. Every case verifies every byte it moved.
+#![forbid(unsafe_code)]
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
