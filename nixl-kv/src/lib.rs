@@ -1,18 +1,35 @@
 //! Prefill→decode KV-cache transfer over NIXL, wire-compatible with SGLang 0.5.1's NIXL
-//! connector.
+//! connector (the contract is in `docs/protocol.md` of the repository).
 //!
-//! - [`proto`]: the sans-IO core. The prefill and decode state machines (rooms, the max-merge
-//!   status rule, chunk bookkeeping, failure, timeouts) and the descriptor planner
-//!   (`group_concurrent_contiguous`, per-buffer address arithmetic). No sockets, no threads, no
-//!   clock.
+//! - [`proto`]: the sans-IO core. One core per role owns every decision (rooms, the max-merge
+//!   status rule, chunk bookkeeping, failures, timeouts, heartbeats, bootstrap caches) and the
+//!   one plan → lowering path (`group_concurrent_contiguous`, per-buffer address arithmetic,
+//!   indices into prepared descriptor lists); each emits one ordered queue of commands. No
+//!   sockets, no threads, no clock.
 //! - [`bootstrap`]: SGLang's bootstrap HTTP server (`/route` PUT and GET, plus `/health`) and
 //!   its client.
-//! - [`driver`]: the IO shell: [`KvManager`] per engine rank, [`KvSender`] per request on
-//!   prefill, [`KvReceiver`] per request on decode; ZeroMQ sockets and the NIXL agent.
+//! - [`driver`]: the IO shell that carries the commands out: [`KvManager`] per engine rank,
+//!   [`KvSender`] per request on prefill, [`KvReceiver`] per request on decode; ZeroMQ sockets
+//!   and the NIXL agent.
+//!
+//! # Example
+//!
+//! A prefill and a decode in one process, over UCX, with a bootstrap server on 127.0.0.1
+//! (`examples/loopback.rs`; it needs the NIXL runtime, see nixl-core):
+//!
+//! ```no_run
+#![doc = include_str!("../examples/loopback.rs")]
+//! ```
+#![forbid(unsafe_code)]
 
 pub mod bootstrap;
 pub mod driver;
+mod error;
 pub mod proto;
+pub mod zmtp;
 
-pub use driver::{KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode};
-pub use proto::KvPoll;
+pub use driver::{KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode, RequestPaths, TableSizes};
+pub use error::{ArgsError, Error};
+pub use nixl_wire::RoomId;
+pub use proto::prefill::UnclaimedRoom;
+pub use proto::{BootstrapAddr, FailureReason, KvPoll};

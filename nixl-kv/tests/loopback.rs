@@ -7,9 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{AUX_ITEM, Side, both, decode, exchange, prefill, reach, server, until};
+use common::{AUX_ITEMS, Side, both, decode, exchange, prefill, reach, server, until};
 use nixl_core::{HostBuffer, Registered};
-use nixl_kv::{KvPoll, KvReceiver, KvSender, ManagerConfig};
+use nixl_kv::{KvPoll, KvReceiver, KvSender, ManagerConfig, RoomId};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -19,12 +19,12 @@ fn chunked_request_lands_byte_for_byte() {
     let addr = bs.addr().to_string();
     let p = prefill(&addr, 4, 64, 4096, ManagerConfig::default());
     let d = decode(4, 64, 4096, ManagerConfig::default());
-    let room = 8_181_933_191_833_708_945;
+    let room = RoomId::new(8_181_933_191_833_708_945);
     let src_pages: Vec<u32> = vec![3, 4, 5, 9, 10, 11, 40, 2];
     let dst_pages: Vec<u32> = vec![7, 8, 20, 21, 22, 50, 51, 0];
 
-    let mut rx = KvReceiver::new(&d.mgr, &addr, room, None);
-    let mut tx = KvSender::new(&p.mgr, room);
+    let mut rx = KvReceiver::new(&d.mgr, &addr, room, None).unwrap();
+    let mut tx = KvSender::new(&p.mgr, room).unwrap();
     assert_eq!(rx.poll(), KvPoll::WaitingForInput);
     rx.init(&dst_pages, 3);
     assert_eq!(
@@ -53,16 +53,19 @@ fn chunked_request_lands_byte_for_byte() {
             assert_eq!(&dst[t..t + 4096], &src[s..s + 4096], "buffer {b} page {t}");
         }
     }
+    // Both sides have SGLang's six aux buffers: every row goes.
     for (k, aux) in d.aux.iter().enumerate() {
-        let row = &aux.buffer().as_slice()[3 * AUX_ITEM as usize..4 * AUX_ITEM as usize];
-        let src = &p.aux[k].buffer().as_slice()[5 * AUX_ITEM as usize..6 * AUX_ITEM as usize];
+        let item = AUX_ITEMS[k] as usize;
+        let row = &aux.buffer().as_slice()[3 * item..4 * item];
+        let src = &p.aux[k].buffer().as_slice()[5 * item..6 * item];
         assert_eq!(row, src, "aux buffer {k}");
     }
     drop((tx, rx));
     // Two KV chunks and the aux rows, all made by index from lists prepared once per peer.
-    assert_eq!(p.mgr.request_paths(), (3, 0));
-    assert_eq!(p.mgr.table_sizes().0, 0, "prefill rooms freed");
-    assert_eq!(d.mgr.table_sizes().1, 0, "decode rooms freed");
+    let paths = p.mgr.request_paths();
+    assert_eq!((paths.prepared, paths.explicit), (3, 0));
+    assert_eq!(p.mgr.table_sizes().prefill_rooms, 0, "prefill rooms freed");
+    assert_eq!(d.mgr.table_sizes().decode_rooms, 0, "decode rooms freed");
 }
 
 #[test]
@@ -71,8 +74,8 @@ fn bad_page_indices_fail_the_room_and_the_decode_hears_it() {
     let addr = bs.addr().to_string();
     let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
     let d = decode(2, 16, 1024, ManagerConfig::default());
-    let mut rx = KvReceiver::new(&d.mgr, &addr, 42, None);
-    let mut tx = KvSender::new(&p.mgr, 42);
+    let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(42), None).unwrap();
+    let mut tx = KvSender::new(&p.mgr, RoomId::new(42)).unwrap();
     rx.init(&[1, 2], 0);
     assert_eq!(
         reach(T, KvPoll::WaitingForInput, || tx.poll()),
@@ -83,12 +86,12 @@ fn bad_page_indices_fail_the_room_and_the_decode_hears_it() {
     // Failure push: the decode fails with the prefill's reason instead of waiting.
     assert_eq!(both(T, &mut tx, &mut rx), (KvPoll::Failed, KvPoll::Failed));
     assert!(
-        tx.failure().unwrap().contains("page index 999"),
+        tx.failure().unwrap().to_string().contains("page index 999"),
         "{:?}",
         tx.failure()
     );
     assert!(
-        rx.failure().unwrap().contains("page index 999"),
+        rx.failure().unwrap().to_string().contains("page index 999"),
         "{:?}",
         rx.failure()
     );
@@ -100,13 +103,13 @@ fn decode_with_bad_pages_or_unreachable_bootstrap_fails_cleanly() {
     let addr = bs.addr().to_string();
     let _p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
     let d = decode(2, 16, 1024, ManagerConfig::default());
-    let mut rx = KvReceiver::new(&d.mgr, &addr, 7, None);
+    let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(7), None).unwrap();
     rx.init(&[3, 16], 0); // 16 is outside the decode pool
     assert_eq!(rx.poll(), KvPoll::Failed);
-    let mut lost = KvReceiver::new(&d.mgr, "127.0.0.1:1", 8, None);
+    let mut lost = KvReceiver::new(&d.mgr, "127.0.0.1:1", RoomId::new(8), None).unwrap();
     assert_eq!(lost.poll(), KvPoll::Failed);
     assert!(
-        lost.failure().unwrap().contains("127.0.0.1:1"),
+        lost.failure().unwrap().to_string().contains("127.0.0.1:1"),
         "{:?}",
         lost.failure()
     );
@@ -121,7 +124,7 @@ fn a_dead_prefill_fails_waiting_rooms_within_two_heartbeats() {
         .heartbeat(Duration::from_millis(200), 1)
         .waiting_timeout(None);
     let d = decode(2, 16, 1024, cfg);
-    let mut rx = KvReceiver::new(&d.mgr, &addr, 9, None);
+    let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(9), None).unwrap();
     rx.init(&[1], 0);
     assert_eq!(rx.poll(), KvPoll::WaitingForInput);
     // The prefill never sends; its bootstrap server dies.
@@ -135,7 +138,7 @@ fn a_dead_prefill_fails_waiting_rooms_within_two_heartbeats() {
         start.elapsed()
     );
     assert!(
-        rx.failure().unwrap().contains("unreachable"),
+        rx.failure().unwrap().to_string().contains("unreachable"),
         "{:?}",
         rx.failure()
     );
@@ -152,11 +155,11 @@ fn waiting_timeout_fails_a_room_the_prefill_never_serves() {
         1024,
         ManagerConfig::default().waiting_timeout(Some(Duration::from_millis(300))),
     );
-    let mut rx = KvReceiver::new(&d.mgr, &addr, 10, None);
+    let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(10), None).unwrap();
     rx.init(&[1], 0);
     assert_eq!(until(T, || rx.poll()), KvPoll::Failed);
     assert!(
-        rx.failure().unwrap().contains("within"),
+        rx.failure().unwrap().to_string().contains("within"),
         "{:?}",
         rx.failure()
     );
@@ -169,12 +172,11 @@ fn malformed_zmq_messages_are_dropped_and_the_listener_keeps_serving() {
     let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
     // A hostile peer sends garbage to the prefill's PULL socket (through pyzmq-compatible ZMTP).
     let endpoint = format!("tcp://127.0.0.1:{}", p.mgr.rank_port());
-    nixl_kv::driver::send_raw_for_tests(
+    common::send_raw(
         &endpoint,
         vec![b"NixlMsgGuard".to_vec(), b"None".to_vec()],
-    )
-    .unwrap();
-    nixl_kv::driver::send_raw_for_tests(&endpoint, vec![b"garbage".to_vec()]).unwrap();
+    );
+    common::send_raw(&endpoint, vec![b"garbage".to_vec()]);
     // A real exchange still works afterwards.
     let d = decode(2, 16, 1024, ManagerConfig::default());
     let (states, tx_err, rx_err) = exchange(&p.mgr, &d.mgr, &addr, 11, &[6], &[4], 1);
@@ -192,8 +194,9 @@ fn thousands_of_rooms_leave_every_table_empty() {
     let p = prefill(&addr, 2, 64, 512, ManagerConfig::default());
     let d = decode(2, 64, 512, ManagerConfig::default());
     for room in 0..2000u64 {
-        let mut rx = KvReceiver::new(&d.mgr, &addr, room, None);
-        let mut tx = KvSender::new(&p.mgr, room);
+        let id = RoomId::new(room);
+        let mut rx = KvReceiver::new(&d.mgr, &addr, id, None).unwrap();
+        let mut tx = KvSender::new(&p.mgr, id).unwrap();
         let pages = [(room % 60) as u32, (room % 60) as u32 + 1];
         rx.init(&pages, (room % 16) as u32);
         if room % 10 == 9 {
@@ -226,9 +229,9 @@ fn thousands_of_rooms_leave_every_table_empty() {
             rx.failure()
         );
     }
-    assert_eq!(p.mgr.table_sizes().0, 0, "prefill rooms");
-    assert_eq!(d.mgr.table_sizes().1, 0, "decode rooms");
-    assert_eq!(p.mgr.table_sizes().2, 1, "one registered decode agent");
+    assert_eq!(p.mgr.table_sizes().prefill_rooms, 0, "prefill rooms");
+    assert_eq!(d.mgr.table_sizes().decode_rooms, 0, "decode rooms");
+    assert_eq!(p.mgr.table_sizes().peers, 1, "one registered decode agent");
 }
 
 #[test]
@@ -240,7 +243,7 @@ fn against_a_seed_bootstrap_server_heartbeats_are_off_and_the_waiting_timeout_ap
         .heartbeat(Duration::from_millis(100), 1)
         .waiting_timeout(Some(Duration::from_millis(800)));
     let d = decode(2, 16, 1024, cfg);
-    let mut rx = KvReceiver::new(&d.mgr, &addr, 12, None);
+    let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(12), None).unwrap();
     rx.init(&[1], 0);
     // Several heartbeat rounds hit the 404: the room is not failed for it.
     std::thread::sleep(Duration::from_millis(400));
@@ -248,7 +251,7 @@ fn against_a_seed_bootstrap_server_heartbeats_are_off_and_the_waiting_timeout_ap
     // The prefill never serves the room: the waiting timeout fails it.
     assert_eq!(until(T, || rx.poll()), KvPoll::Failed);
     assert!(
-        rx.failure().unwrap().contains("within"),
+        rx.failure().unwrap().to_string().contains("within"),
         "{:?}",
         rx.failure()
     );
@@ -267,8 +270,8 @@ fn a_decode_that_dies_mid_request_fails_the_prefill_room_instead_of_hanging() {
     let addr = bs.addr().to_string();
     let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
     let d = decode(2, 16, 1024, ManagerConfig::default());
-    let mut rx = KvReceiver::new(&d.mgr, &addr, 14, None);
-    let mut tx = KvSender::new(&p.mgr, 14);
+    let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(14), None).unwrap();
+    let mut tx = KvSender::new(&p.mgr, RoomId::new(14)).unwrap();
     rx.init(&[1, 2], 0);
     assert_eq!(
         reach(T, KvPoll::WaitingForInput, || tx.poll()),
@@ -326,7 +329,7 @@ fn a_registration_carrying_another_decodes_metadata_does_not_disconnect_it() {
     };
     let endpoint = format!("tcp://127.0.0.1:{}", p.mgr.rank_port());
     let frames = evil.encode().into_iter().map(|b| b.to_vec()).collect();
-    nixl_kv::driver::send_raw_for_tests(&endpoint, frames).unwrap();
+    common::send_raw(&endpoint, frames);
     std::thread::sleep(Duration::from_millis(200));
     // The real decode still gets its pages.
     let (states, tx_err, rx_err) = exchange(&p.mgr, &d.mgr, &addr, 22, &[4], &[3], 1);
@@ -336,7 +339,7 @@ fn a_registration_carrying_another_decodes_metadata_does_not_disconnect_it() {
         "{tx_err:?} {rx_err:?}"
     );
     assert_eq!(
-        p.mgr.table_sizes().2,
+        p.mgr.table_sizes().peers,
         1,
         "the impostor is not a registered peer"
     );

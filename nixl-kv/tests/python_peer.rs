@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{AUX_ITEM, prefill, server};
-use nixl_kv::{KvPoll, KvSender, ManagerConfig};
+use common::{AUX_ITEMS, prefill, server};
+use nixl_kv::{KvPoll, KvSender, ManagerConfig, RoomId};
 
 /// Kills the Python peer if the test fails before it exits.
 struct Reap(std::process::Child);
@@ -61,7 +61,7 @@ fn a_python_decode_speaking_sglang_frames_receives_every_byte() {
         }
     }
     for (k, aux) in p.aux.iter_mut().enumerate() {
-        for (j, byte) in aux.buffer_mut().as_mut_slice()[..AUX_ITEM as usize]
+        for (j, byte) in aux.buffer_mut().as_mut_slice()[..AUX_ITEMS[k] as usize]
             .iter_mut()
             .enumerate()
         {
@@ -90,9 +90,9 @@ fn a_python_decode_speaking_sglang_frames_receives_every_byte() {
     // Serve the room the way the pd prefill does: learn it from the decode's infos.
     let start = Instant::now();
     let n = loop {
-        if let Some(&(r, n)) = p.mgr.unclaimed_rooms().first() {
-            assert_eq!(r, room);
-            break n;
+        if let Some(u) = p.mgr.unclaimed_rooms().first() {
+            assert_eq!(u.room, RoomId::new(room));
+            break u.pages;
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
@@ -101,7 +101,7 @@ fn a_python_decode_speaking_sglang_frames_receives_every_byte() {
         std::thread::sleep(Duration::from_millis(1));
     };
     assert_eq!(n, 8);
-    let mut tx = KvSender::new(&p.mgr, room);
+    let mut tx = KvSender::new(&p.mgr, RoomId::new(room)).unwrap();
     tx.init(n, 0);
     let src: Vec<u32> = (0..u64::from(n))
         .map(|i| ((room + 97 * i) % pool) as u32)
@@ -154,7 +154,7 @@ fn a_rust_decode_receives_from_a_python_prefill_speaking_sglang_frames() {
     let d = decode(buffers, pool, page, ManagerConfig::default());
     let room = 569_328_129_861_315_033u64;
     let pages = [7u32, 8, 20, 21, 22, 0];
-    let mut rx = KvReceiver::new(&d.mgr, &addr, room, None);
+    let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(room), None).unwrap();
     rx.init(&pages, 3);
     let start = Instant::now();
     let mut state = rx.poll();
@@ -179,8 +179,9 @@ fn a_rust_decode_receives_from_a_python_prefill_speaking_sglang_frames() {
             }
         }
     }
-    let row = &d.aux[0].buffer().as_slice()[3 * AUX_ITEM as usize..4 * AUX_ITEM as usize];
-    let want: Vec<u8> = (0..AUX_ITEM).map(|j| ((room + j) % 256) as u8).collect();
+    let item = AUX_ITEMS[0] as usize;
+    let row = &d.aux[0].buffer().as_slice()[3 * item..4 * item];
+    let want: Vec<u8> = (0..item as u64).map(|j| ((room + j) % 256) as u8).collect();
     assert_eq!(
         row,
         &want[..],

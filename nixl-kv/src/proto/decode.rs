@@ -1,47 +1,224 @@
-//! The decode side: per-room completion from NIXL notifications, failures, timeouts and
-//! heartbeats.
+//! The decode side: bootstrap lookups and their caches, registrations and transfer infos to
+//! send, per-room completion from NIXL notifications, failures, timeouts and heartbeats.
+//!
+//! The driver performs the HTTP lookups the core asks for ([`DecodeCore::next_lookup`]), sends
+//! the frames it queues ([`DecodeCore::poll_command`]) and reports heartbeat outcomes; every
+//! decision (what to cache, when to forget it, when a room fails) is made here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use nixl_wire::{Notification, RoomId};
+use bytes::Bytes;
+use nixl_wire::http::{ParallelInfo, RankInfo};
+use nixl_wire::{
+    AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PageIndex, RoomId, TransferInfo,
+};
 
-use super::KvPoll;
+use super::targeting::{dp_group, targets};
+use super::{BootstrapAddr, FailureReason, KvPoll};
+
+/// Parallel sizes a bootstrap server may announce; larger ones are refused before anything is
+/// sized by them.
+pub const MAX_PARALLEL_SIZE: u32 = 1 << 16;
+
+/// Who this decode rank is: what its registration message carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Identity {
+    /// The IP advertised in every message.
+    pub local_ip: String,
+    /// The port advertised (SGLang never binds it).
+    pub rank_port: u16,
+    /// Our NIXL agent.
+    pub agent: AgentName,
+    /// Our NIXL metadata.
+    pub metadata: Bytes,
+    /// KV buffer addresses.
+    pub kv_ptrs: Vec<u64>,
+    /// Bytes of one page of the first KV buffer.
+    pub kv_item_len: u64,
+    /// Aux buffer addresses.
+    pub aux_ptrs: Vec<u64>,
+    /// Our GPU.
+    pub gpu_id: GpuId,
+    /// Our rank inside the TP group.
+    pub engine_rank: u32,
+    /// TP size per DP rank.
+    pub tp_per_dp: u32,
+    /// Whether the model is MLA.
+    pub is_mla: bool,
+    /// Pages in our KV pool.
+    pub kv_pages: u32,
+    /// Rows in our aux buffers.
+    pub aux_slots: u32,
+}
+
+/// Timeouts and heartbeat settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DecodeTimers {
+    /// How long a started receiver waits for its data (`None`: forever).
+    pub waiting_timeout: Option<Duration>,
+    /// Time between heartbeat rounds.
+    pub heartbeat_interval: Duration,
+    /// Consecutive failed heartbeats before a prefill is declared dead.
+    pub heartbeat_max_failures: u32,
+}
+
+impl DecodeTimers {
+    /// Settings from their parts.
+    pub fn new(
+        waiting_timeout: Option<Duration>,
+        heartbeat_interval: Duration,
+        heartbeat_max_failures: u32,
+    ) -> Self {
+        Self {
+            waiting_timeout,
+            heartbeat_interval,
+            heartbeat_max_failures: heartbeat_max_failures.max(1),
+        }
+    }
+}
+
+/// A prefill rank's connection-pool key: SGLang's `{addr}_{dp group}_{rank}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The bootstrap server.
+    pub bootstrap: BootstrapAddr,
+    /// The prefill DP group.
+    pub dp_group: u32,
+    /// The real target's TP rank.
+    pub rank: u32,
+}
+
+/// What the driver must look up before a receiver can send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Lookup {
+    /// The prefill's parallel sizes: report with [`DecodeCore::parallel_learned`].
+    Parallel(BootstrapAddr),
+    /// The endpoints of these prefill ranks of `key.dp_group`: report with
+    /// [`DecodeCore::ranks_learned`].
+    Ranks {
+        /// The pool key.
+        key: PoolKey,
+        /// The ranks, in order.
+        ranks: Vec<u32>,
+    },
+    /// Nothing: the receiver knows its targets.
+    Ready,
+    /// Nothing: the room failed (or is gone).
+    Failed,
+}
+
+/// A heartbeat's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Heartbeat {
+    /// `/health` answered.
+    Up,
+    /// The server has no `/health` (a seed SGLang server): stop checking it.
+    NoRoute,
+    /// No answer, or an error.
+    Down(String),
+}
+
+/// Something the driver must send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Command {
+    /// A multipart ZeroMQ message to a prefill rank; report a failure with
+    /// [`DecodeCore::send_failed`].
+    Send {
+        /// The room it is for (registrations are for the room that triggered them).
+        room: RoomId,
+        /// `tcp://host:port`.
+        endpoint: String,
+        /// The frames.
+        frames: Vec<Bytes>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    endpoint: String,
+    dummy: bool,
+}
 
 #[derive(Debug)]
 struct Room {
-    bootstrap: String,
+    bootstrap: BootstrapAddr,
+    dp_rank: Option<u32>,
+    targets: Vec<Target>,
+    required: u32,
     started: bool,
     chunks: Vec<u32>,
     expected: Option<u32>,
     aux: bool,
     concluded: Option<KvPoll>,
-    failure: Option<String>,
+    failure: Option<FailureReason>,
     since: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Prefill {
+    /// (TP size, DP size).
+    parallel: Option<(u32, u32)>,
+    failures: u32,
+    no_route: bool,
 }
 
 /// The decode side of one engine rank.
 #[derive(Debug)]
 pub struct DecodeCore {
+    me: Identity,
+    timers: DecodeTimers,
     rooms: HashMap<RoomId, Room>,
-    waiting_timeout: Option<Duration>,
+    prefills: HashMap<BootstrapAddr, Prefill>,
+    pools: HashMap<PoolKey, Vec<Target>>,
+    last_heartbeat: Instant,
+    commands: VecDeque<Command>,
 }
 
 impl DecodeCore {
-    /// A core that fails rooms waiting longer than `waiting_timeout` (`None`: never).
-    pub fn new(waiting_timeout: Option<Duration>) -> Self {
+    /// A core for this decode rank; the first heartbeat round is due one interval after `now`.
+    pub fn new(me: Identity, timers: DecodeTimers, now: Instant) -> Self {
         Self {
+            me,
+            timers,
             rooms: HashMap::new(),
-            waiting_timeout,
+            prefills: HashMap::new(),
+            pools: HashMap::new(),
+            last_heartbeat: now,
+            commands: VecDeque::new(),
         }
     }
 
-    /// A receiver for `room` whose prefill is reached through `bootstrap` (host:port).
-    pub fn receiver_new(&mut self, room: RoomId, bootstrap: &str, now: Instant) {
+    /// The next command for the driver, in order.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// Moves every queued command to `out`, in order.
+    pub fn drain_commands(&mut self, out: &mut Vec<Command>) {
+        out.extend(self.commands.drain(..));
+    }
+
+    /// A receiver for `room` whose prefill is reached through `bootstrap`.
+    pub fn receiver_new(
+        &mut self,
+        room: RoomId,
+        bootstrap: BootstrapAddr,
+        dp_rank: Option<u32>,
+        now: Instant,
+    ) {
         self.rooms.insert(
             room,
             Room {
-                bootstrap: bootstrap.to_owned(),
+                bootstrap,
+                dp_rank,
+                targets: Vec::new(),
+                required: 1,
                 started: false,
                 chunks: Vec::new(),
                 expected: None,
@@ -53,11 +230,251 @@ impl DecodeCore {
         );
     }
 
-    /// The receiver sent its transfer infos; the waiting timeout starts now.
-    pub fn receiver_started(&mut self, room: RoomId, now: Instant) {
+    /// What the receiver of `room` still needs looked up.
+    pub fn next_lookup(&mut self, room: RoomId) -> Lookup {
+        let Some(r) = self.rooms.get(&room) else {
+            return Lookup::Failed;
+        };
+        if r.concluded.is_some() {
+            return Lookup::Failed;
+        }
+        if !r.targets.is_empty() {
+            return Lookup::Ready;
+        }
+        let Some((ptp, pdp)) = self.prefills.get(&r.bootstrap).and_then(|p| p.parallel) else {
+            return Lookup::Parallel(r.bootstrap.clone());
+        };
+        let remote = ptp / pdp.max(1);
+        let t = match targets(
+            self.me.tp_per_dp,
+            remote,
+            self.me.engine_rank,
+            self.me.is_mla,
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                self.fail(room, FailureReason::Targeting(e));
+                return Lookup::Failed;
+            }
+        };
+        let key = PoolKey {
+            bootstrap: r.bootstrap.clone(),
+            dp_group: dp_group(room.get(), r.dp_rank, pdp),
+            rank: t.real,
+        };
+        if let Some(pool) = self.pools.get(&key).cloned()
+            && let Some(r) = self.rooms.get_mut(&room)
+        {
+            r.targets = pool;
+            r.required = t.required_dst_info_num;
+            return Lookup::Ready;
+        }
+        Lookup::Ranks {
+            key,
+            ranks: t.ranks.iter().map(|&(rank, _)| rank).collect(),
+        }
+    }
+
+    /// The bootstrap server's parallel sizes for the receiver of `room`, or why there are none.
+    pub fn parallel_learned(&mut self, room: RoomId, info: Result<ParallelInfo, String>) {
+        let Some(bootstrap) = self.rooms.get(&room).map(|r| r.bootstrap.clone()) else {
+            return;
+        };
+        let bad = |reason: String| FailureReason::Bootstrap {
+            bootstrap: bootstrap.clone(),
+            reason,
+        };
+        let sizes = match info {
+            Err(reason) => Err(bad(reason)),
+            Ok(ParallelInfo {
+                prefill_tp_size: Some(tp),
+                prefill_dp_size: Some(dp),
+                ..
+            }) => {
+                if tp == 0 || dp == 0 || tp > MAX_PARALLEL_SIZE || dp > tp {
+                    Err(bad(format!("implausible prefill sizes: TP {tp}, DP {dp}")))
+                } else {
+                    Ok((tp, dp))
+                }
+            }
+            Ok(_) => Err(FailureReason::NoPrefillRegistered(bootstrap.clone())),
+        };
+        match sizes {
+            Ok(s) => self.prefills.entry(bootstrap).or_default().parallel = Some(s),
+            Err(reason) => self.fail(room, reason),
+        }
+    }
+
+    /// The endpoints of `key`'s ranks (in the order [`Lookup::Ranks`] named them), or why they
+    /// could not be had. On success the registration is queued to every one, dummies included.
+    pub fn ranks_learned(
+        &mut self,
+        room: RoomId,
+        key: PoolKey,
+        ranks: Result<Vec<RankInfo>, String>,
+    ) {
+        let infos = match ranks {
+            Ok(i) => i,
+            Err(reason) => {
+                let bootstrap = key.bootstrap.clone();
+                self.fail(room, FailureReason::Bootstrap { bootstrap, reason });
+                return;
+            }
+        };
+        let Some(&(ptp, pdp)) = self
+            .prefills
+            .get(&key.bootstrap)
+            .and_then(|p| p.parallel.as_ref())
+        else {
+            return;
+        };
+        let t = match targets(
+            self.me.tp_per_dp,
+            ptp / pdp.max(1),
+            self.me.engine_rank,
+            self.me.is_mla,
+        ) {
+            Ok(t) if t.ranks.len() == infos.len() => t,
+            Ok(_) => {
+                let reason = "rank lookups do not match the targets".to_owned();
+                let bootstrap = key.bootstrap.clone();
+                self.fail(room, FailureReason::Bootstrap { bootstrap, reason });
+                return;
+            }
+            Err(e) => {
+                self.fail(room, FailureReason::Targeting(e));
+                return;
+            }
+        };
+        let pool: Vec<Target> = infos
+            .iter()
+            .zip(&t.ranks)
+            .map(|(info, &(_, dummy))| {
+                let host = if info.rank_ip.contains(':') {
+                    format!("[{}]", info.rank_ip)
+                } else {
+                    info.rank_ip.clone()
+                };
+                Target {
+                    endpoint: format!("tcp://{host}:{}", info.rank_port),
+                    dummy,
+                }
+            })
+            .collect();
+        let reg = self.registration();
+        for target in &pool {
+            self.commands.push_back(Command::Send {
+                room,
+                endpoint: target.endpoint.clone(),
+                frames: reg.clone(),
+            });
+        }
         if let Some(r) = self.rooms.get_mut(&room) {
-            r.started = true;
-            r.since = now;
+            r.targets = pool.clone();
+            r.required = t.required_dst_info_num;
+        }
+        self.pools.insert(key, pool);
+    }
+
+    fn registration(&self) -> Vec<Bytes> {
+        let me = &self.me;
+        KvArgsRegister {
+            local_ip: me.local_ip.clone(),
+            rank_port: me.rank_port,
+            agent: me.agent.clone(),
+            metadata: me.metadata.clone(),
+            kv_ptrs: me.kv_ptrs.clone(),
+            aux_ptrs: me.aux_ptrs.clone(),
+            gpu_id: me.gpu_id,
+            tp_info: Some(DecodeTpInfo {
+                decode_tp_size: me.tp_per_dp,
+                decode_tp_rank: me.engine_rank,
+                dst_kv_item_len: me.kv_item_len,
+            }),
+        }
+        .encode()
+    }
+
+    /// The receiver asks for the request: destination `pages` of our pool, aux row `aux_index`.
+    /// Queues one transfer info per target; the waiting timeout starts now.
+    pub fn receiver_init(&mut self, room: RoomId, pages: &[u32], aux_index: u32, now: Instant) {
+        let (kv_pages, slots) = (self.me.kv_pages, self.me.aux_slots);
+        let bad = pages
+            .iter()
+            .find(|&&p| p >= kv_pages || p > i32::MAX as u32);
+        let refusal = if let Some(&page) = bad {
+            Some(FailureReason::PageOutsidePool {
+                page,
+                pages: kv_pages,
+            })
+        } else if aux_index >= slots {
+            Some(FailureReason::AuxOutsideSlots {
+                index: aux_index,
+                slots,
+            })
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.fail(room, reason);
+            return;
+        }
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        if r.concluded.is_some() {
+            return;
+        }
+        for t in &r.targets {
+            let info = TransferInfo {
+                room,
+                local_ip: self.me.local_ip.clone(),
+                rank_port: self.me.rank_port,
+                agent: self.me.agent.clone(),
+                dst_pages: if t.dummy {
+                    Vec::new()
+                } else {
+                    pages.iter().copied().map(PageIndex::new).collect()
+                },
+                dst_aux_index: aux_index,
+                required_dst_info_num: r.required,
+            };
+            self.commands.push_back(Command::Send {
+                room,
+                endpoint: t.endpoint.clone(),
+                frames: info.encode(),
+            });
+        }
+        r.started = true;
+        r.since = now;
+    }
+
+    /// A [`Command::Send`] for `room` to `endpoint` failed: the room fails, and every cached
+    /// lookup that leads to `endpoint` is forgotten, so the next receiver bootstraps afresh (a
+    /// prefill restarted on the same port gets new registrations).
+    pub fn send_failed(&mut self, room: RoomId, endpoint: &str, reason: String) {
+        self.fail(
+            room,
+            FailureReason::Send {
+                endpoint: endpoint.to_owned(),
+                reason,
+            },
+        );
+        let stale: Vec<PoolKey> = self
+            .pools
+            .iter()
+            .filter(|(_, targets)| targets.iter().any(|t| t.endpoint == endpoint))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            self.forget_bootstrap(&key.bootstrap);
+        }
+    }
+
+    fn forget_bootstrap(&mut self, bootstrap: &BootstrapAddr) {
+        self.pools.retain(|k, _| &k.bootstrap != bootstrap);
+        if let Some(p) = self.prefills.get_mut(bootstrap) {
+            p.parallel = None;
         }
     }
 
@@ -84,12 +501,12 @@ impl DecodeCore {
                     r.chunks.push(chunk.get());
                 }
                 if last {
-                    r.expected = Some(chunk.get() + 1);
+                    r.expected = Some(chunk.get().saturating_add(1));
                 }
             }
             Notification::Aux { .. } => r.aux = true,
             Notification::Fail { reason, .. } => {
-                r.failure = Some(format!("prefill failed the transfer: {reason}"));
+                r.failure = Some(FailureReason::PrefillFailed(reason.as_str().to_owned()));
                 r.concluded = Some(KvPoll::Failed);
             }
             Notification::State { .. } => {}
@@ -99,7 +516,7 @@ impl DecodeCore {
 
     /// The receiver's poll. Success once every chunk 0..last and the aux row arrived.
     pub fn poll(&mut self, room: RoomId, now: Instant) -> KvPoll {
-        let timeout = self.waiting_timeout;
+        let timeout = self.timers.waiting_timeout;
         let Some(r) = self.rooms.get_mut(&room) else {
             return KvPoll::Failed;
         };
@@ -116,7 +533,7 @@ impl DecodeCore {
         if let Some(t) = timeout
             && now.saturating_duration_since(r.since) > t
         {
-            r.failure = Some(format!("no data from the prefill within {t:?}"));
+            r.failure = Some(FailureReason::WaitingTimeout(t));
             r.concluded = Some(KvPoll::Failed);
             return KvPoll::Failed;
         }
@@ -127,47 +544,81 @@ impl DecodeCore {
         }
     }
 
-    /// Fails `room` (an abort, or an error sending its infos).
-    pub fn fail(&mut self, room: RoomId, reason: &str) {
+    /// Fails `room` unless it already succeeded (an abort, or an error sending its infos).
+    pub fn fail(&mut self, room: RoomId, reason: FailureReason) {
         if let Some(r) = self.rooms.get_mut(&room)
             && r.concluded != Some(KvPoll::Success)
         {
-            r.failure.get_or_insert_with(|| reason.to_owned());
+            r.failure.get_or_insert(reason);
             r.concluded = Some(KvPoll::Failed);
         }
     }
 
-    /// Fails every unfinished room whose prefill is `bootstrap` (a dead prefill). Returns how many.
-    pub fn fail_bootstrap(&mut self, bootstrap: &str, reason: &str) -> usize {
-        let mut n = 0;
-        for r in self
-            .rooms
-            .values_mut()
-            .filter(|r| r.bootstrap == bootstrap && r.concluded.is_none())
-        {
-            r.failure = Some(reason.to_owned());
-            r.concluded = Some(KvPoll::Failed);
-            n += 1;
+    /// The bootstrap servers to check now: every `heartbeat_interval`, those with unfinished
+    /// rooms (minus servers without `/health`). Empty between rounds.
+    pub fn heartbeat_due(&mut self, now: Instant) -> Vec<BootstrapAddr> {
+        let interval = self.timers.heartbeat_interval;
+        if now.saturating_duration_since(self.last_heartbeat) < interval {
+            return Vec::new();
         }
-        n
-    }
-
-    /// The bootstrap addresses with unfinished rooms (the ones to heartbeat).
-    pub fn live_bootstraps(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
+        self.last_heartbeat = now;
+        let mut due: Vec<BootstrapAddr> = self
             .rooms
             .values()
             .filter(|r| r.concluded.is_none())
             .map(|r| r.bootstrap.clone())
+            .filter(|b| !self.prefills.get(b).is_some_and(|p| p.no_route))
             .collect();
-        v.sort();
-        v.dedup();
-        v
+        due.sort();
+        due.dedup();
+        due
+    }
+
+    /// The outcome of a heartbeat to `bootstrap`. After `heartbeat_max_failures` consecutive
+    /// failures every unfinished room of that prefill fails and its cached lookups are
+    /// forgotten. Returns how many rooms failed.
+    pub fn heartbeat_result(&mut self, bootstrap: &BootstrapAddr, outcome: Heartbeat) -> usize {
+        let p = self.prefills.entry(bootstrap.clone()).or_default();
+        match outcome {
+            Heartbeat::Up => {
+                p.failures = 0;
+                0
+            }
+            Heartbeat::NoRoute => {
+                tracing::info!(%bootstrap, "bootstrap server has no /health; heartbeats off for it");
+                p.no_route = true;
+                0
+            }
+            Heartbeat::Down(reason) => {
+                p.failures += 1;
+                tracing::warn!(%bootstrap, failures = p.failures, %reason, "heartbeat failed");
+                if p.failures < self.timers.heartbeat_max_failures {
+                    return 0;
+                }
+                p.failures = 0;
+                let mut n = 0;
+                for r in self
+                    .rooms
+                    .values_mut()
+                    .filter(|r| &r.bootstrap == bootstrap && r.concluded.is_none())
+                {
+                    r.failure = Some(FailureReason::PrefillUnreachable {
+                        bootstrap: bootstrap.clone(),
+                        reason: reason.clone(),
+                    });
+                    r.concluded = Some(KvPoll::Failed);
+                    n += 1;
+                }
+                self.forget_bootstrap(bootstrap);
+                tracing::error!(%bootstrap, rooms = n, "prefill declared dead");
+                n
+            }
+        }
     }
 
     /// The failure reason of `room`.
-    pub fn failure(&self, room: RoomId) -> Option<&str> {
-        self.rooms.get(&room).and_then(|r| r.failure.as_deref())
+    pub fn failure(&self, room: RoomId) -> Option<&FailureReason> {
+        self.rooms.get(&room).and_then(|r| r.failure.as_ref())
     }
 
     /// The receiver is gone: forget the room.
@@ -178,5 +629,10 @@ impl DecodeCore {
     /// Rooms held (for leak checks).
     pub fn rooms(&self) -> usize {
         self.rooms.len()
+    }
+
+    /// Cached connection-pool entries (for leak checks).
+    pub fn pools(&self) -> usize {
+        self.pools.len()
     }
 }

@@ -1,15 +1,45 @@
-//! The sans-IO core: state machines and the descriptor planner.
+//! The sans-IO core: state machines, the descriptor planner and its lowering.
 //!
 //! Nothing here performs IO, spawns threads or reads the clock: inputs are messages,
-//! notifications, transfer outcomes and `now`; outputs are commands and poll states. The
-//! `driver` module feeds it and carries out its commands.
+//! notifications, IO outcomes and `now`; outputs are one ordered queue of commands per core and
+//! poll states. The `driver` module feeds the cores and carries out their commands; it decides
+//! nothing. The contract is in docs/protocol.md.
 
 pub mod decode;
+mod failure;
+mod lists;
+pub mod lower;
 pub mod plan;
 pub mod prefill;
 pub mod targeting;
 
 use std::fmt;
+
+use nixl_core::MemType;
+
+pub use failure::FailureReason;
+
+/// A bootstrap server's `host:port`, as a decode names its prefill.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BootstrapAddr(String);
+
+impl BootstrapAddr {
+    /// Wraps `host:port`.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self(addr.into())
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BootstrapAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// The state of a transfer as SGLang's schedulers see it; the numbers are SGLang's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,7 +66,10 @@ impl fmt::Display for KvPoll {
 
 /// The layout of one side's KV pool and aux buffers, as registered.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Layout {
+    /// Where the KV buffers live (host or GPU memory); aux buffers are always host memory.
+    pub kv_mem: MemType,
     /// Base address of each KV buffer, in SGLang's order (K of every layer, then V).
     pub kv_ptrs: Vec<u64>,
     /// Bytes of one page of each KV buffer.

@@ -83,8 +83,19 @@ pub fn plan_kv(
     }
 }
 
+/// How many aux buffers the prefill copies to a decode that registered `decode_buffers`: every
+/// buffer when both sides have the same number (same model, same `MetadataBuffers`), else only
+/// buffer 0, as SGLang 0.5.1's prefill always does (docs/protocol.md §6).
+pub fn aux_buffers(prefill_buffers: usize, decode_buffers: usize) -> usize {
+    if prefill_buffers == decode_buffers {
+        prefill_buffers
+    } else {
+        prefill_buffers.min(decode_buffers).min(1)
+    }
+}
+
 /// Appends the aux copies: row `src_slot` of each aux buffer to row `dst_slot` of the peer's,
-/// for as many buffers as both sides have (SGLang 0.5.1 sends only buffer 0; later versions all).
+/// for the buffers [`aux_buffers`] allows. The prefill's item lengths apply to both sides.
 pub fn plan_aux(
     src_ptrs: &[u64],
     dst_ptrs: &[u64],
@@ -93,7 +104,7 @@ pub fn plan_aux(
     dst_slot: u32,
     out: &mut Vec<CopyOp>,
 ) {
-    let buffers = src_ptrs.len().min(dst_ptrs.len()).min(item_lens.len());
+    let buffers = aux_buffers(src_ptrs.len().min(item_lens.len()), dst_ptrs.len());
     for i in 0..buffers {
         let item = item_lens[i];
         out.push(CopyOp {
@@ -110,7 +121,7 @@ mod tests {
 
     #[test]
     fn sglang_example() {
-        // SPEC.md §5.3: src [3,4,5,9,10], dst [7,8,20,21,22] → [3,4],[5],[9,10] / [7,8],[20],[21,22].
+        // docs/protocol.md §7: src [3,4,5,9,10], dst [7,8,20,21,22] → [3,4],[5],[9,10] / [7,8],[20],[21,22].
         let mut runs = Vec::new();
         group_runs(&[3, 4, 5, 9, 10], &[7, 8, 20, 21, 22], &mut runs);
         assert_eq!(
@@ -181,6 +192,7 @@ mod tests {
                 },
             ]
         );
+        // Six aux buffers on the prefill, one on the decode: only buffer 0 goes (SGLang 0.5.1).
         let mut aux = Vec::new();
         plan_aux(&[100, 200], &[900], &[64, 512], 2, 3, &mut aux);
         assert_eq!(
@@ -191,5 +203,26 @@ mod tests {
                 len: 64
             }]
         );
+        // The same count on both sides: every buffer, each with its own item length.
+        aux.clear();
+        plan_aux(&[100, 200], &[900, 5000], &[64, 512], 2, 3, &mut aux);
+        assert_eq!(
+            aux,
+            vec![
+                CopyOp {
+                    src: 228,
+                    dst: 1092,
+                    len: 64
+                },
+                CopyOp {
+                    src: 1224,
+                    dst: 6536,
+                    len: 512
+                }
+            ]
+        );
+        assert_eq!(aux_buffers(6, 3), 1);
+        assert_eq!(aux_buffers(6, 0), 0);
+        assert_eq!(aux_buffers(0, 0), 0);
     }
 }

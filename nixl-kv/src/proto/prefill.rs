@@ -1,17 +1,25 @@
-//! The prefill side: rooms, decode peers, the status rule and chunked sends.
+//! The prefill side: rooms, decode peers, the status rule, chunked sends and their lowering.
+//!
+//! Inputs are decoded messages, sender calls, IO outcomes and `now`; the output is one ordered
+//! queue of [`Command`]s ([`PrefillCore::poll_command`]) that the driver carries out in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use nixl_core::MemType;
 use nixl_wire::{
     AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PrefillInbound, RoomId,
     TransferInfo,
 };
 
-use super::plan::{CopyOp, Run, group_runs, plan_aux, plan_kv};
-use super::{KvPoll, Layout};
+use super::lists::{ListTrack, peer_cap};
+use super::lower::{Coords, ListId, ListKind, ListSpec, list_spec, lower_explicit, lower_indexed};
+use super::plan::{CopyOp, Run, aux_buffers, group_runs, plan_aux, plan_kv};
+use super::{FailureReason, KvPoll, Layout};
 
-/// A registered decode agent.
+/// A registered decode agent, as its registration describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     /// The decode's KV buffer addresses.
@@ -24,38 +32,60 @@ pub struct Peer {
     pub tp_info: Option<DecodeTpInfo>,
 }
 
-/// Something the driver must do for the core.
+/// One WRITE to post, lowered: where the bytes go and the notification NIXL delivers after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Post {
+    /// The room it belongs to.
+    pub room: RoomId,
+    /// The decode agent.
+    pub peer: AgentName,
+    /// KV pages or the aux rows.
+    pub kind: ListKind,
+    /// The notification payload.
+    pub notif: Vec<u8>,
+    /// The lowered descriptors.
+    pub coords: Coords,
+}
+
+/// Something the driver must do for the core, in queue order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Command {
-    /// Load a new decode agent's NIXL metadata; report the outcome with
-    /// [`PrefillCore::remote_loaded`].
+    /// Load a decode agent's NIXL metadata; report with [`PrefillCore::remote_loaded`].
     LoadRemote {
-        /// The agent.
+        /// The agent the registration names.
         agent: AgentName,
         /// Its metadata.
-        metadata: bytes::Bytes,
+        metadata: Bytes,
+    },
+    /// Drop a remote agent's metadata and every list prepared for it.
+    Forget {
+        /// The agent's name as NIXL knows it.
+        agent: String,
+    },
+    /// Prepare a descriptor list; report with [`PrefillCore::list_prepared`].
+    Prepare(ListSpec),
+    /// Release a prepared list (every request made from it was already posted).
+    Release(ListId),
+    /// Make and post a WRITE; report its end with [`PrefillCore::transfer_done`].
+    Post(Post),
+    /// Send a stand-alone notification to decode agents (the failure push).
+    Notify {
+        /// The agents.
+        agents: Vec<AgentName>,
+        /// The payload.
+        payload: Vec<u8>,
     },
 }
 
-/// One WRITE to post: copies to one decode agent, with the notification NIXL delivers after.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transfer {
-    /// The decode agent.
-    pub peer: AgentName,
-    /// Source device (our GPU id) and destination device (theirs).
-    pub src_dev: u32,
-    /// Destination device.
-    pub dst_dev: u32,
-    /// The copies.
-    pub ops: Vec<CopyOp>,
-    /// Whether these are aux (host) copies rather than KV copies.
-    pub aux: bool,
-    /// The notification payload.
-    pub notif: Vec<u8>,
-    /// For KV transfers: the chunk's (prefill page, decode page) pairs, for callers that make
-    /// requests from prepared per-page descriptor lists. For aux: (our slot, their slot).
-    pub pages: Vec<(u32, u32)>,
+/// A room whose decode infos are complete but that no sender claims yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UnclaimedRoom {
+    /// The room.
+    pub room: RoomId,
+    /// Pages the (first real) decode asked for.
+    pub pages: u32,
 }
 
 #[derive(Debug)]
@@ -72,7 +102,8 @@ struct Room {
     status: KvPoll,
     infos: Vec<TransferInfo>,
     sender: Option<Sender>,
-    failure: Option<String>,
+    failure: Option<FailureReason>,
+    pushed: bool,
     in_flight: usize,
     touched: Instant,
 }
@@ -84,6 +115,7 @@ impl Room {
             infos: Vec::new(),
             sender: None,
             failure: None,
+            pushed: false,
             in_flight: 0,
             touched: now,
         }
@@ -99,24 +131,32 @@ impl Room {
     }
 }
 
-/// Why a send was refused. The room is failed with the same reason.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("room {room}: {reason}")]
-pub struct SendError {
-    /// The room.
-    pub room: RoomId,
-    /// Why.
-    pub reason: String,
+#[derive(Debug)]
+struct PeerState {
+    peer: Arc<Peer>,
+    kv: ListTrack,
+    aux: ListTrack,
+}
+
+/// Whether our own prepared lists exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Local {
+    Pending,
+    Ready,
+    Failed,
 }
 
 /// The prefill side of one engine rank.
 #[derive(Debug)]
 pub struct PrefillCore {
-    layout: std::sync::Arc<Layout>,
-    peers: HashMap<AgentName, std::sync::Arc<Peer>>,
+    layout: Arc<Layout>,
+    peers: HashMap<AgentName, PeerState>,
     pending_peers: HashMap<AgentName, Peer>,
     rooms: HashMap<RoomId, Room>,
     orphan_timeout: Duration,
+    local_kv: Local,
+    local_aux: Local,
+    commands: VecDeque<Command>,
     runs: Vec<Run>,
     src_idx: Vec<u32>,
     dst_idx: Vec<u32>,
@@ -124,44 +164,69 @@ pub struct PrefillCore {
 
 impl PrefillCore {
     /// A core for `layout`. Rooms that no sender claims and that see no message for
-    /// `orphan_timeout` are dropped by [`PrefillCore::handle_timeout`].
+    /// `orphan_timeout` are dropped by [`PrefillCore::handle_timeout`]. The first commands
+    /// prepare our own descriptor lists.
     pub fn new(layout: Layout, orphan_timeout: Duration) -> Self {
+        let mut commands = VecDeque::new();
+        commands.push_back(Command::Prepare(list_spec(
+            ListId::Local(ListKind::Kv),
+            layout.kv_mem,
+            &layout.kv_ptrs,
+            &layout.kv_item_lens,
+            layout.kv_pages,
+            layout.gpu_id,
+        )));
+        commands.push_back(Command::Prepare(list_spec(
+            ListId::Local(ListKind::Aux),
+            MemType::Dram,
+            &layout.aux_ptrs,
+            &layout.aux_item_lens,
+            layout.aux_slots,
+            0,
+        )));
         Self {
-            layout: std::sync::Arc::new(layout),
+            layout: Arc::new(layout),
             peers: HashMap::new(),
             pending_peers: HashMap::new(),
             rooms: HashMap::new(),
             orphan_timeout,
+            local_kv: Local::Pending,
+            local_aux: Local::Pending,
+            commands,
             runs: Vec::new(),
             src_idx: Vec::new(),
             dst_idx: Vec::new(),
         }
     }
 
-    /// Our layout (shared, immutable).
-    pub fn layout(&self) -> std::sync::Arc<Layout> {
-        std::sync::Arc::clone(&self.layout)
+    /// Our layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
-    /// Handles a decoded message from a decode. Returns what the driver must do.
-    pub fn handle_inbound(&mut self, msg: PrefillInbound, now: Instant) -> Option<Command> {
+    /// The next command for the driver, in order.
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// Moves every queued command to `out`, in order.
+    pub fn drain_commands(&mut self, out: &mut Vec<Command>) {
+        out.extend(self.commands.drain(..));
+    }
+
+    /// Handles a decoded message from a decode.
+    pub fn handle_inbound(&mut self, msg: PrefillInbound, now: Instant) {
         match msg {
             PrefillInbound::Register(r) => self.handle_register(r),
-            PrefillInbound::Transfer(t) => {
-                self.handle_transfer_info(t, now);
-                None
-            }
-            other => {
-                tracing::warn!(?other, "unexpected prefill-bound message; dropped");
-                None
-            }
+            PrefillInbound::Transfer(t) => self.handle_transfer_info(t, now),
+            other => tracing::warn!(?other, "unexpected prefill-bound message; dropped"),
         }
     }
 
-    fn handle_register(&mut self, r: KvArgsRegister) -> Option<Command> {
+    fn handle_register(&mut self, r: KvArgsRegister) {
         if self.peers.contains_key(&r.agent) || self.pending_peers.contains_key(&r.agent) {
             tracing::debug!(agent = %r.agent, "decode agent already registered");
-            return None;
+            return;
         }
         let peer = Peer {
             kv_ptrs: r.kv_ptrs,
@@ -170,25 +235,143 @@ impl PrefillCore {
             tp_info: r.tp_info,
         };
         self.pending_peers.insert(r.agent.clone(), peer);
-        Some(Command::LoadRemote {
+        self.commands.push_back(Command::LoadRemote {
             agent: r.agent,
             metadata: r.metadata,
-        })
+        });
     }
 
-    /// The outcome of a [`Command::LoadRemote`].
-    pub fn remote_loaded(&mut self, agent: &AgentName, ok: bool) {
-        if let Some(peer) = self.pending_peers.remove(agent)
-            && ok
-        {
-            self.peers.insert(agent.clone(), std::sync::Arc::new(peer));
+    /// The outcome of a [`Command::LoadRemote`]: the name NIXL loaded, or why it could not.
+    pub fn remote_loaded(&mut self, agent: &AgentName, outcome: Result<String, String>) {
+        let Some(peer) = self.pending_peers.remove(agent) else {
+            return;
+        };
+        match outcome {
+            Ok(name) if name == agent.as_str() => {
+                let mut state = PeerState {
+                    peer: Arc::new(peer),
+                    kv: ListTrack::default(),
+                    aux: ListTrack::default(),
+                };
+                // Lists at our own pool size now, so the first request can use them.
+                self.prepare_peer_list(agent, &mut state, ListKind::Kv, 1);
+                self.prepare_peer_list(agent, &mut state, ListKind::Aux, 1);
+                self.peers.insert(agent.clone(), state);
+            }
+            Ok(name) => {
+                tracing::warn!(claimed = %agent, actual = %name, "decode metadata names another agent");
+                // Forget what was just loaded, unless it belongs to a registered decode (a
+                // hostile message must not disconnect a legitimate peer).
+                let known = AgentName::new(&name).is_ok_and(|n| self.peers.contains_key(&n));
+                if !known {
+                    self.commands.push_back(Command::Forget { agent: name });
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(agent = %agent, %reason, "cannot load decode metadata");
+            }
         }
     }
 
-    /// Forgets a decode agent (its rooms with infos from it fail when they send).
+    /// Queues a preparation of `agent`'s `kind` list if one reaching entry `need - 1` is due.
+    fn prepare_peer_list(
+        &mut self,
+        agent: &AgentName,
+        state: &mut PeerState,
+        kind: ListKind,
+        need: u32,
+    ) {
+        let layout = &self.layout;
+        let (track, base, ptrs, items, buffers, mem, dev) = match kind {
+            ListKind::Kv => (
+                &mut state.kv,
+                layout.kv_pages,
+                &state.peer.kv_ptrs[..],
+                &layout.kv_item_lens[..],
+                layout.kv_ptrs.len(),
+                layout.kv_mem,
+                state.peer.gpu_id.get(),
+            ),
+            ListKind::Aux => {
+                let n = aux_buffers(layout.aux_ptrs.len(), state.peer.aux_ptrs.len());
+                (
+                    &mut state.aux,
+                    layout.aux_slots,
+                    &state.peer.aux_ptrs[..n],
+                    &layout.aux_item_lens[..n],
+                    n,
+                    MemType::Dram,
+                    0,
+                )
+            }
+        };
+        if buffers == 0 {
+            return;
+        }
+        if let Some((generation, count)) = track.want(need, base, peer_cap(base, buffers)) {
+            let id = ListId::Peer {
+                agent: agent.clone(),
+                kind,
+                generation,
+            };
+            self.commands.push_back(Command::Prepare(list_spec(
+                id, mem, ptrs, items, count, dev,
+            )));
+        }
+    }
+
+    /// The outcome of a [`Command::Prepare`].
+    pub fn list_prepared(&mut self, id: &ListId, ok: bool) {
+        match id {
+            ListId::Local(kind) => {
+                let state = if ok { Local::Ready } else { Local::Failed };
+                if !ok {
+                    tracing::info!(
+                        ?kind,
+                        "local descriptor list not prepared; using explicit descriptors"
+                    );
+                }
+                match kind {
+                    ListKind::Kv => self.local_kv = state,
+                    ListKind::Aux => self.local_aux = state,
+                }
+            }
+            ListId::Peer {
+                agent,
+                kind,
+                generation,
+            } => {
+                let Some(state) = self.peers.get_mut(agent) else {
+                    // Forgotten meanwhile; its lists went with it.
+                    return;
+                };
+                let track = match kind {
+                    ListKind::Kv => &mut state.kv,
+                    ListKind::Aux => &mut state.aux,
+                };
+                if !ok {
+                    tracing::info!(peer = %agent, ?kind, "peer descriptor list not prepared");
+                }
+                if let Some(old) = track.prepared(*generation, ok) {
+                    self.commands.push_back(Command::Release(ListId::Peer {
+                        agent: agent.clone(),
+                        kind: *kind,
+                        generation: old,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Forgets a decode agent: its metadata and lists are dropped; rooms with infos from it
+    /// fail when they send.
     pub fn remove_peer(&mut self, agent: &AgentName) {
-        self.peers.remove(agent);
-        self.pending_peers.remove(agent);
+        let known = self.peers.remove(agent).is_some();
+        if known || self.pending_peers.remove(agent).is_some() {
+            self.commands.push_back(Command::Forget {
+                agent: agent.as_str().to_owned(),
+            });
+        }
     }
 
     /// Whether `agent` is registered.
@@ -237,72 +420,76 @@ impl PrefillCore {
         room: RoomId,
         num_pages: u32,
         aux_index: u32,
-    ) -> Result<(), SendError> {
+    ) -> Result<(), FailureReason> {
         if aux_index >= self.layout.aux_slots {
+            let slots = self.layout.aux_slots;
             return Err(self.fail(
                 room,
-                format!(
-                    "aux index {aux_index} outside {} slots",
-                    self.layout.aux_slots
-                ),
+                FailureReason::AuxOutsideSlots {
+                    index: aux_index,
+                    slots,
+                },
             ));
         }
         let Some(s) = self.rooms.get_mut(&room).and_then(|r| r.sender.as_mut()) else {
-            return Err(SendError {
-                room,
-                reason: "no sender for this room".into(),
-            });
+            return Err(FailureReason::NoSender);
         };
         s.num_pages = num_pages;
         s.aux_index = aux_index;
         Ok(())
     }
 
-    /// Plans one chunk: the next `pages.len()` pages of the request. Returns one KV transfer per
-    /// non-dummy decode (plus its aux transfer after the last chunk). Any problem fails the room.
+    /// Plans and lowers one chunk: the next `pages.len()` pages of the request. Queues one KV
+    /// [`Command::Post`] per non-dummy decode (plus its aux post after the last chunk). Any
+    /// problem fails the room, queues the failure push, and is returned.
     pub fn sender_send(
         &mut self,
         room: RoomId,
         pages: &[u32],
         now: Instant,
-    ) -> Result<Vec<Transfer>, SendError> {
-        let kv_pages = self.layout.kv_pages;
-        if let Some(bad) = pages.iter().find(|&&p| p >= kv_pages) {
-            return Err(self.fail(
-                room,
-                format!("page index {bad} outside the pool of {kv_pages} pages"),
-            ));
+    ) -> Result<(), FailureReason> {
+        match self.plan_chunk(room, pages, now) {
+            Ok(posts) => {
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    // The infos stay until release: a later failure is pushed to those agents.
+                    r.in_flight += posts.len();
+                }
+                self.commands.extend(posts.into_iter().map(Command::Post));
+                Ok(())
+            }
+            Err(reason) => Err(self.fail(room, reason)),
         }
-        let Some(r) = self.rooms.get_mut(&room) else {
-            return Err(SendError {
-                room,
-                reason: "no sender for this room".into(),
+    }
+
+    fn plan_chunk(
+        &mut self,
+        room: RoomId,
+        pages: &[u32],
+        now: Instant,
+    ) -> Result<Vec<Post>, FailureReason> {
+        let kv_pages = self.layout.kv_pages;
+        if let Some(&bad) = pages.iter().find(|&&p| p >= kv_pages) {
+            return Err(FailureReason::PageOutsidePool {
+                page: bad,
+                pages: kv_pages,
             });
-        };
+        }
+        let r = self.rooms.get_mut(&room).ok_or(FailureReason::NoSender)?;
         r.touched = now;
         if let Some(reason) = &r.failure {
-            return Err(SendError {
-                room,
-                reason: reason.clone(),
-            });
+            return Err(reason.clone());
         }
         if r.status < KvPoll::WaitingForInput {
-            let reason = "send before the decode side's transfer info arrived".to_owned();
-            return Err(self.fail(room, reason));
+            return Err(FailureReason::SendBeforeInfo);
         }
-        let Some(s) = r.sender.as_mut() else {
-            return Err(SendError {
-                room,
-                reason: "no sender for this room".into(),
-            });
-        };
+        let s = r.sender.as_mut().ok_or(FailureReason::NoSender)?;
         let n = pages.len() as u32;
-        if s.finished_sending || s.sent + n > s.num_pages || n == 0 {
-            let reason = format!(
-                "chunk of {n} pages after {} of {} sent",
-                s.sent, s.num_pages
-            );
-            return Err(self.fail(room, reason));
+        if s.finished_sending || s.sent.saturating_add(n) > s.num_pages || n == 0 {
+            return Err(FailureReason::ChunkOverrun {
+                pages: n,
+                sent: s.sent,
+                total: s.num_pages,
+            });
         }
         let (start, chunk) = (s.sent as usize, s.chunk);
         s.sent += n;
@@ -310,46 +497,33 @@ impl PrefillCore {
         let last = s.sent == s.num_pages;
         s.finished_sending = last;
         let aux_index = s.aux_index;
-        let infos: Vec<TransferInfo> = r.infos.clone();
+        let infos: Vec<TransferInfo> = r.infos.iter().filter(|i| !i.is_dummy()).cloned().collect();
 
-        let mut out = Vec::new();
-        for info in infos.iter().filter(|i| !i.is_dummy()) {
-            let Some(peer) = self.peers.get(&info.agent) else {
-                return Err(self.fail(
-                    room,
-                    format!("decode agent {} is not registered", info.agent),
-                ));
-            };
-            let Some(dst) = info.dst_pages.get(start..start + pages.len()) else {
-                let reason = format!(
-                    "decode {} sent {} pages, need {}",
-                    info.agent,
-                    info.dst_pages.len(),
-                    start + pages.len()
-                );
-                return Err(self.fail(room, reason));
-            };
+        let mut out = Vec::with_capacity(infos.len() * 2);
+        for info in &infos {
+            let peer = self
+                .peers
+                .get(&info.agent)
+                .map(|p| Arc::clone(&p.peer))
+                .ok_or_else(|| FailureReason::DecodeNotRegistered(info.agent.clone()))?;
+            let dst = info
+                .dst_pages
+                .get(start..start + pages.len())
+                .ok_or_else(|| FailureReason::TooFewDecodePages {
+                    agent: info.agent.clone(),
+                    got: info.dst_pages.len(),
+                    need: start + pages.len(),
+                })?;
             if peer.kv_ptrs.len() != self.layout.kv_ptrs.len() {
-                let reason = format!(
-                    "decode has {} KV buffers, prefill {}",
-                    peer.kv_ptrs.len(),
-                    self.layout.kv_ptrs.len()
-                );
-                return Err(self.fail(room, reason));
+                return Err(FailureReason::KvBufferCount {
+                    decode: peer.kv_ptrs.len(),
+                    prefill: self.layout.kv_ptrs.len(),
+                });
             }
             self.src_idx.clear();
             self.src_idx.extend_from_slice(pages);
             self.dst_idx.clear();
             self.dst_idx.extend(dst.iter().map(|p| p.get()));
-            group_runs(&self.src_idx, &self.dst_idx, &mut self.runs);
-            let mut ops = Vec::new();
-            plan_kv(
-                &self.layout.kv_ptrs,
-                &peer.kv_ptrs,
-                &self.layout.kv_item_lens,
-                &self.runs,
-                &mut ops,
-            );
             let notif = Notification::Kv {
                 room,
                 chunk: chunk.into(),
@@ -357,58 +531,122 @@ impl PrefillCore {
                 pp: None,
             }
             .encode();
-            let pages = self
-                .src_idx
-                .iter()
-                .copied()
-                .zip(self.dst_idx.iter().copied())
-                .collect();
-            out.push(Transfer {
+            let coords = self.lower_kv(&info.agent, &peer);
+            out.push(Post {
+                room,
                 peer: info.agent.clone(),
-                src_dev: self.layout.gpu_id,
-                dst_dev: peer.gpu_id.get(),
-                ops,
-                aux: false,
+                kind: ListKind::Kv,
                 notif,
-                pages,
+                coords,
             });
             if last {
-                let mut ops = Vec::new();
-                plan_aux(
-                    &self.layout.aux_ptrs,
-                    &peer.aux_ptrs,
-                    &self.layout.aux_item_lens,
-                    aux_index,
-                    info.dst_aux_index,
-                    &mut ops,
-                );
-                out.push(Transfer {
+                let coords = self.lower_aux(&info.agent, &peer, aux_index, info.dst_aux_index);
+                out.push(Post {
+                    room,
                     peer: info.agent.clone(),
-                    src_dev: 0,
-                    dst_dev: 0,
-                    ops,
-                    aux: true,
+                    kind: ListKind::Aux,
                     notif: Notification::Aux { room }.encode(),
-                    pages: vec![(aux_index, info.dst_aux_index)],
+                    coords,
                 });
             }
-        }
-        if let Some(r) = self.rooms.get_mut(&room) {
-            // The infos stay until release: a later failure is pushed to those agents.
-            r.in_flight += out.len();
         }
         Ok(out)
     }
 
-    /// One transfer of `room` completed (`ok`) or failed.
-    pub fn transfer_done(&mut self, room: RoomId, ok: Result<(), String>) {
+    /// Lowers the KV pages in `src_idx`/`dst_idx` to `agent`: indices into prepared lists when
+    /// both cover them, else explicit descriptors (queuing a larger list when one is due).
+    fn lower_kv(&mut self, agent: &AgentName, peer: &Peer) -> Coords {
+        let need = self.dst_idx.iter().max().map_or(0, |m| m.saturating_add(1));
+        let pairs: Vec<(u32, u32)> = self
+            .src_idx
+            .iter()
+            .copied()
+            .zip(self.dst_idx.iter().copied())
+            .collect();
+        if let Some(c) = self.lower_prepared(agent, ListKind::Kv, need, &pairs) {
+            return c;
+        }
+        group_runs(&self.src_idx, &self.dst_idx, &mut self.runs);
+        let mut ops: Vec<CopyOp> = Vec::new();
+        let l = &self.layout;
+        plan_kv(
+            &l.kv_ptrs,
+            &peer.kv_ptrs,
+            &l.kv_item_lens,
+            &self.runs,
+            &mut ops,
+        );
+        lower_explicit(&ops, l.kv_mem, l.gpu_id, l.kv_mem, peer.gpu_id.get())
+    }
+
+    fn lower_aux(&mut self, agent: &AgentName, peer: &Peer, ours: u32, theirs: u32) -> Coords {
+        let need = theirs.saturating_add(1);
+        if let Some(c) = self.lower_prepared(agent, ListKind::Aux, need, &[(ours, theirs)]) {
+            return c;
+        }
+        let mut ops = Vec::new();
+        let l = &self.layout;
+        plan_aux(
+            &l.aux_ptrs,
+            &peer.aux_ptrs,
+            &l.aux_item_lens,
+            ours,
+            theirs,
+            &mut ops,
+        );
+        lower_explicit(&ops, MemType::Dram, 0, MemType::Dram, 0)
+    }
+
+    fn lower_prepared(
+        &mut self,
+        agent: &AgentName,
+        kind: ListKind,
+        need: u32,
+        pairs: &[(u32, u32)],
+    ) -> Option<Coords> {
+        let (local_ready, local_count) = match kind {
+            ListKind::Kv => (self.local_kv, self.layout.kv_pages),
+            ListKind::Aux => (self.local_aux, self.layout.aux_slots),
+        };
+        let mut state = self.peers.remove(agent)?;
+        let track = match kind {
+            ListKind::Kv => &state.kv,
+            ListKind::Aux => &state.aux,
+        };
+        let covering = track.covering(need);
+        if covering.is_none() {
+            self.prepare_peer_list(agent, &mut state, kind, need);
+        }
+        let buffers = match kind {
+            ListKind::Kv => self.layout.kv_ptrs.len(),
+            ListKind::Aux => aux_buffers(self.layout.aux_ptrs.len(), state.peer.aux_ptrs.len()),
+        };
+        self.peers.insert(agent.clone(), state);
+        let (generation, remote_count) = covering?;
+        if local_ready != Local::Ready {
+            return None;
+        }
+        let (local_idx, remote_idx) = lower_indexed(buffers, local_count, remote_count, pairs)?;
+        Some(Coords::Indexed {
+            local: ListId::Local(kind),
+            remote: ListId::Peer {
+                agent: agent.clone(),
+                kind,
+                generation,
+            },
+            local_idx,
+            remote_idx,
+        })
+    }
+
+    /// One posted transfer of `room` completed (`Ok`) or failed.
+    pub fn transfer_done(&mut self, room: RoomId, outcome: Result<(), FailureReason>) {
         let Some(r) = self.rooms.get_mut(&room) else {
             return;
         };
         r.in_flight = r.in_flight.saturating_sub(1);
-        if let Err(reason) = ok {
-            r.failure.get_or_insert(reason);
-            r.merge(KvPoll::Failed);
+        if let Err(reason) = outcome {
+            self.fail(room, reason);
         }
     }
 
@@ -434,30 +672,37 @@ impl PrefillCore {
     }
 
     /// The failure reason of `room`, if it failed.
-    pub fn failure(&self, room: RoomId) -> Option<&str> {
-        self.rooms.get(&room).and_then(|r| r.failure.as_deref())
+    pub fn failure(&self, room: RoomId) -> Option<&FailureReason> {
+        self.rooms.get(&room).and_then(|r| r.failure.as_ref())
     }
 
-    /// Fails `room` with `reason`; returns the decode agents to tell (failure push).
-    pub fn abort(&mut self, room: RoomId, reason: &str) -> Vec<AgentName> {
+    /// Fails `room` (the scheduler aborted it); the decodes are told.
+    pub fn abort(&mut self, room: RoomId, reason: FailureReason) {
+        self.fail(room, reason);
+    }
+
+    /// Fails `room` with `reason` (the first reason stays) and queues the failure push to its
+    /// decodes once. Returns the reason.
+    fn fail(&mut self, room: RoomId, reason: FailureReason) -> FailureReason {
         let Some(r) = self.rooms.get_mut(&room) else {
-            return Vec::new();
+            return reason;
         };
-        r.failure.get_or_insert_with(|| reason.to_owned());
+        let first = r.failure.get_or_insert_with(|| reason.clone()).clone();
         r.merge(KvPoll::Failed);
-        r.infos
-            .iter()
-            .filter(|i| !i.is_dummy())
-            .map(|i| i.agent.clone())
-            .collect()
-    }
-
-    fn fail(&mut self, room: RoomId, reason: String) -> SendError {
-        if let Some(r) = self.rooms.get_mut(&room) {
-            r.failure.get_or_insert_with(|| reason.clone());
-            r.merge(KvPoll::Failed);
+        if !r.pushed {
+            r.pushed = true;
+            let agents: Vec<AgentName> = r
+                .infos
+                .iter()
+                .filter(|i| !i.is_dummy())
+                .map(|i| i.agent.clone())
+                .collect();
+            if !agents.is_empty() {
+                let payload = Notification::fail(room, &first.to_string()).encode();
+                self.commands.push_back(Command::Notify { agents, payload });
+            }
         }
-        SendError { room, reason }
+        reason
     }
 
     /// The sender is gone: forget the room.
@@ -476,22 +721,21 @@ impl PrefillCore {
         before - self.rooms.len()
     }
 
-    /// Rooms whose decode infos are complete but that no sender claims yet, with the number of
-    /// pages the (first real) decode asked for. A server that learns of requests only from its
-    /// decodes (like the `pd` example) creates senders for these.
-    pub fn unclaimed(&self) -> Vec<(RoomId, u32)> {
+    /// Rooms whose decode infos are complete but that no sender claims yet. A server that
+    /// learns of requests only from its decodes (like `nixl-pd`) creates senders for these.
+    pub fn unclaimed(&self) -> Vec<UnclaimedRoom> {
         self.rooms
             .iter()
             .filter(|(_, r)| {
                 r.sender.is_none() && r.status == KvPoll::WaitingForInput && r.failure.is_none()
             })
-            .map(|(room, r)| {
-                let pages = r
+            .map(|(room, r)| UnclaimedRoom {
+                room: *room,
+                pages: r
                     .infos
                     .iter()
                     .find(|i| !i.is_dummy())
-                    .map_or(0, |i| i.dst_pages.len() as u32);
-                (*room, pages)
+                    .map_or(0, |i| i.dst_pages.len() as u32),
             })
             .collect()
     }
@@ -507,7 +751,7 @@ impl PrefillCore {
     }
 
     /// A registered decode agent's buffers.
-    pub fn peer(&self, agent: &AgentName) -> Option<std::sync::Arc<Peer>> {
-        self.peers.get(agent).cloned()
+    pub fn peer(&self, agent: &AgentName) -> Option<Arc<Peer>> {
+        self.peers.get(agent).map(|p| Arc::clone(&p.peer))
     }
 }

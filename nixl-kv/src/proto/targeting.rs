@@ -1,4 +1,36 @@
-//! Which prefill ranks a decode rank asks for its pages (SPEC.md §2.4).
+//! Which prefill ranks a decode rank asks for its pages (docs/protocol.md §5).
+
+/// Why two parallel layouts cannot be paired.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetingError {
+    /// A TP size per DP rank is zero.
+    #[error("TP size per DP rank is zero (decode {decode}, prefill {prefill})")]
+    ZeroTp {
+        /// Decode TP size per DP rank.
+        decode: u32,
+        /// Prefill TP size per DP rank.
+        prefill: u32,
+    },
+    /// Different TP sizes for a model that is not MLA.
+    #[error(
+        "PD with different TP sizes per DP rank (decode {decode}, prefill {prefill}) is only supported for MLA models"
+    )]
+    HeterogeneousNonMla {
+        /// Decode TP size per DP rank.
+        decode: u32,
+        /// Prefill TP size per DP rank.
+        prefill: u32,
+    },
+    /// The larger TP size is not a multiple of the smaller.
+    #[error("TP sizes are not multiples of each other (decode {decode}, prefill {prefill})")]
+    NotMultiple {
+        /// Decode TP size per DP rank.
+        decode: u32,
+        /// Prefill TP size per DP rank.
+        prefill: u32,
+    },
+}
 
 /// The prefill ranks one decode rank sends a TransferInfo to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,11 +48,18 @@ pub struct Targets {
 ///
 /// Different sizes are supported for MLA models only (their latent cache is replicated across
 /// TP ranks), as in SGLang; for others this is an error, not SGLang's AssertionError.
-pub fn targets(local: u32, remote: u32, engine_rank: u32, is_mla: bool) -> Result<Targets, String> {
+pub fn targets(
+    local: u32,
+    remote: u32,
+    engine_rank: u32,
+    is_mla: bool,
+) -> Result<Targets, TargetingError> {
+    let sizes = (local, remote);
     if local == 0 || remote == 0 {
-        return Err(format!(
-            "TP size per DP rank is zero (decode {local}, prefill {remote})"
-        ));
+        return Err(TargetingError::ZeroTp {
+            decode: local,
+            prefill: remote,
+        });
     }
     if local == remote {
         let t = engine_rank % local;
@@ -31,16 +70,18 @@ pub fn targets(local: u32, remote: u32, engine_rank: u32, is_mla: bool) -> Resul
         });
     }
     if !is_mla {
-        return Err(format!(
-            "PD with different TP sizes per DP rank (decode {local}, prefill {remote}) is only supported for MLA models"
-        ));
+        return Err(TargetingError::HeterogeneousNonMla {
+            decode: sizes.0,
+            prefill: sizes.1,
+        });
     }
     if local > remote {
         let ratio = local / remote;
         if ratio == 0 || !local.is_multiple_of(remote) {
-            return Err(format!(
-                "decode TP {local} is not a multiple of prefill TP {remote}"
-            ));
+            return Err(TargetingError::NotMultiple {
+                decode: sizes.0,
+                prefill: sizes.1,
+            });
         }
         let t = (engine_rank % local) / ratio;
         Ok(Targets {
@@ -50,9 +91,10 @@ pub fn targets(local: u32, remote: u32, engine_rank: u32, is_mla: bool) -> Resul
         })
     } else {
         if !remote.is_multiple_of(local) {
-            return Err(format!(
-                "prefill TP {remote} is not a multiple of decode TP {local}"
-            ));
+            return Err(TargetingError::NotMultiple {
+                decode: sizes.0,
+                prefill: sizes.1,
+            });
         }
         let ratio = remote / local;
         let first = (engine_rank % local) * ratio;

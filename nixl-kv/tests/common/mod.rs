@@ -10,10 +10,13 @@ use std::time::{Duration, Instant};
 
 use nixl_core::{Agent, AgentConfig, BackendKind, BackendParams, HostBuffer, Registered};
 use nixl_kv::bootstrap::BootstrapServer;
-use nixl_kv::{KvArgs, KvManager, KvPoll, ManagerConfig};
+use nixl_kv::{FailureReason, KvArgs, KvManager, KvPoll, ManagerConfig, RoomId};
 use nixl_testkit::unique_name;
 
-pub(crate) const AUX_ITEM: u64 = 64;
+/// SGLang 0.5.1's `MetadataBuffers`, one row per request: output ids (16 × int32), logprob
+/// values (16 × f32), logprob indices (16 × int32), top-logprob values (128 × f32), top-logprob
+/// indices (128 × int32), hidden states (hidden size 4096 × bf16).
+pub(crate) const AUX_ITEMS: [u64; 6] = [64, 64, 64, 512, 512, 8192];
 
 /// One side: agent, registered KV and aux buffers, manager.
 pub(crate) struct Side {
@@ -37,10 +40,11 @@ fn side_memory(
                 .unwrap()
         })
         .collect();
-    let aux = (0..2)
-        .map(|_| {
+    let aux = AUX_ITEMS
+        .iter()
+        .map(|item| {
             agent
-                .register(HostBuffer::new((slots * AUX_ITEM) as usize).unwrap())
+                .register(HostBuffer::new((slots * item) as usize).unwrap())
                 .unwrap()
         })
         .collect();
@@ -49,11 +53,10 @@ fn side_memory(
 
 fn args(kv: &[Registered<HostBuffer>], aux: &[Registered<HostBuffer>], page: u64) -> KvArgs {
     KvArgs::new(
-        kv.iter().map(|b| b.region()).collect(),
-        vec![page; kv.len()],
-        aux.iter().map(|b| b.region()).collect(),
-        vec![AUX_ITEM; aux.len()],
+        kv.iter().map(|b| (b.region(), page)),
+        aux.iter().zip(AUX_ITEMS).map(|(b, item)| (b.region(), item)),
     )
+    .unwrap()
 }
 
 pub(crate) fn agent() -> Agent {
@@ -146,9 +149,10 @@ pub(crate) fn exchange(
     src: &[u32],
     dst: &[u32],
     aux: u32,
-) -> ((KvPoll, KvPoll), Option<String>, Option<String>) {
-    let mut rx = nixl_kv::KvReceiver::new(d, bootstrap, room, None);
-    let mut tx = nixl_kv::KvSender::new(p, room);
+) -> ((KvPoll, KvPoll), Option<FailureReason>, Option<FailureReason>) {
+    let room = RoomId::new(room);
+    let mut rx = nixl_kv::KvReceiver::new(d, bootstrap, room, None).unwrap();
+    let mut tx = nixl_kv::KvSender::new(p, room).unwrap();
     rx.init(dst, aux);
     assert_eq!(
         reach(Duration::from_secs(30), KvPoll::WaitingForInput, || tx
@@ -160,4 +164,23 @@ pub(crate) fn exchange(
     tx.send(src);
     let states = both(Duration::from_secs(30), &mut tx, &mut rx);
     (states, tx.failure(), rx.failure())
+}
+
+/// Sends raw frames to a ZMQ endpoint from a throw-away PUSH socket (hostile-input tests).
+pub(crate) fn send_raw(endpoint: &str, frames: Vec<Vec<u8>>) {
+    use zeromq::{Socket, SocketSend};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = zeromq::PushSocket::new();
+        s.connect(endpoint).await.unwrap();
+        let frames: Vec<bytes::Bytes> = frames.into_iter().map(bytes::Bytes::from).collect();
+        s.send(zeromq::ZmqMessage::try_from(frames).unwrap())
+            .await
+            .unwrap();
+        // Let the socket flush before it closes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
 }

@@ -22,7 +22,9 @@ import zmq
 from nixl_cu12._api import nixl_agent
 
 GUARD = b"NixlMsgGuard"
-AUX_ITEMS = [64, 64]
+# SGLang 0.5.1's MetadataBuffers row bytes: output ids, logprob values, logprob indices (16
+# each), top-logprob values and indices (128 each), hidden states (4096 x bf16).
+AUX_ITEMS = [64, 64, 64, 512, 512, 8192]
 
 
 def get(url):

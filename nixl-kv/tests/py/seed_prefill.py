@@ -23,6 +23,9 @@ import zmq
 from nixl_cu12._api import nixl_agent
 
 GUARD = b"NixlMsgGuard"
+# Row bytes of MetadataBuffers: output ids, logprob values, logprob indices (16 each),
+# top-logprob values and indices (128 each), hidden states (4096 x bf16).
+AUX_ITEMS = [64, 64, 64, 512, 512, 8192]
 
 
 def main():
@@ -37,7 +40,8 @@ def main():
         for q in range(pool):
             buf[q * page:(q + 1) * page] = ((7 * b + 13 * q + j) % 251).astype(np.uint8)
         kv.append(buf)
-    aux = [np.zeros(16 * 64, dtype=np.uint8), np.zeros(16 * 64, dtype=np.uint8)]
+    # SGLang 0.5.1's MetadataBuffers: six buffers, one row per request.
+    aux = [np.zeros(16 * item, dtype=np.uint8) for item in AUX_ITEMS]
     agent.register_memory([(b.ctypes.data, b.nbytes, 0, "") for b in kv], "DRAM")
     agent.register_memory([(b.ctypes.data, b.nbytes, 0, "") for b in aux], "DRAM")
 

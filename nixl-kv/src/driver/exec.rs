@@ -1,0 +1,186 @@
+//! The executors: carry out a core's commands in queue order and report what came of them.
+//! Nothing here decides; every branch is on what NIXL or ZeroMQ answered.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use nixl_core::{Agent, PreparedDescs, XferOp, XferRequest};
+use nixl_wire::{AgentName, RoomId};
+
+use super::{DecodeIo, PrefillIo, Shared, lock};
+use crate::proto::decode::Command as DecodeCommand;
+use crate::proto::lower::{Coords, ListId};
+use crate::proto::prefill::{Command, Post};
+use crate::proto::FailureReason;
+
+/// The prefill's prepared descriptor lists, by the core's names for them.
+#[derive(Default)]
+pub(crate) struct Lists {
+    lists: HashMap<ListId, PreparedDescs>,
+}
+
+/// What a command came to, for the core.
+enum Outcome {
+    Loaded(AgentName, Result<String, String>),
+    Prepared(ListId, bool),
+    Done(RoomId, Result<(), FailureReason>),
+}
+
+/// Runs the prefill core's queue until it is empty (outcomes can queue more commands). Posted
+/// requests go to the in-flight table of their room.
+pub(crate) fn drive_prefill(s: &Shared) {
+    let Some(p) = s.prefill() else { return };
+    let mut lists = lock(&p.exec);
+    let mut cmds = Vec::new();
+    loop {
+        cmds.clear();
+        lock(&p.core).drain_commands(&mut cmds);
+        if cmds.is_empty() {
+            return;
+        }
+        let mut outcomes = Vec::new();
+        let mut posted = Vec::new();
+        for cmd in cmds.drain(..) {
+            run(&s.agent, p, &mut lists, cmd, &mut outcomes, &mut posted);
+        }
+        if !posted.is_empty() {
+            let mut table = lock(&p.in_flight);
+            for (room, req) in posted {
+                table.entry(room).or_default().push(req);
+            }
+        }
+        let mut core = lock(&p.core);
+        for o in outcomes {
+            match o {
+                Outcome::Loaded(agent, res) => core.remote_loaded(&agent, res),
+                Outcome::Prepared(id, ok) => core.list_prepared(&id, ok),
+                Outcome::Done(room, res) => core.transfer_done(room, res),
+            }
+        }
+    }
+}
+
+fn run(
+    agent: &Agent,
+    p: &PrefillIo,
+    lists: &mut Lists,
+    cmd: Command,
+    outcomes: &mut Vec<Outcome>,
+    posted: &mut Vec<(RoomId, XferRequest)>,
+) {
+    match cmd {
+        Command::LoadRemote { agent: name, metadata } => {
+            let res = agent.load_remote(&metadata).map_err(|e| e.to_string());
+            outcomes.push(Outcome::Loaded(name, res));
+        }
+        Command::Forget { agent: name } => {
+            lists.lists.retain(|id, _| !matches!(id, ListId::Peer { agent, .. } if agent.as_str() == name));
+            if let Err(e) = agent.invalidate_remote(&name) {
+                tracing::debug!(peer = %name, error = %e, "remote metadata not invalidated");
+            }
+        }
+        Command::Prepare(spec) => {
+            let peer = match &spec.id {
+                ListId::Peer { agent, .. } => Some(agent.as_str()),
+                _ => None,
+            };
+            let ok = match agent.prepare(peer, &spec.descs) {
+                Ok(list) => {
+                    lists.lists.insert(spec.id.clone(), list);
+                    true
+                }
+                Err(e) => {
+                    tracing::debug!(list = ?spec.id, error = %e, "list not prepared");
+                    false
+                }
+            };
+            outcomes.push(Outcome::Prepared(spec.id, ok));
+        }
+        Command::Release(id) => {
+            lists.lists.remove(&id);
+        }
+        Command::Post(post) => {
+            let room = post.room;
+            match make(agent, p, lists, &post).and_then(|req| {
+                req.post().map_err(|e| e.to_string())?;
+                Ok(req)
+            }) {
+                Ok(req) => posted.push((room, req)),
+                Err(reason) => {
+                    tracing::warn!(%room, peer = %post.peer, %reason, "transfer not posted");
+                    let reason = FailureReason::Transfer {
+                        peer: post.peer.as_str().to_owned(),
+                        reason,
+                    };
+                    outcomes.push(Outcome::Done(room, Err(reason)));
+                }
+            }
+        }
+        Command::Notify { agents, payload } => {
+            for a in agents {
+                if let Err(e) = agent.send_notification(a.as_str(), &payload) {
+                    tracing::debug!(peer = %a, error = %e, "failure push not delivered");
+                }
+            }
+        }
+    }
+}
+
+fn make(agent: &Agent, p: &PrefillIo, lists: &Lists, post: &Post) -> Result<XferRequest, String> {
+    if post.coords.is_empty() {
+        return Err("nothing to transfer (the decode registered no matching buffers)".into());
+    }
+    let notif = Some(&post.notif[..]);
+    match &post.coords {
+        Coords::Indexed {
+            local,
+            remote,
+            local_idx,
+            remote_idx,
+        } => {
+            let (Some(l), Some(r)) = (lists.lists.get(local), lists.lists.get(remote)) else {
+                return Err("a prepared descriptor list is missing".into());
+            };
+            p.made_prepared.fetch_add(1, Ordering::Relaxed);
+            agent
+                .make_request(XferOp::Write, l, local_idx, r, remote_idx, notif)
+                .map_err(|e| e.to_string())
+        }
+        Coords::Explicit { local, remote } => {
+            p.made_explicit.fetch_add(1, Ordering::Relaxed);
+            agent
+                .create_request(XferOp::Write, local, remote, post.peer.as_str(), notif)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Sends the decode core's queued frames in order; failures go back to the core.
+pub(crate) fn drive_decode(s: &Shared) {
+    let Some(d) = s.decode() else { return };
+    let _order = lock(&d.sending);
+    let mut cmds = Vec::new();
+    lock(&d.core).drain_commands(&mut cmds);
+    for cmd in cmds {
+        send(s, d, cmd);
+    }
+}
+
+fn send(s: &Shared, d: &DecodeIo, cmd: DecodeCommand) {
+    match cmd {
+        DecodeCommand::Send {
+            room,
+            endpoint,
+            frames,
+        } => {
+            let res = match lock(&s.zmq).as_ref() {
+                Some(z) => z.send(&endpoint, frames),
+                None => Err("the ZeroMQ thread stopped".into()),
+            };
+            if let Err(reason) = res {
+                tracing::warn!(%room, %endpoint, %reason, "message to the prefill not sent");
+                lock(&d.core).send_failed(room, &endpoint, reason);
+            }
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! The prefill's inbound thread: the ZeroMQ thread only queues raw frame sets (a bounded
+//! crossbeam channel); this thread decodes them, applies them to the core, runs the commands
+//! they cause (NIXL metadata loads stay off the socket's runtime) and expires orphan rooms on
+//! the clock, whether or not traffic arrives.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
+use nixl_wire::PrefillInbound;
+
+use super::{Shared, exec, lock};
+use crate::error::Error;
+
+/// Frame sets waiting for the inbound thread; past this a message is dropped (and logged), so
+/// a flood cannot grow memory without bound.
+const QUEUE: usize = 4096;
+
+/// How often orphan rooms are looked for, at most.
+const TICK: Duration = Duration::from_secs(1);
+
+pub(crate) fn queue() -> (Sender<Vec<Bytes>>, Receiver<Vec<Bytes>>) {
+    channel::bounded(QUEUE)
+}
+
+/// Called on the ZeroMQ thread for every message.
+pub(crate) fn offer(tx: &Sender<Vec<Bytes>>, frames: Vec<Bytes>) {
+    match tx.try_send(frames) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => {
+            tracing::warn!(capacity = QUEUE, "prefill inbound queue full; message dropped");
+        }
+        Err(TrySendError::Disconnected(_)) => {}
+    }
+}
+
+pub(crate) fn start(shared: &Arc<Shared>, rx: Receiver<Vec<Bytes>>) -> Result<(), Error> {
+    let weak = Arc::downgrade(shared);
+    let tick = TICK.min(shared.config.orphan_timeout / 2).max(Duration::from_millis(10));
+    let handle = std::thread::Builder::new()
+        .name("kv-inbound".into())
+        .spawn(move || run(&weak, &rx, tick))
+        .map_err(|source| Error::Thread {
+            name: "kv-inbound",
+            source,
+        })?;
+    lock(&shared.threads).push(handle);
+    Ok(())
+}
+
+fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, tick: Duration) {
+    let mut next_tick = Instant::now() + tick;
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        let got = rx.recv_timeout(wait);
+        let Some(s) = weak.upgrade() else { return };
+        if s.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let Some(p) = s.prefill() else { return };
+        match got {
+            Ok(frames) => match PrefillInbound::decode(&frames) {
+                Ok(msg) => lock(&p.core).handle_inbound(msg, Instant::now()),
+                Err(e) => tracing::warn!(error = %e, "malformed message from a decode; dropped"),
+            },
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            let expired = lock(&p.core).handle_timeout(now);
+            if expired > 0 {
+                tracing::debug!(expired, "orphan rooms dropped");
+            }
+            next_tick = now + tick;
+        }
+        exec::drive_prefill(&s);
+    }
+}

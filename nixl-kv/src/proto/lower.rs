@@ -1,0 +1,196 @@
+//! Lowering: a chunk's page pairs into the coordinates the driver posts, either indices into
+//! descriptor lists prepared once, or explicit descriptors (the fallback). Pure arithmetic.
+//!
+//! A prepared list holds one descriptor per (buffer, page), buffer-major: entry `b·count + p` is
+//! page `p` of buffer `b` (aux lists likewise, one row per entry). The core decides which lists
+//! exist and with how many pages; the driver only hands them to NIXL.
+
+use nixl_core::{MemType, XferDescs};
+use nixl_wire::AgentName;
+
+use super::plan::CopyOp;
+
+/// KV pages or aux rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(clippy::exhaustive_enums)] // A prepared list covers one of the two pools.
+pub enum ListKind {
+    /// KV pages.
+    Kv,
+    /// Aux rows.
+    Aux,
+}
+
+/// Names a prepared descriptor list. A peer's list is re-prepared larger under a new
+/// generation; the old one is released only after every request made from it was posted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ListId {
+    /// Our own pool.
+    Local(ListKind),
+    /// A decode agent's pool.
+    Peer {
+        /// The agent.
+        agent: AgentName,
+        /// KV or aux.
+        kind: ListKind,
+        /// Which preparation.
+        generation: u32,
+    },
+}
+
+/// A list to prepare: its name, and its descriptors (buffer-major, `count` entries per buffer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListSpec {
+    /// The list's name.
+    pub id: ListId,
+    /// The descriptors.
+    pub descs: XferDescs,
+    /// Entries per buffer.
+    pub count: u32,
+}
+
+/// Builds the per-entry list of `count` entries for each buffer.
+pub fn list_spec(
+    id: ListId,
+    mem: MemType,
+    ptrs: &[u64],
+    items: &[u64],
+    count: u32,
+    dev: u32,
+) -> ListSpec {
+    let mut descs = XferDescs::with_capacity(mem, ptrs.len() * count as usize);
+    for (p, item) in ptrs.iter().zip(items) {
+        for i in 0..u64::from(count) {
+            descs.push(p.wrapping_add(i.wrapping_mul(*item)), *item, u64::from(dev));
+        }
+    }
+    ListSpec { id, descs, count }
+}
+
+/// Where a transfer's bytes come from and go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Coords {
+    /// Indices into two prepared lists (the hot path).
+    Indexed {
+        /// Our list.
+        local: ListId,
+        /// The peer's list.
+        remote: ListId,
+        /// Entries of our list, in order.
+        local_idx: Vec<i32>,
+        /// Entries of the peer's list, paired with `local_idx`.
+        remote_idx: Vec<i32>,
+    },
+    /// Explicit descriptors (one per contiguous run).
+    Explicit {
+        /// Ours.
+        local: XferDescs,
+        /// The peer's.
+        remote: XferDescs,
+    },
+}
+
+impl Coords {
+    /// Descriptors on each side.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Indexed { local_idx, .. } => local_idx.len(),
+            Self::Explicit { local, .. } => local.len(),
+        }
+    }
+
+    /// Whether nothing moves.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Index pairs for `buffers` buffers and the (our entry, their entry) pairs, buffer-major;
+/// `None` when an index does not fit NIXL's `int` or an entry lies past a list.
+pub fn lower_indexed(
+    buffers: usize,
+    local_count: u32,
+    remote_count: u32,
+    pairs: &[(u32, u32)],
+) -> Option<(Vec<i32>, Vec<i32>)> {
+    let mut li = Vec::with_capacity(buffers * pairs.len());
+    let mut ri = Vec::with_capacity(buffers * pairs.len());
+    for b in 0..buffers as u64 {
+        for &(s, d) in pairs {
+            if s >= local_count || d >= remote_count {
+                return None;
+            }
+            let l = i32::try_from(b * u64::from(local_count) + u64::from(s)).ok()?;
+            let r = i32::try_from(b * u64::from(remote_count) + u64::from(d)).ok()?;
+            li.push(l);
+            ri.push(r);
+        }
+    }
+    Some((li, ri))
+}
+
+/// Explicit descriptors for `ops`, ours on `src_mem`/`src_dev` and theirs on `dst_mem`/`dst_dev`.
+pub fn lower_explicit(
+    ops: &[CopyOp],
+    src_mem: MemType,
+    src_dev: u32,
+    dst_mem: MemType,
+    dst_dev: u32,
+) -> Coords {
+    let mut local = XferDescs::with_capacity(src_mem, ops.len());
+    let mut remote = XferDescs::with_capacity(dst_mem, ops.len());
+    for op in ops {
+        local.push(op.src, op.len, u64::from(src_dev));
+        remote.push(op.dst, op.len, u64::from(dst_dev));
+    }
+    Coords::Explicit { local, remote }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexed_is_buffer_major_and_bounded() {
+        let (l, r) = lower_indexed(2, 10, 20, &[(1, 5), (2, 19)]).unwrap();
+        assert_eq!(l, vec![1, 2, 11, 12]);
+        assert_eq!(r, vec![5, 19, 25, 39]);
+        assert!(
+            lower_indexed(1, 10, 20, &[(10, 0)]).is_none(),
+            "past our list"
+        );
+        assert!(
+            lower_indexed(1, 10, 20, &[(0, 20)]).is_none(),
+            "past theirs"
+        );
+        assert!(
+            lower_indexed(3, u32::MAX, u32::MAX, &[(0, u32::MAX - 1)]).is_none(),
+            "past i32"
+        );
+    }
+
+    #[test]
+    fn list_entries_are_pages_of_each_buffer() {
+        let s = list_spec(
+            ListId::Local(ListKind::Kv),
+            MemType::Dram,
+            &[1000, 9000],
+            &[10, 20],
+            3,
+            0,
+        );
+        let addrs: Vec<(u64, u64)> = s.descs.as_slice().iter().map(|d| (d.addr, d.len)).collect();
+        assert_eq!(
+            addrs,
+            vec![
+                (1000, 10),
+                (1010, 10),
+                (1020, 10),
+                (9000, 20),
+                (9020, 20),
+                (9040, 20)
+            ]
+        );
+    }
+}
