@@ -89,6 +89,20 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
         "demo (pd prefill + decode, two processes, 100 requests verified)",
         || demo::run(root, &demo::DemoArgs::smoke()),
     )?;
+    step(
+        "example (nixl-kv loopback: the crate doc example, run)",
+        || {
+            cmd::run(cargo().args([
+                "run",
+                "--quiet",
+                "--locked",
+                "-p",
+                "nixl-kv",
+                "--example",
+                "loopback",
+            ]))
+        },
+    )?;
     step("fuzz (nixl-wire dispatch, 10 s)", || {
         fuzz::run(root, &fuzz::FuzzArgs { seconds: 10 })
     })?;

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 
 use crate::{cmd, prereq, runtime};
 
-/// The CUDA runtime wheel whose libcudart ran with driver 580 (RUNTIME.md).
+/// The CUDA runtime wheel whose libcudart ran with driver 580 (docs/runtime.md §1).
 const CUDART: &str = "nvidia-cuda-runtime==13.5.37";
 
 const RUN_SH: &str = r#"#!/bin/bash

@@ -1,5 +1,5 @@
 //! `cargo xtask runtime`: the NIXL runtime from the PyPI wheel, reduced to the shared-library
-//! closure of the UCX, POSIX and OBJ plugins and the cma and cuda UCX modules (RUNTIME.md §0-1).
+//! closure of the UCX, POSIX and OBJ plugins and the cma and cuda UCX modules (docs/runtime.md §1).
 //!
 //! Layout (the wheel's RPATHs need exactly this): `DIR/lib/` holds `libnixl_capi.so` and friends,
 //! `DIR/lib/plugins/` the plugins, `DIR/nixl_cuXX.libs/` the bundled dependencies and

@@ -1,7 +1,7 @@
 """A decode rank that speaks exactly what SGLang 0.5.1's NixlKVReceiver sends.
 
 It uses the same libraries as SGLang (pyzmq, NIXL's Python API with its default config:
-progress thread on, UCX) and the same frames (SPEC.md section 3), but no torch: the KV pool is
+progress thread on, UCX) and the same frames (docs/protocol.md §3), but no torch: the KV pool is
 numpy host memory. Usage:
 
     seed_decode.py BOOTSTRAP_HOST:PORT BUFFERS PAGE_BYTES POOL_PAGES ROOM AUX_INDEX PAGE[,PAGE...]
