@@ -138,7 +138,7 @@ fn idle_cpu() {
             .unwrap();
         let kv = a.register(HostBuffer::new(1 << 20).unwrap()).unwrap();
         let aux = a.register(HostBuffer::new(4096).unwrap()).unwrap();
-        let args = KvArgs::new(vec![kv.region()], vec![4096], vec![aux.region()], vec![64]);
+        let args = KvArgs::new([(kv.region(), 4096)], [(aux.region(), 64)]).unwrap();
         (a, args, kv, aux)
     };
     let (pa, pargs, _k1, _x1) = make();

@@ -36,7 +36,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use nixl_core::{Agent, AgentConfig, BackendKind, BackendParams, HostBuffer, Registered};
 use nixl_kv::bootstrap::BootstrapServer;
-use nixl_kv::{KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig};
+use nixl_kv::{
+    FailureReason, KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig, RoomId,
+};
 use rand::{Rng, SeedableRng};
 
 /// Which aux buffers each slot has.
@@ -333,14 +335,19 @@ fn memory(pool: &Pool, role: &str) -> anyhow::Result<Memory> {
     })
 }
 
-fn args(m: &Memory, pool: &Pool) -> KvArgs {
-    KvArgs::new(
-        m.kv.regions(),
-        vec![pool.page_bytes; m.kv.len()],
-        m.aux.iter().map(|b| b.region()).collect(),
-        m.aux_items.clone(),
-    )
-    .mla(pool.mla)
+fn args(m: &Memory, pool: &Pool) -> anyhow::Result<KvArgs> {
+    let kv = m.kv.regions().into_iter().map(|r| (r, pool.page_bytes));
+    let aux = m
+        .aux
+        .iter()
+        .map(|b| b.region())
+        .zip(m.aux_items.iter().copied());
+    Ok(KvArgs::new(kv, aux)?.mla(pool.mla))
+}
+
+/// A failure reason for the log.
+fn reason(r: Option<FailureReason>) -> String {
+    r.map_or_else(|| "no reason given".to_owned(), |r| r.to_string())
 }
 
 fn kv_byte(b: usize, page: u64, j: usize) -> u8 {
@@ -363,7 +370,7 @@ fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::
     }
     let server = BootstrapServer::start(&format!("{host}:{port}"))?;
     let addr = server.addr().to_string();
-    let a = args(&m, pool);
+    let a = args(&m, pool)?;
     let mgr = KvManager::prefill(
         m.agent.clone(),
         a,
@@ -384,7 +391,8 @@ fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::
     let mut claimed: HashMap<u64, Instant> = HashMap::new();
     let mut served: Vec<Duration> = Vec::new();
     loop {
-        for (room, n) in mgr.unclaimed_rooms() {
+        for unclaimed in mgr.unclaimed_rooms() {
+            let (room, n) = (unclaimed.room.get(), unclaimed.pages);
             let slot = next_slot % pool.aux_slots;
             next_slot = next_slot.wrapping_add(1);
             for (k, aux) in m.aux.iter_mut().enumerate() {
@@ -396,7 +404,7 @@ fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::
                 }
             }
             claimed.insert(room, Instant::now());
-            let mut tx = KvSender::new(&mgr, room);
+            let mut tx = KvSender::new(&mgr, RoomId::new(room))?;
             tx.init(n, slot);
             let src: Vec<u32> = (0..u64::from(n))
                 .map(|i| (room.wrapping_add(97 * i) % u64::from(pool.pages)) as u32)
@@ -413,10 +421,7 @@ fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::
             match tx.poll() {
                 KvPoll::Success => finished.push(*room),
                 KvPoll::Failed => {
-                    eprintln!(
-                        "prefill: room {room} failed: {}",
-                        tx.failure().unwrap_or_default()
-                    );
+                    eprintln!("prefill: room {room} failed: {}", reason(tx.failure()));
                     finished.push(*room);
                 }
                 _ => {}
@@ -469,7 +474,7 @@ fn decode(
         );
     }
     let m = memory(pool, "decode")?;
-    let mgr = KvManager::decode(m.agent.clone(), args(&m, pool), ManagerConfig::default())?;
+    let mgr = KvManager::decode(m.agent.clone(), args(&m, pool)?, ManagerConfig::default())?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(pool.seed);
     let mut free_pages: Vec<u32> = (0..pool.pages).collect();
     let mut free_slots: Vec<u32> = (0..pool.aux_slots).collect();
@@ -490,15 +495,27 @@ fn decode(
             let room = rng.random::<u64>() >> 1;
             let pages = nixl_tools::take_page_runs(&mut free_pages, per_request, &mut rng);
             let slot = free_slots.pop().context("out of aux slots")?;
-            let mut rx = KvReceiver::new(&mgr, bootstrap, room, None);
+            started += 1;
+            // From before the receiver's bootstrap lookup and registration (which it blocks on).
+            let start = Instant::now();
+            let mut rx = match KvReceiver::new(&mgr, bootstrap, RoomId::new(room), None) {
+                Ok(rx) => rx,
+                Err(e) => {
+                    eprintln!("room {room} failed: {e}");
+                    failures += 1;
+                    free_pages.extend(&pages);
+                    free_slots.push(slot);
+                    bar.inc(1);
+                    continue;
+                }
+            };
             rx.init(&pages, slot);
             inflight.push(Request {
                 rx,
                 pages,
                 slot,
-                start: Instant::now(),
+                start,
             });
-            started += 1;
         }
         let mut i = 0;
         while i < inflight.len() {
@@ -509,7 +526,7 @@ fn decode(
             }
             let req = inflight.swap_remove(i);
             latencies.push(req.start.elapsed());
-            let room = req.rx.room();
+            let room = req.rx.room().get();
             let ok = state == KvPoll::Success
                 && aux_verify.is_none_or(|a| {
                     verify(&m, pool, prefill_pages, room, &req.pages, req.slot, a)
@@ -517,10 +534,7 @@ fn decode(
                         .is_ok()
                 });
             if state == KvPoll::Failed {
-                eprintln!(
-                    "room {room} failed: {}",
-                    req.rx.failure().unwrap_or_default()
-                );
+                eprintln!("room {room} failed: {}", reason(req.rx.failure()));
             }
             if ok {
                 bytes += req.pages.len() as u64 * pool.page_bytes * m.kv.len() as u64;
