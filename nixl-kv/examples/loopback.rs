@@ -13,7 +13,9 @@ const PAGES: u64 = 16;
 const AUX_ROW: u64 = 64;
 
 /// An agent with UCX, two KV buffers and one aux buffer registered.
-fn side(name: &str) -> Result<(Agent, Vec<Registered<HostBuffer>>, KvArgs), Box<dyn std::error::Error>> {
+fn side(
+    name: &str,
+) -> Result<(Agent, Vec<Registered<HostBuffer>>, KvArgs), Box<dyn std::error::Error>> {
     let agent = Agent::new(name, &AgentConfig::default())?;
     agent.create_backend(BackendKind::Ucx, &BackendParams::new())?;
     let mut bufs = Vec::new();
@@ -53,7 +55,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tx.init(4, 0);
     tx.send(&[0, 1, 2, 3]); // source pages, one chunk
     let (mut sent, mut got) = (tx.poll(), rx.poll());
-    while !(matches!(sent, KvPoll::Success | KvPoll::Failed) && matches!(got, KvPoll::Success | KvPoll::Failed)) {
+    while !(matches!(sent, KvPoll::Success | KvPoll::Failed)
+        && matches!(got, KvPoll::Success | KvPoll::Failed))
+    {
         if start.elapsed() > Duration::from_secs(10) {
             break;
         }

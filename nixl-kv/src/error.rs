@@ -77,7 +77,9 @@ pub enum ArgsError {
         mem: MemType,
     },
     /// KV buffers of different kinds or devices.
-    #[error("KV buffer {index} is {mem:?} on device {dev}, buffer 0 is {first_mem:?} on device {first_dev}")]
+    #[error(
+        "KV buffer {index} is {mem:?} on device {dev}, buffer 0 is {first_mem:?} on device {first_dev}"
+    )]
     MixedKv {
         /// The buffer.
         index: usize,

@@ -28,7 +28,9 @@ mod error;
 pub mod proto;
 pub mod zmtp;
 
-pub use driver::{KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode, RequestPaths, TableSizes};
+pub use driver::{
+    KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode, RequestPaths, TableSizes,
+};
 pub use error::{ArgsError, Error};
 pub use nixl_wire::RoomId;
 pub use proto::prefill::UnclaimedRoom;

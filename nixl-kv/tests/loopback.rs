@@ -172,10 +172,7 @@ fn malformed_zmq_messages_are_dropped_and_the_listener_keeps_serving() {
     let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
     // A hostile peer sends garbage to the prefill's PULL socket (through pyzmq-compatible ZMTP).
     let endpoint = format!("tcp://127.0.0.1:{}", p.mgr.rank_port());
-    common::send_raw(
-        &endpoint,
-        vec![b"NixlMsgGuard".to_vec(), b"None".to_vec()],
-    );
+    common::send_raw(&endpoint, vec![b"NixlMsgGuard".to_vec(), b"None".to_vec()]);
     common::send_raw(&endpoint, vec![b"garbage".to_vec()]);
     // A real exchange still works afterwards.
     let d = decode(2, 16, 1024, ManagerConfig::default());

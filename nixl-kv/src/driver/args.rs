@@ -63,7 +63,11 @@ impl KvArgs {
                 first_dev: first.dev,
             });
         }
-        if let Some((index, (r, _))) = aux.iter().enumerate().find(|(_, (r, _))| r.mem != MemType::Dram) {
+        if let Some((index, (r, _))) = aux
+            .iter()
+            .enumerate()
+            .find(|(_, (r, _))| r.mem != MemType::Dram)
+        {
             return Err(ArgsError::AuxNotHost { index, mem: r.mem });
         }
         Ok(Self {
@@ -79,8 +83,17 @@ impl KvArgs {
     /// Sets the engine rank (prefill: global TP rank; decode: rank inside its attention-TP
     /// group) and the server's TP and DP sizes. Refused: a zero size, a TP size that is not a
     /// multiple of the DP size, or a rank outside the TP size.
-    pub fn parallel(mut self, engine_rank: u32, tp_size: u32, dp_size: u32) -> Result<Self, ArgsError> {
-        if tp_size == 0 || dp_size == 0 || !tp_size.is_multiple_of(dp_size) || engine_rank >= tp_size {
+    pub fn parallel(
+        mut self,
+        engine_rank: u32,
+        tp_size: u32,
+        dp_size: u32,
+    ) -> Result<Self, ArgsError> {
+        if tp_size == 0
+            || dp_size == 0
+            || !tp_size.is_multiple_of(dp_size)
+            || engine_rank >= tp_size
+        {
             return Err(ArgsError::Parallel {
                 engine_rank,
                 tp_size,
@@ -170,7 +183,10 @@ mod tests {
     #[test]
     fn valid_args_give_the_smallest_pool() {
         let a = KvArgs::new(
-            [(dram(0x1000, 4096 * 10), 4096), (dram(0x10_0000, 4096 * 8), 4096)],
+            [
+                (dram(0x1000, 4096 * 10), 4096),
+                (dram(0x10_0000, 4096 * 8), 4096),
+            ],
             [(dram(0x20_0000, 64 * 4), 64)],
         )
         .unwrap()
@@ -209,7 +225,10 @@ mod tests {
         ));
         let a = KvArgs::new(kv(), aux()).unwrap();
         assert!(a.clone().parallel(4, 4, 1).is_err(), "rank outside TP");
-        assert!(a.clone().parallel(0, 4, 3).is_err(), "TP not a multiple of DP");
+        assert!(
+            a.clone().parallel(0, 4, 3).is_err(),
+            "TP not a multiple of DP"
+        );
         assert!(a.parallel(0, 0, 1).is_err());
     }
 }

@@ -8,10 +8,10 @@ use nixl_core::{Agent, PreparedDescs, XferOp, XferRequest};
 use nixl_wire::{AgentName, RoomId};
 
 use super::{DecodeIo, PrefillIo, Shared, lock};
+use crate::proto::FailureReason;
 use crate::proto::decode::Command as DecodeCommand;
 use crate::proto::lower::{Coords, ListId};
 use crate::proto::prefill::{Command, Post};
-use crate::proto::FailureReason;
 
 /// The prefill's prepared descriptor lists, by the core's names for them.
 #[derive(Default)]
@@ -69,12 +69,17 @@ fn run(
     posted: &mut Vec<(RoomId, XferRequest)>,
 ) {
     match cmd {
-        Command::LoadRemote { agent: name, metadata } => {
+        Command::LoadRemote {
+            agent: name,
+            metadata,
+        } => {
             let res = agent.load_remote(&metadata).map_err(|e| e.to_string());
             outcomes.push(Outcome::Loaded(name, res));
         }
         Command::Forget { agent: name } => {
-            lists.lists.retain(|id, _| !matches!(id, ListId::Peer { agent, .. } if agent.as_str() == name));
+            lists.lists.retain(
+                |id, _| !matches!(id, ListId::Peer { agent, .. } if agent.as_str() == name),
+            );
             if let Err(e) = agent.invalidate_remote(&name) {
                 tracing::debug!(peer = %name, error = %e, "remote metadata not invalidated");
             }

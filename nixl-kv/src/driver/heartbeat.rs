@@ -30,7 +30,8 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), Error> {
                 let Some(d) = s.decode() else { return };
                 let due = lock(&d.core).heartbeat_due(Instant::now());
                 for addr in due {
-                    let client = BootstrapClient::new(addr.as_str(), s.config.http_timeout.min(interval));
+                    let client =
+                        BootstrapClient::new(addr.as_str(), s.config.http_timeout.min(interval));
                     let outcome = match client.health() {
                         Health::Up => Heartbeat::Up,
                         Health::NoRoute => Heartbeat::NoRoute,

@@ -29,7 +29,10 @@ pub(crate) fn offer(tx: &Sender<Vec<Bytes>>, frames: Vec<Bytes>) {
     match tx.try_send(frames) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
-            tracing::warn!(capacity = QUEUE, "prefill inbound queue full; message dropped");
+            tracing::warn!(
+                capacity = QUEUE,
+                "prefill inbound queue full; message dropped"
+            );
         }
         Err(TrySendError::Disconnected(_)) => {}
     }
@@ -37,7 +40,9 @@ pub(crate) fn offer(tx: &Sender<Vec<Bytes>>, frames: Vec<Bytes>) {
 
 pub(crate) fn start(shared: &Arc<Shared>, rx: Receiver<Vec<Bytes>>) -> Result<(), Error> {
     let weak = Arc::downgrade(shared);
-    let tick = TICK.min(shared.config.orphan_timeout / 2).max(Duration::from_millis(10));
+    let tick = TICK
+        .min(shared.config.orphan_timeout / 2)
+        .max(Duration::from_millis(10));
     let handle = std::thread::Builder::new()
         .name("kv-inbound".into())
         .spawn(move || run(&weak, &rx, tick))

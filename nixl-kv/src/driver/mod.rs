@@ -274,10 +274,12 @@ impl KvManager {
 
     /// Prefill: how its transfers were made.
     pub fn request_paths(&self) -> RequestPaths {
-        self.shared.prefill().map_or_else(RequestPaths::default, |p| RequestPaths {
-            prepared: p.made_prepared.load(Ordering::Relaxed),
-            explicit: p.made_explicit.load(Ordering::Relaxed),
-        })
+        self.shared
+            .prefill()
+            .map_or_else(RequestPaths::default, |p| RequestPaths {
+                prepared: p.made_prepared.load(Ordering::Relaxed),
+                explicit: p.made_explicit.load(Ordering::Relaxed),
+            })
     }
 
     /// Entries held, for leak checks.

@@ -28,7 +28,9 @@ pub struct KvReceiver {
 
 impl std::fmt::Debug for KvReceiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvReceiver").field("room", &self.room).finish()
+        f.debug_struct("KvReceiver")
+            .field("room", &self.room)
+            .finish()
     }
 }
 

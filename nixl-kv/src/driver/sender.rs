@@ -24,7 +24,9 @@ pub struct KvSender {
 
 impl std::fmt::Debug for KvSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvSender").field("room", &self.room).finish()
+        f.debug_struct("KvSender")
+            .field("room", &self.room)
+            .finish()
     }
 }
 
@@ -91,7 +93,10 @@ impl KvSender {
         });
         let idle = reqs.is_empty();
         if !idle {
-            lock(&p.in_flight).entry(self.room).or_default().extend(reqs);
+            lock(&p.in_flight)
+                .entry(self.room)
+                .or_default()
+                .extend(reqs);
         }
         if !ended.is_empty() {
             let mut core = lock(&p.core);
@@ -104,7 +109,10 @@ impl KvSender {
             // only when its sender is progressed, and no progress thread runs by default.
             let mut stray = Vec::new();
             if self.shared.agent.drain_notifications(&mut stray).is_ok() && !stray.is_empty() {
-                tracing::debug!(count = stray.len(), "prefill agent received notifications; ignored");
+                tracing::debug!(
+                    count = stray.len(),
+                    "prefill agent received notifications; ignored"
+                );
             }
         }
         exec::drive_prefill(&self.shared);

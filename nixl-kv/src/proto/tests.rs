@@ -122,7 +122,10 @@ impl FakeDriver {
             } => {
                 let (l, r) = (&self.lists[local], &self.lists[remote]);
                 for (&li, &ri) in local_idx.iter().zip(remote_idx) {
-                    let (a, b) = (l.descs.as_slice()[li as usize], r.descs.as_slice()[ri as usize]);
+                    let (a, b) = (
+                        l.descs.as_slice()[li as usize],
+                        r.descs.as_slice()[ri as usize],
+                    );
                     assert_eq!(a.len, b.len);
                     out.push((a.addr, b.addr, a.len));
                 }
@@ -208,7 +211,10 @@ fn full_exchange_lowers_chunks_to_prepared_indices_and_completes_on_notification
     let c0 = drv.take_posts();
     assert_eq!(c0.len(), 1);
     assert_eq!(c0[0].notif, b"77_kv_0_0");
-    assert!(matches!(c0[0].coords, Coords::Indexed { .. }), "the prepared path");
+    assert!(
+        matches!(c0[0].coords, Coords::Indexed { .. }),
+        "the prepared path"
+    );
     let peer = layout(0x9000_0000);
     assert_eq!(
         drv.copies(&c0[0]),
@@ -286,7 +292,10 @@ fn a_decode_pool_larger_than_ours_grows_the_peer_list_and_a_huge_index_stays_exp
         drv.take_posts().remove(0)
     };
     // Page 100 is past our 64-page pool: explicit now, a 128-page list prepared meanwhile.
-    assert!(matches!(send(&mut p, &mut drv, 1, 100).coords, Coords::Explicit { .. }));
+    assert!(matches!(
+        send(&mut p, &mut drv, 1, 100).coords,
+        Coords::Explicit { .. }
+    ));
     let post = send(&mut p, &mut drv, 2, 100);
     let Coords::Indexed { remote, .. } = &post.coords else {
         panic!("indexed expected")
@@ -295,7 +304,13 @@ fn a_decode_pool_larger_than_ours_grows_the_peer_list_and_a_huge_index_stays_exp
     assert_eq!(
         drv.lists
             .keys()
-            .filter(|id| matches!(id, ListId::Peer { kind: ListKind::Kv, .. }))
+            .filter(|id| matches!(
+                id,
+                ListId::Peer {
+                    kind: ListKind::Kv,
+                    ..
+                }
+            ))
             .count(),
         1,
         "the 64-page list was released"
@@ -339,7 +354,10 @@ fn aux_rows_go_for_every_buffer_only_when_both_sides_have_the_same_count() {
         let dst = if rows == 6 { &dec_six } else { &dec_three };
         for (k, &(s, dd, len)) in aux.iter().enumerate() {
             let item = six.aux_item_lens[k];
-            assert_eq!((s, dd, len), (six.aux_ptrs[k] + item, dst.aux_ptrs[k] + 2 * item, item));
+            assert_eq!(
+                (s, dd, len),
+                (six.aux_ptrs[k] + item, dst.aux_ptrs[k] + 2 * item, item)
+            );
         }
     }
 }
@@ -379,7 +397,11 @@ fn required_dst_info_num_waits_for_every_decode() {
     p.sender_send(room, &[7], now).unwrap();
     drv.run(&mut p);
     let t = drv.take_posts();
-    assert_eq!(t.iter().filter(|t| t.kind == ListKind::Kv).count(), 2, "one KV write per decode");
+    assert_eq!(
+        t.iter().filter(|t| t.kind == ListKind::Kv).count(),
+        2,
+        "one KV write per decode"
+    );
     assert_eq!(
         drv.copies(&t[0])[0].1,
         0x9000_0000 + 2 * 4096,
@@ -395,7 +417,10 @@ fn misuse_fails_the_room_with_a_reason_and_pushes_it_once() {
     let room = RoomId::new(9);
     p.sender_new(room, now);
     // Sending before the decode asked.
-    assert_eq!(p.sender_send(room, &[1], now), Err(FailureReason::SendBeforeInfo));
+    assert_eq!(
+        p.sender_send(room, &[1], now),
+        Err(FailureReason::SendBeforeInfo)
+    );
     assert_eq!(p.sender_poll(room), KvPoll::Failed);
 
     let room = RoomId::new(10);
@@ -409,10 +434,16 @@ fn misuse_fails_the_room_with_a_reason_and_pushes_it_once() {
     p.sender_new(room, now);
     p.handle_inbound(info(11, "d0", &[1], 1), now);
     p.sender_init(room, 1, 0).unwrap();
-    assert!(p.sender_send(room, &[1, 2], now).is_err(), "more pages than the request has");
+    assert!(
+        p.sender_send(room, &[1, 2], now).is_err(),
+        "more pages than the request has"
+    );
     assert!(matches!(
         p.sender_init(RoomId::new(12), 1, 99),
-        Err(FailureReason::AuxOutsideSlots { index: 99, slots: 8 })
+        Err(FailureReason::AuxOutsideSlots {
+            index: 99,
+            slots: 8
+        })
     ));
     // A transfer error fails the room and tells its decode once, with the first reason.
     let room = RoomId::new(13);
@@ -455,7 +486,10 @@ fn metadata_naming_another_agent_is_forgotten_unless_that_agent_is_registered() 
         assert!(!p.has_peer(&a));
         assert_eq!(drv.forgotten.contains(&actual.to_owned()), forgotten);
     }
-    assert!(p.has_peer(&agent("d0")), "a replay cannot disconnect a registered decode");
+    assert!(
+        p.has_peer(&agent("d0")),
+        "a replay cannot disconnect a registered decode"
+    );
 }
 
 #[test]
@@ -505,7 +539,9 @@ fn rank_info(port: u16) -> RankInfo {
 fn sends(d: &mut DecodeCore) -> Vec<(String, Vec<Bytes>)> {
     let mut out = Vec::new();
     while let Some(c) = d.poll_command() {
-        let decode::Command::Send { endpoint, frames, .. } = c;
+        let decode::Command::Send {
+            endpoint, frames, ..
+        } = c;
         out.push((endpoint, frames));
     }
     out
@@ -537,7 +573,10 @@ fn decode_registers_once_per_prefill_rank_then_sends_infos() {
     let PrefillInbound::Register(reg) = PrefillInbound::decode(&first[0].1).unwrap() else {
         panic!("registration expected")
     };
-    assert_eq!((reg.agent, reg.tp_info.unwrap().dst_kv_item_len), (agent("dec"), 4096));
+    assert_eq!(
+        (reg.agent, reg.tp_info.unwrap().dst_kv_item_len),
+        (agent("dec"), 4096)
+    );
     d.receiver_init(RoomId::new(1), &[3, 4], 1, now);
     let PrefillInbound::Transfer(t) = PrefillInbound::decode(&sends(&mut d)[0].1).unwrap() else {
         panic!("transfer info expected")
@@ -549,8 +588,14 @@ fn decode_registers_once_per_prefill_rank_then_sends_infos() {
     assert!(sends(&mut d).is_empty());
     // Our own pool bounds: page 64 and aux row 8 are outside.
     d.receiver_init(RoomId::new(2), &[64], 0, now);
-    assert!(matches!(d.failure(RoomId::new(2)), Some(FailureReason::PageOutsidePool { page: 64, .. })));
-    assert!(sends(&mut d).is_empty(), "nothing sent for a refused request");
+    assert!(matches!(
+        d.failure(RoomId::new(2)),
+        Some(FailureReason::PageOutsidePool { page: 64, .. })
+    ));
+    assert!(
+        sends(&mut d).is_empty(),
+        "nothing sent for a refused request"
+    );
 }
 
 #[test]
@@ -565,7 +610,10 @@ fn implausible_bootstrap_answers_fail_the_room_without_sizing_anything() {
     let room = RoomId::new(2);
     d.receiver_new(room, BootstrapAddr::new("b:1"), None, now);
     d.parallel_learned(room, Ok(serde_json::from_str("{}").unwrap()));
-    assert!(matches!(d.failure(room), Some(FailureReason::NoPrefillRegistered(_))));
+    assert!(matches!(
+        d.failure(room),
+        Some(FailureReason::NoPrefillRegistered(_))
+    ));
 }
 
 #[test]
@@ -576,7 +624,11 @@ fn a_failed_send_forgets_the_prefill_so_a_restarted_one_gets_a_new_registration(
     sends(&mut d);
     d.receiver_init(RoomId::new(1), &[1], 0, now);
     sends(&mut d);
-    d.send_failed(RoomId::new(1), "tcp://127.0.0.1:5000", "connection refused".into());
+    d.send_failed(
+        RoomId::new(1),
+        "tcp://127.0.0.1:5000",
+        "connection refused".into(),
+    );
     assert_eq!(d.poll(RoomId::new(1), now), KvPoll::Failed);
     assert_eq!(d.pools(), 0);
     // The next room looks everything up again and registers with the new rank.
@@ -594,16 +646,34 @@ fn heartbeats_count_failures_on_the_clock_and_fail_only_that_prefills_rooms() {
     for (r, b) in [(1, "b:1"), (2, "b:1"), (3, "other:1")] {
         d.receiver_new(RoomId::new(r), BootstrapAddr::new(b), None, t0);
     }
-    assert!(d.heartbeat_due(t0 + s(4)).is_empty(), "not before one interval");
+    assert!(
+        d.heartbeat_due(t0 + s(4)).is_empty(),
+        "not before one interval"
+    );
     let due = d.heartbeat_due(t0 + s(5));
-    assert_eq!(due, vec![BootstrapAddr::new("b:1"), BootstrapAddr::new("other:1")]);
-    assert!(d.heartbeat_due(t0 + s(6)).is_empty(), "one round per interval");
+    assert_eq!(
+        due,
+        vec![BootstrapAddr::new("b:1"), BootstrapAddr::new("other:1")]
+    );
+    assert!(
+        d.heartbeat_due(t0 + s(6)).is_empty(),
+        "one round per interval"
+    );
     let b1 = BootstrapAddr::new("b:1");
-    assert_eq!(d.heartbeat_result(&b1, Heartbeat::Down("refused".into())), 0);
+    assert_eq!(
+        d.heartbeat_result(&b1, Heartbeat::Down("refused".into())),
+        0
+    );
     // A success in between resets the count.
     assert_eq!(d.heartbeat_result(&b1, Heartbeat::Up), 0);
-    assert_eq!(d.heartbeat_result(&b1, Heartbeat::Down("refused".into())), 0);
-    assert_eq!(d.heartbeat_result(&b1, Heartbeat::Down("refused".into())), 2);
+    assert_eq!(
+        d.heartbeat_result(&b1, Heartbeat::Down("refused".into())),
+        0
+    );
+    assert_eq!(
+        d.heartbeat_result(&b1, Heartbeat::Down("refused".into())),
+        2
+    );
     assert!(matches!(
         d.failure(RoomId::new(1)),
         Some(FailureReason::PrefillUnreachable { .. })
@@ -624,9 +694,18 @@ fn decode_failures_and_timeouts() {
     }
     d.handle_notification("p", &Notification::fail(RoomId::new(1), "oom").encode());
     assert_eq!(d.poll(RoomId::new(1), now), KvPoll::Failed);
-    assert_eq!(d.failure(RoomId::new(1)), Some(&FailureReason::PrefillFailed("oom".into())));
-    assert_eq!(d.poll(RoomId::new(2), now + Duration::from_secs(4)), KvPoll::WaitingForInput);
-    assert_eq!(d.poll(RoomId::new(2), now + Duration::from_secs(6)), KvPoll::Failed);
+    assert_eq!(
+        d.failure(RoomId::new(1)),
+        Some(&FailureReason::PrefillFailed("oom".into()))
+    );
+    assert_eq!(
+        d.poll(RoomId::new(2), now + Duration::from_secs(4)),
+        KvPoll::WaitingForInput
+    );
+    assert_eq!(
+        d.poll(RoomId::new(2), now + Duration::from_secs(6)),
+        KvPoll::Failed
+    );
     // Unknown rooms and garbage are dropped without creating state.
     d.handle_notification("p", b"999_kv_0_1");
     d.handle_notification("p", b"\xff\xfe");
@@ -721,7 +800,10 @@ fn golden_frames_drive_the_prefill_and_golden_notifications_the_decode() {
         .iter()
         .map(|t| String::from_utf8(t.notif.clone()).unwrap())
         .collect();
-    assert_eq!(ours, sent, "the same notification strings as the Python prefill");
+    assert_eq!(
+        ours, sent,
+        "the same notification strings as the Python prefill"
+    );
 
     let mut d = DecodeCore::new(
         identity(),

@@ -54,7 +54,9 @@ fn side_memory(
 fn args(kv: &[Registered<HostBuffer>], aux: &[Registered<HostBuffer>], page: u64) -> KvArgs {
     KvArgs::new(
         kv.iter().map(|b| (b.region(), page)),
-        aux.iter().zip(AUX_ITEMS).map(|(b, item)| (b.region(), item)),
+        aux.iter()
+            .zip(AUX_ITEMS)
+            .map(|(b, item)| (b.region(), item)),
     )
     .unwrap()
 }
@@ -149,7 +151,11 @@ pub(crate) fn exchange(
     src: &[u32],
     dst: &[u32],
     aux: u32,
-) -> ((KvPoll, KvPoll), Option<FailureReason>, Option<FailureReason>) {
+) -> (
+    (KvPoll, KvPoll),
+    Option<FailureReason>,
+    Option<FailureReason>,
+) {
     let room = RoomId::new(room);
     let mut rx = nixl_kv::KvReceiver::new(d, bootstrap, room, None).unwrap();
     let mut tx = nixl_kv::KvSender::new(p, room).unwrap();
