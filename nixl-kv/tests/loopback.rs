@@ -341,3 +341,58 @@ fn a_registration_carrying_another_decodes_metadata_does_not_disconnect_it() {
         "the impostor is not a registered peer"
     );
 }
+
+#[test]
+fn a_transfer_info_with_huge_indices_fails_its_room_without_sizing_anything() {
+    use nixl_wire::{AgentName, PageIndex, TransferInfo};
+
+    let bs = server();
+    let addr = bs.addr().to_string();
+    let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
+    let d = decode(2, 16, 1024, ManagerConfig::default());
+    // The decode registers for real.
+    let (states, tx_err, rx_err) = exchange(&p.mgr, &d.mgr, &addr, 31, &[2], &[1], 0);
+    assert_eq!(
+        states,
+        (KvPoll::Success, KvPoll::Success),
+        "{tx_err:?} {rx_err:?}"
+    );
+    // A spoofed info names that agent with a page index and an aux row near 2^31: once these
+    // sized the prefill's descriptor lists (hundreds of GB, an abort).
+    let endpoint = format!("tcp://127.0.0.1:{}", p.mgr.rank_port());
+    for (room, page, aux) in [(32u64, i32::MAX as u32, 0), (33, 3, i32::MAX as u32)] {
+        let info = TransferInfo {
+            room: RoomId::new(room),
+            local_ip: "127.0.0.1".into(),
+            rank_port: 1,
+            agent: AgentName::new(d.mgr.agent().name()).unwrap(),
+            dst_pages: vec![PageIndex::new(page)],
+            dst_aux_index: aux,
+            required_dst_info_num: 1,
+        };
+        common::send_raw(
+            &endpoint,
+            info.encode().into_iter().map(|b| b.to_vec()).collect(),
+        );
+        let id = RoomId::new(room);
+        let seen = reach(T, KvPoll::WaitingForInput, || {
+            if p.mgr.unclaimed_rooms().iter().any(|u| u.room == id) {
+                KvPoll::WaitingForInput
+            } else {
+                KvPoll::Bootstrapping
+            }
+        });
+        assert_eq!(seen, KvPoll::WaitingForInput, "room {room} never arrived");
+        let mut tx = KvSender::new(&p.mgr, id).unwrap();
+        tx.init(1, 0);
+        tx.send(&[0]);
+        assert_eq!(until(T, || tx.poll()), KvPoll::Failed, "room {room}");
+    }
+    // The prefill and its lists are intact: the real decode is still served.
+    let (states, tx_err, rx_err) = exchange(&p.mgr, &d.mgr, &addr, 34, &[5], &[6], 2);
+    assert_eq!(
+        states,
+        (KvPoll::Success, KvPoll::Success),
+        "{tx_err:?} {rx_err:?}"
+    );
+}
