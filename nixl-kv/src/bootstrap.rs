@@ -1,18 +1,64 @@
-//! SGLang's bootstrap HTTP server and its client (SPEC.md §2.2).
+//! SGLang's bootstrap HTTP server and its client.
 //!
 //! Routes: `PUT /route` (a prefill rank registers), `GET /route?engine_rank=E&target_dp_group=G`
 //! (a decode asks for the parallel sizes with `-1/-1`, else for rank E of group G), any other
 //! method on `/route` → 405, and our addition `GET /health` → 200 `OK` for heartbeats. Bodies
 //! are byte-identical to the Python server's (`json.dumps` style).
+//!
+//! # The server
+//!
+//! hyper's HTTP/1 server on a current-thread tokio runtime of its own thread, one task per
+//! connection, so a slow or stalled client holds only its own connection. Every bound returns
+//! an answer or closes one connection, never panics and never stops the accept loop
+//! ([`ServerLimits`]): request heads (line and headers) are capped (431 above), bodies are capped
+//! (413) and must arrive within a timeout (408), idle keep-alive connections and slow heads are
+//! closed by hyper's header timeout, and at the connection cap new connections are closed at
+//! once with a log line. Accept errors (`EMFILE` when the process is out of descriptors) are
+//! logged and the loop backs off briefly. `Expect: 100-continue` is answered when the body is
+//! read (hyper sends `100 Continue` then).
+//!
+//! # Who may overwrite a registration
+//!
+//! SGLang's server lets any `PUT /route` overwrite the entry of a (DP group, engine rank), so
+//! anyone who can reach the port can send new decodes elsewhere. Ours keeps **the first
+//! registration while its address still accepts TCP connections**:
+//!
+//! - a new (group, rank) is stored (as SGLang; the table has [`ServerLimits::max_entries`]
+//!   entries at most, 503 beyond);
+//! - the same address again is a no-op 200 (a prefill re-registering);
+//! - a different address replaces the entry only if a TCP connect to the registered address
+//!   fails within [`ServerLimits::probe_timeout`] (the registered rank is gone, e.g. it
+//!   restarted on another port); while it answers, the PUT gets **409** `Rank already
+//!   registered` and a warning naming the requester.
+//!
+//! A prefill that restarts on the same or another port therefore re-registers normally, and
+//! while a rank is alive nobody can redirect its decodes. The TP and DP sizes are set by the
+//! first PUT and never change, as in SGLang.
+//!
+//! # The client
+//!
+//! ureq, with a timeout per request and a bound on the bytes read from a server. Parallel
+//! sizes outside `1..=`[`MAX_PARALLEL_SIZE`] are refused as errors: the decode sizes its
+//! targeting from them.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use nixl_wire::http::{ParallelInfo, PrefillRegistration, RankInfo, RouteQuery, to_python_json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, oneshot};
+
+use crate::zmtp::{RateLog, tick};
 
 /// Errors of the bootstrap server and client.
 #[derive(Debug, thiserror::Error)]
@@ -36,17 +82,84 @@ pub enum BootstrapError {
     },
 }
 
+/// The largest TP or DP size a client accepts from a server.
+pub const MAX_PARALLEL_SIZE: u32 = 65536;
+
+/// The most bytes a client reads from one answer.
+const MAX_ANSWER: u64 = 64 << 10;
+
+/// Bounds of the bootstrap server.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerLimits {
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Bytes of a request's line and headers (431 above).
+    pub max_head_bytes: usize,
+    /// Bytes of a request body (413 above).
+    pub max_body_bytes: usize,
+    /// Time to receive a request's head, counted from the end of the previous request on a
+    /// kept-alive connection (the connection is closed then).
+    pub head_timeout: Duration,
+    /// Time to receive a request's body (408 then).
+    pub body_timeout: Duration,
+    /// Registered (DP group, rank) entries (503 for new ones beyond).
+    pub max_entries: usize,
+    /// Time a TCP connect to a registered rank may take to prove it alive.
+    pub probe_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    /// 512 connections, 16 KiB heads, 64 KiB bodies, 15 s for a head, 10 s for a body,
+    /// 65,536 entries, 1 s probes.
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            max_head_bytes: 16 << 10,
+            max_body_bytes: 64 << 10,
+            head_timeout: Duration::from_secs(15),
+            body_timeout: Duration::from_secs(10),
+            max_entries: 65536,
+            probe_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Pause after an accept error such as `EMFILE`.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// hyper refuses a read buffer smaller than this.
+const MIN_READ_BUF: usize = 8192;
+
 #[derive(Debug, Default)]
 struct Table {
     tp_size: Option<u32>,
     dp_size: Option<u32>,
     ranks: HashMap<u32, HashMap<u32, RankInfo>>,
+    entries: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    table: Mutex<Table>,
+    limits: ServerLimits,
+    health: bool,
+    /// Warnings that clients can trigger.
+    warn: Mutex<RateLog>,
+}
+
+/// Logs a client-triggered warning, rate-limited.
+macro_rules! warn_limited {
+    ($state:expr, $($arg:tt)+) => {
+        if let Some(suppressed) = tick(&$state.warn) {
+            tracing::warn!(suppressed, $($arg)+);
+        }
+    };
 }
 
 /// A running bootstrap server; stops when dropped.
 pub struct BootstrapServer {
-    server: Arc<tiny_http::Server>,
     addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -61,39 +174,75 @@ impl std::fmt::Debug for BootstrapServer {
 impl BootstrapServer {
     /// Starts the server on `addr` (`0.0.0.0:8998` as SGLang; port 0 picks one).
     pub fn start(addr: &str) -> Result<Self, BootstrapError> {
-        Self::start_with(addr, true)
+        Self::launch(addr, true, ServerLimits::default())
     }
 
     /// Starts the server exactly like SGLang 0.5.1's, without the `/health` route (which then
     /// answers 404, and decodes turn heartbeats off for it).
     pub fn start_seed_compatible(addr: &str) -> Result<Self, BootstrapError> {
-        Self::start_with(addr, false)
+        Self::launch(addr, false, ServerLimits::default())
     }
 
-    fn start_with(addr: &str, health: bool) -> Result<Self, BootstrapError> {
+    /// Like [`start`](Self::start), with other bounds.
+    pub fn start_with_limits(addr: &str, limits: ServerLimits) -> Result<Self, BootstrapError> {
+        Self::launch(addr, true, limits)
+    }
+
+    fn launch(addr: &str, health: bool, limits: ServerLimits) -> Result<Self, BootstrapError> {
         let err = |reason: String| BootstrapError::Bind {
             addr: addr.to_owned(),
             reason,
         };
-        let server = Arc::new(tiny_http::Server::http(addr).map_err(|e| err(e.to_string()))?);
-        let bound = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| err("not an IP listener".into()))?;
-        let table = Arc::new(Mutex::new(Table::default()));
-        let s = Arc::clone(&server);
+        let std_listener = std::net::TcpListener::bind(addr).map_err(|e| err(e.to_string()))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| err(e.to_string()))?;
+        let bound = std_listener.local_addr().map_err(|e| err(e.to_string()))?;
+        let state = Arc::new(State {
+            table: Mutex::new(Table::default()),
+            limits,
+            health,
+            warn: Mutex::new(RateLog::new(20)),
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let thread = std::thread::Builder::new()
             .name("kv-bootstrap".into())
             .spawn(move || {
-                for req in s.incoming_requests() {
-                    handle(req, &table, health);
-                }
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match TcpListener::from_std(std_listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    tokio::select! {
+                        () = accept_loop(listener, state) => {}
+                        _ = stopped => {}
+                    }
+                });
             })
             .map_err(|e| err(e.to_string()))?;
+        ready_rx
+            .recv()
+            .map_err(|_| err("server thread ended".into()))?
+            .map_err(err)?;
         tracing::info!(%bound, "bootstrap server listening");
         Ok(Self {
-            server,
             addr: bound,
+            stop: Some(stop),
             thread: Some(thread),
         })
     }
@@ -106,105 +255,263 @@ impl BootstrapServer {
 
 impl Drop for BootstrapServer {
     fn drop(&mut self) {
-        self.server.unblock();
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn header(name: &str, value: &str) -> Option<tiny_http::Header> {
-    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    let permits = Arc::new(Semaphore::new(state.limits.max_connections));
+    let mut refused = RateLog::new(1);
+    let mut failed = RateLog::new(1);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(n) = failed.tick() {
+                    tracing::warn!(error = %e, suppressed = n, "bootstrap accept failed; backing off");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            if let Some(n) = refused.tick() {
+                tracing::warn!(
+                    %peer,
+                    max_connections = state.limits.max_connections,
+                    suppressed = n,
+                    "bootstrap server at its connection cap; connection closed"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            connection(stream, peer, state).await;
+            drop(permit);
+        });
+    }
 }
 
-fn respond(req: tiny_http::Request, status: u16, body: String, json: bool) {
+async fn connection(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
+    let limits = &state.limits;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_header_size(limits.max_head_bytes)
+        .max_buf_size(limits.max_head_bytes.max(MIN_READ_BUF))
+        .keep_alive(true);
+    let svc_state = Arc::clone(&state);
+    let svc = hyper::service::service_fn(move |req| {
+        let state = Arc::clone(&svc_state);
+        async move { Ok::<_, Infallible>(handle(req, peer, &state).await) }
+    });
+    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+        tracing::debug!(%peer, error = %e, "bootstrap connection ended");
+    }
+}
+
+fn respond(status: StatusCode, body: impl Into<String>, json: bool) -> Response<Full<Bytes>> {
     let ct = if json {
         "application/json; charset=utf-8"
     } else {
         "text/plain; charset=utf-8"
     };
-    let mut resp = tiny_http::Response::from_string(body).with_status_code(status);
-    if let Some(h) = header("Content-Type", ct) {
-        resp = resp.with_header(h);
-    }
-    if let Err(e) = req.respond(resp) {
-        tracing::debug!(error = %e, "bootstrap reply not delivered");
+    let mut resp = Response::new(Full::new(Bytes::from(body.into())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+    resp
+}
+
+async fn handle(req: Request<Incoming>, peer: SocketAddr, state: &State) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    match (path.as_str(), req.method()) {
+        ("/health", &Method::GET) if state.health => respond(StatusCode::OK, "OK", false),
+        ("/route", &Method::PUT) => put_route(req, peer, state).await,
+        ("/route", &Method::GET) => get_route(&query, state),
+        ("/route", _) => respond(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed", true),
+        _ => respond(StatusCode::NOT_FOUND, "Not Found", false),
     }
 }
 
-fn handle(mut req: tiny_http::Request, table: &Mutex<Table>, health: bool) {
-    let url = req.url().to_owned();
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    let method = req.method().clone();
-    match (path, &method) {
-        ("/health", tiny_http::Method::Get) if health => respond(req, 200, "OK".into(), false),
-        ("/route", tiny_http::Method::Put) => {
-            let mut body = String::new();
-            if req
-                .as_reader()
-                .take(1 << 20)
-                .read_to_string(&mut body)
-                .is_err()
-            {
-                return respond(req, 400, "Unreadable body".into(), false);
-            }
-            match serde_json::from_str::<PrefillRegistration>(&body) {
-                Ok(reg) => {
-                    register(table, reg);
-                    respond(req, 200, "OK".into(), false);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "bad bootstrap registration; dropped");
-                    respond(req, 400, format!("Bad registration: {e}"), false);
-                }
-            }
-        }
-        ("/route", tiny_http::Method::Get) => {
-            let Ok(q) = RouteQuery::parse(query) else {
-                return respond(
-                    req,
-                    400,
-                    "Missing inputs for bootstrap server.".into(),
-                    false,
-                );
-            };
-            let t = table.lock().unwrap_or_else(|p| p.into_inner());
-            if q.is_parallel_info() {
-                let info = ParallelInfo {
-                    prefill_tp_size: t.tp_size,
-                    prefill_dp_size: t.dp_size,
-                };
-                drop(t);
-                return respond(req, 200, to_python_json(&info), true);
-            }
-            let found = u32::try_from(q.target_dp_group)
-                .ok()
-                .zip(u32::try_from(q.engine_rank).ok())
-                .and_then(|(g, e)| t.ranks.get(&g).and_then(|m| m.get(&e)).cloned());
-            drop(t);
-            match found {
-                Some(info) => respond(req, 200, to_python_json(&info), true),
-                None => respond(req, 404, "Bootstrap info not Found".into(), false),
-            }
-        }
-        ("/route", _) => respond(req, 405, "Method not allowed".into(), true),
-        _ => respond(req, 404, "Not Found".into(), false),
-    }
-}
-
-fn register(table: &Mutex<Table>, reg: PrefillRegistration) {
-    let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-    t.tp_size.get_or_insert(reg.tp_size);
-    t.dp_size.get_or_insert(reg.dp_size);
-    let per = (reg.tp_size / reg.dp_size.max(1)).max(1);
-    if reg.role == "Prefill" {
-        let (group, rank) = (reg.engine_rank / per, reg.engine_rank % per);
-        let info = RankInfo {
-            rank_ip: reg.rank_ip,
-            rank_port: reg.rank_port,
+fn get_route(query: &str, state: &State) -> Response<Full<Bytes>> {
+    let Ok(q) = RouteQuery::parse(query) else {
+        return respond(
+            StatusCode::BAD_REQUEST,
+            "Missing inputs for bootstrap server.",
+            false,
+        );
+    };
+    let t = state.table.lock().unwrap_or_else(|p| p.into_inner());
+    if q.is_parallel_info() {
+        let info = ParallelInfo {
+            prefill_tp_size: t.tp_size,
+            prefill_dp_size: t.dp_size,
         };
-        t.ranks.entry(group).or_default().insert(rank, info);
+        drop(t);
+        return respond(StatusCode::OK, to_python_json(&info), true);
     }
+    let found = u32::try_from(q.target_dp_group)
+        .ok()
+        .zip(u32::try_from(q.engine_rank).ok())
+        .and_then(|(g, e)| t.ranks.get(&g).and_then(|m| m.get(&e)).cloned());
+    drop(t);
+    match found {
+        Some(info) => respond(StatusCode::OK, to_python_json(&info), true),
+        None => respond(StatusCode::NOT_FOUND, "Bootstrap info not Found", false),
+    }
+}
+
+async fn put_route(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    state: &State,
+) -> Response<Full<Bytes>> {
+    let limits = &state.limits;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        warn_limited!(state, %peer, bytes = declared, "bootstrap registration body too large; refused");
+        return respond(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Request body too large",
+            false,
+        );
+    }
+    let body = Limited::new(req.into_body(), limits.max_body_bytes).collect();
+    let body = match tokio::time::timeout(limits.body_timeout, body).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
+            warn_limited!(state, %peer, error = %e, "bootstrap registration body unreadable");
+            return if e.is::<http_body_util::LengthLimitError>() {
+                respond(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Request body too large",
+                    false,
+                )
+            } else {
+                respond(StatusCode::BAD_REQUEST, "Unreadable body", false)
+            };
+        }
+        Err(_) => {
+            warn_limited!(state, %peer, "bootstrap registration body timed out");
+            return respond(StatusCode::REQUEST_TIMEOUT, "Request body timed out", false);
+        }
+    };
+    let reg = match serde_json::from_slice::<PrefillRegistration>(&body) {
+        Ok(reg) => reg,
+        Err(e) => {
+            warn_limited!(state, %peer, error = %e, "bad bootstrap registration; dropped");
+            return respond(
+                StatusCode::BAD_REQUEST,
+                format!("Bad registration: {e}"),
+                false,
+            );
+        }
+    };
+    match register(state, reg, peer).await {
+        Registered::Ok => respond(StatusCode::OK, "OK", false),
+        Registered::Conflict => respond(StatusCode::CONFLICT, "Rank already registered", false),
+        Registered::Full => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Bootstrap table full",
+            false,
+        ),
+    }
+}
+
+enum Registered {
+    Ok,
+    Conflict,
+    Full,
+}
+
+/// Stores a registration under the rule of the module doc.
+async fn register(state: &State, reg: PrefillRegistration, peer: SocketAddr) -> Registered {
+    let per = {
+        let mut t = state.table.lock().unwrap_or_else(|p| p.into_inner());
+        t.tp_size.get_or_insert(reg.tp_size);
+        t.dp_size.get_or_insert(reg.dp_size);
+        (reg.tp_size / reg.dp_size.max(1)).max(1)
+    };
+    if reg.role != "Prefill" {
+        return Registered::Ok;
+    }
+    let (group, rank) = (reg.engine_rank / per, reg.engine_rank % per);
+    let info = RankInfo {
+        rank_ip: reg.rank_ip,
+        rank_port: reg.rank_port,
+    };
+    let old = {
+        let mut t = state.table.lock().unwrap_or_else(|p| p.into_inner());
+        let old = t.ranks.get(&group).and_then(|m| m.get(&rank)).cloned();
+        match old {
+            Some(old) if old == info => return Registered::Ok,
+            Some(old) => old,
+            None => {
+                if t.entries >= state.limits.max_entries {
+                    warn_limited!(state, %peer, group, rank, "bootstrap table full; registration refused");
+                    return Registered::Full;
+                }
+                t.entries += 1;
+                t.ranks.entry(group).or_default().insert(rank, info);
+                return Registered::Ok;
+            }
+        }
+    };
+    if accepts_connections(&old, state.limits.probe_timeout).await {
+        warn_limited!(
+            state,
+            %peer,
+            group,
+            rank,
+            registered = %format!("{}:{}", old.rank_ip, old.rank_port),
+            offered = %format!("{}:{}", info.rank_ip, info.rank_port),
+            "registration for a live rank from elsewhere refused"
+        );
+        return Registered::Conflict;
+    }
+    let mut t = state.table.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(slot) = t.ranks.get_mut(&group).and_then(|m| m.get_mut(&rank)) else {
+        return Registered::Conflict;
+    };
+    if *slot != old {
+        // Someone else replaced it meanwhile.
+        return Registered::Conflict;
+    }
+    tracing::info!(
+        %peer,
+        group,
+        rank,
+        old = %format!("{}:{}", old.rank_ip, old.rank_port),
+        new = %format!("{}:{}", info.rank_ip, info.rank_port),
+        "registered rank no longer answers; registration replaced"
+    );
+    *slot = info;
+    Registered::Ok
+}
+
+/// Whether a TCP connect to a registered rank succeeds within `timeout`.
+async fn accepts_connections(info: &RankInfo, timeout: Duration) -> bool {
+    let host = info
+        .rank_ip
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(&info.rank_ip);
+    matches!(
+        tokio::time::timeout(timeout, TcpStream::connect((host, info.rank_port))).await,
+        Ok(Ok(_))
+    )
 }
 
 /// A blocking client for one bootstrap server (`host:port`).
@@ -253,6 +560,9 @@ impl BootstrapClient {
         let status = resp.status().as_u16();
         let body = resp
             .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER)
+            .lossy_utf8(true)
             .read_to_string()
             .map_err(|e| err(e.to_string()))?;
         Ok((status, body))
@@ -293,12 +603,23 @@ impl BootstrapClient {
         }
     }
 
-    /// The prefill's TP and DP sizes.
+    /// The prefill's TP and DP sizes (`None` before any prefill registered); a size outside
+    /// `1..=`[`MAX_PARALLEL_SIZE`] is an error.
     pub fn parallel_info(&self) -> Result<ParallelInfo, BootstrapError> {
-        self.get_json(&format!(
-            "/route?{}",
-            RouteQuery::PARALLEL_INFO.to_query_string()
-        ))
+        let path = format!("/route?{}", RouteQuery::PARALLEL_INFO.to_query_string());
+        let info: ParallelInfo = self.get_json(&path)?;
+        for (name, v) in [
+            ("prefill_tp_size", info.prefill_tp_size),
+            ("prefill_dp_size", info.prefill_dp_size),
+        ] {
+            if let Some(v) = v.filter(|v| !(1..=MAX_PARALLEL_SIZE).contains(v)) {
+                return Err(BootstrapError::Request {
+                    url: format!("{}{path}", self.base),
+                    reason: format!("{name} {v} is outside 1..={MAX_PARALLEL_SIZE}"),
+                });
+            }
+        }
+        Ok(info)
     }
 
     /// Where rank `engine_rank` of DP group `dp_group` listens.
