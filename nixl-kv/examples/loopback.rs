@@ -12,10 +12,10 @@ const PAGE: u64 = 4096;
 const PAGES: u64 = 16;
 const AUX_ROW: u64 = 64;
 
+type Side = (Agent, Vec<Registered<HostBuffer>>, KvArgs);
+
 /// An agent with UCX, two KV buffers and one aux buffer registered.
-fn side(
-    name: &str,
-) -> Result<(Agent, Vec<Registered<HostBuffer>>, KvArgs), Box<dyn std::error::Error>> {
+fn side(name: &str) -> Result<Side, Box<dyn std::error::Error>> {
     let agent = Agent::new(name, &AgentConfig::default())?;
     agent.create_backend(BackendKind::Ucx, &BackendParams::new())?;
     let mut bufs = Vec::new();
