@@ -2,7 +2,7 @@
 //!
 //! The driver owns NIXL handles, sockets and threads, and decides nothing: each side's core
 //! (`proto`) queues commands, and whoever changed the core drains the queue in order
-//! ([`exec`]). Threads: one ZeroMQ thread per manager (the prefill's PULL socket, or the decode's
+//! (`exec.rs`). Threads: one ZeroMQ thread per manager (the prefill's PULL socket, or the decode's
 //! PUSH sockets); on a prefill one inbound thread that applies decoded messages, loads peer
 //! metadata and expires orphan rooms on the clock; on a decode one heartbeat thread. Transfers
 //! are posted and polled on the caller's thread, as in SGLang.

@@ -721,21 +721,22 @@ impl PrefillCore {
         before - self.rooms.len()
     }
 
-    /// Rooms whose decode infos are complete but that no sender claims yet. A server that
-    /// learns of requests only from its decodes (like `nixl-pd`) creates senders for these.
+    /// Rooms whose decode infos are complete but that no sender claims yet, and that have pages
+    /// to send. A server that learns of requests only from its decodes (like `nixl-pd`) creates
+    /// senders for these. A room of dummy infos only is never offered (a sender for it would
+    /// wait for pages forever); it expires as an orphan.
     pub fn unclaimed(&self) -> Vec<UnclaimedRoom> {
         self.rooms
             .iter()
             .filter(|(_, r)| {
                 r.sender.is_none() && r.status == KvPoll::WaitingForInput && r.failure.is_none()
             })
-            .map(|(room, r)| UnclaimedRoom {
-                room: *room,
-                pages: r
-                    .infos
-                    .iter()
-                    .find(|i| !i.is_dummy())
-                    .map_or(0, |i| i.dst_pages.len() as u32),
+            .filter_map(|(room, r)| {
+                let pages = r.infos.iter().find(|i| !i.is_dummy())?.dst_pages.len();
+                Some(UnclaimedRoom {
+                    room: *room,
+                    pages: u32::try_from(pages).ok()?,
+                })
             })
             .collect()
     }

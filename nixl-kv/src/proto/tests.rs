@@ -493,6 +493,18 @@ fn metadata_naming_another_agent_is_forgotten_unless_that_agent_is_registered() 
 }
 
 #[test]
+fn rooms_of_dummy_infos_are_never_offered_to_claim_and_expire_as_orphans() {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let mut p = prefill_with_peer(now, &mut drv);
+    p.handle_inbound(info(40, "d0", &[], 1), now);
+    p.handle_inbound(info(41, "d0", &[3], 1), now);
+    let offered: Vec<u64> = p.unclaimed().iter().map(|u| u.room.get()).collect();
+    assert_eq!(offered, vec![41]);
+    assert_eq!(p.handle_timeout(now + Duration::from_secs(301)), 2);
+}
+
+#[test]
 fn orphan_rooms_expire_and_senders_keep_theirs() {
     let now = Instant::now();
     let mut drv = FakeDriver::new();
