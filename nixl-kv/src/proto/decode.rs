@@ -17,6 +17,11 @@ use nixl_wire::{
 use super::targeting::{dp_group, targets};
 use super::{BootstrapAddr, FailureReason, KvPoll};
 
+/// An active decode sends its registration again before a transfer info when the last one to
+/// that prefill rank is older than this, so a prefill that forgot it as idle (or restarted on
+/// the same endpoint) knows it again before its next request. SGLang prefills ignore repeats.
+pub const REREGISTER_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Parallel sizes a bootstrap server may announce; larger ones are refused before anything is
 /// sized by them.
 pub const MAX_PARALLEL_SIZE: u32 = 1 << 16;
@@ -139,6 +144,15 @@ pub enum Command {
     },
 }
 
+/// `tcp://host:port` of a prefill rank (IPv6 hosts bracketed).
+fn endpoint_of(info: &RankInfo) -> String {
+    if info.rank_ip.contains(':') {
+        format!("tcp://[{}]:{}", info.rank_ip, info.rank_port)
+    } else {
+        format!("tcp://{}:{}", info.rank_ip, info.rank_port)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Target {
     endpoint: String,
@@ -176,6 +190,8 @@ pub struct DecodeCore {
     rooms: HashMap<RoomId, Room>,
     prefills: HashMap<BootstrapAddr, Prefill>,
     pools: HashMap<PoolKey, Vec<Target>>,
+    /// When each prefill endpoint last got our registration.
+    registered: HashMap<String, Instant>,
     last_heartbeat: Instant,
     commands: VecDeque<Command>,
 }
@@ -189,6 +205,7 @@ impl DecodeCore {
             rooms: HashMap::new(),
             prefills: HashMap::new(),
             pools: HashMap::new(),
+            registered: HashMap::new(),
             last_heartbeat: now,
             commands: VecDeque::new(),
         }
@@ -306,7 +323,8 @@ impl DecodeCore {
     }
 
     /// The endpoints of `key`'s ranks (in the order [`Lookup::Ranks`] named them), or why they
-    /// could not be had. On success the registration is queued to every one, dummies included.
+    /// could not be had. The registration goes to every one (dummies included) ahead of the
+    /// first transfer info.
     pub fn ranks_learned(
         &mut self,
         room: RoomId,
@@ -349,25 +367,14 @@ impl DecodeCore {
         let pool: Vec<Target> = infos
             .iter()
             .zip(&t.ranks)
-            .map(|(info, &(_, dummy))| {
-                let host = if info.rank_ip.contains(':') {
-                    format!("[{}]", info.rank_ip)
-                } else {
-                    info.rank_ip.clone()
-                };
-                Target {
-                    endpoint: format!("tcp://{host}:{}", info.rank_port),
-                    dummy,
-                }
+            .map(|(info, &(_, dummy))| Target {
+                endpoint: endpoint_of(info),
+                dummy,
             })
             .collect();
-        let reg = self.registration();
         for target in &pool {
-            self.commands.push_back(Command::Send {
-                room,
-                endpoint: target.endpoint.clone(),
-                frames: reg.clone(),
-            });
+            // New endpoints get the registration with the next transfer info.
+            self.registered.remove(&target.endpoint);
         }
         if let Some(r) = self.rooms.get_mut(&room) {
             r.targets = pool.clone();
@@ -396,7 +403,8 @@ impl DecodeCore {
     }
 
     /// The receiver asks for the request: destination `pages` of our pool, aux row `aux_index`.
-    /// Queues one transfer info per target; the waiting timeout starts now.
+    /// Queues one transfer info per target, each preceded by our registration when that target
+    /// has none younger than [`REREGISTER_INTERVAL`]; the waiting timeout starts now.
     pub fn receiver_init(&mut self, room: RoomId, pages: &[u32], aux_index: u32, now: Instant) {
         let (kv_pages, slots) = (self.me.kv_pages, self.me.aux_slots);
         let bad = pages
@@ -419,12 +427,36 @@ impl DecodeCore {
             self.fail(room, reason);
             return;
         }
-        let Some(r) = self.rooms.get_mut(&room) else {
+        let Some(r) = self.rooms.get(&room) else {
             return;
         };
         if r.concluded.is_some() {
             return;
         }
+        let due: Vec<String> = r
+            .targets
+            .iter()
+            .filter(|t| {
+                self.registered
+                    .get(&t.endpoint)
+                    .is_none_or(|&at| now.saturating_duration_since(at) >= REREGISTER_INTERVAL)
+            })
+            .map(|t| t.endpoint.clone())
+            .collect();
+        if !due.is_empty() {
+            let reg = self.registration();
+            for endpoint in due {
+                self.registered.insert(endpoint.clone(), now);
+                self.commands.push_back(Command::Send {
+                    room,
+                    endpoint,
+                    frames: reg.clone(),
+                });
+            }
+        }
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
         for t in &r.targets {
             let info = TransferInfo {
                 room,
@@ -472,7 +504,16 @@ impl DecodeCore {
     }
 
     fn forget_bootstrap(&mut self, bootstrap: &BootstrapAddr) {
-        self.pools.retain(|k, _| &k.bootstrap != bootstrap);
+        let registered = &mut self.registered;
+        self.pools.retain(|k, targets| {
+            let keep = &k.bootstrap != bootstrap;
+            if !keep {
+                for t in targets.iter() {
+                    registered.remove(&t.endpoint);
+                }
+            }
+            keep
+        });
         if let Some(p) = self.prefills.get_mut(bootstrap) {
             p.parallel = None;
         }
@@ -555,7 +596,7 @@ impl DecodeCore {
     }
 
     /// The bootstrap servers to check now: every `heartbeat_interval`, those with unfinished
-    /// rooms (minus servers without `/health`). Empty between rounds.
+    /// rooms or cached connection info (minus servers without `/health`). Empty between rounds.
     pub fn heartbeat_due(&mut self, now: Instant) -> Vec<BootstrapAddr> {
         let interval = self.timers.heartbeat_interval;
         if now.saturating_duration_since(self.last_heartbeat) < interval {
@@ -567,6 +608,7 @@ impl DecodeCore {
             .values()
             .filter(|r| r.concluded.is_none())
             .map(|r| r.bootstrap.clone())
+            .chain(self.pools.keys().map(|k| k.bootstrap.clone()))
             .filter(|b| !self.prefills.get(b).is_some_and(|p| p.no_route))
             .collect();
         due.sort();
@@ -612,6 +654,42 @@ impl DecodeCore {
                 self.forget_bootstrap(bootstrap);
                 tracing::error!(%bootstrap, rooms = n, "prefill declared dead");
                 n
+            }
+        }
+    }
+
+    /// The cached connection-pool entries of `bootstrap`, with the ranks to look up again to
+    /// check them ([`DecodeCore::pool_checked`]), after a heartbeat found it up.
+    pub fn pools_of(&self, bootstrap: &BootstrapAddr) -> Vec<(PoolKey, Vec<u32>)> {
+        let Some((ptp, pdp)) = self.prefills.get(bootstrap).and_then(|p| p.parallel) else {
+            return Vec::new();
+        };
+        let Ok(t) = targets(self.me.tp_per_dp, ptp / pdp.max(1), self.me.engine_rank, self.me.is_mla)
+        else {
+            return Vec::new();
+        };
+        self.pools
+            .keys()
+            .filter(|k| &k.bootstrap == bootstrap && k.rank == t.real)
+            .map(|k| (k.clone(), t.ranks.iter().map(|&(r, _)| r).collect()))
+            .collect()
+    }
+
+    /// What the bootstrap server says now about a cached pool entry: when a rank moved (a
+    /// prefill restarted), the entry is forgotten, so the next receiver registers afresh.
+    pub fn pool_checked(&mut self, key: &PoolKey, ranks: Result<Vec<RankInfo>, String>) {
+        let Ok(infos) = ranks else { return };
+        let Some(targets) = self.pools.get(key) else {
+            return;
+        };
+        let now: Vec<String> = infos.iter().map(endpoint_of).collect();
+        let cached: Vec<&str> = targets.iter().map(|t| t.endpoint.as_str()).collect();
+        if cached != now.iter().map(String::as_str).collect::<Vec<_>>() {
+            tracing::info!(bootstrap = %key.bootstrap, ?cached, ?now, "prefill ranks moved; cached connection info dropped");
+            if let Some(old) = self.pools.remove(key) {
+                for t in old {
+                    self.registered.remove(&t.endpoint);
+                }
             }
         }
     }

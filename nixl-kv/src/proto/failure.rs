@@ -113,6 +113,12 @@ pub enum FailureReason {
         /// Why.
         reason: String,
     },
+    /// Another decode already claimed the room (refused to the latecomer only).
+    #[error("room already claimed by another decode")]
+    RoomClaimed,
+    /// The infos of one room disagree (page counts, or how many infos are expected).
+    #[error("transfer infos disagree: {0}")]
+    InfosDisagree(String),
     /// The manager's IO threads are gone.
     #[error("the manager is shutting down")]
     ShuttingDown,

@@ -136,7 +136,18 @@ struct PeerState {
     peer: Arc<Peer>,
     kv: ListTrack,
     aux: ListTrack,
+    /// Its last registration or transfer info.
+    last_seen: Instant,
 }
+
+/// Registered plus loading decode agents a prefill keeps at most; registrations beyond are
+/// dropped (each load costs NIXL state, and a failed one leaks a descriptor inside UCX).
+pub const MAX_PEERS: usize = 4096;
+
+/// A decode agent that sent nothing for this long, and that no room refers to, is forgotten
+/// (its NIXL metadata released). Our decodes re-register at least every
+/// [`REREGISTER_INTERVAL`](super::decode::REREGISTER_INTERVAL) while active.
+pub const DEFAULT_PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Whether our own prepared lists exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,9 +162,12 @@ enum Local {
 pub struct PrefillCore {
     layout: Arc<Layout>,
     peers: HashMap<AgentName, PeerState>,
-    pending_peers: HashMap<AgentName, Peer>,
+    pending_peers: HashMap<AgentName, (Peer, Instant)>,
+    /// Agents whose metadata NIXL refused, not loaded again (bounded).
+    refused: std::collections::HashSet<AgentName>,
     rooms: HashMap<RoomId, Room>,
     orphan_timeout: Duration,
+    peer_idle_timeout: Duration,
     local_kv: Local,
     local_aux: Local,
     commands: VecDeque<Command>,
@@ -188,8 +202,10 @@ impl PrefillCore {
             layout: Arc::new(layout),
             peers: HashMap::new(),
             pending_peers: HashMap::new(),
+            refused: std::collections::HashSet::new(),
             rooms: HashMap::new(),
             orphan_timeout,
+            peer_idle_timeout: DEFAULT_PEER_IDLE_TIMEOUT,
             local_kv: Local::Pending,
             local_aux: Local::Pending,
             commands,
@@ -197,6 +213,13 @@ impl PrefillCore {
             src_idx: Vec::new(),
             dst_idx: Vec::new(),
         }
+    }
+
+    /// Sets how long an idle decode agent is kept.
+    #[must_use]
+    pub fn with_peer_idle_timeout(mut self, t: Duration) -> Self {
+        self.peer_idle_timeout = t;
+        self
     }
 
     /// Our layout.
@@ -217,15 +240,23 @@ impl PrefillCore {
     /// Handles a decoded message from a decode.
     pub fn handle_inbound(&mut self, msg: PrefillInbound, now: Instant) {
         match msg {
-            PrefillInbound::Register(r) => self.handle_register(r),
+            PrefillInbound::Register(r) => self.handle_register(r, now),
             PrefillInbound::Transfer(t) => self.handle_transfer_info(t, now),
             other => tracing::warn!(?other, "unexpected prefill-bound message; dropped"),
         }
     }
 
-    fn handle_register(&mut self, r: KvArgsRegister) {
-        if self.peers.contains_key(&r.agent) || self.pending_peers.contains_key(&r.agent) {
+    fn handle_register(&mut self, r: KvArgsRegister, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&r.agent) {
             tracing::debug!(agent = %r.agent, "decode agent already registered");
+            p.last_seen = now;
+            return;
+        }
+        if self.pending_peers.contains_key(&r.agent) || self.refused.contains(&r.agent) {
+            return;
+        }
+        if self.peers.len() + self.pending_peers.len() >= MAX_PEERS {
+            tracing::warn!(agent = %r.agent, max = MAX_PEERS, "too many decode agents; registration dropped");
             return;
         }
         let peer = Peer {
@@ -234,7 +265,7 @@ impl PrefillCore {
             gpu_id: r.gpu_id,
             tp_info: r.tp_info,
         };
-        self.pending_peers.insert(r.agent.clone(), peer);
+        self.pending_peers.insert(r.agent.clone(), (peer, now));
         self.commands.push_back(Command::LoadRemote {
             agent: r.agent,
             metadata: r.metadata,
@@ -243,7 +274,7 @@ impl PrefillCore {
 
     /// The outcome of a [`Command::LoadRemote`]: the name NIXL loaded, or why it could not.
     pub fn remote_loaded(&mut self, agent: &AgentName, outcome: Result<String, String>) {
-        let Some(peer) = self.pending_peers.remove(agent) else {
+        let Some((peer, seen)) = self.pending_peers.remove(agent) else {
             return;
         };
         match outcome {
@@ -252,6 +283,7 @@ impl PrefillCore {
                     peer: Arc::new(peer),
                     kv: ListTrack::default(),
                     aux: ListTrack::default(),
+                    last_seen: seen,
                 };
                 // Lists at our own pool size now, so the first request can use them.
                 self.prepare_peer_list(agent, &mut state, ListKind::Kv, 1);
@@ -269,6 +301,10 @@ impl PrefillCore {
             }
             Err(reason) => {
                 tracing::warn!(agent = %agent, %reason, "cannot load decode metadata");
+                if self.refused.len() >= MAX_PEERS {
+                    self.refused.clear();
+                }
+                self.refused.insert(agent.clone());
             }
         }
     }
@@ -380,18 +416,70 @@ impl PrefillCore {
     }
 
     fn handle_transfer_info(&mut self, t: TransferInfo, now: Instant) {
-        let required = t.required_dst_info_num as usize;
-        let room = self
-            .rooms
-            .entry(t.room)
-            .or_insert_with(|| Room::new(KvPoll::Bootstrapping, now));
-        room.touched = now;
-        match room.infos.iter_mut().find(|i| i.agent == t.agent) {
-            Some(existing) => *existing = t,
-            None => room.infos.push(t),
+        if let Some(p) = self.peers.get_mut(&t.agent) {
+            p.last_seen = now;
         }
-        if room.infos.len() == required {
-            room.merge(KvPoll::WaitingForInput);
+        let room_id = t.room;
+        let r = self
+            .rooms
+            .entry(room_id)
+            .or_insert_with(|| Room::new(KvPoll::Bootstrapping, now));
+        r.touched = now;
+        let started = r.sender.as_ref().is_some_and(|s| s.sent > 0);
+        let known = r.infos.iter().position(|i| i.agent == t.agent);
+        let required = r
+            .infos
+            .first()
+            .map_or(t.required_dst_info_num, |i| i.required_dst_info_num);
+        let complete = r.infos.len() >= required as usize;
+        // A claimed room cannot be re-targeted: once its pages move, nothing changes; once its
+        // infos are complete, no other decode joins. The refused sender is told, never the
+        // decodes the room belongs to.
+        let conflict = match known {
+            Some(_) => started,
+            None => started || complete,
+        };
+        if conflict {
+            tracing::warn!(room = %room_id, agent = %t.agent, "conflicting transfer info refused");
+            if known.is_none() && self.peers.contains_key(&t.agent) {
+                let payload = Notification::fail(room_id, &FailureReason::RoomClaimed.to_string())
+                    .encode();
+                self.commands.push_back(Command::Notify {
+                    agents: vec![t.agent],
+                    payload,
+                });
+            }
+            return;
+        }
+        if t.required_dst_info_num != required {
+            let reason = FailureReason::InfosDisagree(format!(
+                "{} expects {} infos, {required} before it",
+                t.agent, t.required_dst_info_num
+            ));
+            r.infos.push(t);
+            self.fail(room_id, reason);
+            return;
+        }
+        match known {
+            Some(k) => r.infos[k] = t,
+            None => r.infos.push(t),
+        }
+        if r.infos.len() == required as usize {
+            let mut counts = r
+                .infos
+                .iter()
+                .filter(|i| !i.is_dummy())
+                .map(|i| i.dst_pages.len());
+            let first = counts.next();
+            if let Some(other) = counts.find(|&c| Some(c) != first) {
+                let reason = FailureReason::InfosDisagree(format!(
+                    "decodes ask for {} and {other} pages",
+                    first.unwrap_or(0)
+                ));
+                self.fail(room_id, reason);
+                return;
+            }
+            r.merge(KvPoll::WaitingForInput);
         }
     }
 
@@ -718,6 +806,21 @@ impl PrefillCore {
         self.rooms.retain(|_, r| {
             r.sender.is_some() || now.saturating_duration_since(r.touched) < timeout
         });
+        let idle = self.peer_idle_timeout;
+        let rooms = &self.rooms;
+        let gone: Vec<AgentName> = self
+            .peers
+            .iter()
+            .filter(|(a, p)| {
+                now.saturating_duration_since(p.last_seen) >= idle
+                    && !rooms.values().any(|r| r.infos.iter().any(|i| &i.agent == *a))
+            })
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in gone {
+            tracing::info!(agent = %a, "idle decode agent forgotten");
+            self.remove_peer(&a);
+        }
         before - self.rooms.len()
     }
 

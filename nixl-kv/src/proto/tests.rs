@@ -505,6 +505,88 @@ fn rooms_of_dummy_infos_are_never_offered_to_claim_and_expire_as_orphans() {
 }
 
 #[test]
+fn a_claimed_room_cannot_be_retargeted_and_only_the_latecomer_is_told() {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let mut p = prefill_with_peer(now, &mut drv);
+    p.handle_inbound(register("d1"), now);
+    drv.run(&mut p);
+    let room = RoomId::new(50);
+    p.handle_inbound(info(50, "d0", &[1, 2], 1), now);
+    // A second decode with the same room id (or a spoof under another name) is refused.
+    p.handle_inbound(info(50, "d1", &[7, 8, 9], 1), now);
+    drv.run(&mut p);
+    assert_eq!(drv.notified.len(), 1);
+    assert_eq!(drv.notified[0].0, vec![agent("d1")]);
+    assert_eq!(
+        Notification::decode(&drv.notified[0].1).unwrap(),
+        Notification::fail(room, &FailureReason::RoomClaimed.to_string())
+    );
+    p.sender_new(room, now);
+    p.sender_init(room, 2, 0).unwrap();
+    p.sender_send(room, &[3], now).unwrap();
+    // Once pages move, even the room's own agent cannot change its destination.
+    p.handle_inbound(info(50, "d0", &[40, 41], 1), now);
+    p.sender_send(room, &[4], now).unwrap();
+    drv.run(&mut p);
+    let posts = drv.take_posts();
+    let dsts: Vec<u64> = posts
+        .iter()
+        .filter(|p| p.kind == ListKind::Kv)
+        .map(|p| drv.copies(p)[0].1)
+        .collect();
+    assert_eq!(dsts, vec![0x9000_0000 + 4096, 0x9000_0000 + 2 * 4096]);
+    assert_eq!(
+        drv.notified.len(),
+        1,
+        "the genuine decode was never told to fail"
+    );
+}
+
+#[test]
+fn infos_that_disagree_fail_the_room() {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let mut p = prefill_with_peer(now, &mut drv);
+    p.handle_inbound(register("d1"), now);
+    drv.run(&mut p);
+    p.handle_inbound(info(60, "d0", &[1, 2], 2), now);
+    p.handle_inbound(info(60, "d1", &[1, 2, 3], 2), now);
+    assert!(matches!(
+        p.failure(RoomId::new(60)),
+        Some(FailureReason::InfosDisagree(_))
+    ));
+    p.handle_inbound(info(61, "d0", &[1], 2), now);
+    p.handle_inbound(info(61, "d1", &[1], 1), now);
+    assert!(matches!(
+        p.failure(RoomId::new(61)),
+        Some(FailureReason::InfosDisagree(_))
+    ));
+}
+
+#[test]
+fn idle_decode_agents_are_forgotten_unless_a_room_refers_to_them() {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let mut p = prefill_with_peer(now, &mut drv);
+    p.handle_inbound(register("d1"), now);
+    drv.run(&mut p);
+    let idle = super::prefill::DEFAULT_PEER_IDLE_TIMEOUT;
+    p.sender_new(RoomId::new(70), now);
+    p.handle_inbound(info(70, "d1", &[1], 1), now);
+    // d0 re-registers (an active decode does so periodically): its clock restarts.
+    p.handle_inbound(register("d0"), now + idle / 2);
+    p.handle_timeout(now + idle);
+    drv.run(&mut p);
+    assert!(p.has_peer(&agent("d0")) && p.has_peer(&agent("d1")));
+    p.handle_timeout(now + idle / 2 + idle);
+    drv.run(&mut p);
+    assert!(!p.has_peer(&agent("d0")));
+    assert_eq!(drv.forgotten, vec!["d0".to_owned()]);
+    assert!(p.has_peer(&agent("d1")), "room 70 still refers to it");
+}
+
+#[test]
 fn orphan_rooms_expire_and_senders_keep_theirs() {
     let now = Instant::now();
     let mut drv = FakeDriver::new();
@@ -579,8 +661,10 @@ fn decode_registers_once_per_prefill_rank_then_sends_infos() {
     let now = Instant::now();
     let mut d = decode_core(now);
     bootstrap(&mut d, RoomId::new(1), 5000, now);
+    assert!(sends(&mut d).is_empty(), "nothing before the request");
+    d.receiver_init(RoomId::new(1), &[3, 4], 1, now);
     let first = sends(&mut d);
-    assert_eq!(first.len(), 1);
+    assert_eq!(first.len(), 2, "the registration, then the transfer info");
     assert_eq!(first[0].0, "tcp://127.0.0.1:5000");
     let PrefillInbound::Register(reg) = PrefillInbound::decode(&first[0].1).unwrap() else {
         panic!("registration expected")
@@ -589,8 +673,7 @@ fn decode_registers_once_per_prefill_rank_then_sends_infos() {
         (reg.agent, reg.tp_info.unwrap().dst_kv_item_len),
         (agent("dec"), 4096)
     );
-    d.receiver_init(RoomId::new(1), &[3, 4], 1, now);
-    let PrefillInbound::Transfer(t) = PrefillInbound::decode(&sends(&mut d)[0].1).unwrap() else {
+    let PrefillInbound::Transfer(t) = PrefillInbound::decode(&first[1].1).unwrap() else {
         panic!("transfer info expected")
     };
     assert_eq!((t.dst_pages.len(), t.dst_aux_index), (2, 1));
@@ -608,6 +691,21 @@ fn decode_registers_once_per_prefill_rank_then_sends_infos() {
         sends(&mut d).is_empty(),
         "nothing sent for a refused request"
     );
+    d.receiver_new(RoomId::new(3), BootstrapAddr::new("b:1"), None, now);
+    d.next_lookup(RoomId::new(3));
+    d.receiver_init(RoomId::new(3), &[5], 0, now + Duration::from_secs(1));
+    assert_eq!(sends(&mut d).len(), 1, "only the transfer info");
+    // An active decode registers again once the last registration is old.
+    let later = now + decode::REREGISTER_INTERVAL;
+    d.receiver_new(RoomId::new(4), BootstrapAddr::new("b:1"), None, later);
+    d.next_lookup(RoomId::new(4));
+    d.receiver_init(RoomId::new(4), &[6], 0, later);
+    let again = sends(&mut d);
+    assert_eq!(again.len(), 2);
+    assert!(matches!(
+        PrefillInbound::decode(&again[0].1),
+        Ok(PrefillInbound::Register(_))
+    ));
 }
 
 #[test]
@@ -633,7 +731,6 @@ fn a_failed_send_forgets_the_prefill_so_a_restarted_one_gets_a_new_registration(
     let now = Instant::now();
     let mut d = decode_core(now);
     bootstrap(&mut d, RoomId::new(1), 5000, now);
-    sends(&mut d);
     d.receiver_init(RoomId::new(1), &[1], 0, now);
     sends(&mut d);
     d.send_failed(
@@ -645,9 +742,44 @@ fn a_failed_send_forgets_the_prefill_so_a_restarted_one_gets_a_new_registration(
     assert_eq!(d.pools(), 0);
     // The next room looks everything up again and registers with the new rank.
     bootstrap(&mut d, RoomId::new(2), 5001, now);
+    d.receiver_init(RoomId::new(2), &[1], 0, now);
     let again = sends(&mut d);
-    assert_eq!(again.len(), 1);
+    assert_eq!(again.len(), 2);
     assert_eq!(again[0].0, "tcp://127.0.0.1:5001");
+    assert!(matches!(
+        PrefillInbound::decode(&again[0].1),
+        Ok(PrefillInbound::Register(_))
+    ));
+}
+
+#[test]
+fn a_heartbeat_that_finds_the_ranks_moved_drops_the_cached_pool() {
+    let now = Instant::now();
+    let mut d = decode_core(now);
+    bootstrap(&mut d, RoomId::new(1), 5000, now);
+    d.release(RoomId::new(1));
+    // No room is live, but the cached pool keeps its prefill under heartbeat.
+    let b1 = BootstrapAddr::new("b:1");
+    assert_eq!(
+        d.heartbeat_due(now + Duration::from_secs(5)),
+        vec![b1.clone()]
+    );
+    let pools = d.pools_of(&b1);
+    assert_eq!(pools.len(), 1);
+    d.pool_checked(&pools[0].0, Ok(vec![rank_info(5000)]));
+    assert_eq!(d.pools(), 1, "same endpoint: kept");
+    d.pool_checked(&pools[0].0, Err("timeout".into()));
+    assert_eq!(d.pools(), 1, "an error proves nothing");
+    d.pool_checked(&pools[0].0, Ok(vec![rank_info(6000)]));
+    assert_eq!(d.pools(), 0, "the prefill restarted elsewhere");
+    bootstrap(&mut d, RoomId::new(2), 6000, now);
+    d.receiver_init(RoomId::new(2), &[1], 0, now);
+    let s = sends(&mut d);
+    assert_eq!(s[0].0, "tcp://127.0.0.1:6000");
+    assert!(matches!(
+        PrefillInbound::decode(&s[0].1),
+        Ok(PrefillInbound::Register(_))
+    ));
 }
 
 #[test]
