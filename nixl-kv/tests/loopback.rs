@@ -323,6 +323,7 @@ fn a_registration_carrying_another_decodes_metadata_does_not_disconnect_it() {
         aux_ptrs: vec![0, 0],
         gpu_id: GpuId::new(0),
         tp_info: None,
+        trailing: Vec::new(),
     };
     let endpoint = format!("tcp://127.0.0.1:{}", p.mgr.rank_port());
     let frames = evil.encode().into_iter().map(|b| b.to_vec()).collect();
@@ -369,6 +370,7 @@ fn a_transfer_info_with_huge_indices_fails_its_room_without_sizing_anything() {
             dst_pages: vec![PageIndex::new(page)],
             dst_aux_index: aux,
             required_dst_info_num: 1,
+            trailing: Vec::new(),
         };
         common::send_raw(
             &endpoint,
@@ -394,5 +396,52 @@ fn a_transfer_info_with_huge_indices_fails_its_room_without_sizing_anything() {
         states,
         (KvPoll::Success, KvPoll::Success),
         "{tx_err:?} {rx_err:?}"
+    );
+}
+
+#[test]
+fn a_spoofed_transfer_info_naming_a_proven_decode_is_refused() {
+    use nixl_wire::{AgentName, PageIndex, TransferInfo};
+
+    let bs = server();
+    let addr = bs.addr().to_string();
+    let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
+    let d = decode(2, 16, 1024, ManagerConfig::default());
+    // Two real rooms: by the second the decode has the prefill's proof and echoes it.
+    for room in [41u64, 42] {
+        let (states, tx_err, rx_err) = exchange(&p.mgr, &d.mgr, &addr, room, &[2], &[1], 0);
+        assert_eq!(
+            states,
+            (KvPoll::Success, KvPoll::Success),
+            "{tx_err:?} {rx_err:?}"
+        );
+    }
+    // An impostor names the decode's agent and points room 43 at the decode's pages.
+    let spoof = TransferInfo {
+        room: RoomId::new(43),
+        local_ip: "127.0.0.1".into(),
+        rank_port: 1,
+        agent: AgentName::new(d.mgr.agent().name()).unwrap(),
+        dst_pages: vec![PageIndex::new(5)],
+        dst_aux_index: 0,
+        required_dst_info_num: 1,
+        trailing: Vec::new(),
+    };
+    let endpoint = format!("tcp://127.0.0.1:{}", p.mgr.rank_port());
+    common::send_raw(
+        &endpoint,
+        spoof.encode().into_iter().map(|b| b.to_vec()).collect(),
+    );
+    // A genuine room sent after it arrives; the spoofed one never becomes claimable.
+    let (states, tx_err, rx_err) = exchange(&p.mgr, &d.mgr, &addr, 44, &[3], &[4], 1);
+    assert_eq!(
+        states,
+        (KvPoll::Success, KvPoll::Success),
+        "{tx_err:?} {rx_err:?}"
+    );
+    assert!(
+        p.mgr.unclaimed_rooms().is_empty(),
+        "{:?}",
+        p.mgr.unclaimed_rooms()
     );
 }

@@ -20,6 +20,7 @@ fn transfer(pages: u32) -> TransferInfo {
             .collect(),
         dst_aux_index: 3,
         required_dst_info_num: 1,
+        trailing: Vec::new(),
     }
 }
 
@@ -33,6 +34,7 @@ fn register() -> KvArgsRegister {
         aux_ptrs: (0..6).map(|i| 0x5600_0000_0000 + i * (1 << 20)).collect(),
         gpu_id: GpuId::new(0),
         tp_info: None,
+        trailing: Vec::new(),
     }
 }
 

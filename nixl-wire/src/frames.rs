@@ -20,14 +20,15 @@ pub(crate) struct FrameReader<'a> {
 }
 
 impl<'a> FrameReader<'a> {
-    /// Checks the frame count (one of `counts`) and the GUARD frame.
+    /// Checks the frame count (at least `min`; later frames are trailing frames the caller
+    /// keeps, as SGLang's prefill ignores them) and the GUARD frame.
     pub(crate) fn new(
         frames: &'a [Bytes],
         message: MessageKind,
-        counts: &[usize],
+        min: usize,
         expected: &'static str,
     ) -> Result<Self, DecodeError> {
-        if !counts.contains(&frames.len()) {
+        if frames.len() < min {
             return Err(DecodeError::FrameCount {
                 message,
                 expected,

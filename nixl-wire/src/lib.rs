@@ -26,6 +26,7 @@
 //!     dst_pages: vec![PageIndex::new(7), PageIndex::new(8)],
 //!     dst_aux_index: 3,
 //!     required_dst_info_num: 1,
+//!     trailing: Vec::new(),
 //! };
 //! let frames: Vec<Bytes> = info.encode();
 //! assert_eq!(frames.len(), 8);
@@ -35,6 +36,7 @@
 
 mod dispatch;
 mod error;
+pub mod ext;
 mod frames;
 pub mod http;
 mod ids;

@@ -21,7 +21,9 @@ pub struct DecodeTpInfo {
 /// The registration a decode rank sends to each target prefill rank.
 ///
 /// Wire layout (9 frames, or 12 with [`DecodeTpInfo`]): GUARD, `None`, local IP, rank port,
-/// agent name, agent metadata, KV pointers (u64 LE), aux pointers (u64 LE), GPU id.
+/// agent name, agent metadata, KV pointers (u64 LE), aux pointers (u64 LE), GPU id; then any
+/// trailing frames (SGLang's prefill ignores them; ours read a capability frame, see
+/// [`crate::ext`]). Frames 10–12 are the TP info only when all three are decimals.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvArgsRegister {
     /// The decode's IP (IPv6 without brackets).
@@ -40,22 +42,24 @@ pub struct KvArgsRegister {
     pub gpu_id: GpuId,
     /// Present when the decode is a later SGLang (or wants heterogeneous TP).
     pub tp_info: Option<DecodeTpInfo>,
+    /// Frames after the registration proper (after the TP info, if present), kept as they came.
+    pub trailing: Vec<Bytes>,
 }
 
 impl KvArgsRegister {
     /// Decodes the frames, GUARD included.
     pub fn decode(frames: &[Bytes]) -> Result<Self, DecodeError> {
-        let r = FrameReader::new(frames, MessageKind::KvArgsRegister, &[9, 12], "9 or 12")?;
+        let r = FrameReader::new(frames, MessageKind::KvArgsRegister, 9, "at least 9")?;
         r.literal(1, "room", NONE, "None")?;
-        let tp_info = if r.len() == 12 {
-            Some(DecodeTpInfo {
+        let tp = || -> Result<DecodeTpInfo, DecodeError> {
+            Ok(DecodeTpInfo {
                 decode_tp_size: r.unsigned(9, "decode tp size", u32::MAX.into())? as u32,
                 decode_tp_rank: r.unsigned(10, "decode tp rank", u32::MAX.into())? as u32,
                 dst_kv_item_len: r.unsigned(11, "dst kv item len", u64::MAX)?,
             })
-        } else {
-            None
         };
+        let tp_info = if r.len() >= 12 { tp().ok() } else { None };
+        let trailing = frames[if tp_info.is_some() { 12 } else { 9 }..].to_vec();
         Ok(Self {
             local_ip: r.text(2, "local ip")?,
             rank_port: r.unsigned(3, "rank port", u16::MAX.into())? as u16,
@@ -65,6 +69,7 @@ impl KvArgsRegister {
             aux_ptrs: r.u64s(7, "aux pointers")?,
             gpu_id: GpuId::new(r.unsigned(8, "gpu id", u32::MAX.into())? as u32),
             tp_info,
+            trailing,
         })
     }
 
@@ -85,6 +90,7 @@ impl KvArgsRegister {
             f.push(decimal_frame(t.decode_tp_rank.into()));
             f.push(decimal_frame(t.dst_kv_item_len));
         }
+        f.extend(self.trailing.iter().cloned());
         f
     }
 }

@@ -10,7 +10,8 @@ use crate::scalar;
 /// Where a prefill rank should write one request's KV pages.
 ///
 /// Wire layout (8 frames): GUARD, room, local IP, rank port, agent name, destination page
-/// indices (i32 LE; empty for a dummy target), aux slot index, required number of infos.
+/// indices (i32 LE; empty for a dummy target), aux slot index, required number of infos; then
+/// any trailing frames (SGLang ignores them; ours may carry a proof, see [`crate::ext`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransferInfo {
     /// The request.
@@ -27,6 +28,8 @@ pub struct TransferInfo {
     pub dst_aux_index: u32,
     /// How many decode agents must send their info before the prefill may start.
     pub required_dst_info_num: u32,
+    /// Frames after the eighth, kept as they came.
+    pub trailing: Vec<Bytes>,
 }
 
 impl TransferInfo {
@@ -37,7 +40,7 @@ impl TransferInfo {
 
     /// Decodes the frames, GUARD included.
     pub fn decode(frames: &[Bytes]) -> Result<Self, DecodeError> {
-        let r = FrameReader::new(frames, MessageKind::TransferInfo, &[8], "8")?;
+        let r = FrameReader::new(frames, MessageKind::TransferInfo, 8, "at least 8")?;
         Ok(Self {
             room: RoomId::new(r.unsigned(1, "room", u64::MAX)?),
             local_ip: r.text(2, "local ip")?,
@@ -50,6 +53,7 @@ impl TransferInfo {
                 .collect(),
             dst_aux_index: r.unsigned(6, "dst aux index", i32::MAX as u64)? as u32,
             required_dst_info_num: r.unsigned(7, "required dst info num", u32::MAX.into())? as u32,
+            trailing: frames[8..].to_vec(),
         })
     }
 
@@ -63,7 +67,8 @@ impl TransferInfo {
         }
         let mut room = Vec::with_capacity(20);
         scalar::push_decimal(&mut room, self.room.get());
-        vec![
+        let mut f = Vec::with_capacity(8 + self.trailing.len());
+        f.extend([
             Bytes::from_static(GUARD),
             room.into(),
             Bytes::copy_from_slice(self.local_ip.as_bytes()),
@@ -72,6 +77,8 @@ impl TransferInfo {
             pages.into(),
             decimal_frame(self.dst_aux_index.into()),
             decimal_frame(self.required_dst_info_num.into()),
-        ]
+        ]);
+        f.extend(self.trailing.iter().cloned());
+        f
     }
 }

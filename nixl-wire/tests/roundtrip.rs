@@ -43,6 +43,7 @@ fn register() -> impl Strategy<Value = KvArgsRegister> {
                     decode_tp_rank: r,
                     dst_kv_item_len: l,
                 }),
+                trailing: Vec::new(),
             },
         )
 }
@@ -66,6 +67,7 @@ fn transfer() -> impl Strategy<Value = TransferInfo> {
                 dst_pages: pages.into_iter().map(PageIndex::new).collect(),
                 dst_aux_index: aux,
                 required_dst_info_num: req,
+                trailing: Vec::new(),
             },
         )
 }
@@ -182,6 +184,7 @@ fn errors_name_the_frame() {
         dst_pages: vec![PageIndex::new(1)],
         dst_aux_index: 0,
         required_dst_info_num: 1,
+        trailing: Vec::new(),
     }
     .encode();
     f[5] = Bytes::from_static(&[1, 2, 3]);
@@ -203,13 +206,47 @@ fn errors_name_the_frame() {
     ));
     g.truncate(7);
     assert!(PrefillInbound::decode(&g).is_err());
-    // A registration with the room frame `None` but 10 frames (neither seed nor #9960).
-    let mut r = KvArgsRegister::decode(&register_frames()).unwrap().encode();
-    r.push(Bytes::from_static(b"1"));
-    assert!(matches!(
-        PrefillInbound::decode(&r),
-        Err(DecodeError::FrameCount { got: 10, .. })
-    ));
+    // Registrations of 10, 11 and 13 frames: SGLang's prefill ignores trailing frames, so do
+    // we; they are kept, and re-encode byte for byte.
+    for extra in [1usize, 2, 4] {
+        let mut r = register_frames();
+        for i in 0..extra {
+            r.push(Bytes::from(format!("{i}x")));
+        }
+        let Ok(PrefillInbound::Register(m)) = PrefillInbound::decode(&r) else {
+            panic!("{} frames refused", r.len())
+        };
+        assert_eq!(m.trailing.len(), extra, "{} frames", r.len());
+        assert_eq!(m.tp_info, None);
+        assert_eq!(m.encode(), r);
+    }
+    // Twelve frames whose last three are decimals are the TP form; a thirteenth trails it.
+    let mut r = register_frames();
+    r.extend(["2", "1", "4096", "nixl-rs:caps:proof"].map(|s| Bytes::from_static(s.as_bytes())));
+    let Ok(PrefillInbound::Register(m)) = PrefillInbound::decode(&r) else {
+        panic!("13 frames refused")
+    };
+    assert_eq!(m.tp_info.map(|t| t.dst_kv_item_len), Some(4096));
+    assert_eq!(m.trailing, vec![Bytes::from_static(b"nixl-rs:caps:proof")]);
+    assert_eq!(m.encode(), r);
+    // A transfer info with a trailing frame.
+    let mut t = TransferInfo {
+        room: RoomId::new(1),
+        local_ip: "127.0.0.1".into(),
+        rank_port: 1,
+        agent: AgentName::new("a").unwrap(),
+        dst_pages: vec![PageIndex::new(1)],
+        dst_aux_index: 0,
+        required_dst_info_num: 1,
+        trailing: Vec::new(),
+    }
+    .encode();
+    t.push(Bytes::from_static(b"nixl-rs:proof:ab"));
+    let Ok(PrefillInbound::Transfer(m)) = PrefillInbound::decode(&t) else {
+        panic!("9-frame info refused")
+    };
+    assert_eq!(m.trailing.len(), 1);
+    assert_eq!(m.encode(), t);
 }
 
 fn register_frames() -> Vec<Bytes> {
@@ -222,6 +259,7 @@ fn register_frames() -> Vec<Bytes> {
         aux_ptrs: vec![3],
         gpu_id: GpuId::new(0),
         tp_info: None,
+        trailing: Vec::new(),
     }
     .encode()
 }

@@ -23,6 +23,9 @@ pub struct ManagerConfig {
     pub orphan_timeout: Duration,
     /// Timeout of each bootstrap HTTP request.
     pub http_timeout: Duration,
+    /// Prefill: refuse transfer infos from decodes that cannot prove they are the agent they
+    /// name (SGLang's Python decodes cannot); off by default, as SGLang accepts them.
+    pub strict_peers: bool,
 }
 
 fn env_f64(name: &str) -> Option<f64> {
@@ -44,6 +47,7 @@ impl Default for ManagerConfig {
             waiting_timeout: (waiting > 0.0).then(|| Duration::from_secs_f64(waiting)),
             orphan_timeout: Duration::from_secs_f64(orphan.max(0.0)),
             http_timeout: Duration::from_secs(5),
+            strict_peers: false,
         }
     }
 }
@@ -68,6 +72,14 @@ impl ManagerConfig {
     #[must_use]
     pub fn waiting_timeout(mut self, t: Option<Duration>) -> Self {
         self.waiting_timeout = t;
+        self
+    }
+
+    /// Prefill: refuse transfer infos whose origin cannot be proven (see
+    /// [`ManagerConfig::strict_peers`]).
+    #[must_use]
+    pub fn strict_peers(mut self, strict: bool) -> Self {
+        self.strict_peers = strict;
         self
     }
 

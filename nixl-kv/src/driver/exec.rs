@@ -124,10 +124,22 @@ fn run(
         Command::Notify { agents, payload } => {
             for a in agents {
                 if let Err(e) = agent.send_notification(a.as_str(), &payload) {
-                    tracing::debug!(peer = %a, error = %e, "failure push not delivered");
+                    tracing::debug!(peer = %a, error = %e, "notification not delivered");
                 }
             }
+            // A stand-alone notification leaves only when the agent is progressed, and no
+            // progress thread runs by default: progress now (the inbound thread does on its
+            // ticks too), so a failed sender dropped at once still tells its decode.
+            progress(agent);
         }
+    }
+}
+
+/// Progresses the agent's workers (draining its notifications, which a prefill ignores).
+pub(crate) fn progress(agent: &Agent) {
+    let mut stray = Vec::new();
+    if agent.drain_notifications(&mut stray).is_ok() && !stray.is_empty() {
+        tracing::debug!(count = stray.len(), "prefill agent received notifications; ignored");
     }
 }
 

@@ -34,7 +34,7 @@ pub use sender::KvSender;
 use crate::bootstrap::BootstrapClient;
 use crate::error::Error;
 use crate::proto::decode::{DecodeCore, DecodeTimers, Identity};
-use crate::proto::prefill::{PrefillCore, UnclaimedRoom};
+use crate::proto::prefill::{PrefillCore, Proofs, UnclaimedRoom};
 
 /// Which side of the disaggregation a manager serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +69,22 @@ pub struct TableSizes {
     pub decode_rooms: usize,
     /// Cached prefill connection-pool entries (decode).
     pub pools: usize,
+}
+
+/// 32 unpredictable bytes: from the OS, else from std's randomly keyed hasher.
+fn random_seed() -> [u8; 32] {
+    use std::hash::{BuildHasher, Hasher};
+    use std::io::Read;
+    let mut seed = [0u8; 32];
+    let from_os = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed));
+    if from_os.is_err() {
+        for (i, chunk) in seed.chunks_mut(8).enumerate() {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(i);
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+    }
+    seed
 }
 
 /// A lock that a panicking holder cannot poison for everyone else.
@@ -160,13 +176,22 @@ impl KvManager {
         bootstrap: &str,
         config: ManagerConfig,
     ) -> Result<Self, Error> {
-        let core = PrefillCore::new(args.layout(), config.orphan_timeout);
         let (inbound_tx, inbound_rx) = inbound::queue();
         let on_message = Box::new(move |frames| inbound::offer(&inbound_tx, frames));
         let (zmq, port) =
             zmq::ZmqThread::start(Some(format!("tcp://{}:0", config.local_ip)), on_message)
                 .map_err(Error::Zmq)?;
         let rank_port = port.ok_or_else(|| Error::Zmq("the PULL socket has no port".into()))?;
+        let endpoint = if config.local_ip.contains(':') {
+            format!("tcp://[{}]:{rank_port}", config.local_ip)
+        } else {
+            format!("tcp://{}:{rank_port}", config.local_ip)
+        };
+        let core = PrefillCore::new(args.layout(), config.orphan_timeout).with_proofs(Proofs {
+            seed: random_seed(),
+            endpoint,
+            strict: config.strict_peers,
+        });
         let shared = Arc::new(Shared {
             role: Role::Prefill(PrefillIo {
                 core: Mutex::new(core),

@@ -107,13 +107,7 @@ impl KvSender {
         if idle {
             // Progress the agent anyway: a failure push (a stand-alone notification) leaves
             // only when its sender is progressed, and no progress thread runs by default.
-            let mut stray = Vec::new();
-            if self.shared.agent.drain_notifications(&mut stray).is_ok() && !stray.is_empty() {
-                tracing::debug!(
-                    count = stray.len(),
-                    "prefill agent received notifications; ignored"
-                );
-            }
+            exec::progress(&self.shared.agent);
         }
         exec::drive_prefill(&self.shared);
         lock(&p.core).sender_poll(self.room)

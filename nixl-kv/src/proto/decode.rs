@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nixl_wire::http::{ParallelInfo, RankInfo};
+use nixl_wire::ext::{self, ProofNotice};
 use nixl_wire::{
     AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PageIndex, RoomId, TransferInfo,
 };
@@ -21,6 +22,9 @@ use super::{BootstrapAddr, FailureReason, KvPoll};
 /// that prefill rank is older than this, so a prefill that forgot it as idle (or restarted on
 /// the same endpoint) knows it again before its next request. SGLang prefills ignore repeats.
 pub const REREGISTER_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Proofs kept (one per prefill rank endpoint).
+const MAX_PROOFS: usize = 4096;
 
 /// Parallel sizes a bootstrap server may announce; larger ones are refused before anything is
 /// sized by them.
@@ -192,6 +196,8 @@ pub struct DecodeCore {
     pools: HashMap<PoolKey, Vec<Target>>,
     /// When each prefill endpoint last got our registration.
     registered: HashMap<String, Instant>,
+    /// The proof each prefill endpoint asked us to echo (ours; SGLang prefills send none).
+    proofs: HashMap<String, String>,
     last_heartbeat: Instant,
     commands: VecDeque<Command>,
 }
@@ -206,6 +212,7 @@ impl DecodeCore {
             prefills: HashMap::new(),
             pools: HashMap::new(),
             registered: HashMap::new(),
+            proofs: HashMap::new(),
             last_heartbeat: now,
             commands: VecDeque::new(),
         }
@@ -398,6 +405,8 @@ impl DecodeCore {
                 decode_tp_rank: me.engine_rank,
                 dst_kv_item_len: me.kv_item_len,
             }),
+            // SGLang prefills ignore it; ours then prove their transfer infos' origin.
+            trailing: vec![ext::caps_frame(&[ext::CAP_PROOF])],
         }
         .encode()
     }
@@ -470,6 +479,11 @@ impl DecodeCore {
                 },
                 dst_aux_index: aux_index,
                 required_dst_info_num: r.required,
+                trailing: self
+                    .proofs
+                    .get(&t.endpoint)
+                    .map(|p| vec![ext::proof_frame(p)])
+                    .unwrap_or_default(),
             };
             self.commands.push_back(Command::Send {
                 room,
@@ -522,6 +536,13 @@ impl DecodeCore {
     /// Handles one notification payload. Unknown rooms and malformed payloads are logged and
     /// dropped (SGLang creates entries for them, which leak).
     pub fn handle_notification(&mut self, peer: &str, payload: &[u8]) {
+        if let Some(p) = ProofNotice::decode(payload) {
+            if self.proofs.len() < MAX_PROOFS || self.proofs.contains_key(&p.endpoint) {
+                tracing::debug!(peer, endpoint = %p.endpoint, "prefill proof received");
+                self.proofs.insert(p.endpoint, p.secret);
+            }
+            return;
+        }
         let n = match Notification::decode(payload) {
             Ok(n) => n,
             Err(e) => {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nixl_core::MemType;
+use nixl_wire::ext::{self, ProofNotice};
 use nixl_wire::{
     AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PrefillInbound, RoomId,
     TransferInfo,
@@ -30,6 +31,8 @@ pub struct Peer {
     pub gpu_id: GpuId,
     /// What later SGLang decodes add.
     pub tp_info: Option<DecodeTpInfo>,
+    /// It advertised the `proof` capability.
+    pub proves: bool,
 }
 
 /// One WRITE to post, lowered: where the bytes go and the notification NIXL delivers after.
@@ -138,6 +141,21 @@ struct PeerState {
     aux: ListTrack,
     /// Its last registration or transfer info.
     last_seen: Instant,
+    /// It advertised that it echoes proofs (our decodes do).
+    proves: bool,
+    /// It echoed the right proof once: from now on every info must carry it.
+    proven: bool,
+}
+
+/// How a prefill tells its own decodes from impostors naming them (docs/protocol.md §3.5).
+#[derive(Debug, Clone)]
+pub struct Proofs {
+    /// Secret input of every agent's proof (random, from the driver).
+    pub seed: [u8; 32],
+    /// Our ZeroMQ endpoint as decodes reach it.
+    pub endpoint: String,
+    /// Refuse transfer infos from decodes that cannot prove their origin (SGLang peers).
+    pub strict: bool,
 }
 
 /// Registered plus loading decode agents a prefill keeps at most; registrations beyond are
@@ -168,6 +186,7 @@ pub struct PrefillCore {
     rooms: HashMap<RoomId, Room>,
     orphan_timeout: Duration,
     peer_idle_timeout: Duration,
+    proofs: Option<Proofs>,
     local_kv: Local,
     local_aux: Local,
     commands: VecDeque<Command>,
@@ -206,6 +225,7 @@ impl PrefillCore {
             rooms: HashMap::new(),
             orphan_timeout,
             peer_idle_timeout: DEFAULT_PEER_IDLE_TIMEOUT,
+            proofs: None,
             local_kv: Local::Pending,
             local_aux: Local::Pending,
             commands,
@@ -220,6 +240,23 @@ impl PrefillCore {
     pub fn with_peer_idle_timeout(mut self, t: Duration) -> Self {
         self.peer_idle_timeout = t;
         self
+    }
+
+    /// Sends decodes that advertise it a proof to echo, and checks it.
+    #[must_use]
+    pub fn with_proofs(mut self, proofs: Proofs) -> Self {
+        self.proofs = Some(proofs);
+        self
+    }
+
+    /// The proof `agent` must echo: hex of SHA-256(seed ‖ agent name), 32 characters.
+    fn secret(&self, agent: &AgentName) -> Option<String> {
+        use sha2::{Digest, Sha256};
+        let p = self.proofs.as_ref()?;
+        let mut h = Sha256::new();
+        h.update(p.seed);
+        h.update(agent.as_str().as_bytes());
+        Some(h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// Our layout.
@@ -259,11 +296,13 @@ impl PrefillCore {
             tracing::warn!(agent = %r.agent, max = MAX_PEERS, "too many decode agents; registration dropped");
             return;
         }
+        let proves = ext::caps(&r.trailing).iter().any(|c| c == ext::CAP_PROOF);
         let peer = Peer {
             kv_ptrs: r.kv_ptrs,
             aux_ptrs: r.aux_ptrs,
             gpu_id: r.gpu_id,
             tp_info: r.tp_info,
+            proves,
         };
         self.pending_peers.insert(r.agent.clone(), (peer, now));
         self.commands.push_back(Command::LoadRemote {
@@ -279,12 +318,28 @@ impl PrefillCore {
         };
         match outcome {
             Ok(name) if name == agent.as_str() => {
+                let proves = peer.proves;
                 let mut state = PeerState {
                     peer: Arc::new(peer),
                     kv: ListTrack::default(),
                     aux: ListTrack::default(),
                     last_seen: seen,
+                    proves,
+                    proven: false,
                 };
+                // Only the agent whose metadata NIXL loaded receives this.
+                if state.proves
+                    && let (Some(secret), Some(p)) = (self.secret(agent), &self.proofs)
+                {
+                    let notice = ProofNotice {
+                        endpoint: p.endpoint.clone(),
+                        secret,
+                    };
+                    self.commands.push_back(Command::Notify {
+                        agents: vec![agent.clone()],
+                        payload: notice.encode(),
+                    });
+                }
                 // Lists at our own pool size now, so the first request can use them.
                 self.prepare_peer_list(agent, &mut state, ListKind::Kv, 1);
                 self.prepare_peer_list(agent, &mut state, ListKind::Aux, 1);
@@ -416,6 +471,10 @@ impl PrefillCore {
     }
 
     fn handle_transfer_info(&mut self, t: TransferInfo, now: Instant) {
+        if !self.origin_ok(&t) {
+            tracing::warn!(room = %t.room, agent = %t.agent, "transfer info without the proof its agent owes; refused");
+            return;
+        }
         if let Some(p) = self.peers.get_mut(&t.agent) {
             p.last_seen = now;
         }
@@ -480,6 +539,26 @@ impl PrefillCore {
                 return;
             }
             r.merge(KvPoll::WaitingForInput);
+        }
+    }
+
+    /// Whether `t` may come from the decode it names: a proven agent must echo its proof; an
+    /// unproven one becomes proven by echoing it; with `strict`, proof is required.
+    fn origin_ok(&mut self, t: &TransferInfo) -> bool {
+        let Some(strict) = self.proofs.as_ref().map(|p| p.strict) else {
+            return true;
+        };
+        let secret = self.secret(&t.agent);
+        let Some(peer) = self.peers.get_mut(&t.agent) else {
+            return !strict;
+        };
+        let echoed = ext::proof(&t.trailing);
+        let right = echoed.is_some() && echoed == secret.as_deref().map(str::as_bytes);
+        if right {
+            peer.proven = true;
+            true
+        } else {
+            !peer.proven && !strict
         }
     }
 

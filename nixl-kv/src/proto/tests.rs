@@ -43,6 +43,7 @@ fn register_with(name: &str, peer: &Layout) -> PrefillInbound {
         aux_ptrs: peer.aux_ptrs.clone(),
         gpu_id: GpuId::new(1),
         tp_info: None,
+        trailing: Vec::new(),
     })
 }
 
@@ -59,6 +60,7 @@ fn info(room: u64, name: &str, pages: &[u32], required: u32) -> PrefillInbound {
         dst_pages: pages.iter().copied().map(PageIndex::new).collect(),
         dst_aux_index: 2,
         required_dst_info_num: required,
+        trailing: Vec::new(),
     })
 }
 
@@ -584,6 +586,111 @@ fn idle_decode_agents_are_forgotten_unless_a_room_refers_to_them() {
     assert!(!p.has_peer(&agent("d0")));
     assert_eq!(drv.forgotten, vec!["d0".to_owned()]);
     assert!(p.has_peer(&agent("d1")), "room 70 still refers to it");
+}
+
+fn proving_prefill(now: Instant, strict: bool, drv: &mut FakeDriver) -> PrefillCore {
+    let proofs = super::prefill::Proofs {
+        seed: [7; 32],
+        endpoint: "tcp://127.0.0.1:5000".into(),
+        strict,
+    };
+    let mut p = PrefillCore::new(layout(0x1000_0000), Duration::from_secs(300)).with_proofs(proofs);
+    let PrefillInbound::Register(mut ours) = register("ours") else {
+        unreachable!()
+    };
+    ours.trailing = vec![nixl_wire::ext::caps_frame(&[nixl_wire::ext::CAP_PROOF])];
+    p.handle_inbound(PrefillInbound::Register(ours), now);
+    p.handle_inbound(register("python"), now);
+    drv.run(&mut p);
+    p
+}
+
+fn with_proof(msg: PrefillInbound, proof: &str) -> PrefillInbound {
+    let PrefillInbound::Transfer(mut t) = msg else {
+        unreachable!()
+    };
+    t.trailing = vec![nixl_wire::ext::proof_frame(proof)];
+    PrefillInbound::Transfer(t)
+}
+
+#[test]
+fn our_decodes_get_a_proof_and_once_they_echo_it_impostors_are_refused() {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let mut p = proving_prefill(now, false, &mut drv);
+    // Only the decode that advertised the capability is sent a proof, and only it.
+    assert_eq!(drv.notified.len(), 1);
+    let (to, payload) = &drv.notified[0];
+    assert_eq!(to, &vec![agent("ours")]);
+    let notice = nixl_wire::ext::ProofNotice::decode(payload).unwrap();
+    assert_eq!(notice.endpoint, "tcp://127.0.0.1:5000");
+    let offered = |p: &PrefillCore| -> Vec<u64> {
+        let mut v: Vec<u64> = p.unclaimed().iter().map(|u| u.room.get()).collect();
+        v.sort_unstable();
+        v
+    };
+    // Before its proof arrived a decode's infos are taken (its first request races the proof).
+    p.handle_inbound(info(1, "ours", &[1], 1), now);
+    // The echo proves it; from then on an info naming it without the proof is an impostor.
+    p.handle_inbound(with_proof(info(2, "ours", &[1], 1), &notice.secret), now);
+    p.handle_inbound(info(3, "ours", &[1], 1), now);
+    p.handle_inbound(
+        with_proof(info(4, "ours", &[1], 1), "0123456789abcdef"),
+        now,
+    );
+    // SGLang's decodes cannot prove anything and keep SGLang's behaviour.
+    p.handle_inbound(info(5, "python", &[1], 1), now);
+    assert_eq!(offered(&p), vec![1, 2, 5]);
+}
+
+#[test]
+fn strict_prefills_take_only_proven_infos() {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let mut p = proving_prefill(now, true, &mut drv);
+    let secret = nixl_wire::ext::ProofNotice::decode(&drv.notified[0].1)
+        .unwrap()
+        .secret;
+    p.handle_inbound(info(1, "ours", &[1], 1), now);
+    p.handle_inbound(with_proof(info(2, "ours", &[1], 1), &secret), now);
+    p.handle_inbound(info(3, "python", &[1], 1), now);
+    p.handle_inbound(info(4, "stranger", &[1], 1), now);
+    let rooms: Vec<u64> = p.unclaimed().iter().map(|u| u.room.get()).collect();
+    assert_eq!(rooms, vec![2]);
+}
+
+#[test]
+fn decodes_advertise_proofs_and_echo_the_one_their_prefill_sent() {
+    let now = Instant::now();
+    let mut d = decode_core(now);
+    bootstrap(&mut d, RoomId::new(1), 5000, now);
+    d.receiver_init(RoomId::new(1), &[1], 0, now);
+    let s = sends(&mut d);
+    let Ok(PrefillInbound::Register(reg)) = PrefillInbound::decode(&s[0].1) else {
+        panic!("registration expected")
+    };
+    assert_eq!(nixl_wire::ext::caps(&reg.trailing), vec!["proof"]);
+    assert_eq!(
+        s[0].1.len(),
+        13,
+        "SGLang's 12 frames and our capability frame"
+    );
+    let Ok(PrefillInbound::Transfer(t)) = PrefillInbound::decode(&s[1].1) else {
+        panic!("info expected")
+    };
+    assert!(t.trailing.is_empty(), "no proof yet");
+    let notice = nixl_wire::ext::ProofNotice {
+        endpoint: "tcp://127.0.0.1:5000".into(),
+        secret: "feedbeef".into(),
+    };
+    d.handle_notification("prefill", &notice.encode());
+    d.receiver_new(RoomId::new(2), BootstrapAddr::new("b:1"), None, now);
+    d.next_lookup(RoomId::new(2));
+    d.receiver_init(RoomId::new(2), &[1], 0, now);
+    let Ok(PrefillInbound::Transfer(t)) = PrefillInbound::decode(&sends(&mut d)[0].1) else {
+        panic!("info expected")
+    };
+    assert_eq!(nixl_wire::ext::proof(&t.trailing), Some(&b"feedbeef"[..]));
 }
 
 #[test]
