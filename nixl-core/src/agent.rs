@@ -218,10 +218,21 @@ impl Agent {
         params: &BackendParams,
     ) -> Result<Backend, Error> {
         let sys_params = check(Op::CreateBackend, nixl_sys::Params::from(params.iter()))?;
-        let inner = check(
-            Op::CreateBackend,
-            self.inner.create_backend(kind.plugin_name(), &sys_params),
-        )?;
+        let create = || {
+            check(
+                Op::CreateBackend,
+                self.inner.create_backend(kind.plugin_name(), &sys_params),
+            )
+        };
+        let inner = match params.sgl() {
+            // NIXL reads the variable in the UCX engine's constructor (docs/runtime.md §6).
+            Some(on) if kind == BackendKind::Ucx => sys::with_env(
+                crate::backend::UCX_SGL_ENV,
+                if on { "y" } else { "n" },
+                create,
+            )?,
+            _ => create()?,
+        };
         tracing::debug!(agent = %self.name, backend = %kind, "created NIXL backend");
         if kind == BackendKind::Ucx && params.value("ucx_error_handling_mode") != Some("none") {
             self.facts.ucx_peer_mode.store(true, Ordering::Relaxed);

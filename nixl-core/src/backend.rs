@@ -70,9 +70,65 @@ pub enum UcxErrorMode {
 }
 
 /// String parameters for a backend, passed to the plugin at creation.
+///
+/// Besides the plugin's own string parameters it carries one setting NIXL reads from the
+/// process environment instead: UCX scatter-gather batching ([`BackendParams::ucx_sgl`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackendParams {
     map: BTreeMap<String, String>,
+    sgl: Option<bool>,
+}
+
+/// The environment variable NIXL 1.5's UCX engine reads, when each UCX backend is created, to
+/// batch the descriptors of a WRITE into one scatter-gather request.
+pub const UCX_SGL_ENV: &str = "NIXL_UCX_SGL_ENABLE";
+
+/// NIXL-only settings of the UCX backend that cut the per-descriptor cost of many-descriptor
+/// WRITEs between GPUs (docs/runtime.md §6): NIXL's worker thread pool (`num_threads`), how many
+/// descriptors one pool thread takes at a time (`split_batch_size`), and UCX scatter-gather
+/// batching ([`UCX_SGL_ENV`]). They matter on the initiator of a transfer; the target of a
+/// `cuda_ipc` WRITE is passive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UcxTuning {
+    /// NIXL's UCX thread pool: `0` runs none (NIXL's default).
+    pub num_threads: u32,
+    /// Descriptors per pool-thread batch (NIXL's parameter; ignored without a pool).
+    pub split_batch_size: u32,
+    /// UCX scatter-gather batching of a request's descriptors.
+    pub sgl: bool,
+}
+
+impl UcxTuning {
+    /// NIXL's own defaults: no thread pool, no batching.
+    pub const NIXL_DEFAULT: Self = Self {
+        num_threads: 0,
+        split_batch_size: 0,
+        sgl: false,
+    };
+
+    /// The settings measured fastest for many-descriptor VRAM WRITEs on one host with the cu13
+    /// runtime (BENCHMARKS.md, docs/runtime.md §6).
+    pub const GPU_FAST: Self = Self {
+        num_threads: 16,
+        split_batch_size: 128,
+        sgl: true,
+    };
+
+    /// Custom settings.
+    pub fn new(num_threads: u32, split_batch_size: u32, sgl: bool) -> Self {
+        Self {
+            num_threads,
+            split_batch_size,
+            sgl,
+        }
+    }
+}
+
+impl Default for UcxTuning {
+    fn default() -> Self {
+        Self::NIXL_DEFAULT
+    }
 }
 
 impl BackendParams {
@@ -102,6 +158,47 @@ impl BackendParams {
         Self::new().with("ucx_error_handling_mode", mode)
     }
 
+    /// UCX parameters with the given error-handling mode and NIXL-only tuning: `num_threads`
+    /// and `split_batch_size` when a thread pool is asked for, and [`BackendParams::ucx_sgl`].
+    pub fn ucx_tuned(mode: UcxErrorMode, tuning: UcxTuning) -> Self {
+        let mut p = Self::ucx(mode);
+        if tuning.num_threads > 0 {
+            p = p.ucx_num_threads(tuning.num_threads);
+            if tuning.split_batch_size > 0 {
+                p = p.ucx_split_batch_size(tuning.split_batch_size);
+            }
+        }
+        p.ucx_sgl(tuning.sgl)
+    }
+
+    /// NIXL's UCX worker thread pool (`num_threads`; 0: none).
+    #[must_use]
+    pub fn ucx_num_threads(self, n: u32) -> Self {
+        self.with("num_threads", n.to_string())
+    }
+
+    /// Descriptors per thread-pool batch (`split_batch_size`).
+    #[must_use]
+    pub fn ucx_split_batch_size(self, n: u32) -> Self {
+        self.with("split_batch_size", n.to_string())
+    }
+
+    /// UCX scatter-gather batching for the backend: nixl-core sets [`UCX_SGL_ENV`] to `y` or
+    /// `n` while it creates the backend (NIXL reads it then, in the UCX engine's constructor,
+    /// and keeps the value for that backend). Unset (the default), the process environment
+    /// decides. The variable is changed only when it differs, so a process that exports it
+    /// before starting threads never has it set from a running thread.
+    #[must_use]
+    pub fn ucx_sgl(mut self, on: bool) -> Self {
+        self.sgl = Some(on);
+        self
+    }
+
+    /// The scatter-gather setting, if any ([`BackendParams::ucx_sgl`]).
+    pub fn sgl(&self) -> Option<bool> {
+        self.sgl
+    }
+
     /// One parameter's value.
     pub fn value(&self, key: &str) -> Option<&str> {
         self.map.get(key).map(String::as_str)
@@ -114,7 +211,7 @@ impl BackendParams {
 
     /// Whether no parameter is set.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.map.is_empty() && self.sgl.is_none()
     }
 }
 
@@ -125,6 +222,7 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for BackendParams {
                 .into_iter()
                 .map(|(k, v)| (k.into(), v.into()))
                 .collect(),
+            sgl: None,
         }
     }
 }
@@ -164,6 +262,21 @@ mod tests {
         ] {
             assert_eq!(BackendKind::from_plugin_name(k.plugin_name()), k);
         }
+    }
+
+    #[test]
+    fn tuning_spells_nixl_parameters_and_keeps_sgl_apart() {
+        let p = BackendParams::ucx_tuned(UcxErrorMode::None, UcxTuning::new(16, 128, true));
+        assert_eq!(p.value("num_threads"), Some("16"));
+        assert_eq!(p.value("split_batch_size"), Some("128"));
+        assert_eq!(p.sgl(), Some(true));
+        assert!(p.iter().all(|(k, _)| k != UCX_SGL_ENV));
+        let plain = BackendParams::ucx_tuned(UcxErrorMode::None, UcxTuning::NIXL_DEFAULT);
+        assert_eq!(plain.value("num_threads"), None);
+        assert_eq!(plain.value("split_batch_size"), None);
+        assert_eq!(plain.sgl(), Some(false));
+        assert!(BackendParams::new().is_empty());
+        assert!(!BackendParams::new().ucx_sgl(false).is_empty());
     }
 
     #[test]

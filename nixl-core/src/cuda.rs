@@ -16,6 +16,10 @@ use crate::error::Error;
 use crate::mem::{MemRegion, MemType};
 use crate::sys;
 
+mod staging;
+
+pub use staging::{Staging, StagingEvent};
+
 /// Whether the CUDA driver library (`libcuda.so.1`) can be loaded.
 pub fn driver_present() -> bool {
     sys::cuda::cuda_driver_present()
@@ -28,7 +32,7 @@ pub fn device_count() -> Result<u32, Error> {
     Ok(u32::try_from(n).unwrap_or(0))
 }
 
-fn require_driver() -> Result<(), Error> {
+pub(crate) fn require_driver() -> Result<(), Error> {
     if driver_present() {
         Ok(())
     } else {

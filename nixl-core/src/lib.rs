@@ -66,6 +66,7 @@ mod mem;
 mod metadata;
 mod notif;
 pub mod runtime;
+pub mod staging;
 /// Benchmark support (feature `__bench`, not covered by semver).
 #[cfg(feature = "__bench")]
 #[doc(hidden)]
@@ -76,7 +77,7 @@ mod storage;
 mod xfer;
 
 pub use agent::{Agent, AgentConfig, ThreadSync};
-pub use backend::{Backend, BackendKind, BackendParams, UcxErrorMode};
+pub use backend::{Backend, BackendKind, BackendParams, UCX_SGL_ENV, UcxErrorMode, UcxTuning};
 pub use desc::{Desc, XferDescs};
 pub use error::{Error, NixlCode, Op};
 pub use mem::{

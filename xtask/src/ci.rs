@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::{cmd, demo, deps, fuzz, prereq, runtime, tidy};
+use crate::{cmd, demo, deps, fuzz, prereq, ptx, runtime, tidy};
 
 /// Features that turn on the tests needing the real NIXL runtime and the local S3 server.
 pub(crate) const RUNTIME_TEST_FEATURES: &str = "nixl-core/nixl-runtime-tests,nixl-testkit/nixl-runtime-tests,nixl-hicache/nixl-runtime-tests,nixl-kv/nixl-runtime-tests,nixl-core/cuda";
@@ -106,6 +106,10 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
     step("fuzz (nixl-wire dispatch, 10 s)", || {
         fuzz::run(root, &fuzz::FuzzArgs { seconds: 10 })
     })?;
+    step(
+        "ptx (the committed staging PTX names its source's hash)",
+        || ptx::check_hash(root),
+    )?;
     println!(
         "xtask ci: all steps passed in {:.0}s",
         start.elapsed().as_secs_f64()

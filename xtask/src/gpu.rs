@@ -24,17 +24,29 @@ const RUN_SH: &str = r#"#!/bin/bash
 # VRAM transfers with UCX's protocol choices, emulation predictions, the pd flow with VRAM pools
 # against raw NIXL on the same descriptors), on one GPU and, where there are two, across them.
 # Logs and reports go to $OUT.
+# `run.sh staging` runs only the staged-path table (gpubench staging).
 set -u
 B=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp}
 export NIXL_RUNTIME_DIR=$B/runtime NCCL_NVLS_ENABLE=0
 nvidia-smi -L
 N=$(nvidia-smi -L | grep -c "^GPU")
+staging() {
+  echo "== gpubench staging, GPU 0: NIXL-only settings and the staged path, 32 and 256 pages"
+  "$B/bin/gpubench" staging --gpu 0 --out "$OUT/staging" 2>&1 | grep -v "^\["
+  cp "$OUT/staging/staging.md" "$OUT/staging/staging.json" "$OUT/" 2>/dev/null
+  (cd "$OUT" && tar -czf staging.tgz staging && rm -rf staging)
+}
+if [ "${1:-all}" = staging ]; then
+  staging
+  exit 0
+fi
 echo "== nixl-core GPU test (VRAM->VRAM WRITE, one process, cuda_ipc)"
 UCX_CUDA_IPC_ENABLE_SAME_PROCESS=y "$B/bin/gpu-test" --test-threads=1 --nocapture 2>&1 | grep -E "WRITE|test result|panicked"
 echo "== gpubench, GPU 0"
 "$B/bin/gpubench" all --gpu 0 --pd "$B/bin/nixl-pd" --out "$OUT/gpubench" 2>&1 | grep -v "^\["
 (cd "$OUT" && tar -czf gpubench.tgz gpubench && rm -rf gpubench)
+staging
 echo "== HiCache over POSIX files (/tmp/hicache-bench): pages in GPU 0 memory vs host memory"
 for shape in "1000 65536 64" "256 1048576 64"; do
   set -- $shape
@@ -108,6 +120,7 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     println!(
         "  mkdir -p /tmp/b && tar -C /tmp/b -xJf target/gpu/bundle.tar.xz && /tmp/b/run.sh 2>&1 | tee $OUT/gpu.log"
     );
+    println!("(`/tmp/b/run.sh staging` runs only gpubench's staged-path table)");
     Ok(())
 }
 

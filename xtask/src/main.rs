@@ -17,8 +17,10 @@ mod deps;
 mod fuzz;
 mod gpu;
 mod prereq;
+mod ptx;
 mod runtime;
 mod tidy;
+mod wheel;
 
 use std::path::PathBuf;
 
@@ -48,12 +50,17 @@ enum Task {
     Tidy,
     /// Build and pack everything the GPU machine needs; print the command to run there.
     Gpu,
+    /// Compile nixl-core's CUDA kernels to the committed PTX with nvcc from PyPI (`--check`: compare).
+    Ptx(ptx::PtxArgs),
     /// Coverage-guided fuzzing of nixl-wire's decoders (stable toolchain, bounded time).
     Fuzz(fuzz::FuzzArgs),
     /// Benchmarks: `core`, `wire`, `kv` or `hicache`.
     Bench(bench::BenchArgs),
     /// The main job: a prefill and a decode moving KV pages over NIXL (see README).
     Demo(demo::DemoArgs),
+    /// Build the nixl-rs Python wheel (crate nixl-py) into target/wheels; `--test` runs its
+    /// tests against SGLang 0.5.1.post3.
+    Wheel(wheel::WheelArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,8 +79,10 @@ fn main() -> anyhow::Result<()> {
         Task::Tidy => tidy::run(&root),
         Task::Fuzz(args) => fuzz::run(&root, &args),
         Task::Gpu => gpu::run(&root),
+        Task::Ptx(args) => ptx::run(&root, &args),
         Task::Bench(args) => bench::run(&root, &args),
         Task::Demo(args) => demo::run(&root, &args),
+        Task::Wheel(args) => wheel::run(&root, &args),
     }
 }
 

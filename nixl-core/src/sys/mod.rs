@@ -42,6 +42,28 @@ pub(crate) fn check<T>(op: Op, res: Result<T, nixl_sys::NixlError>) -> Result<T,
     res.map_err(|e| nixl_error(op, e))
 }
 
+/// Serialises [`with_env`]: NIXL reads the variables it sets while `f` runs.
+static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f` (a NIXL call that reads `key` from the process environment, such as creating a
+/// UCX backend) with `key` set to `value`, setting it only if it differs.
+pub(crate) fn with_env<T>(key: &str, value: &str, f: impl FnOnce() -> T) -> T {
+    let _guard = ENV_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if std::env::var_os(key).is_none_or(|v| v != value) {
+        tracing::debug!(key, value, "setting a NIXL environment variable");
+        // SAFETY: setenv races only with getenv in other threads. Rust's own environment
+        // accessors take std's lock; NIXL reads this variable only in the call `f` makes, which
+        // runs after this under ENV_LOCK, as every other `with_env` does. What remains is a C
+        // library reading the environment in another thread at this instant; the variable is
+        // therefore set only when it differs, so a process that exports it before starting
+        // threads never reaches this (documented on `BackendParams::ucx_sgl`).
+        unsafe { std::env::set_var(key, value) };
+    }
+    f()
+}
+
 /// Loads `libnixl_capi.so` from `path` with `RTLD_NOW | RTLD_GLOBAL` and keeps it loaded for the
 /// life of the process.
 ///
@@ -254,6 +276,8 @@ unsafe impl NixlBuffer for crate::HostBuffer {
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "cuda")]
+pub(crate) mod staging;
 
 // Benchmark support (feature `__bench`): a host buffer's region as a raw nixl-sys descriptor.
 #[cfg(feature = "__bench")]

@@ -6,7 +6,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use nixl_core::{MemRegion, XferOp, XferRequest};
+use nixl_core::cuda::{DeviceBuffer, Staging};
+use nixl_core::{
+    BackendParams, MemRegion, MemType, UcxErrorMode, UcxTuning, XferDescs, XferOp, XferRequest,
+};
 use serde_json::{Value, json};
 
 use crate::side::{Layout, MemKind, Side};
@@ -54,6 +57,20 @@ pub(crate) struct CaseArgs {
     /// Write the JSON result here instead of stdout (UCX_PROTO_INFO prints to stdout too).
     #[arg(long)]
     pub(crate) result: Option<std::path::PathBuf>,
+    /// NIXL's UCX thread pool on the initiator (`num_threads`; 0: none).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) num_threads: u32,
+    /// Descriptors per thread-pool batch on the initiator (`split_batch_size`; 0: NIXL's).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) split_batch_size: u32,
+    /// UCX scatter-gather batching on the initiator (NIXL_UCX_SGL_ENABLE).
+    #[arg(long)]
+    pub(crate) sgl: bool,
+    /// The staged path instead of per-page descriptors: gather every buffer's pages into a
+    /// registered staging buffer, one WRITE with a notification into the target's staging
+    /// buffer, scatter there; timed until the target reports its scatter done (VRAM only).
+    #[arg(long)]
+    pub(crate) staged: bool,
 }
 
 /// The remote side as the initiator sees it.
@@ -103,6 +120,20 @@ impl Target {
         match self {
             Self::Local(s) => s.mem.regions(),
             Self::Child { regions, .. } => regions.clone(),
+        }
+    }
+
+    /// Sends `cmd` to a child target and returns its `OK` answer's text after `OK `.
+    fn request(&mut self, cmd: &str) -> anyhow::Result<String> {
+        let Self::Child { stdin, stdout, .. } = self else {
+            bail!("{cmd}: needs a target process");
+        };
+        writeln!(stdin, "{cmd}")?;
+        stdin.flush()?;
+        let line = reply(stdout)?;
+        match line.trim().strip_prefix("OK ") {
+            Some(rest) => Ok(rest.to_owned()),
+            None => bail!("target answered {cmd:.20} with {}", line.trim()),
         }
     }
 
@@ -267,8 +298,21 @@ fn time_series(
 pub(crate) fn run(args: &CaseArgs) -> anyhow::Result<Value> {
     let l = args.layout;
     let name = format!("gpubench-a-{}", std::process::id());
-    let mut local = Side::new(&name, args.local, args.gpu, l)?;
+    let tuning = UcxTuning::new(args.num_threads, args.split_batch_size, args.sgl);
+    let params = BackendParams::ucx_tuned(UcxErrorMode::None, tuning);
+    let mut local = Side::with_params(&name, args.local, args.gpu, l, &params)?;
     let mut target = Target::start(args)?;
+    if args.staged {
+        let result = run_staged(args, &mut local, &mut target);
+        target.stop();
+        let mut v = result?;
+        v["case"] = json!(args.name);
+        v["descs"] = json!(l.descs());
+        v["block"] = json!(l.block);
+        v["bytes"] = json!(l.bytes());
+        v["verified"] = json!(true);
+        return Ok(v);
+    }
     let result = run_with(args, &mut local, &mut target);
     target.stop();
     let (series, prepared, risks) = result?;
@@ -286,6 +330,9 @@ pub(crate) fn run(args: &CaseArgs) -> anyhow::Result<Value> {
         "create": series.json(l.bytes()),
         "verified": true,
         "predicted_emulation": risks,
+        "num_threads": args.num_threads,
+        "split_batch_size": args.split_batch_size,
+        "sgl": args.sgl,
     });
     if let Some((p, pool)) = prepared {
         out["prepared"] = p.json(l.bytes());
@@ -359,4 +406,98 @@ fn run_with(args: &CaseArgs, local: &mut Side, target: &mut Target) -> anyhow::R
         None
     };
     Ok((series, prepared, risks))
+}
+
+/// The staged path, raw: gather on this side, one WRITE + notification into the target's
+/// staging buffer, scatter there; each round ends when the target's "scattered" notification
+/// arrives. Verified afterwards, in a separate pass over every destination page.
+fn run_staged(args: &CaseArgs, local: &mut Side, target: &mut Target) -> anyhow::Result<Value> {
+    let l = args.layout;
+    if args.local != MemKind::Vram || args.remote != MemKind::Vram || args.place != Place::Two {
+        bail!("--staged needs VRAM on both sides and --place two");
+    }
+    local.agent.load_remote(&target.metadata()?)?;
+    let peer = target.name().to_owned();
+    let md = local.agent.local_metadata()?;
+    let remote_addr: u64 = target
+        .request(&format!("STAGED {}", nixl_testkit::hex(md.as_bytes())))?
+        .parse()?;
+    local.fill_sources()?;
+    let layout = local.pool_layout()?;
+    let pages = l.pages(true);
+    let bytes = layout.staged_bytes(pages.len());
+    let mut buf = local
+        .agent
+        .register(DeviceBuffer::new(args.gpu, usize::try_from(bytes)?)?)?;
+    let mut staging = Staging::new(args.gpu, layout, pages.len())?;
+    let mut ldescs = XferDescs::new(MemType::Vram);
+    ldescs.push_in(&buf.region(), 0, bytes);
+    let remote = MemRegion {
+        addr: remote_addr,
+        len: bytes,
+        dev: u64::from(args.remote_gpu),
+        mem: MemType::Vram,
+    };
+    let mut rdescs = XferDescs::new(MemType::Vram);
+    rdescs.push_in(&remote, 0, bytes);
+    let agent = local.agent.clone();
+    let mut seen = Vec::new();
+    let mut one = || -> anyhow::Result<[Duration; 4]> {
+        let t0 = Instant::now();
+        staging.gather(&pages, buf.buffer_mut(), 0)?.wait()?;
+        let t1 = Instant::now();
+        let req = agent.create_request(XferOp::Write, &ldescs, &rdescs, &peer, Some(b"stage"))?;
+        req.post()?;
+        let mut notes = Vec::new();
+        req.wait(Duration::from_secs(60), || {
+            let _ = agent.drain_notifications(&mut notes);
+        })?;
+        let t2 = Instant::now();
+        let scatter_ns = loop {
+            if let Some(n) = notes.iter().find(|n| n.payload.starts_with(b"scattered ")) {
+                let text = String::from_utf8_lossy(&n.payload[10..]).into_owned();
+                break text.parse::<u64>()?;
+            }
+            if let Some(n) = notes.iter().find(|n| n.payload.starts_with(b"failed")) {
+                bail!("target: {}", String::from_utf8_lossy(&n.payload));
+            }
+            if t2.elapsed() > Duration::from_secs(10) {
+                bail!("no scatter notification within 10 s");
+            }
+            agent.drain_notifications(&mut notes)?;
+        };
+        seen.extend(notes);
+        let t3 = Instant::now();
+        Ok([t3 - t0, t1 - t0, t2 - t1, Duration::from_nanos(scatter_ns)])
+    };
+    let first = one()?;
+    one()?;
+    let budget = Duration::from_secs_f64(args.seconds);
+    let start = Instant::now();
+    let mut rounds = Vec::new();
+    while rounds.len() < 5 || (start.elapsed() < budget && rounds.len() < 5000) {
+        rounds.push(one()?);
+    }
+    staging.synchronize()?;
+    target.command("VERIFY")?;
+    target.command("CLEAR")?;
+    let series = |k: usize| Series {
+        first: first[k],
+        samples: rounds.iter().map(|r| r[k]).collect(),
+    };
+    Ok(json!({
+        "place": "two",
+        "op": "write",
+        "local": "vram",
+        "remote": "vram",
+        "gpu": args.gpu,
+        "remote_gpu": args.remote_gpu,
+        "staged": true,
+        "staging_bytes_per_side": bytes,
+        "create": series(0).json(l.bytes()),
+        "gather": series(1).json(l.bytes()),
+        "write": series(2).json(l.bytes()),
+        "scatter": series(3).json(l.bytes()),
+        "notifications_seen": seen.len(),
+    }))
 }

@@ -415,3 +415,128 @@ pub(crate) fn all(a: &AllArgs) -> anyhow::Result<()> {
     println!("{md}");
     Ok(())
 }
+
+#[derive(Clone, Debug, clap::Args)]
+pub(crate) struct StagingArgs {
+    #[arg(long, default_value_t = 0)]
+    pub(crate) gpu: u32,
+    /// Directory for per-case logs, staging.json and staging.md.
+    #[arg(long, default_value = "gpubench-staging")]
+    pub(crate) out: PathBuf,
+    /// Seconds of timed transfers per series.
+    #[arg(long, default_value_t = 0.3)]
+    pub(crate) seconds: f64,
+    /// Rounds; within a round every configuration runs once, so configurations alternate.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) rounds: usize,
+}
+
+/// NIXL-only settings tried on the pd descriptors: (label, num_threads, split_batch_size, sgl).
+const GRID: [(&str, u32, u32, bool); 7] = [
+    ("NIXL defaults", 0, 0, false),
+    ("SGL", 0, 0, true),
+    ("threads 4", 4, 0, false),
+    ("threads 8, split 64, SGL", 8, 64, true),
+    ("threads 16, split 32, SGL", 16, 32, true),
+    ("threads 16, split 128, SGL", 16, 128, true),
+    ("threads 32, split 128, SGL", 32, 128, true),
+];
+
+/// `gpubench staging`: the device-to-device anchor, the kernel check, then for 32 and 256 pages
+/// of 64 buffers × 32 KiB (two processes, one GPU) the pd-descriptor WRITE under each NIXL-only
+/// setting and the raw staged path, configurations alternating round by round.
+pub(crate) fn staging(a: &StagingArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&a.out)?;
+    eprintln!(
+        "gpubench staging: anchors and kernel check on GPU {}",
+        a.gpu
+    );
+    let anchors = crate::anchors::measure(a.gpu, None)?;
+    let kernels = crate::staged::kernel_check(a.gpu)
+        .unwrap_or_else(|e| json!({ "failed": format!("{e:#}") }));
+    let g = a.gpu.to_string();
+    let secs = a.seconds.to_string();
+    let mut plans: Vec<(u64, Plan)> = Vec::new();
+    for ppr in [32u64, 256] {
+        let p = ppr.to_string();
+        let base = |name: String| -> Vec<String> {
+            let mut v: Vec<String> = ["case", "--name"].map(String::from).to_vec();
+            v.push(name);
+            for s in [
+                "--place",
+                "two",
+                "--gpu",
+                &g,
+                "--remote-gpu",
+                &g,
+                "--seconds",
+                &secs,
+                "--block",
+                "32768",
+                "--buffers",
+                "64",
+                "--pool-pages",
+                "600",
+                "--per-buffer",
+                &p,
+                "--dst-run",
+                "4",
+            ] {
+                v.push(s.to_owned());
+            }
+            v
+        };
+        for (label, threads, split, sgl) in GRID {
+            let mut args = base(format!("pd descriptors: 64 x {ppr} x 32 KiB"));
+            args.push("--prepared".into());
+            args.extend(["--num-threads".into(), threads.to_string()]);
+            args.extend(["--split-batch-size".into(), split.to_string()]);
+            if sgl {
+                args.push("--sgl".into());
+            }
+            plans.push((
+                ppr,
+                Plan {
+                    args,
+                    env: vec![],
+                    config: label,
+                },
+            ));
+        }
+        let mut args = base(format!("staged: 64 x {ppr} x 32 KiB"));
+        args.push("--staged".into());
+        plans.push((
+            ppr,
+            Plan {
+                args,
+                env: vec![],
+                config: "staged (gather + 1 WRITE + scatter)",
+            },
+        ));
+    }
+    let total = plans.len() * a.rounds;
+    let bar = ProgressBar::new(total as u64)
+        .with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
+    let mut cases = Vec::new();
+    for round in 0..a.rounds {
+        for (i, (ppr, p)) in plans.iter().enumerate() {
+            bar.set_message(format!("{} ({}), round {round}", p.args[2], p.config));
+            let log = a.out.join(format!("case-{i:02}-{round}.log"));
+            let mut v = run_case(p, &log)?;
+            v["round"] = json!(round);
+            v["pages_per_request"] = json!(ppr);
+            cases.push(v);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let all = json!({"anchors": anchors, "kernels": kernels, "cases": cases});
+    std::fs::write(
+        a.out.join("staging.json"),
+        serde_json::to_string_pretty(&all)?,
+    )?;
+    let md = report::staging_markdown(&all);
+    std::fs::write(a.out.join("staging.md"), &md)?;
+    println!("{md}");
+    Ok(())
+}

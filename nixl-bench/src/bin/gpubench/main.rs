@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! gpubench all [--gpu 0] [--remote-gpu 1] [--pd path/to/nixl-pd] [--out DIR] [--seconds S]
+//! gpubench staging [--gpu 0] [--out DIR] [--seconds S] [--rounds R]
 //! gpubench case --name N --place one|two [--op write|read] [--local vram|pinned] ...
 //! gpubench target ...   (started by `case --place two`)
 //! ```
@@ -24,6 +25,7 @@ mod case;
 mod driver;
 mod report;
 mod side;
+mod staged;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +40,8 @@ struct Cli {
 enum Cmd {
     /// Anchors, every case, the pd flow, and the report.
     All(driver::AllArgs),
+    /// The staged path and the NIXL-only settings (issue 12's table), alternating rounds.
+    Staging(driver::StagingArgs),
     /// One case, printed as one JSON line.
     Case(case::CaseArgs),
     /// Re-renders the Markdown report from a results.json.
@@ -57,6 +61,7 @@ fn main() -> anyhow::Result<()> {
     nixl_tools::init_logging();
     match Cli::parse().cmd {
         Cmd::All(a) => driver::all(&a),
+        Cmd::Staging(a) => driver::staging(&a),
         Cmd::Case(c) => {
             let out = case::run(&c)?.to_string();
             match &c.result {

@@ -255,3 +255,128 @@ fn interleaved_section(s: &mut String, all: &Value) {
         }
     }
 }
+
+/// The median of the finite values.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The report of `gpubench staging`: every figure is the median over the rounds of that
+/// configuration's per-round value.
+pub(crate) fn staging_markdown(all: &Value) -> String {
+    let mut s = String::new();
+    let a = &all["anchors"];
+    let k = &all["kernels"];
+    let _ = writeln!(
+        s,
+        "#### Anchors and kernels (GPU {})\n\n| what | value |\n|---|---|",
+        a["gpu"]
+    );
+    let _ = writeln!(
+        s,
+        "| cuMemcpyDtoD 64 MiB (one-way bytes) | {:.1} GB/s |",
+        f(&a["dtod_64m_gbps"])
+    );
+    let _ = writeln!(
+        s,
+        "| cuMemcpyDtoD 1 GiB (one-way bytes) | {:.1} GB/s |",
+        f(&a["dtod_1g_gbps"])
+    );
+    let _ = writeln!(
+        s,
+        "| gather kernel, 64 × 32 × 32 KiB, back to back | {:.1} µs ({:.0} GB/s read + write) |",
+        f(&k["gather_64x32x32k_back_to_back_us"]),
+        f(&k["gather_64x32x32k_rw_gbps"])
+    );
+    let _ = writeln!(
+        s,
+        "| gather kernel, launch + wait, p50 | {:.1} µs |",
+        f(&k["gather_64x32x32k_launch_and_wait_p50_us"])
+    );
+    let _ = writeln!(
+        s,
+        "| kernel check (odd lengths, unaligned offset, gather + scatter) | {} bytes verified |",
+        k["verified_bytes"]
+    );
+    if let Some(why) = k["failed"].as_str() {
+        let _ = writeln!(s, "| kernel check | **failed**: {why} |");
+    }
+    let cases = all["cases"].as_array().cloned().unwrap_or_default();
+    let failed: Vec<&Value> = cases.iter().filter(|c| !c["failed"].is_null()).collect();
+    for ppr in [32u64, 256] {
+        let rows: Vec<&Value> = cases
+            .iter()
+            .filter(|c| c["pages_per_request"] == ppr && c["failed"].is_null())
+            .collect();
+        let Some(bytes) = rows.first().map(|r| f(&r["bytes"])) else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "\n#### {ppr} pages per request (64 buffers × 32 KiB: {} descriptors, {:.0} MiB), two processes on one GPU\n",
+            64 * ppr,
+            bytes / f64::from(1 << 20)
+        );
+        let _ = writeln!(
+            s,
+            "| path | create p50 / p99 ms | prepared p50 / p99 ms | pool-prepared p50 / p99 ms | best p50 ms | GB/s at best p50 | rounds |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        let mut labels: Vec<String> = Vec::new();
+        for r in &rows {
+            let l = r["config"].as_str().unwrap_or("").to_owned();
+            if !labels.contains(&l) {
+                labels.push(l);
+            }
+        }
+        for label in labels {
+            let of: Vec<&&Value> = rows
+                .iter()
+                .filter(|r| r["config"] == label.as_str())
+                .collect();
+            let med =
+                |series: &str, q: &str| median(of.iter().map(|r| f(&r[series][q]) / 1e3).collect());
+            if of.iter().any(|r| r["staged"] == true) {
+                let p50 = med("create", "p50_us");
+                let _ = writeln!(
+                    s,
+                    "| **{label}**: gather {:.3} + WRITE {:.3} + scatter {:.3} ms (p50s) | {p50:.3} / {:.3} | | | {p50:.3} | {:.1} | {} |",
+                    med("gather", "p50_us"),
+                    med("write", "p50_us"),
+                    med("scatter", "p50_us"),
+                    med("create", "p99_us"),
+                    bytes / (p50 / 1e3) / 1e9,
+                    of.len()
+                );
+                continue;
+            }
+            let (c, p, pool) = (
+                med("create", "p50_us"),
+                med("prepared", "p50_us"),
+                med("prepared_pool", "p50_us"),
+            );
+            let best = c.min(p).min(pool);
+            let _ = writeln!(
+                s,
+                "| {label} | {c:.2} / {:.2} | {p:.2} / {:.2} | {pool:.2} / {:.2} | {best:.2} | {:.1} | {} |",
+                med("create", "p99_us"),
+                med("prepared", "p99_us"),
+                med("prepared_pool", "p99_us"),
+                bytes / (best / 1e3) / 1e9,
+                of.len()
+            );
+        }
+    }
+    if !failed.is_empty() {
+        let _ = writeln!(s, "\nFailed runs:");
+        for c in failed {
+            let _ = writeln!(s, "- {} ({}): {}", c["case"], c["config"], c["failed"]);
+        }
+    }
+    s
+}

@@ -2,12 +2,13 @@
 //! descriptor layout both sides derive from the same parameters, and the target process loop.
 
 use std::io::{BufRead, Write};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use nixl_core::cuda::{DeviceBuffer, PinnedBuffer};
+use nixl_core::staging::{PoolBuffer, StagingLayout};
 use nixl_core::{
     Agent, AgentConfig, BackendKind, BackendParams, HostBuffer, MemRegion, MemType, Registered,
     UcxErrorMode, XferDescs,
@@ -70,6 +71,21 @@ impl Layout {
         let r = self.dst_run.max(1);
         let slots = (self.pool_pages / r).max(1);
         ((5 + 31 * (i / r)) % slots) * r + i % r
+    }
+
+    /// The page (block) indices moved in every buffer: the sources, or the destinations.
+    pub(crate) fn pages(&self, source: bool) -> Vec<u32> {
+        let p = self.pool_pages.max(1);
+        (0..self.per_buffer)
+            .map(|i| {
+                let page = match (p, source) {
+                    (1, _) => 0,
+                    (_, true) => (1 + 97 * i) % p,
+                    (_, false) => self.dst_block(i),
+                };
+                page as u32
+            })
+            .collect()
     }
 
     /// `(buffer, source offset, destination offset)` of every block moved.
@@ -177,8 +193,25 @@ pub(crate) struct Side {
 
 impl Side {
     pub(crate) fn new(name: &str, kind: MemKind, gpu: u32, layout: Layout) -> anyhow::Result<Self> {
+        Self::with_params(
+            name,
+            kind,
+            gpu,
+            layout,
+            &BackendParams::ucx(UcxErrorMode::None),
+        )
+    }
+
+    /// A side whose UCX backend gets `params` (e.g. NIXL-only tuning on an initiator).
+    pub(crate) fn with_params(
+        name: &str,
+        kind: MemKind,
+        gpu: u32,
+        layout: Layout,
+        params: &BackendParams,
+    ) -> anyhow::Result<Self> {
         let agent = Agent::new(name, &AgentConfig::default())?;
-        agent.create_backend(BackendKind::Ucx, &BackendParams::ucx(UcxErrorMode::None))?;
+        agent.create_backend(BackendKind::Ucx, params)?;
         let len = layout.buffer_len();
         let mem = match kind {
             MemKind::Vram => Mem::Vram(
@@ -198,6 +231,24 @@ impl Side {
             ),
         };
         Ok(Self { agent, mem, layout })
+    }
+
+    /// The pools as the staging kernels see them (VRAM sides only).
+    pub(crate) fn pool_layout(&self) -> anyhow::Result<StagingLayout> {
+        let Mem::Vram(_) = &self.mem else {
+            bail!("staging needs VRAM pools");
+        };
+        let buffers = self
+            .mem
+            .regions()
+            .iter()
+            .map(|r| PoolBuffer {
+                addr: r.addr,
+                len: r.len,
+                item_len: self.layout.block as u64,
+            })
+            .collect();
+        Ok(StagingLayout::new(buffers)?)
     }
 
     /// Writes the pattern into every source block.
@@ -249,14 +300,25 @@ pub(crate) fn serve(kind: MemKind, gpu: u32, layout: Layout) -> anyhow::Result<(
         .map(|r| r.addr.to_string())
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
+    let staged: Arc<Mutex<Option<crate::staged::TargetStaging>>> = Arc::new(Mutex::new(None));
     let progress = {
-        let (agent, stop) = (side.agent.clone(), Arc::clone(&stop));
+        let (agent, stop, staged) = (side.agent.clone(), Arc::clone(&stop), Arc::clone(&staged));
         std::thread::spawn(move || {
             let mut seen = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 if agent.drain_notifications(&mut seen).is_err() {
                     return;
                 }
+                let mut guard = staged.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(st) = guard.as_mut() {
+                    for n in seen.drain(..) {
+                        st.on_notification(&agent, &n);
+                    }
+                    drop(guard);
+                    std::thread::yield_now();
+                    continue;
+                }
+                drop(guard);
                 seen.clear();
                 std::thread::sleep(Duration::from_micros(20));
             }
@@ -275,6 +337,13 @@ pub(crate) fn serve(kind: MemKind, gpu: u32, layout: Layout) -> anyhow::Result<(
             "FILL" => side.fill_sources().map(|()| "OK".to_owned()),
             "VERIFY" => side.verify_destinations().map(|()| "OK".to_owned()),
             "CLEAR" => side.clear_destinations().map(|()| "OK".to_owned()),
+            cmd if cmd.starts_with("STAGED ") => {
+                crate::staged::TargetStaging::start(&side, gpu, &cmd[7..]).map(|st| {
+                    let reply = format!("OK {}", st.staging_addr());
+                    *staged.lock().unwrap_or_else(PoisonError::into_inner) = Some(st);
+                    reply
+                })
+            }
             "QUIT" => break,
             other => Ok(format!("ERR unknown command {other}")),
         }

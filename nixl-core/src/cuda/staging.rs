@@ -1,0 +1,170 @@
+//! The staged path's GPU half: gather a chunk of pages of every pool buffer into a contiguous
+//! staging range with one kernel launch, or scatter such a range into pages (docs/runtime.md
+//! §12). The tables come from [`crate::staging`]; the kernels are `kernels/staging.cu`, loaded
+//! from the committed PTX through the driver.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+
+use super::{DeviceBuffer, cuda_err, require_driver};
+use crate::error::Error;
+use crate::staging::{CopyTable, StagingLayout};
+use crate::sys::staging::{DeviceTable, StagingKernels, check_device_range};
+
+/// Gathers and scatters pages of one side's pools on one GPU, on a stream of its own.
+///
+/// Created once per pool set: it checks that every pool buffer is plain device memory of that
+/// GPU (not host, not managed), loads the kernels, and allocates a device table for chunks of
+/// up to `max_pages` pages. Launches are asynchronous; each returns a [`StagingEvent`] that says
+/// when the copy is done. Launches of one `Staging` run in order on its stream.
+pub struct Staging {
+    layout: StagingLayout,
+    kernels: StagingKernels,
+    table: DeviceTable,
+    max_pages: usize,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    ordinal: u32,
+}
+
+impl Staging {
+    /// Prepares gathers and scatters over `layout`'s buffers, which must be device memory of
+    /// GPU `ordinal`, for chunks of up to `max_pages` pages.
+    ///
+    /// Fails with [`Error::Cuda`] when the driver cannot load the kernels (a driver older than
+    /// CUDA 13.0 / r580): callers then fall back to per-page NIXL descriptors.
+    pub fn new(ordinal: u32, layout: StagingLayout, max_pages: usize) -> Result<Self, Error> {
+        require_driver()?;
+        let ctx = CudaContext::new(ordinal as usize).map_err(cuda_err)?;
+        ctx.bind_to_thread().map_err(cuda_err)?;
+        for b in layout.buffers() {
+            check_device_range(b.addr, b.len)?;
+        }
+        let kernels = StagingKernels::load(Arc::clone(&ctx))?;
+        let words = 3 * layout.buffers().len() + max_pages.div_ceil(2);
+        let table = DeviceTable::new(Arc::clone(&ctx), words)?;
+        let stream = ctx.new_stream().map_err(cuda_err)?;
+        Ok(Self {
+            layout,
+            kernels,
+            table,
+            max_pages: max_pages.max(1),
+            stream,
+            ctx,
+            ordinal,
+        })
+    }
+
+    /// The pools.
+    pub fn layout(&self) -> &StagingLayout {
+        &self.layout
+    }
+
+    /// The GPU.
+    pub fn ordinal(&self) -> u32 {
+        self.ordinal
+    }
+
+    /// The most pages one launch moves.
+    pub fn max_pages(&self) -> usize {
+        self.max_pages
+    }
+
+    /// Copies `pages` of every buffer into `staging` from byte `offset` on (buffer-major, see
+    /// [`crate::staging`]), in one launch.
+    pub fn gather(
+        &mut self,
+        pages: &[u32],
+        staging: &mut DeviceBuffer,
+        offset: u64,
+    ) -> Result<StagingEvent, Error> {
+        self.launch(true, pages, staging, offset)
+    }
+
+    /// Copies `staging` from byte `offset` on into `pages` of every buffer, in one launch.
+    pub fn scatter(
+        &mut self,
+        pages: &[u32],
+        staging: &DeviceBuffer,
+        offset: u64,
+    ) -> Result<StagingEvent, Error> {
+        self.launch(false, pages, staging, offset)
+    }
+
+    /// Waits until every launch so far has finished.
+    pub fn synchronize(&self) -> Result<(), Error> {
+        self.stream.synchronize().map_err(cuda_err)
+    }
+
+    fn launch(
+        &mut self,
+        to_staging: bool,
+        pages: &[u32],
+        staging: &DeviceBuffer,
+        offset: u64,
+    ) -> Result<StagingEvent, Error> {
+        if pages.len() > self.max_pages {
+            return Err(Error::InvalidArgument {
+                what: "staging pages",
+                reason: format!(
+                    "{} pages in one launch (at most {})",
+                    pages.len(),
+                    self.max_pages
+                ),
+            });
+        }
+        if staging.ordinal() != self.ordinal {
+            return Err(Error::InvalidArgument {
+                what: "staging buffer",
+                reason: format!(
+                    "on GPU {}, pools on GPU {}",
+                    staging.ordinal(),
+                    self.ordinal
+                ),
+            });
+        }
+        let room = (staging.len() as u64).saturating_sub(offset);
+        let table: CopyTable = self.layout.table(pages, room)?;
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
+        self.table.upload(&self.stream, table.words())?;
+        self.kernels.launch(
+            &self.stream,
+            to_staging,
+            self.table.addr(),
+            staging.addr() + offset,
+            table.grid(),
+            (table.buffers(), table.pages()),
+        )?;
+        let event = self.ctx.new_event(None).map_err(cuda_err)?;
+        event.record(&self.stream).map_err(cuda_err)?;
+        Ok(StagingEvent(event))
+    }
+}
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staging")
+            .field("ordinal", &self.ordinal)
+            .field("buffers", &self.layout.buffers().len())
+            .field("bytes_per_page", &self.layout.bytes_per_page())
+            .field("max_pages", &self.max_pages)
+            .finish()
+    }
+}
+
+/// The completion of one gather or scatter launch.
+#[derive(Debug)]
+pub struct StagingEvent(CudaEvent);
+
+impl StagingEvent {
+    /// Whether the launch has finished (an error if it, or earlier work, failed).
+    pub fn is_done(&self) -> Result<bool, Error> {
+        self.0.try_is_complete().map_err(cuda_err)
+    }
+
+    /// Waits for the launch to finish.
+    pub fn wait(&self) -> Result<(), Error> {
+        self.0.synchronize().map_err(cuda_err)
+    }
+}
