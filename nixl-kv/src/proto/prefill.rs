@@ -158,6 +158,10 @@ pub struct Proofs {
     pub strict: bool,
 }
 
+/// Runs averaging at least this many pages are posted merged (explicit descriptors) rather
+/// than page by page from prepared lists.
+pub const MERGE_RUN_PAGES: usize = 2;
+
 /// Registered plus loading decode agents a prefill keeps at most; registrations beyond are
 /// dropped (each load costs NIXL state, and a failed one leaks a descriptor inside UCX).
 pub const MAX_PEERS: usize = 4096;
@@ -730,10 +734,14 @@ impl PrefillCore {
             .copied()
             .zip(self.dst_idx.iter().copied())
             .collect();
-        if let Some(c) = self.lower_prepared(agent, ListKind::Kv, need, &pairs) {
+        group_runs(&self.src_idx, &self.dst_idx, &mut self.runs);
+        // Runs merge adjacent pages into one descriptor per buffer. Each descriptor costs the
+        // transport a fixed overhead (several µs under UCX cuda_ipc), so once runs average two
+        // pages or more the merged explicit copies beat per-page indices into prepared lists.
+        let merge = self.runs.len().saturating_mul(MERGE_RUN_PAGES) <= pairs.len();
+        if !merge && let Some(c) = self.lower_prepared(agent, ListKind::Kv, need, &pairs) {
             return c;
         }
-        group_runs(&self.src_idx, &self.dst_idx, &mut self.runs);
         let mut ops: Vec<CopyOp> = Vec::new();
         let l = &self.layout;
         plan_kv(

@@ -208,7 +208,7 @@ fn full_exchange_lowers_chunks_to_prepared_indices_and_completes_on_notification
     p.sender_new(room, now);
     p.handle_inbound(info(77, "d0", &[10, 11, 12, 30], 1), now);
     p.sender_init(room, 4, 3).unwrap();
-    p.sender_send(room, &[1, 2], now).unwrap();
+    p.sender_send(room, &[1, 5], now).unwrap();
     drv.run(&mut p);
     let c0 = drv.take_posts();
     assert_eq!(c0.len(), 1);
@@ -220,7 +220,7 @@ fn full_exchange_lowers_chunks_to_prepared_indices_and_completes_on_notification
     let peer = layout(0x9000_0000);
     assert_eq!(
         drv.copies(&c0[0]),
-        naive_kv(p.layout(), &peer, &[(1, 10), (2, 11)])
+        naive_kv(p.layout(), &peer, &[(1, 10), (5, 11)])
     );
     p.sender_send(room, &[3, 9], now).unwrap();
     drv.run(&mut p);
@@ -254,6 +254,33 @@ fn full_exchange_lowers_chunks_to_prepared_indices_and_completes_on_notification
     p.release(room);
     d.release(room);
     assert_eq!((p.rooms(), d.rooms()), (0, 0));
+}
+
+#[test]
+fn long_runs_go_merged_as_one_descriptor_per_buffer_and_run() {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let mut p = prefill_with_peer(now, &mut drv);
+    let room = RoomId::new(9);
+    p.sender_new(room, now);
+    p.handle_inbound(info(9, "d0", &[10, 11, 12, 13, 30, 31], 1), now);
+    p.sender_init(room, 6, 0).unwrap();
+    p.sender_send(room, &[1, 2, 3, 4, 8, 9], now).unwrap();
+    drv.run(&mut p);
+    let posts = drv.take_posts();
+    let Coords::Explicit { local, .. } = &posts[0].coords else {
+        panic!("merged explicit copies expected")
+    };
+    assert_eq!(
+        local.len(),
+        2 * 2,
+        "two buffers × two runs, not 2 × 6 page descriptors"
+    );
+    let pairs = [(1, 10), (2, 11), (3, 12), (4, 13), (8, 30), (9, 31)];
+    assert_eq!(
+        drv.copies(&posts[0]),
+        naive_kv(p.layout(), &layout(0x9000_0000), &pairs)
+    );
 }
 
 #[test]
@@ -989,8 +1016,13 @@ proptest! {
             let posts = drv.take_posts();
             let peer = layout(0x9000_0000);
             prop_assert_eq!(drv.copies(&posts[0]), naive_kv(p.layout(), &peer, &pairs));
-            if prepare_ok && room == 2 {
-                let indexed = matches!(posts[0].coords, Coords::Indexed { .. });
+            let mut runs = Vec::new();
+            super::plan::group_runs(&src, &dst, &mut runs);
+            let merged = runs.len() * super::prefill::MERGE_RUN_PAGES <= pairs.len();
+            let indexed = matches!(posts[0].coords, Coords::Indexed { .. });
+            if merged {
+                prop_assert!(!indexed, "long runs go merged");
+            } else if prepare_ok && room == 2 {
                 prop_assert!(indexed, "the second request uses the prepared lists");
             }
         }
