@@ -20,7 +20,6 @@ mod prereq;
 mod ptx;
 mod runtime;
 mod tidy;
-mod wheel;
 
 use std::path::PathBuf;
 
@@ -58,9 +57,6 @@ enum Task {
     Bench(bench::BenchArgs),
     /// The main job: a prefill and a decode moving KV pages over NIXL (see README).
     Demo(demo::DemoArgs),
-    /// Build the nixl-rs Python wheel (crate nixl-py) into target/wheels; `--test` runs its
-    /// tests against SGLang 0.5.1.post3.
-    Wheel(wheel::WheelArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,7 +78,6 @@ fn main() -> anyhow::Result<()> {
         Task::Ptx(args) => ptx::run(&root, &args),
         Task::Bench(args) => bench::run(&root, &args),
         Task::Demo(args) => demo::run(&root, &args),
-        Task::Wheel(args) => wheel::run(&root, &args),
     }
 }
 
