@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::{cmd, demo, deps, fuzz, prereq, ptx, runtime, tidy};
+use crate::{cmd, demo, deps, fuzz, prereq, ptx, runtime, tidy, wheel};
 
 /// Features that turn on the tests needing the real NIXL runtime and the local S3 server.
 pub(crate) const RUNTIME_TEST_FEATURES: &str = "nixl-core/nixl-runtime-tests,nixl-testkit/nixl-runtime-tests,nixl-hicache/nixl-runtime-tests,nixl-kv/nixl-runtime-tests,nixl-core/cuda";
@@ -109,6 +109,13 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
     step(
         "ptx (the committed staging PTX names its source's hash)",
         || ptx::check_hash(root),
+    )?;
+    step(
+        "python (nixl-rs wheel; SGLang 0.5.1.post3's HiCacheNixl suite and KV interop)",
+        || {
+            let built = wheel::build(root)?;
+            wheel::test(root, &built)
+        },
     )?;
     println!(
         "xtask ci: all steps passed in {:.0}s",

@@ -33,6 +33,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "nixl-testkit",
         ],
     ),
+    // The Python extension: a top like the programs; nothing depends on it.
+    (
+        "nixl-py",
+        &["nixl-core", "nixl-wire", "nixl-kv", "nixl-hicache"],
+    ),
     ("xtask", &[]),
 ];
 
@@ -52,6 +57,7 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     ("nixl-core", &["zeromq", "zmq", "tokio", "nixl-wire"]),
     ("nixl-hicache", &["zeromq", "zmq", "tokio"]),
     ("nixl-tools", &["nixl-testkit", "nixl-bench"]),
+    ("nixl-py", &["nixl-testkit", "nixl-bench", "nixl-tools"]),
 ];
 
 pub(crate) fn run(root: &Path) -> anyhow::Result<()> {

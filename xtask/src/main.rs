@@ -20,6 +20,7 @@ mod prereq;
 mod ptx;
 mod runtime;
 mod tidy;
+mod wheel;
 
 use std::path::PathBuf;
 
@@ -51,12 +52,16 @@ enum Task {
     Gpu,
     /// Compile nixl-core's CUDA kernels to the committed PTX with nvcc from PyPI (`--check`: compare).
     Ptx(ptx::PtxArgs),
-    /// Coverage-guided fuzzing of nixl-wire's decoders (stable toolchain, bounded time).
+    /// Coverage-guided fuzzing (stable toolchain, bounded time): nixl-wire's decoders, raw ZMTP
+    /// into the PULL listener, raw HTTP into the bootstrap server.
     Fuzz(fuzz::FuzzArgs),
     /// Benchmarks: `core`, `wire`, `kv` or `hicache`.
     Bench(bench::BenchArgs),
     /// The main job: a prefill and a decode moving KV pages over NIXL (see README).
     Demo(demo::DemoArgs),
+    /// Build the nixl-rs Python wheel (crate nixl-py) into target/wheels; `--test` runs its
+    /// tests against SGLang 0.5.1.post3.
+    Wheel(wheel::WheelArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         Task::Ptx(args) => ptx::run(&root, &args),
         Task::Bench(args) => bench::run(&root, &args),
         Task::Demo(args) => demo::run(&root, &args),
+        Task::Wheel(args) => wheel::run(&root, &args),
     }
 }
 

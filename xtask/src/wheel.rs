@@ -1,0 +1,220 @@
+//! `cargo xtask wheel [--test]`: the `nixl-rs` Python wheel (crate `nixl-py`) built with
+//! maturin into `target/wheels/`, and its tests against the real SGLang 0.5.1.post3.
+//!
+//! maturin comes from PyPI into `target/maturin-venv`. The tests need SGLang's Python world
+//! (torch 2.8.0 and the modules SGLang's disaggregation and HiCache code import; about 6.5 GB,
+//! two to three minutes from PyPI): it is installed once per machine into
+//! `$XDG_CACHE_HOME/nixl-rs` (default `~/.cache/nixl-rs`), in a venv named by the SGLang and
+//! torch versions, the Python version and a hash of `nixl-py/tests/sglang-requirements.txt`,
+//! because CI runs in a fresh clone every time. Each clone then gets a small venv of its own,
+//! `target/sglang-venv`, that sees the cached packages through a `.pth` path line and holds only
+//! our wheel, so the shared cache is never modified by a test run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+use crate::{cmd, runtime};
+
+/// The SGLang release the Python tests run against.
+pub(crate) const SGLANG: &str = "0.5.1.post3";
+const MATURIN: &str = "maturin>=1.9,<2";
+const REQUIREMENTS: &str = "nixl-py/tests/sglang-requirements.txt";
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct WheelArgs {
+    /// Also run the Python tests against SGLang (provisions its venv on first use).
+    #[arg(long)]
+    test: bool,
+}
+
+pub(crate) fn run(root: &Path, args: &WheelArgs) -> anyhow::Result<()> {
+    let wheel = build(root)?;
+    println!("wheel: {}", wheel.display());
+    if args.test {
+        test(root, &wheel)?;
+    }
+    Ok(())
+}
+
+/// Builds the wheel (release profile) and returns its path.
+pub(crate) fn build(root: &Path) -> anyhow::Result<PathBuf> {
+    let venv = root.join("target/maturin-venv");
+    let maturin = venv.join("bin/maturin");
+    if !maturin.is_file() {
+        python_required()?;
+        cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        pip(&venv, &["install", MATURIN])?;
+    }
+    let out = root.join("target/wheels");
+    // Only this build's wheel is left, so the tests install exactly it.
+    if let Ok(entries) = std::fs::read_dir(&out) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("nixl_rs-") {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+    }
+    cmd::run(
+        Command::new(&maturin)
+            .args(["build", "--release", "--locked", "--compatibility", "linux"])
+            .arg("-m")
+            .arg(root.join("nixl-py/Cargo.toml"))
+            .arg("-o")
+            .arg(&out),
+    )?;
+    std::fs::read_dir(&out)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("nixl_rs-"))
+        })
+        .context("maturin reported success but left no nixl_rs wheel")
+}
+
+/// Runs the Python tests: SGLang's own HiCacheNixl suite against ours, then the KV interop test.
+pub(crate) fn test(root: &Path, wheel: &Path) -> anyhow::Result<()> {
+    runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
+    let venv = test_venv(root, wheel)?;
+    let python = venv.join("bin/python");
+    let tests = root.join("nixl-py/tests");
+    let start = Instant::now();
+    cmd::run(
+        Command::new(&python)
+            .arg(tests.join("run_sglang_hicache.py"))
+            .env("NIXL_RS_SGLANG", "1")
+            .current_dir(root),
+    )?;
+    println!(
+        "SGLang {SGLANG} HiCacheNixl suite on nixl-rs: {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    let kv = tests.join("test_kv_interop.py");
+    if kv.is_file() {
+        let start = Instant::now();
+        cmd::run(Command::new(&python).arg(&kv).current_dir(root))?;
+        println!(
+            "KV interop (SGLang {SGLANG} <-> nixl-rs): {:.1}s",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// The per-clone venv with our wheel, seeing the cached SGLang packages.
+pub(crate) fn test_venv(root: &Path, wheel: &Path) -> anyhow::Result<PathBuf> {
+    let cached = sglang_venv(root)?;
+    let venv = root.join("target/sglang-venv");
+    if !venv.join("bin/python").is_file() {
+        cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    let site = site_packages(&venv)?;
+    std::fs::write(
+        site.join("nixl_rs_sglang_cache.pth"),
+        format!("{}\n", site_packages(&cached)?.display()),
+    )?;
+    cmd::run(
+        Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--force-reinstall",
+            ])
+            .arg(wheel),
+    )?;
+    Ok(venv)
+}
+
+/// The machine-wide SGLang venv, created when missing (see the module docs).
+pub(crate) fn sglang_venv(root: &Path) -> anyhow::Result<PathBuf> {
+    let reqs = std::fs::read(root.join(REQUIREMENTS))
+        .with_context(|| format!("cannot read {REQUIREMENTS}"))?;
+    python_required()?;
+    let py = cmd::output(Command::new("python3").args([
+        "-c",
+        "import sys; print(f'py{sys.version_info[0]}{sys.version_info[1]}')",
+    ]))?;
+    let name = format!(
+        "sglang-{SGLANG}-torch-2.8.0-{}-{:016x}",
+        py.trim(),
+        fnv1a(&reqs)
+    );
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .context("neither XDG_CACHE_HOME nor HOME is set")?
+        .join("nixl-rs");
+    let venv = cache.join(&name);
+    if venv.join(".ready").is_file() {
+        return Ok(venv);
+    }
+    let tmp = cache.join(format!("{name}.tmp-{}", std::process::id()));
+    std::fs::create_dir_all(&cache)?;
+    println!(
+        "installing SGLang {SGLANG}, torch 2.8.0 and what they import into {} (once per machine)",
+        venv.display()
+    );
+    let start = Instant::now();
+    cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&tmp))?;
+    cmd::run(
+        Command::new(tmp.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(root.join(REQUIREMENTS)),
+    )?;
+    pip(
+        &tmp,
+        &["install", "--no-deps", &format!("sglang=={SGLANG}")],
+    )?;
+    std::fs::write(tmp.join(".ready"), b"")?;
+    // Venvs hard-code their path in scripts; ours only ever run `bin/python` and `bin/pip`
+    // through the interpreter, which resolves site-packages relative to itself.
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)?;
+    }
+    std::fs::rename(&tmp, &venv)?;
+    println!(
+        "SGLang venv ready in {:.0}s ({})",
+        start.elapsed().as_secs_f64(),
+        venv.display()
+    );
+    Ok(venv)
+}
+
+fn site_packages(venv: &Path) -> anyhow::Result<PathBuf> {
+    let lib = venv.join("lib");
+    std::fs::read_dir(&lib)
+        .with_context(|| format!("no {}", lib.display()))?
+        .flatten()
+        .map(|e| e.path().join("site-packages"))
+        .find(|p| p.is_dir())
+        .with_context(|| format!("no site-packages under {}", lib.display()))
+}
+
+fn pip(venv: &Path, args: &[&str]) -> anyhow::Result<()> {
+    cmd::run(
+        Command::new(venv.join("bin/python"))
+            .args(["-m", "pip", "--quiet", "--disable-pip-version-check"])
+            .args(args),
+    )
+}
+
+fn python_required() -> anyhow::Result<()> {
+    if !cmd::exists("python3") {
+        bail!(
+            "python3 with venv and pip is needed; run: apt-get install -y python3-venv python3-pip"
+        );
+    }
+    Ok(())
+}
+
+/// FNV-1a, 64 bits: a hash that stays the same across Rust releases, for the cache key.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
