@@ -7,7 +7,7 @@
 //! that the Python side read with `data_ptr()`/`nbytes`/`__array_interface__`.
 //!
 //! Rules at this boundary: no panic on anything Python passes (errors become Python
-//! exceptions), the GIL is released during IO and waits, and `unsafe` exists only in [`ffi`],
+//! exceptions), the GIL is released during IO and waits, and `unsafe` exists only in `ffi`,
 //! where addresses from Python become NIXL registrations.
 #![deny(unsafe_code)]
 
