@@ -42,13 +42,14 @@ impl Plugin {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum WriteMode {
-    /// Write a private temp file and rename it into place: a failed or interrupted write never
-    /// leaves a key that `exists` reports, and readers never see a torn page. Costs one or two
-    /// renames per page.
+    /// Write a fresh temp file and rename it over the key once written: readers never see a
+    /// torn page, and a failed or interrupted write leaves the key's previous page (or no key)
+    /// in place. Costs a file creation, a block reservation and a rename per page.
     #[default]
     Atomic,
     /// Write the key's file in place, as SGLang does (sized to the page, so no stale tail is
-    /// left). Faster where metadata operations are slow; a failed write can leave a torn page.
+    /// left). Faster where metadata operations are slow; a failed write removes the key (its
+    /// file may be torn), and an interrupted one can leave a torn page.
     InPlace,
 }
 

@@ -51,10 +51,14 @@ struct Item {
 /// - results are `Result`s instead of `bool`/`None`;
 /// - [`HiCache::batch_get`] answers per key; [`HiCache::batch_get_all`] keeps SGLang's
 ///   all-or-nothing answer for callers that rely on it;
-/// - a write becomes visible only once complete (temp file + rename);
+/// - a write becomes visible only once complete (a fresh temp file renamed over the key), and a
+///   failed or interrupted write leaves the key's previous page in place;
+/// - no symbolic link is followed under the directory, and reads open files read-only;
 /// - open files and registrations are bounded ([`HiCacheConfig::max_open`]) and released on
 ///   drop; caller buffers that were not registered are registered only for the call;
-/// - keys are validated (no absolute paths, `..`, empty components);
+/// - keys are validated (no absolute paths, `..`, empty components; at most
+///   [`MAX_KEY_LEN`](crate::MAX_KEY_LEN) bytes with the suffix, each component at most
+///   [`MAX_KEY_COMPONENT_LEN`](crate::MAX_KEY_COMPONENT_LEN));
 /// - [`HiCache::delete`] and [`HiCache::clear`] touch only this connector's keys.
 pub struct HiCache {
     agent: Agent,
@@ -87,6 +91,15 @@ impl HiCache {
             }
         }
         let backend = agent.create_backend(kind.clone(), &params)?;
+        let suffix = config
+            .suffix
+            .as_ref()
+            .map(key::KeySuffix::render)
+            .unwrap_or_default();
+        key::validate(&format!("x{suffix}")).map_err(|reason| Error::InvalidKey {
+            key: suffix.clone(),
+            reason,
+        })?;
         let store = if kind == BackendKind::Obj && matches!(config.plugin, Plugin::Named(_)) {
             Store::Objects(ObjectStore::default())
         } else if kind == BackendKind::Obj {
@@ -99,17 +112,9 @@ impl HiCache {
                 config.dir.clone(),
                 config.max_open,
                 config.write_mode,
+                &suffix,
             )?)
         };
-        let suffix = config
-            .suffix
-            .as_ref()
-            .map(key::KeySuffix::render)
-            .unwrap_or_default();
-        key::validate(&format!("x{suffix}")).map_err(|reason| Error::InvalidKey {
-            key: suffix.clone(),
-            reason,
-        })?;
         tracing::debug!(backend = %kind, "hicache connector ready");
         Ok(Self {
             agent,
@@ -186,8 +191,10 @@ impl HiCache {
         self.batch_set(&[(key, value)])
     }
 
-    /// Stores every `(key, value)`. Each key appears complete or not at all; on an error none of
-    /// the batch's keys is published (file backends).
+    /// Stores every `(key, value)`. Each key holds either its previous page or its new one,
+    /// complete, whatever fails (file backends, atomic mode): an error before or during the
+    /// transfer publishes none of the batch's keys; an error renaming one key's file into place
+    /// still publishes the others, and the first error is returned.
     pub fn batch_set(&self, items: &[(&str, &[u8])]) -> Result<()> {
         let list = items
             .iter()
@@ -199,27 +206,41 @@ impl HiCache {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        if let Store::Files(f) = &self.store {
+            // Staged files are kept for the retry from a registered copy.
+            return self.write_files(f, &list, Some(items));
+        }
         match self.write(&list) {
             Err(e) if unregistered(&e) => {
-                // The values are not in registered memory: copy them into a registered buffer.
-                let total: usize = items.iter().map(|(_, v)| v.len()).sum();
-                let mut staging = self.agent.register(HostBuffer::new(total)?)?;
-                let base = staging.region().addr;
-                let mut staged = Vec::with_capacity(list.len());
-                let mut off = 0usize;
-                for ((_, v), item) in items.iter().zip(list) {
-                    staging.buffer_mut().as_mut_slice()[off..off + v.len()].copy_from_slice(v);
-                    staged.push(Item {
-                        name: item.name,
-                        addr: base + off as u64,
-                        len: v.len() as u64,
-                    });
-                    off += v.len();
-                }
+                let (_staging, addrs) = self.registered_copy(items)?;
+                let staged: Vec<Item> = list
+                    .into_iter()
+                    .zip(addrs)
+                    .map(|(item, addr)| Item { addr, ..item })
+                    .collect();
                 self.write(&staged)
             }
             other => other,
         }
+    }
+
+    /// The values copied into one registered buffer (for values outside registered memory),
+    /// and the address of each copy.
+    fn registered_copy(
+        &self,
+        items: &[(&str, &[u8])],
+    ) -> Result<(Registered<HostBuffer>, Vec<u64>)> {
+        let total: usize = items.iter().map(|(_, v)| v.len()).sum();
+        let mut staging = self.agent.register(HostBuffer::new(total)?)?;
+        let base = staging.region().addr;
+        let mut addrs = Vec::with_capacity(items.len());
+        let mut off = 0usize;
+        for (_, v) in items {
+            staging.buffer_mut().as_mut_slice()[off..off + v.len()].copy_from_slice(v);
+            addrs.push(base + off as u64);
+            off += v.len();
+        }
+        Ok((staging, addrs))
     }
 
     /// Stores the bytes at a registered host range under `key` (SGLang's address mode).
@@ -284,11 +305,12 @@ impl HiCache {
         self.read(&list).map_err(|e| raw_error(e, items))
     }
 
-    /// Whether `key` is stored (complete: writes publish atomically).
+    /// Whether `key` is stored (complete: writes publish atomically). For files: a regular file
+    /// (a symbolic link at the key is not followed and is no page).
     pub fn exists(&self, key: &str) -> Result<bool> {
         let name = self.storage_name(key)?;
         match &self.store {
-            Store::Files(f) => Ok(f.path(&name).is_file()),
+            Store::Files(f) => Ok(f.exists(&name)),
             Store::Objects(_) => self.object_key_matches(&name),
         }
     }
@@ -323,10 +345,11 @@ impl HiCache {
 
     /// Deletes every key of this connector (64-hex keys with this connector's suffix for file
     /// backends, including temp files of interrupted writes; the keys this instance wrote for
-    /// OBJ). Other files in the directory are never touched. Returns how many were removed.
+    /// OBJ). Other files in the directory are never touched, and no link is followed. Returns
+    /// how many were removed.
     pub fn clear(&self) -> Result<usize> {
         match &self.store {
-            Store::Files(f) => f.clear(&|rel| self.is_our_file(rel)),
+            Store::Files(f) => f.clear(),
             Store::Objects(o) => {
                 let mut n = 0;
                 for name in o.written() {
@@ -363,25 +386,9 @@ impl HiCache {
             .collect()
     }
 
-    fn is_our_file(&self, rel: &str) -> bool {
-        let base = rel.rsplit('/').next().unwrap_or(rel);
-        let name = match base.strip_prefix(".tmp.") {
-            // `.tmp.<name>.<pid>.<n>`
-            Some(t) => t.rsplitn(3, '.').nth(2).unwrap_or(""),
-            None => rel,
-        };
-        let Some(key) = name.strip_suffix(self.suffix.as_str()) else {
-            return false;
-        };
-        key.len() == 64
-            && key
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    }
-
     fn write(&self, items: &[Item]) -> Result<()> {
         match &self.store {
-            Store::Files(f) => self.write_files(f, items),
+            Store::Files(f) => self.write_files(f, items, None),
             Store::Objects(o) => self.write_objects(o, items),
         }
     }
@@ -393,7 +400,15 @@ impl HiCache {
         }
     }
 
-    fn write_files(&self, f: &FileStore, items: &[Item]) -> Result<()> {
+    /// Writes pages into fresh files and publishes them. `values`: the same pages as slices,
+    /// copied into registered memory and sent again if NIXL refuses `items`' addresses as
+    /// unregistered (the staged files are reused, not created twice).
+    fn write_files(
+        &self,
+        f: &FileStore,
+        items: &[Item],
+        values: Option<&[(&str, &[u8])]>,
+    ) -> Result<()> {
         let mut staged = Vec::with_capacity(items.len());
         for it in items {
             match f.stage(&self.agent, &it.name, it.len) {
@@ -412,14 +427,36 @@ impl HiCache {
                 remote.push(0, it.len, s.file.buffer().fd());
             }
         }
-        if let Err(e) = self.run(XferOp::Write, &local, &remote) {
+        let sent = match (self.run(XferOp::Write, &local, &remote), values) {
+            (Err(e), Some(values)) if unregistered(&e) => {
+                self.registered_copy(values).and_then(|(staging, addrs)| {
+                    let mut local = XferDescs::with_capacity(MemType::Dram, items.len());
+                    for (it, addr) in items.iter().zip(addrs) {
+                        if it.len > 0 {
+                            local.push(addr, it.len, 0);
+                        }
+                    }
+                    let sent = self.run(XferOp::Write, &local, &remote);
+                    drop(staging);
+                    sent
+                })
+            }
+            (sent, _) => sent,
+        };
+        if let Err(e) = sent {
             staged.into_iter().for_each(|s| f.discard(s));
             return Err(e);
         }
+        // Every key is published or keeps its previous page; one failed rename does not stop
+        // the others (their temp files would otherwise be lost with their pages).
+        let mut first = None;
         for s in staged {
-            f.publish(s)?;
+            if let Err(e) = f.publish(s) {
+                tracing::warn!(error = %e, "could not publish a page");
+                first.get_or_insert(e);
+            }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     fn read_files(&self, f: &FileStore, items: &[Item]) -> Result<Vec<bool>> {
@@ -429,7 +466,7 @@ impl HiCache {
         let mut remote = XferDescs::with_capacity(MemType::File, items.len());
         for (hit, it) in hits.iter_mut().zip(items) {
             if it.len == 0 {
-                *hit = f.path(&it.name).is_file();
+                *hit = f.exists(&it.name);
                 continue;
             }
             if let Some(file) = f.open_for_read(&self.agent, &it.name, it.len)? {

@@ -144,10 +144,20 @@ impl KeySuffix {
     }
 }
 
-/// Why a key was refused.
+/// The longest storage name (key plus suffix) in bytes: S3's limit on object keys, and well
+/// inside Linux's `PATH_MAX` with the directory in front.
+pub const MAX_KEY_LEN: usize = 1024;
+/// The longest `/`-separated component of a storage name in bytes: a directory entry's limit
+/// (`NAME_MAX`) on Linux file systems. A 64-hex key leaves 191 bytes for the suffix.
+pub const MAX_KEY_COMPONENT_LEN: usize = 255;
+
+/// Why a storage name (key plus suffix) was refused.
 pub(crate) fn validate(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("empty");
+    }
+    if name.len() > MAX_KEY_LEN {
+        return Err("longer than 1024 bytes with its suffix (MAX_KEY_LEN)");
     }
     if name.starts_with('/') {
         return Err("absolute path");
@@ -159,8 +169,13 @@ pub(crate) fn validate(name: &str) -> Result<(), &'static str> {
         if part.is_empty() || part == "." || part == ".." {
             return Err("empty, `.` or `..` path component");
         }
-        if part.starts_with(".tmp.") {
-            return Err("reserved `.tmp.` prefix");
+        if part.len() > MAX_KEY_COMPONENT_LEN {
+            return Err(
+                "a `/`-separated component is longer than 255 bytes with the suffix (MAX_KEY_COMPONENT_LEN)",
+            );
+        }
+        if part.starts_with(".tmp.") || part.starts_with(".tmp-") {
+            return Err("reserved `.tmp.`/`.tmp-` prefix (temp files)");
         }
     }
     Ok(())

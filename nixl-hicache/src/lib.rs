@@ -46,4 +46,4 @@ pub use connector::{HiCache, RawTarget, create_file, open_files};
 #[cfg(feature = "cuda")]
 pub use device::{DevicePage, DeviceStaging};
 pub use error::{Error, Result};
-pub use key::{KeySuffix, page_key, page_keys};
+pub use key::{KeySuffix, MAX_KEY_COMPONENT_LEN, MAX_KEY_LEN, page_key, page_keys};
