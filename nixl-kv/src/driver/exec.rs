@@ -139,7 +139,10 @@ fn run(
 pub(crate) fn progress(agent: &Agent) {
     let mut stray = Vec::new();
     if agent.drain_notifications(&mut stray).is_ok() && !stray.is_empty() {
-        tracing::debug!(count = stray.len(), "prefill agent received notifications; ignored");
+        tracing::debug!(
+            count = stray.len(),
+            "prefill agent received notifications; ignored"
+        );
     }
 }
 

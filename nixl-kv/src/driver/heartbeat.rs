@@ -45,7 +45,9 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), Error> {
                         for (key, ranks) in pools {
                             let now: Result<Vec<_>, String> = ranks
                                 .iter()
-                                .map(|&r| client.rank_info(r, key.dp_group).map_err(|e| e.to_string()))
+                                .map(|&r| {
+                                    client.rank_info(r, key.dp_group).map_err(|e| e.to_string())
+                                })
                                 .collect();
                             lock(&d.core).pool_checked(&key, now);
                         }

@@ -9,8 +9,8 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nixl_wire::http::{ParallelInfo, RankInfo};
 use nixl_wire::ext::{self, ProofNotice};
+use nixl_wire::http::{ParallelInfo, RankInfo};
 use nixl_wire::{
     AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PageIndex, RoomId, TransferInfo,
 };
@@ -685,8 +685,12 @@ impl DecodeCore {
         let Some((ptp, pdp)) = self.prefills.get(bootstrap).and_then(|p| p.parallel) else {
             return Vec::new();
         };
-        let Ok(t) = targets(self.me.tp_per_dp, ptp / pdp.max(1), self.me.engine_rank, self.me.is_mla)
-        else {
+        let Ok(t) = targets(
+            self.me.tp_per_dp,
+            ptp / pdp.max(1),
+            self.me.engine_rank,
+            self.me.is_mla,
+        ) else {
             return Vec::new();
         };
         self.pools

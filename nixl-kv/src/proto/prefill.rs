@@ -260,7 +260,12 @@ impl PrefillCore {
         let mut h = Sha256::new();
         h.update(p.seed);
         h.update(agent.as_str().as_bytes());
-        Some(h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect())
+        Some(
+            h.finalize()[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        )
     }
 
     /// Our layout.
@@ -505,8 +510,8 @@ impl PrefillCore {
         if conflict {
             tracing::warn!(room = %room_id, agent = %t.agent, "conflicting transfer info refused");
             if known.is_none() && self.peers.contains_key(&t.agent) {
-                let payload = Notification::fail(room_id, &FailureReason::RoomClaimed.to_string())
-                    .encode();
+                let payload =
+                    Notification::fail(room_id, &FailureReason::RoomClaimed.to_string()).encode();
                 self.commands.push_back(Command::Notify {
                     agents: vec![t.agent],
                     payload,
@@ -900,7 +905,9 @@ impl PrefillCore {
             .iter()
             .filter(|(a, p)| {
                 now.saturating_duration_since(p.last_seen) >= idle
-                    && !rooms.values().any(|r| r.infos.iter().any(|i| &i.agent == *a))
+                    && !rooms
+                        .values()
+                        .any(|r| r.infos.iter().any(|i| &i.agent == *a))
             })
             .map(|(a, _)| a.clone())
             .collect();
