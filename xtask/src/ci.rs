@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::{cmd, demo, deps, fuzz, prereq, ptx, runtime, tidy, wheel};
+use crate::{cmd, demo, deps, faults, fuzz, prereq, ptx, runtime, tidy, wheel};
 
 /// Features that turn on the tests needing the real NIXL runtime and the local S3 server.
 pub(crate) const RUNTIME_TEST_FEATURES: &str = "nixl-core/nixl-runtime-tests,nixl-testkit/nixl-runtime-tests,nixl-hicache/nixl-runtime-tests,nixl-kv/nixl-runtime-tests,nixl-core/cuda";
@@ -116,6 +116,10 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
             let built = wheel::build(root)?;
             wheel::test(root, &built)
         },
+    )?;
+    step(
+        "faults (prefill and decode in two network namespaces: delay, loss, cuts, kills)",
+        || faults::run(root, &faults::FaultsArgs::ci()),
     )?;
     println!(
         "xtask ci: all steps passed in {:.0}s",

@@ -14,6 +14,7 @@ mod ci;
 mod cmd;
 mod demo;
 mod deps;
+mod faults;
 mod fuzz;
 mod gpu;
 mod prereq;
@@ -59,6 +60,8 @@ enum Task {
     Bench(bench::BenchArgs),
     /// The main job: a prefill and a decode moving KV pages over NIXL (see README).
     Demo(demo::DemoArgs),
+    /// Multi-host faults, simulated: prefill and decode in two network namespaces (root).
+    Faults(faults::FaultsArgs),
     /// Build the nixl-rs Python wheel (crate nixl-py) into target/wheels; `--test` runs its
     /// tests against SGLang 0.5.1.post3.
     Wheel(wheel::WheelArgs),
@@ -83,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         Task::Ptx(args) => ptx::run(&root, &args),
         Task::Bench(args) => bench::run(&root, &args),
         Task::Demo(args) => demo::run(&root, &args),
+        Task::Faults(args) => faults::run(&root, &args),
         Task::Wheel(args) => wheel::run(&root, &args),
     }
 }

@@ -128,3 +128,42 @@ pub(crate) fn ensure_python_peer(root: &Path) -> anyhow::Result<PathBuf> {
     std::fs::write(&marker, b"")?;
     Ok(venv)
 }
+
+/// `ip` and `tc` (iproute2) and `iptables` for `cargo xtask faults`: installed with apt when
+/// running as root, otherwise stops with the command to run.
+pub(crate) fn ensure_net_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = [
+        ("ip", "iproute2"),
+        ("tc", "iproute2"),
+        ("iptables", "iptables"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| !cmd::exists(tool) && !Path::new("/usr/sbin").join(tool).is_file())
+    .map(|(_, package)| package)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut packages = missing;
+    packages.dedup();
+    if !is_root() {
+        bail!(
+            "the fault tests need {packages:?}; run: sudo apt-get install -y {}",
+            packages.join(" ")
+        );
+    }
+    println!("installing {packages:?} with apt");
+    let install = || {
+        cmd::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install().is_err() {
+        cmd::run(Command::new("apt-get").arg("update"))?;
+        install()?;
+    }
+    Ok(())
+}
