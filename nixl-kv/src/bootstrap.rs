@@ -138,11 +138,21 @@ struct Table {
     entries: usize,
 }
 
+/// How a registration for a taken (group, rank) learns whether the registered rank is alive.
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    /// A TCP connect to it ([`ServerLimits::probe_timeout`]).
+    Tcp,
+    /// No IO: this answer ([`serve_stream`]).
+    Assume(bool),
+}
+
 #[derive(Debug)]
 struct State {
     table: Mutex<Table>,
     limits: ServerLimits,
     health: bool,
+    probe: Probe,
     /// Warnings that clients can trigger.
     warn: Mutex<RateLog>,
 }
@@ -202,6 +212,7 @@ impl BootstrapServer {
             table: Mutex::new(Table::default()),
             limits,
             health,
+            probe: Probe::Tcp,
             warn: Mutex::new(RateLog::new(20)),
         });
         let (stop, stopped) = oneshot::channel::<()>();
@@ -298,6 +309,15 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
 }
 
 async fn connection(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
+    serve_io(stream, peer, state).await;
+}
+
+/// One client connection over any byte stream: hyper's HTTP/1 server with the limits, then
+/// [`handle`] for every request.
+async fn serve_io<I>(io: I, peer: SocketAddr, state: Arc<State>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let limits = &state.limits;
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -311,7 +331,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
         let state = Arc::clone(&svc_state);
         async move { Ok::<_, Infallible>(handle(req, peer, &state).await) }
     });
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
         tracing::debug!(%peer, error = %e, "bootstrap connection ended");
     }
 }
@@ -469,7 +489,11 @@ async fn register(state: &State, reg: PrefillRegistration, peer: SocketAddr) -> 
             }
         }
     };
-    if accepts_connections(&old, state.limits.probe_timeout).await {
+    let alive = match state.probe {
+        Probe::Tcp => accepts_connections(&old, state.limits.probe_timeout).await,
+        Probe::Assume(alive) => alive,
+    };
+    if alive {
         warn_limited!(
             state,
             %peer,
@@ -499,6 +523,59 @@ async fn register(state: &State, reg: PrefillRegistration, peer: SocketAddr) -> 
     );
     *slot = info;
     Registered::Ok
+}
+
+/// The registration table after [`serve_stream`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct TableSnapshot {
+    /// The TP size set by the first registration.
+    pub tp_size: Option<u32>,
+    /// The DP size set by the first registration.
+    pub dp_size: Option<u32>,
+    /// Every (DP group, rank) entry, sorted.
+    pub ranks: Vec<(u32, u32, RankInfo)>,
+    /// The table's count of entries (always `ranks.len()`).
+    pub entries: usize,
+}
+
+/// Serves one client's byte stream with exactly the server's per-connection handling (hyper
+/// with [`ServerLimits`]' head, body and timeout bounds, then the routes and the registration
+/// rule) on a fresh table, without sockets; for fuzzing and tests. No TCP probe is made: a
+/// registered rank counts as alive when `registered_alive`. The client is `127.0.0.1:1`.
+///
+/// Runs until the connection ends (the client closes, or a timeout closes it: run it on a
+/// runtime with time enabled, paused time makes the timeouts instant). Returns the table.
+pub async fn serve_stream<I>(io: I, limits: ServerLimits, registered_alive: bool) -> TableSnapshot
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let state = Arc::new(State {
+        table: Mutex::new(Table::default()),
+        limits,
+        health: true,
+        probe: Probe::Assume(registered_alive),
+        warn: Mutex::new(RateLog::new(20)),
+    });
+    serve_io(
+        io,
+        SocketAddr::from(([127, 0, 0, 1], 1)),
+        Arc::clone(&state),
+    )
+    .await;
+    let t = state.table.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ranks: Vec<(u32, u32, RankInfo)> = t
+        .ranks
+        .iter()
+        .flat_map(|(&g, m)| m.iter().map(move |(&r, i)| (g, r, i.clone())))
+        .collect();
+    ranks.sort_by_key(|&(g, r, _)| (g, r));
+    TableSnapshot {
+        tp_size: t.tp_size,
+        dp_size: t.dp_size,
+        ranks,
+        entries: t.entries,
+    }
 }
 
 /// Whether a TCP connect to a registered rank succeeds within `timeout`.
@@ -702,6 +779,68 @@ mod tests {
             .unwrap();
         assert_eq!(resp.status().as_u16(), 400);
         assert_eq!(c.rank_info(0, 0).unwrap().rank_port, 41943);
+    }
+
+    fn serve(input: &[u8], alive: bool) -> (TableSnapshot, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, server) = tokio::io::duplex(1 << 16);
+            let (mut rd, mut wr) = tokio::io::split(client);
+            let input = input.to_vec();
+            let write = async move {
+                // Not shut down: hyper (without half-close) would drop pipelined requests.
+                wr.write_all(&input).await.unwrap();
+                wr
+            };
+            let read = async move {
+                let mut out = Vec::new();
+                rd.read_to_end(&mut out).await.unwrap();
+                String::from_utf8_lossy(&out).into_owned()
+            };
+            let (table, _wr, out) = tokio::join!(
+                serve_stream(server, ServerLimits::default(), alive),
+                write,
+                read
+            );
+            (table, out)
+        })
+    }
+
+    #[test]
+    fn serve_stream_is_the_server_without_sockets() {
+        let body = |port: u16| {
+            format!(
+                r#"{{"role": "Prefill", "tp_size": 1, "dp_size": 1, "rank_ip": "127.0.0.1", "rank_port": {port}, "engine_rank": 0}}"#
+            )
+        };
+        let put = |port| {
+            let b = body(port);
+            format!(
+                "PUT /route HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            )
+        };
+        let get = "GET /route?engine_rank=0&target_dp_group=0 HTTP/1.1\r\nHost: x\r\n\
+                   Connection: close\r\n\r\n";
+        let input = format!("{}{}{get}", put(41000), put(41001));
+        // The registered rank is alive: the second PUT is refused and the first stays.
+        let (table, out) = serve(input.as_bytes(), true);
+        assert_eq!(table.entries, 1);
+        assert_eq!(table.ranks[0].2.rank_port, 41000);
+        assert!(out.contains("409 Conflict"), "{out}");
+        assert!(out.contains(r#"{"rank_ip": "127.0.0.1", "rank_port": 41000}"#));
+        // Dead: it is replaced.
+        let (table, out) = serve(input.as_bytes(), false);
+        assert_eq!(table.ranks[0].2.rank_port, 41001);
+        assert!(!out.contains("409"), "{out}");
+        // Garbage gets a 400 and leaves the table empty.
+        let (table, out) = serve(b"\x00\x01 nonsense\r\n\r\n", true);
+        assert_eq!(table.entries, 0);
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     }
 
     #[test]

@@ -373,7 +373,21 @@ async fn connection(
     sink: &mpsc::Sender<Vec<Bytes>>,
 ) -> Result<(), PeerError> {
     let _ = stream.set_nodelay(true);
-    let (r, mut w) = stream.into_split();
+    let (r, w) = stream.into_split();
+    session(r, w, limits, sink).await
+}
+
+/// One peer over any byte stream: what [`connection`] does after the socket is split.
+async fn session<R, W>(
+    r: R,
+    mut w: W,
+    limits: &PullLimits,
+    sink: &mpsc::Sender<Vec<Bytes>>,
+) -> Result<(), PeerError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut r = BufReader::with_capacity(READ_BUF, r);
     let greeted = tokio::time::timeout(limits.handshake_timeout, handshake(&mut r, &mut w, limits))
         .await
@@ -547,6 +561,47 @@ where
     Ok(())
 }
 
+/// What one peer's byte stream did to the listener: see [`replay`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Replay {
+    /// The complete messages the listener would have delivered, in order.
+    pub messages: Vec<Vec<Bytes>>,
+    /// What the listener wrote back (its greeting, `READY`, `PONG`s).
+    pub written: Vec<u8>,
+    /// How the connection ended: `Ok` on a clean EOF between messages, else why it was dropped.
+    pub outcome: Result<(), String>,
+}
+
+/// Runs one peer's byte stream through exactly the per-connection logic of the listener
+/// ([`PullListener`]: greeting, `READY`, frames, commands, every limit of `limits`) over
+/// in-memory IO, without sockets; for fuzzing and tests.
+///
+/// Must run on a tokio runtime with time enabled (the handshake and message timeouts are
+/// armed as on a socket).
+pub async fn replay<R: AsyncRead + Unpin>(input: R, limits: &PullLimits) -> Replay {
+    let (tx, mut rx) = mpsc::channel(QUEUE);
+    let mut written = Vec::new();
+    let run = async {
+        let outcome = session(input, &mut written, limits, &tx).await;
+        drop(tx);
+        outcome
+    };
+    let collect = async {
+        let mut messages = Vec::new();
+        while let Some(m) = rx.recv().await {
+            messages.push(m);
+        }
+        messages
+    };
+    let (outcome, messages) = tokio::join!(run, collect);
+    Replay {
+        messages,
+        written,
+        outcome: outcome.map_err(|e| e.to_string()),
+    }
+}
+
 /// A PULL listener on its own thread (a current-thread tokio runtime) that hands every message
 /// to a callback on that thread; stops when dropped.
 pub struct PullListener {
@@ -670,6 +725,58 @@ mod tests {
         assert!(socket_type(&[11, b'S']).is_err());
         assert!(socket_type(&[1, b'a', 0, 0, 0, 9, b'x']).is_err());
         assert!(socket_type(&[1, b'a', 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    fn peer_stream(frames: &[&[u8]], long_header: Option<u64>) -> Vec<u8> {
+        let mut s = greeting().to_vec();
+        let mut ready = vec![0x04, 0];
+        ready.extend_from_slice(&[5, b'R', b'E', b'A', b'D', b'Y', 11]);
+        ready.extend_from_slice(b"Socket-Type");
+        ready.extend_from_slice(&4u32.to_be_bytes());
+        ready.extend_from_slice(b"PUSH");
+        ready[1] = (ready.len() - 2) as u8;
+        s.extend_from_slice(&ready);
+        for (i, f) in frames.iter().enumerate() {
+            s.push(u8::from(i + 1 < frames.len()));
+            s.push(f.len() as u8);
+            s.extend_from_slice(f);
+        }
+        if let Some(len) = long_header {
+            s.push(0x02);
+            s.extend_from_slice(&len.to_be_bytes());
+        }
+        s
+    }
+
+    fn run_replay(input: &[u8]) -> Replay {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(replay(input, &PullLimits::default()))
+    }
+
+    #[test]
+    fn replay_delivers_what_the_listener_would() {
+        let r = run_replay(&peer_stream(&[b"NixlMsgGuard", b"1", b""], None));
+        assert_eq!(r.outcome, Ok(()));
+        assert_eq!(
+            r.messages,
+            vec![vec![
+                Bytes::from_static(b"NixlMsgGuard"),
+                Bytes::from_static(b"1"),
+                Bytes::new()
+            ]]
+        );
+        assert!(r.written.starts_with(&greeting()));
+        assert!(r.written.ends_with(&ready()));
+        // A 2^62-byte header is refused before any allocation; earlier messages stand.
+        let r = run_replay(&peer_stream(&[b"x"], Some(1 << 62)));
+        assert_eq!(r.messages.len(), 1);
+        assert!(r.outcome.unwrap_err().contains("over limit"));
+        // Cut inside the handshake.
+        assert!(run_replay(&greeting()[..30]).outcome.is_err());
+        assert_eq!(run_replay(b"").outcome, Ok(()));
     }
 
     #[test]

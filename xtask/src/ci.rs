@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::{cmd, demo, deps, faults, fuzz, prereq, ptx, runtime, tidy, wheel};
+use crate::{cmd, demo, deps, faults, fuzz, prereq, ptx, runtime, soak, tidy, wheel};
 
 /// Features that turn on the tests needing the real NIXL runtime and the local S3 server.
 pub(crate) const RUNTIME_TEST_FEATURES: &str = "nixl-core/nixl-runtime-tests,nixl-testkit/nixl-runtime-tests,nixl-hicache/nixl-runtime-tests,nixl-kv/nixl-runtime-tests,nixl-core/cuda";
@@ -103,9 +103,22 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
             ]))
         },
     )?;
-    step("fuzz (nixl-wire dispatch, 10 s)", || {
-        fuzz::run(root, &fuzz::FuzzArgs { seconds: 10 })
-    })?;
+    step(
+        "soak (one prefill, three decodes, aborts, kills, hostile senders; 30 s, tables flat)",
+        || soak::run(root, &soak::SoakArgs::ci()),
+    )?;
+    step(
+        &format!("fuzz ({}: 10 s each)", fuzz::target_names().join(", ")),
+        || {
+            fuzz::run(
+                root,
+                &fuzz::FuzzArgs {
+                    seconds: 10,
+                    target: None,
+                },
+            )
+        },
+    )?;
     step(
         "ptx (the committed staging PTX names its source's hash)",
         || ptx::check_hash(root),

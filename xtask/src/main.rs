@@ -20,6 +20,7 @@ mod gpu;
 mod prereq;
 mod ptx;
 mod runtime;
+mod soak;
 mod tidy;
 mod wheel;
 
@@ -60,6 +61,9 @@ enum Task {
     Bench(bench::BenchArgs),
     /// The main job: a prefill and a decode moving KV pages over NIXL (see README).
     Demo(demo::DemoArgs),
+    /// A bounded soak: one prefill, several decodes, aborts, kills and hostile senders; RSS,
+    /// fds and tables must stay flat.
+    Soak(soak::SoakArgs),
     /// Multi-host faults, simulated: prefill and decode in two network namespaces (root).
     Faults(faults::FaultsArgs),
     /// Build the nixl-rs Python wheel (crate nixl-py) into target/wheels; `--test` runs its
@@ -86,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         Task::Ptx(args) => ptx::run(&root, &args),
         Task::Bench(args) => bench::run(&root, &args),
         Task::Demo(args) => demo::run(&root, &args),
+        Task::Soak(args) => soak::run(&root, &args),
         Task::Faults(args) => faults::run(&root, &args),
         Task::Wheel(args) => wheel::run(&root, &args),
     }

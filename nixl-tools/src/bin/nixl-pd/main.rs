@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! nixl-pd prefill --bootstrap-port P --layers L [--mla] --page-bytes B --pages N [--aux-slots S]
-//!                 [--hidden-size H] [--aux-layout sglang|legacy] [--chunk-pages K] [--seed X]
+//!                 [--hidden-size H] [--aux-layout sglang|legacy] [--chunk-pages K]
+//!                 [--stats-every SECS] [--abort-one-in K]
 //! nixl-pd decode  --bootstrap HOST:P --layers L [--mla] --page-bytes B --pages N
 //!                 [--prefill-pages NP] [--hidden-size H] [--aux-layout sglang|legacy]
 //!                 --requests R --pages-per-request M [--concurrency C] [--seed X]
-//!                 [--aux-verify all|first] [--json] [--no-verify]
+//!                 [--aux-verify all|first] [--json] [--no-verify] [--seconds S]
+//!                 [--abort-one-in K] [--allow-failures]
 //! nixl-pd doctor  [--device cpu|gpu:N] [--peer-device cpu|gpu:N]
 //! ```
 //!
@@ -18,6 +20,15 @@
 //! (16 × int32), logprob values (16 × f32), logprob indices (16 × int32), top-logprob values
 //! (128 × f32), top-logprob indices (128 × int32) and hidden states (`--hidden-size` × bf16).
 //! Both sides must agree on the layout: a prefill lowers aux copies with its own row lengths.
+//!
+//! Agent names carry a random UUID (version 4) and rooms are random 63-bit ids, both from the
+//! OS's entropy, as SGLang's: a peer on the network can guess neither. `--seed` makes a decode's
+//! rooms and pages reproducible instead (and guessable; two decodes with one seed collide).
+//!
+//! The prefill's loop sleeps: it polls its active senders every [`POLL_ACTIVE`], looks for new
+//! rooms every [`SCAN_BUSY`] while any are active, and when idle backs off to a scan every
+//! [`SCAN_IDLE`]; a scan (which walks every room the manager holds) is never more than about 2 %
+//! of the time, however many orphan rooms there are.
 #![forbid(unsafe_code)]
 #![allow(
     clippy::print_stdout,
@@ -39,7 +50,16 @@ use nixl_kv::bootstrap::BootstrapServer;
 use nixl_kv::{
     FailureReason, KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig, RoomId,
 };
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
+
+/// Sleep between polls of a prefill's active senders.
+const POLL_ACTIVE: Duration = Duration::from_micros(100);
+/// A busy prefill's interval between looks for new rooms.
+const SCAN_BUSY: Duration = Duration::from_millis(1);
+/// The longest interval between looks for new rooms, reached by doubling while idle.
+const SCAN_IDLE: Duration = Duration::from_millis(16);
+/// A scan for new rooms takes at most 1/this of the time.
+const SCAN_COST_RATIO: u32 = 50;
 
 /// Which aux buffers each slot has.
 #[derive(Clone, Copy, ValueEnum)]
@@ -106,9 +126,10 @@ struct Pool {
     /// Aux buffers per slot; must match the peer's.
     #[arg(long, value_enum, default_value_t = AuxLayout::Sglang)]
     aux_layout: AuxLayout,
-    /// Seed.
-    #[arg(long, default_value_t = 1234)]
-    seed: u64,
+    /// Draw the decode's rooms and pages from this seed, for reproducible runs (rooms then are
+    /// guessable, and two decodes with one seed collide). Default: unguessable, from the OS.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Where the KV pool lives: `cpu` (host memory) or `gpu:N` (GPU N; aux stays in host
     /// memory, as in SGLang).
     #[arg(long, default_value = "cpu")]
@@ -138,6 +159,13 @@ enum Role {
         /// Pages per chunk (default: the whole request in one chunk).
         #[arg(long)]
         chunk_pages: Option<usize>,
+        /// Print a `prefill stats:` line on stderr every this many seconds: the manager's
+        /// tables, active senders, rooms served/failed/aborted, RSS and open descriptors.
+        #[arg(long)]
+        stats_every: Option<f64>,
+        /// Test knob: abort about one room in K (at a random chunk), as a scheduler would.
+        #[arg(long)]
+        abort_one_in: Option<u32>,
     },
     /// Run requests against a prefill and verify every byte.
     Decode {
@@ -163,6 +191,17 @@ enum Role {
         /// Skip byte verification (benchmarks only; the summary says so).
         #[arg(long)]
         no_verify: bool,
+        /// Stop starting requests after this many seconds (then finish those in flight).
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Test knob: abort about one request in K at a random moment after it starts (its
+        /// pages and aux slot are then not reused for 30 s, as a late write could still land).
+        #[arg(long)]
+        abort_one_in: Option<u32>,
+        /// Exit 0 even if requests failed with a reason (never for wrong bytes or a failure
+        /// without a reason).
+        #[arg(long)]
+        allow_failures: bool,
     },
     /// Print where the NIXL runtime was found, the UCX and NIXL settings in force, and whether
     /// UCX would emulate the KV transfers for these memory types; fail if there is no runtime.
@@ -192,7 +231,20 @@ fn main() -> anyhow::Result<()> {
             bootstrap_port,
             host,
             chunk_pages,
-        } => prefill(&pool, bootstrap_port, &host, chunk_pages),
+            stats_every,
+            abort_one_in,
+        } => prefill(
+            &pool,
+            bootstrap_port,
+            &host,
+            &PrefillOpts {
+                chunk: chunk_pages,
+                stats_every: stats_every
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .map(Duration::from_secs_f64),
+                abort_one_in: abort_one_in.filter(|&k| k > 0),
+            },
+        ),
         Role::Decode {
             pool,
             bootstrap,
@@ -203,18 +255,28 @@ fn main() -> anyhow::Result<()> {
             aux_verify,
             json,
             no_verify,
+            seconds,
+            abort_one_in,
+            allow_failures,
         } => {
             let np = prefill_pages.unwrap_or(pool.pages);
             let verify = if no_verify { None } else { Some(aux_verify) };
             decode(
                 &pool,
                 &bootstrap,
-                np,
-                requests,
-                pages_per_request,
-                concurrency.max(1),
-                verify,
-                json,
+                &DecodeOpts {
+                    prefill_pages: np,
+                    requests,
+                    per_request: pages_per_request,
+                    concurrency: concurrency.max(1),
+                    aux_verify: verify,
+                    json,
+                    seconds: seconds
+                        .filter(|s| s.is_finite() && *s >= 0.0)
+                        .map(Duration::from_secs_f64),
+                    abort_one_in: abort_one_in.filter(|&k| k > 0),
+                    allow_failures,
+                },
             )
         }
         Role::Doctor(_) => Ok(()),
@@ -291,11 +353,26 @@ struct Memory {
     aux_items: Vec<u64>,
 }
 
+/// A random (version 4) UUID, from the OS's entropy through rand's thread generator (a CSPRNG
+/// seeded from the OS), as SGLang names its agents with `uuid.uuid4()`.
+fn uuid4() -> String {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
 fn memory(pool: &Pool, role: &str) -> anyhow::Result<Memory> {
-    let agent = Agent::new(
-        &format!("pd-{role}-{}", std::process::id()),
-        &AgentConfig::default(),
-    )?;
+    let agent = Agent::new(&format!("pd-{role}-{}", uuid4()), &AgentConfig::default())?;
     agent.create_backend(BackendKind::Ucx, &BackendParams::new())?;
     let buffers = if pool.mla {
         pool.layers
@@ -358,7 +435,44 @@ fn aux_byte(room: u64, k: usize, j: usize) -> u8 {
     (room.wrapping_add(17 * k as u64).wrapping_add(j as u64) % 256) as u8
 }
 
-fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::Result<()> {
+struct PrefillOpts {
+    chunk: Option<usize>,
+    stats_every: Option<Duration>,
+    abort_one_in: Option<u32>,
+}
+
+/// A room being sent: its sender, source pages, pages sent so far, and the page count at
+/// which the abort knob aborts it.
+struct Active {
+    tx: KvSender,
+    src: Vec<u32>,
+    sent: usize,
+    abort_at: Option<usize>,
+}
+
+/// What a prefill has done, for its stats line.
+#[derive(Default)]
+struct Counts {
+    served: u64,
+    failed: u64,
+    aborted: u64,
+}
+
+/// This process's resident set (kB, from `/proc/self/status`) and open descriptors.
+fn rss_and_fds() -> (u64, usize) {
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    (rss, fds)
+}
+
+fn prefill(pool: &Pool, port: u16, host: &str, opts: &PrefillOpts) -> anyhow::Result<()> {
     let mut m = memory(pool, "prefill")?;
     let page = pool.page_bytes as usize;
     for b in 0..m.kv.len() {
@@ -383,45 +497,99 @@ fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::
         m.kv.len(),
         pool.pages
     );
-    let mut active: HashMap<u64, (KvSender, Vec<u32>, usize)> = HashMap::new();
+    let mut rng = rand::rng();
+    let mut active: HashMap<u64, Active> = HashMap::new();
+    let mut counts = Counts::default();
     let mut next_slot = 0u32;
     // Per-room time from claiming the room (all decode infos arrived) to both transfers done,
     // summarised on stderr every 20 rooms: the transfer time as this side sees it, to tell
     // apart from what the decode measures (which adds the ZMQ request and the notification).
     let mut claimed: HashMap<u64, Instant> = HashMap::new();
     let mut served: Vec<Duration> = Vec::new();
+    let mut scan_every = SCAN_BUSY;
+    let mut next_scan = Instant::now();
+    let mut next_stats = opts.stats_every.map(|d| Instant::now() + d);
     loop {
-        for unclaimed in mgr.unclaimed_rooms() {
-            let (room, n) = (unclaimed.room.get(), unclaimed.pages);
-            let slot = next_slot % pool.aux_slots;
-            next_slot = next_slot.wrapping_add(1);
-            for (k, aux) in m.aux.iter_mut().enumerate() {
-                let item = m.aux_items[k] as usize;
-                let row = &mut aux.buffer_mut().as_mut_slice()
-                    [slot as usize * item..(slot as usize + 1) * item];
-                for (j, b) in row.iter_mut().enumerate() {
-                    *b = aux_byte(room, k, j);
+        let now = Instant::now();
+        if now >= next_scan {
+            let scan_start = Instant::now();
+            let unclaimed = mgr.unclaimed_rooms();
+            let cost = scan_start.elapsed();
+            let found = !unclaimed.is_empty();
+            for unclaimed in unclaimed {
+                let (room, n) = (unclaimed.room.get(), unclaimed.pages);
+                if n == 0 || active.contains_key(&room) {
+                    // nixl-kv never offers a room without pages (dummy infos only); a sender
+                    // for one would wait forever.
+                    continue;
                 }
+                let slot = next_slot % pool.aux_slots;
+                next_slot = next_slot.wrapping_add(1);
+                for (k, aux) in m.aux.iter_mut().enumerate() {
+                    let item = m.aux_items[k] as usize;
+                    let row = &mut aux.buffer_mut().as_mut_slice()
+                        [slot as usize * item..(slot as usize + 1) * item];
+                    for (j, b) in row.iter_mut().enumerate() {
+                        *b = aux_byte(room, k, j);
+                    }
+                }
+                claimed.insert(room, Instant::now());
+                let mut tx = KvSender::new(&mgr, RoomId::new(room))?;
+                tx.init(n, slot);
+                let src: Vec<u32> = (0..u64::from(n))
+                    .map(|i| (room.wrapping_add(97 * i) % u64::from(pool.pages)) as u32)
+                    .collect();
+                let abort_at = opts
+                    .abort_one_in
+                    .filter(|&k| rng.random_range(0..k) == 0)
+                    .map(|_| rng.random_range(0..src.len()));
+                active.insert(
+                    room,
+                    Active {
+                        tx,
+                        src,
+                        sent: 0,
+                        abort_at,
+                    },
+                );
             }
-            claimed.insert(room, Instant::now());
-            let mut tx = KvSender::new(&mgr, RoomId::new(room))?;
-            tx.init(n, slot);
-            let src: Vec<u32> = (0..u64::from(n))
-                .map(|i| (room.wrapping_add(97 * i) % u64::from(pool.pages)) as u32)
-                .collect();
-            active.insert(room, (tx, src, 0));
+            // Busy (or just found work): scan often; idle: back off, doubling up to SCAN_IDLE.
+            scan_every = if found || !active.is_empty() {
+                SCAN_BUSY
+            } else {
+                (scan_every * 2).min(SCAN_IDLE)
+            };
+            // However many rooms the manager holds, scanning stays a small share of the time.
+            scan_every = scan_every.max(cost * SCAN_COST_RATIO);
+            next_scan = Instant::now() + scan_every;
         }
         let mut finished = Vec::new();
-        for (room, (tx, src, sent)) in active.iter_mut() {
-            if *sent < src.len() {
-                let k = chunk.unwrap_or(src.len()).max(1).min(src.len() - *sent);
-                tx.send(&src[*sent..*sent + k]);
-                *sent += k;
+        for (room, a) in active.iter_mut() {
+            if a.abort_at.is_some_and(|at| a.sent >= at) {
+                a.abort_at = None;
+                a.tx.abort("nixl-pd --abort-one-in");
+            } else if a.sent < a.src.len() {
+                let k = opts
+                    .chunk
+                    .unwrap_or(a.src.len())
+                    .max(1)
+                    .min(a.src.len() - a.sent);
+                a.tx.send(&a.src[a.sent..a.sent + k]);
+                a.sent += k;
             }
-            match tx.poll() {
-                KvPoll::Success => finished.push(*room),
+            match a.tx.poll() {
+                KvPoll::Success => {
+                    counts.served += 1;
+                    finished.push(*room);
+                }
                 KvPoll::Failed => {
-                    eprintln!("prefill: room {room} failed: {}", reason(tx.failure()));
+                    let why = a.tx.failure();
+                    if matches!(why, Some(FailureReason::Aborted(_))) {
+                        counts.aborted += 1;
+                    } else {
+                        counts.failed += 1;
+                        eprintln!("prefill: room {room} failed: {}", reason(why));
+                    }
                     finished.push(*room);
                 }
                 _ => {}
@@ -443,8 +611,31 @@ fn prefill(pool: &Pool, port: u16, host: &str, chunk: Option<usize>) -> anyhow::
             );
             served.clear();
         }
-        if active.is_empty() {
-            std::thread::sleep(Duration::from_micros(200));
+        if let (Some(at), Some(every)) = (next_stats, opts.stats_every)
+            && Instant::now() >= at
+        {
+            let t = mgr.table_sizes();
+            let (rss_kb, fds) = rss_and_fds();
+            eprintln!(
+                "prefill stats: rooms={} peers={} active={} served={} failed={} aborted={} rss_kb={rss_kb} fds={fds}",
+                t.prefill_rooms,
+                t.peers,
+                active.len(),
+                counts.served,
+                counts.failed,
+                counts.aborted
+            );
+            next_stats = Some(Instant::now() + every);
+        }
+        let wake = if active.is_empty() {
+            next_scan
+        } else {
+            next_scan.min(Instant::now() + POLL_ACTIVE)
+        };
+        let wake = next_stats.map_or(wake, |t| wake.min(t));
+        let nap = wake.saturating_duration_since(Instant::now());
+        if !nap.is_zero() {
+            std::thread::sleep(nap);
         }
     }
 }
@@ -454,19 +645,43 @@ struct Request {
     pages: Vec<u32>,
     slot: u32,
     start: Instant,
+    /// The abort knob aborts it then.
+    abort_at: Option<Instant>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn decode(
-    pool: &Pool,
-    bootstrap: &str,
+struct DecodeOpts {
     prefill_pages: u32,
     requests: usize,
     per_request: usize,
     concurrency: usize,
     aux_verify: Option<AuxVerify>,
     json: bool,
-) -> anyhow::Result<()> {
+    seconds: Option<Duration>,
+    abort_one_in: Option<u32>,
+    allow_failures: bool,
+}
+
+/// How a decode's requests ended.
+#[derive(Default)]
+struct Outcomes {
+    /// Success, every byte verified (or not verified with `--no-verify`).
+    ok: usize,
+    /// Failed with a reason (a receiver that could not be created included).
+    failed: usize,
+    /// Failed without a reason.
+    no_reason: usize,
+    /// Success, but a byte differs.
+    corrupt: usize,
+    /// Aborted by the abort knob.
+    aborted: usize,
+}
+
+/// Pages and aux slots of aborted and failed requests stay out of use this long (a late write
+/// could still land).
+const QUARANTINE: Duration = Duration::from_secs(30);
+
+fn decode(pool: &Pool, bootstrap: &str, o: &DecodeOpts) -> anyhow::Result<()> {
+    let (per_request, concurrency) = (o.per_request, o.concurrency);
     if per_request == 0 || per_request * concurrency > pool.pages as usize {
         bail!(
             "{concurrency} concurrent requests of {per_request} pages do not fit in {} pages",
@@ -475,26 +690,47 @@ fn decode(
     }
     let m = memory(pool, "decode")?;
     let mgr = KvManager::decode(m.agent.clone(), args(&m, pool)?, ManagerConfig::default())?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(pool.seed);
+    let mut rng = match pool.seed {
+        Some(seed) => rand::rngs::StdRng::seed_from_u64(seed),
+        None => rand::rngs::StdRng::from_os_rng(),
+    };
     let mut free_pages: Vec<u32> = (0..pool.pages).collect();
     let mut free_slots: Vec<u32> = (0..pool.aux_slots).collect();
-    let bar = if json {
+    let mut quarantine: Vec<(Instant, Vec<u32>, u32)> = Vec::new();
+    let bar = if o.json {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(requests as u64)
+        ProgressBar::new(o.requests as u64)
     };
     bar.set_style(
         ProgressStyle::with_template("decode [{bar:40}] {pos}/{len} requests {per_sec} {msg}")?
             .progress_chars("=> "),
     );
-    let (mut started, mut failures, mut latencies, mut bytes) = (0usize, 0usize, Vec::new(), 0u64);
+    let (mut started, mut out, mut latencies, mut bytes) =
+        (0usize, Outcomes::default(), Vec::new(), 0u64);
     let mut inflight: Vec<Request> = Vec::new();
     let t0 = Instant::now();
-    while started < requests || !inflight.is_empty() {
-        while started < requests && inflight.len() < concurrency {
+    let deadline = o.seconds.map(|s| t0 + s);
+    let more = |started: usize| started < o.requests && deadline.is_none_or(|d| Instant::now() < d);
+    while more(started) || !inflight.is_empty() {
+        let now = Instant::now();
+        quarantine.retain(|(until, pages, slot)| {
+            if now >= *until {
+                free_pages.extend(pages);
+                free_slots.push(*slot);
+                false
+            } else {
+                true
+            }
+        });
+        while more(started)
+            && inflight.len() < concurrency
+            && free_pages.len() >= per_request
+            && !free_slots.is_empty()
+        {
             let room = rng.random::<u64>() >> 1;
             let pages = nixl_tools::take_page_runs(&mut free_pages, per_request, &mut rng);
-            let slot = free_slots.pop().context("out of aux slots")?;
+            let Some(slot) = free_slots.pop() else { break };
             started += 1;
             // From before the receiver's bootstrap lookup and registration (which it blocks on).
             let start = Instant::now();
@@ -502,7 +738,7 @@ fn decode(
                 Ok(rx) => rx,
                 Err(e) => {
                     eprintln!("room {room} failed: {e}");
-                    failures += 1;
+                    out.failed += 1;
                     free_pages.extend(&pages);
                     free_slots.push(slot);
                     bar.inc(1);
@@ -510,15 +746,28 @@ fn decode(
                 }
             };
             rx.init(&pages, slot);
+            let abort_at = o
+                .abort_one_in
+                .filter(|&k| rng.random_range(0..k) == 0)
+                .map(|_| start + Duration::from_micros(rng.random_range(0..20_000)));
             inflight.push(Request {
                 rx,
                 pages,
                 slot,
                 start,
+                abort_at,
             });
         }
         let mut i = 0;
         while i < inflight.len() {
+            if inflight[i].abort_at.is_some_and(|t| Instant::now() >= t) {
+                let mut req = inflight.swap_remove(i);
+                req.rx.abort("nixl-pd --abort-one-in");
+                out.aborted += 1;
+                quarantine.push((Instant::now() + QUARANTINE, req.pages, req.slot));
+                bar.inc(1);
+                continue;
+            }
             let state = inflight[i].rx.poll();
             if !matches!(state, KvPoll::Success | KvPoll::Failed) {
                 i += 1;
@@ -527,19 +776,32 @@ fn decode(
             let req = inflight.swap_remove(i);
             latencies.push(req.start.elapsed());
             let room = req.rx.room().get();
-            let ok = state == KvPoll::Success
-                && aux_verify.is_none_or(|a| {
-                    verify(&m, pool, prefill_pages, room, &req.pages, req.slot, a)
-                        .map_err(|e| eprintln!("room {room}: {e}"))
-                        .is_ok()
-                });
             if state == KvPoll::Failed {
-                eprintln!("room {room} failed: {}", reason(req.rx.failure()));
+                match req.rx.failure() {
+                    Some(why) => {
+                        eprintln!("room {room} failed: {why}");
+                        out.failed += 1;
+                    }
+                    None => {
+                        eprintln!("room {room} failed: no reason given");
+                        out.no_reason += 1;
+                    }
+                }
+                // A failed room's pages may still receive a late write, as an aborted one's.
+                quarantine.push((Instant::now() + QUARANTINE, req.pages, req.slot));
+                bar.inc(1);
+                continue;
             }
-            if ok {
+            let good = o.aux_verify.is_none_or(|a| {
+                verify(&m, pool, o.prefill_pages, room, &req.pages, req.slot, a)
+                    .map_err(|e| eprintln!("room {room}: {e}"))
+                    .is_ok()
+            });
+            if good {
+                out.ok += 1;
                 bytes += req.pages.len() as u64 * pool.page_bytes * m.kv.len() as u64;
             } else {
-                failures += 1;
+                out.corrupt += 1;
             }
             free_pages.extend(&req.pages);
             free_slots.push(req.slot);
@@ -557,25 +819,32 @@ fn decode(
     };
     let (p50, p99) = (pct(0.5), pct(0.99));
     let gbps = bytes as f64 / seconds / 1e9;
+    let failures = out.failed + out.no_reason + out.corrupt;
     println!(
-        "{requests} requests x {per_request} pages x {} buffers x {} B: {:.1} req/s, {gbps:.2} GB/s, p50 {p50:.2} ms, p99 {p99:.2} ms, {failures} failed{}",
+        "{started} requests x {per_request} pages x {} buffers x {} B: {:.1} req/s, {gbps:.2} GB/s, p50 {p50:.2} ms, p99 {p99:.2} ms, {failures} failed{}{}",
         m.kv.len(),
         pool.page_bytes,
-        requests as f64 / seconds,
-        if aux_verify.is_some() {
+        started as f64 / seconds,
+        if o.aux_verify.is_some() {
             ", every byte verified"
         } else {
             " (not verified)"
+        },
+        if out.aborted > 0 {
+            format!(", {} aborted", out.aborted)
+        } else {
+            String::new()
         }
     );
-    if json {
-        let out = serde_json::json!({
-            "requests": requests, "bytes": bytes, "seconds": seconds, "p50_ms": p50, "p99_ms": p99,
-            "gbps": gbps, "failures": failures,
+    if o.json {
+        let line = serde_json::json!({
+            "requests": started, "bytes": bytes, "seconds": seconds, "p50_ms": p50, "p99_ms": p99,
+            "gbps": gbps, "failures": failures, "ok": out.ok, "failed": out.failed,
+            "no_reason": out.no_reason, "corrupt": out.corrupt, "aborted": out.aborted,
         });
-        println!("{out}");
+        println!("{line}");
     }
-    if failures > 0 {
+    if out.corrupt > 0 || out.no_reason > 0 || (failures > 0 && !o.allow_failures) {
         std::process::exit(1);
     }
     Ok(())
