@@ -419,9 +419,15 @@ fn run_staged(args: &CaseArgs, local: &mut Side, target: &mut Target) -> anyhow:
     local.agent.load_remote(&target.metadata()?)?;
     let peer = target.name().to_owned();
     let md = local.agent.local_metadata()?;
-    let remote_addr: u64 = target
-        .request(&format!("STAGED {}", nixl_testkit::hex(md.as_bytes())))?
-        .parse()?;
+    let answer = target.request(&format!("STAGED {}", nixl_testkit::hex(md.as_bytes())))?;
+    let (addr, fresh) = answer.split_once(' ').context("STAGED answer")?;
+    let remote_addr: u64 = addr.parse()?;
+    // The target registered its staging buffer after the first metadata: load it again.
+    let fresh = nixl_testkit::unhex(fresh.trim()).context("target metadata hex")?;
+    if local.agent.load_remote(&fresh).is_err() {
+        local.agent.invalidate_remote(&peer)?;
+        local.agent.load_remote(&fresh)?;
+    }
     local.fill_sources()?;
     let layout = local.pool_layout()?;
     let pages = l.pages(true);

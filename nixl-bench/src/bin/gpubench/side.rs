@@ -339,7 +339,12 @@ pub(crate) fn serve(kind: MemKind, gpu: u32, layout: Layout) -> anyhow::Result<(
             "CLEAR" => side.clear_destinations().map(|()| "OK".to_owned()),
             cmd if cmd.starts_with("STAGED ") => {
                 crate::staged::TargetStaging::start(&side, gpu, &cmd[7..]).map(|st| {
-                    let reply = format!("OK {}", st.staging_addr());
+                    // Fresh metadata: it now names the staging buffer too.
+                    let md = side
+                        .agent
+                        .local_metadata()
+                        .map(|m| nixl_testkit::hex(m.as_bytes()));
+                    let reply = format!("OK {} {}", st.staging_addr(), md.unwrap_or_default());
                     *staged.lock().unwrap_or_else(PoisonError::into_inner) = Some(st);
                     reply
                 })
