@@ -23,6 +23,10 @@ pub struct ManagerConfig {
     pub orphan_timeout: Duration,
     /// Timeout of each bootstrap HTTP request.
     pub http_timeout: Duration,
+    /// Prefill: how long a decode agent that sends nothing (and that no room refers to) stays
+    /// registered before its NIXL metadata is released (default 600 s; our decodes re-register
+    /// every 60 s while active).
+    pub peer_idle_timeout: Duration,
     /// Prefill: refuse transfer infos from decodes that cannot prove they are the agent they
     /// name (SGLang's Python decodes cannot); off by default, as SGLang accepts them.
     pub strict_peers: bool,
@@ -48,6 +52,7 @@ impl Default for ManagerConfig {
             orphan_timeout: Duration::from_secs_f64(orphan.max(0.0)),
             http_timeout: Duration::from_secs(5),
             strict_peers: false,
+            peer_idle_timeout: crate::proto::prefill::DEFAULT_PEER_IDLE_TIMEOUT,
         }
     }
 }
@@ -80,6 +85,14 @@ impl ManagerConfig {
     #[must_use]
     pub fn strict_peers(mut self, strict: bool) -> Self {
         self.strict_peers = strict;
+        self
+    }
+
+    /// Prefill: sets how long an idle decode agent stays registered (see
+    /// [`ManagerConfig::peer_idle_timeout`]).
+    #[must_use]
+    pub fn peer_idle_timeout(mut self, t: Duration) -> Self {
+        self.peer_idle_timeout = t;
         self
     }
 

@@ -187,11 +187,13 @@ impl KvManager {
         } else {
             format!("tcp://{}:{rank_port}", config.local_ip)
         };
-        let core = PrefillCore::new(args.layout(), config.orphan_timeout).with_proofs(Proofs {
-            seed: random_seed(),
-            endpoint,
-            strict: config.strict_peers,
-        });
+        let core = PrefillCore::new(args.layout(), config.orphan_timeout)
+            .with_peer_idle_timeout(config.peer_idle_timeout)
+            .with_proofs(Proofs {
+                seed: random_seed(),
+                endpoint,
+                strict: config.strict_peers,
+            });
         let shared = Arc::new(Shared {
             role: Role::Prefill(PrefillIo {
                 core: Mutex::new(core),

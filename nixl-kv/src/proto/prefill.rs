@@ -928,6 +928,13 @@ impl PrefillCore {
             .filter(|(_, r)| {
                 r.sender.is_none() && r.status == KvPoll::WaitingForInput && r.failure.is_none()
             })
+            .filter(|(_, r)| {
+                // A sender for a room naming an unknown decode could only fail.
+                r.infos
+                    .iter()
+                    .filter(|i| !i.is_dummy())
+                    .all(|i| self.peers.contains_key(&i.agent))
+            })
             .filter_map(|(room, r)| {
                 let pages = r.infos.iter().find(|i| !i.is_dummy())?.dst_pages.len();
                 Some(UnclaimedRoom {

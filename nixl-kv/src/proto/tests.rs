@@ -528,9 +528,11 @@ fn rooms_of_dummy_infos_are_never_offered_to_claim_and_expire_as_orphans() {
     let mut p = prefill_with_peer(now, &mut drv);
     p.handle_inbound(info(40, "d0", &[], 1), now);
     p.handle_inbound(info(41, "d0", &[3], 1), now);
+    // Nor is a room naming a decode that never registered (a sender could only fail).
+    p.handle_inbound(info(42, "ghost", &[3], 1), now);
     let offered: Vec<u64> = p.unclaimed().iter().map(|u| u.room.get()).collect();
     assert_eq!(offered, vec![41]);
-    assert_eq!(p.handle_timeout(now + Duration::from_secs(301)), 2);
+    assert_eq!(p.handle_timeout(now + Duration::from_secs(301)), 3);
 }
 
 #[test]
