@@ -2,18 +2,34 @@
 //! frame trailing a decode's registration, a proof frame trailing its transfer infos, and the
 //! proof notification a prefill sends over NIXL to a decode that advertised `proof`.
 //!
+//! The staged path (docs/protocol.md §3.5) adds a ring frame to the registration, a slots frame
+//! to transfer infos, the staged-chunk notification (prefill → decode) and the slot-freed
+//! notification (decode → prefill).
+//!
 //! Frames and payloads all start with `nixl-rs:`, which no SGLang frame or notification does.
 
 use bytes::Bytes;
+
+use crate::RoomId;
 
 /// The prefix of every extension frame and payload.
 pub const EXT_PREFIX: &[u8] = b"nixl-rs:";
 
 const CAPS: &[u8] = b"nixl-rs:caps:";
 const PROOF: &[u8] = b"nixl-rs:proof:";
+const RING: &[u8] = b"nixl-rs:ring:";
+const SLOTS: &[u8] = b"nixl-rs:slots:";
+const STAGED: &[u8] = b"nixl-rs:staged:";
+const FREED: &[u8] = b"nixl-rs:freed:";
 
 /// A decode that can echo a prefill's proof in its transfer infos.
 pub const CAP_PROOF: &str = "proof";
+
+/// A decode with a GPU staging ring (its registration also carries a [`Ring`] frame).
+pub const CAP_STAGING: &str = "staging";
+
+/// The most slots a ring frame may announce, and the most a slots frame may grant.
+pub const MAX_SLOTS: u32 = 1024;
 
 /// The capability frame: `nixl-rs:caps:` and comma-separated tokens.
 pub fn caps_frame(caps: &[&str]) -> Bytes {
@@ -79,6 +95,193 @@ impl ProofNotice {
     }
 }
 
+/// Canonical decimal (no sign, no leading zeros, at most 20 digits), or `None`.
+fn decimal<T: std::str::FromStr>(s: &str) -> Option<T> {
+    let canonical = !s.is_empty()
+        && s.len() <= 20
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && (s == "0" || !s.starts_with('0'));
+    canonical.then(|| s.parse().ok()).flatten()
+}
+
+fn fields<'a>(payload: &'a [u8], prefix: &[u8], sep: char, n: usize) -> Option<Vec<&'a str>> {
+    let rest = std::str::from_utf8(payload.strip_prefix(prefix)?).ok()?;
+    let parts: Vec<&str> = rest.split(sep).collect();
+    (parts.len() == n).then_some(parts)
+}
+
+/// A decode's staging ring, as its registration announces it:
+/// `nixl-rs:ring:{addr},{slot_bytes},{slots},{gpu}`. The ring is one VRAM buffer of
+/// `slot_bytes * slots` bytes at `addr` on device `gpu`, registered with the decode's agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ring {
+    /// Base address of slot 0.
+    pub addr: u64,
+    /// Bytes of one slot (slot `i` starts at `addr + i * slot_bytes`).
+    pub slot_bytes: u64,
+    /// Slots in the ring, 1..=[`MAX_SLOTS`].
+    pub slots: u32,
+    /// CUDA ordinal of the ring's memory.
+    pub gpu: u32,
+}
+
+impl Ring {
+    /// The trailing frame.
+    pub fn frame(&self) -> Bytes {
+        let mut f = RING.to_vec();
+        f.extend_from_slice(
+            format!(
+                "{},{},{},{}",
+                self.addr, self.slot_bytes, self.slots, self.gpu
+            )
+            .as_bytes(),
+        );
+        f.into()
+    }
+
+    /// The first well-formed ring frame in `trailing`; `None` if there is none, or if it
+    /// is malformed (no slots, empty slots, too many slots, or a ring whose end overflows).
+    pub fn find(trailing: &[Bytes]) -> Option<Self> {
+        trailing.iter().find_map(|f| Self::decode(f))
+    }
+
+    fn decode(f: &[u8]) -> Option<Self> {
+        let p = fields(f, RING, ',', 4)?;
+        let r = Self {
+            addr: decimal(p[0])?,
+            slot_bytes: decimal(p[1])?,
+            slots: decimal(p[2])?,
+            gpu: decimal(p[3])?,
+        };
+        let fits = r
+            .slot_bytes
+            .checked_mul(u64::from(r.slots))
+            .and_then(|len| r.addr.checked_add(len))
+            .is_some();
+        (r.slot_bytes > 0 && r.slots > 0 && r.slots <= MAX_SLOTS && fits).then_some(r)
+    }
+
+    /// The address of `slot`, if the ring has it.
+    pub fn slot_addr(&self, slot: u32) -> Option<u64> {
+        (slot < self.slots).then(|| self.addr + u64::from(slot) * self.slot_bytes)
+    }
+}
+
+/// The slots a decode grants one room, a trailing frame of its transfer infos:
+/// `nixl-rs:slots:{i,j,...}` (comma-separated slot numbers, at least one).
+pub fn slots_frame(slots: &[u32]) -> Bytes {
+    let mut f = SLOTS.to_vec();
+    let text: Vec<String> = slots.iter().map(u32::to_string).collect();
+    f.extend_from_slice(text.join(",").as_bytes());
+    f.into()
+}
+
+/// The slots granted in `trailing` frames: `None` without a slots frame, or if it is malformed
+/// (empty, a slot repeated, a slot `>= ring_slots`, or more than [`MAX_SLOTS`] of them).
+pub fn slots(trailing: &[Bytes], ring_slots: u32) -> Option<Vec<u32>> {
+    let f = trailing.iter().find(|f| f.starts_with(SLOTS))?;
+    let text = std::str::from_utf8(f.strip_prefix(SLOTS)?).ok()?;
+    if text.is_empty() || text.len() > 8 * MAX_SLOTS as usize {
+        return None;
+    }
+    let mut out: Vec<u32> = Vec::new();
+    for t in text.split(',') {
+        let s: u32 = decimal(t)?;
+        if s >= ring_slots || out.contains(&s) || out.len() >= MAX_SLOTS as usize {
+            return None;
+        }
+        out.push(s);
+    }
+    Some(out)
+}
+
+/// A staged chunk landed in a decode's ring slot (prefill → decode, with the WRITE):
+/// `nixl-rs:staged:{room}:{chunk}:{last}:{slot}:{first_page_offset}:{pages}`. The slot holds
+/// the chunk's pages `first_page_offset..first_page_offset + pages` of the room's page list,
+/// in the staging layout both sides share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagedNotice {
+    /// The room.
+    pub room: RoomId,
+    /// The chunk number, counted like `_kv_` chunks (§4.1).
+    pub chunk: u32,
+    /// The room's last chunk.
+    pub last: bool,
+    /// The ring slot that holds it.
+    pub slot: u32,
+    /// Offset of its first page in the room's page list (the decode's `dst_pages`).
+    pub first_page_offset: u32,
+    /// Pages it carries (at least one).
+    pub pages: u32,
+}
+
+impl StagedNotice {
+    /// The notification payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = STAGED.to_vec();
+        p.extend_from_slice(
+            format!(
+                "{}:{}:{}:{}:{}:{}",
+                self.room.get(),
+                self.chunk,
+                u8::from(self.last),
+                self.slot,
+                self.first_page_offset,
+                self.pages
+            )
+            .as_bytes(),
+        );
+        p
+    }
+
+    /// Reads a notification payload; `None` for anything else.
+    pub fn decode(payload: &[u8]) -> Option<Self> {
+        let p = fields(payload, STAGED, ':', 6)?;
+        let last = match p[2] {
+            "0" => false,
+            "1" => true,
+            _ => return None,
+        };
+        let n = Self {
+            room: RoomId::new(decimal(p[0])?),
+            chunk: decimal(p[1])?,
+            last,
+            slot: decimal(p[3])?,
+            first_page_offset: decimal(p[4])?,
+            pages: decimal(p[5])?,
+        };
+        (n.pages > 0 && n.first_page_offset.checked_add(n.pages).is_some()).then_some(n)
+    }
+}
+
+/// A decode scattered a slot and frees it for the room's next chunk (decode → prefill, a
+/// stand-alone notification): `nixl-rs:freed:{room}:{slot}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreedNotice {
+    /// The room the slot was granted to.
+    pub room: RoomId,
+    /// The slot.
+    pub slot: u32,
+}
+
+impl FreedNotice {
+    /// The notification payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = FREED.to_vec();
+        p.extend_from_slice(format!("{}:{}", self.room.get(), self.slot).as_bytes());
+        p
+    }
+
+    /// Reads a notification payload; `None` for anything else.
+    pub fn decode(payload: &[u8]) -> Option<Self> {
+        let p = fields(payload, FREED, ':', 2)?;
+        Some(Self {
+            room: RoomId::new(decimal(p[0])?),
+            slot: decimal(p[1])?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +302,81 @@ mod tests {
         assert_eq!(ProofNotice::decode(b"42_kv_0_1"), None);
         assert_eq!(ProofNotice::decode(b"nixl-rs:proof:nospace"), None);
         assert_eq!(ProofNotice::decode(b"nixl-rs:proof:a \xff"), None);
+    }
+
+    #[test]
+    fn staging_frames_round_trip_and_reject_malformed() {
+        let ring = Ring {
+            addr: 0x7f00_0000_0000,
+            slot_bytes: 64 << 20,
+            slots: 4,
+            gpu: 1,
+        };
+        let trailing = vec![caps_frame(&[CAP_PROOF, CAP_STAGING]), ring.frame()];
+        assert_eq!(Ring::find(&trailing), Some(ring));
+        assert_eq!(ring.slot_addr(3), Some(0x7f00_0000_0000 + 3 * (64 << 20)));
+        assert_eq!(ring.slot_addr(4), None);
+        assert_eq!(Ring::find(&[]), None);
+        for bad in [
+            &b"nixl-rs:ring:1,2,3"[..],
+            b"nixl-rs:ring:1,0,3,0",
+            b"nixl-rs:ring:1,2,0,0",
+            b"nixl-rs:ring:1,2,1025,0",
+            b"nixl-rs:ring:18446744073709551615,2,2,0",
+            b"nixl-rs:ring:01,2,2,0",
+            b"nixl-rs:ring:+1,2,2,0",
+            b"nixl-rs:ring:1,2,2,0,5",
+        ] {
+            assert_eq!(Ring::find(&[Bytes::copy_from_slice(bad)]), None, "{bad:?}");
+        }
+
+        let t = vec![proof_frame("s"), slots_frame(&[2, 0, 3])];
+        assert_eq!(slots(&t, 4), Some(vec![2, 0, 3]));
+        assert_eq!(slots(&t, 3), None, "slot 3 is outside a 3-slot ring");
+        assert_eq!(slots(&[proof_frame("s")], 4), None);
+        for bad in [
+            &b"nixl-rs:slots:"[..],
+            b"nixl-rs:slots:1,1",
+            b"nixl-rs:slots:1,,2",
+            b"nixl-rs:slots:x",
+            b"nixl-rs:slots:-1",
+        ] {
+            assert_eq!(slots(&[Bytes::copy_from_slice(bad)], 4), None, "{bad:?}");
+        }
+
+        let n = StagedNotice {
+            room: RoomId::new(8181933191833708945),
+            chunk: 3,
+            last: true,
+            slot: 1,
+            first_page_offset: 96,
+            pages: 32,
+        };
+        assert_eq!(
+            n.encode(),
+            b"nixl-rs:staged:8181933191833708945:3:1:1:96:32".to_vec()
+        );
+        assert_eq!(StagedNotice::decode(&n.encode()), Some(n));
+        for bad in [
+            &b"nixl-rs:staged:1:0:2:0:0:1"[..],
+            b"nixl-rs:staged:1:0:1:0:0:0",
+            b"nixl-rs:staged:1:0:1:0:4294967295:2",
+            b"nixl-rs:staged:1:0:1:0:0",
+            b"nixl-rs:staged:1:0:1:0:0:1:9",
+            b"1_kv_0_1",
+        ] {
+            assert_eq!(StagedNotice::decode(bad), None, "{bad:?}");
+        }
+
+        let f = FreedNotice {
+            room: RoomId::new(7),
+            slot: 2,
+        };
+        assert_eq!(f.encode(), b"nixl-rs:freed:7:2".to_vec());
+        assert_eq!(FreedNotice::decode(&f.encode()), Some(f));
+        assert_eq!(FreedNotice::decode(b"nixl-rs:freed:7"), None);
+        assert_eq!(FreedNotice::decode(b"nixl-rs:freed:7:02"), None);
+        assert_eq!(StagedNotice::decode(&f.encode()), None);
+        assert_eq!(ProofNotice::decode(&n.encode()), None);
     }
 }
