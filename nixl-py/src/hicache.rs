@@ -9,7 +9,7 @@
 use std::sync::Mutex;
 
 use nixl_core::{MemRegion, Registration};
-use nixl_hicache::{Error, HiCache, HiCacheConfig, Plugin, RawTarget};
+use nixl_hicache::{Error, HiCache, HiCacheConfig, Plugin, RawTarget, WriteMode};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -34,11 +34,23 @@ pub(crate) struct PyHiCache {
 #[pymethods]
 impl PyHiCache {
     /// A connector over `dir` (overridden by `SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR`) with
-    /// SGLang's plugin names (`auto`, `POSIX`, `GDS`, `GDS_MT`, `3FS`, `OBJ`).
+    /// SGLang's plugin names (`auto`, `POSIX`, `GDS`, `GDS_MT`, `3FS`, `OBJ`). `write_mode`:
+    /// `"atomic"` (a temp file renamed over the key once written) or `"in-place"` (the key's
+    /// file written directly, as SGLang does).
     #[new]
-    #[pyo3(signature = (dir=None, plugin="auto"))]
-    fn new(py: Python<'_>, dir: Option<String>, plugin: &str) -> PyResult<Self> {
-        let config = HiCacheConfig::new(dir.map(Into::into), Plugin::parse(plugin));
+    #[pyo3(signature = (dir=None, plugin="auto", write_mode="atomic"))]
+    fn new(py: Python<'_>, dir: Option<String>, plugin: &str, write_mode: &str) -> PyResult<Self> {
+        let mode = match write_mode.to_ascii_lowercase().as_str() {
+            "atomic" => WriteMode::Atomic,
+            "in-place" | "inplace" | "in_place" => WriteMode::InPlace,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "write_mode must be \"atomic\" or \"in-place\", not {other:?}"
+                )));
+            }
+        };
+        let config =
+            HiCacheConfig::new(dir.map(Into::into), Plugin::parse(plugin)).write_mode(mode);
         let inner = py.detach(|| HiCache::new(config)).map_err(to_py)?;
         Ok(Self {
             inner,

@@ -9,7 +9,8 @@ use crate::{cmd, runtime};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct BenchArgs {
-    /// Which suite: core, wire, kv or hicache.
+    /// Which suite: core, wire, kv, hicache or py (SGLang 0.5.1.post3's Python classes
+    /// against the nixl-rs wheel under their names).
     suite: String,
     /// Extra arguments for the benchmark binary (after `--`).
     #[arg(last = true)]
@@ -17,6 +18,9 @@ pub(crate) struct BenchArgs {
 }
 
 pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    if args.suite == "py" {
+        return crate::wheel::bench(root, &args.rest);
+    }
     let (package, bench, features) = match args.suite.as_str() {
         "core" => {
             runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
@@ -32,7 +36,7 @@ pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             crate::demo::build_pd(root)?;
             ("nixl-bench", "kv", "")
         }
-        other => bail!("unknown suite `{other}`; choose core, wire, kv or hicache"),
+        other => bail!("unknown suite `{other}`; choose core, wire, kv, hicache or py"),
     };
     cmd::run(
         Command::new("cargo")

@@ -57,7 +57,7 @@ enum Task {
     /// Coverage-guided fuzzing (stable toolchain, bounded time): nixl-wire's decoders, raw ZMTP
     /// into the PULL listener, raw HTTP into the bootstrap server.
     Fuzz(fuzz::FuzzArgs),
-    /// Benchmarks: `core`, `wire`, `kv` or `hicache`.
+    /// Benchmarks: `core`, `wire`, `kv`, `hicache` or `py` (SGLang's Python classes vs the wheel).
     Bench(bench::BenchArgs),
     /// The main job: a prefill and a decode moving KV pages over NIXL (see README).
     Demo(demo::DemoArgs),

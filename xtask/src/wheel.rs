@@ -75,7 +75,8 @@ pub(crate) fn build(root: &Path) -> anyhow::Result<PathBuf> {
         .context("maturin reported success but left no nixl_rs wheel")
 }
 
-/// Runs the Python tests: SGLang's own HiCacheNixl suite against ours, then the KV interop test.
+/// Runs the Python tests: SGLang's own HiCacheNixl suite against ours, the start-up hook and
+/// version check (`test_activation.py`), then the KV interop test.
 pub(crate) fn test(root: &Path, wheel: &Path) -> anyhow::Result<()> {
     runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
     let venv = test_venv(root, wheel)?;
@@ -92,16 +93,48 @@ pub(crate) fn test(root: &Path, wheel: &Path) -> anyhow::Result<()> {
         "SGLang {SGLANG} HiCacheNixl suite on nixl-rs: {:.1}s",
         start.elapsed().as_secs_f64()
     );
-    let kv = tests.join("test_kv_interop.py");
-    if kv.is_file() {
-        let start = Instant::now();
-        cmd::run(Command::new(&python).arg(&kv).current_dir(root))?;
-        println!(
-            "KV interop (SGLang {SGLANG} <-> nixl-rs): {:.1}s",
-            start.elapsed().as_secs_f64()
-        );
-    }
+    let start = Instant::now();
+    cmd::run(
+        Command::new(&python)
+            .arg(tests.join("test_activation.py"))
+            .env_remove("NIXL_RS_SGLANG")
+            .current_dir(root),
+    )?;
+    println!(
+        "start-up hook and version check (SGLang {SGLANG}): {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    let start = Instant::now();
+    cmd::run(
+        Command::new(&python)
+            .arg(tests.join("test_kv_interop.py"))
+            .current_dir(root),
+    )?;
+    println!(
+        "KV interop (SGLang {SGLANG} <-> nixl-rs): {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
+}
+
+/// `cargo xtask bench py`: builds the wheel and runs `nixl-py/tests/bench_sglang.py` (SGLang
+/// 0.5.1.post3's Python NIXL classes against ours, the same PD and HiCache workloads, rounds
+/// alternating; it prints the markdown table for BENCHMARKS.md). `rest` goes to the script
+/// (`-- --help` lists its options).
+pub(crate) fn bench(root: &Path, rest: &[String]) -> anyhow::Result<()> {
+    let wheel = build(root)?;
+    runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
+    let venv = test_venv(root, &wheel)?;
+    cmd::run(
+        Command::new(venv.join("bin/python"))
+            .arg(root.join("nixl-py/tests/bench_sglang.py"))
+            .arg("--json")
+            .arg(root.join("target/bench-py.json"))
+            .args(rest)
+            .env_remove("NIXL_RS_SGLANG")
+            .env("BENCH_DIR", root.join("target"))
+            .current_dir(root),
+    )
 }
 
 /// The per-clone venv with our wheel, seeing the cached SGLang packages.

@@ -8,8 +8,9 @@ targets on success and ``None``s otherwise (``None``s always in address mode), `
 ``batch_set`` returning ``bool``, ``exists``, ``batch_exists``, the ``register_*`` methods, and
 errors logged rather than raised.
 
-What differs on purpose: writes are atomic (a failed ``set`` leaves no key), memory registered
-for one call is deregistered when it returns (SGLang's fallback registers on every call and
+What differs on purpose: writes are atomic (a failed ``set`` leaves no key;
+``NIXL_RS_HICACHE_WRITE=in-place`` writes in place as SGLang does), memory registered for one
+call is deregistered when it returns (SGLang's fallback registers on every call and
 never deregisters), files are opened through a bounded cache instead of one descriptor per page
 per call, and the GIL is released during IO. Tensors must be contiguous CPU tensors (or numpy
 arrays, or ``(address, length)`` pairs of host memory).
@@ -27,6 +28,9 @@ from .. import _native, load_runtime
 logger = logging.getLogger("nixl_rs.hicache")
 
 DIR_ENV = "SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR"
+#: How pages are written to files: "atomic" or "in-place" (see the module docs).
+WRITE_ENV = "NIXL_RS_HICACHE_WRITE"
+WRITE_DEFAULT = "atomic"
 FILE_PLUGINS = ["3FS", "POSIX", "GDS_MT", "GDS"]
 OBJ_PLUGINS = ["OBJ"]
 
@@ -75,7 +79,7 @@ class HiCacheNixl(_Base):
         file_path = os.getenv(DIR_ENV, file_path)
         load_runtime()
         try:
-            self._native = _native.HiCache(file_path, plugin)
+            self._native = _native.HiCache(file_path, plugin, os.getenv(WRITE_ENV, WRITE_DEFAULT))
         except RuntimeError as e:
             raise RuntimeError(f"Failed to create NIXL backend: {e}") from e
         self.file_path = file_path
