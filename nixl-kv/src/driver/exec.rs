@@ -202,5 +202,16 @@ fn send(s: &Shared, d: &DecodeIo, cmd: DecodeCommand) {
                 lock(&d.core).send_failed(room, &endpoint, reason);
             }
         }
+        DecodeCommand::Scatter { room, slot, .. } => {
+            // Only a decode with a staging ring is sent staged pieces, and this driver
+            // announces none (docs/runtime.md §12): refuse rather than count unscattered data.
+            let reason = "this decode cannot scatter staged pieces".to_owned();
+            lock(&d.core).scatter_done(room, slot, Err(reason));
+        }
+        DecodeCommand::Notify { agent, payload } => {
+            if let Err(e) = s.agent.send_notification(&agent, &payload) {
+                tracing::debug!(peer = %agent, error = %e, "notification not delivered");
+            }
+        }
     }
 }

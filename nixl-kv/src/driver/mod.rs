@@ -253,6 +253,9 @@ impl KvManager {
             is_mla: args.is_mla(),
             kv_pages: layout.kv_pages,
             aux_slots: layout.aux_slots,
+            // The staged path's GPU side (gather/scatter on nixl-core's `cuda::Staging`) is not
+            // in the driver yet: the decode announces no ring (docs/runtime.md §12).
+            staging: None,
         };
         let timers = DecodeTimers::new(
             config.waiting_timeout,

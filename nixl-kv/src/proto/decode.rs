@@ -9,12 +9,13 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nixl_wire::ext::{self, ProofNotice};
+use nixl_wire::ext::{self, FreedNotice, ProofNotice, Ring, StagedNotice};
 use nixl_wire::http::{ParallelInfo, RankInfo};
 use nixl_wire::{
     AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PageIndex, RoomId, TransferInfo,
 };
 
+use super::staging::{QUARANTINE, Scattered, SlotRing};
 use super::targeting::{dp_group, targets};
 use super::{BootstrapAddr, FailureReason, KvPoll};
 
@@ -60,6 +61,29 @@ pub struct Identity {
     pub kv_pages: u32,
     /// Rows in our aux buffers.
     pub aux_slots: u32,
+    /// Our GPU staging ring, if the staged path is on (ours; `None`: SGLang's path only).
+    pub staging: Option<DecodeStaging>,
+}
+
+/// A decode's staging ring (docs/protocol.md §3.5): announced in its registrations, and up to
+/// `per_room` slots of it granted to each room with a single real target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DecodeStaging {
+    /// The ring, registered with our agent before our metadata was taken.
+    pub ring: Ring,
+    /// Slots granted to one room at most (at least 1).
+    pub per_room: u32,
+}
+
+impl DecodeStaging {
+    /// A ring, granting up to `per_room` slots a room (0 is taken as 1).
+    pub fn new(ring: Ring, per_room: u32) -> Self {
+        Self {
+            ring,
+            per_room: per_room.max(1),
+        }
+    }
 }
 
 /// Timeouts and heartbeat settings.
@@ -146,6 +170,33 @@ pub enum Command {
         /// The frames.
         frames: Vec<Bytes>,
     },
+    /// Scatter the staged piece in ring `slot` into `pages` of our KV pool, on our stream;
+    /// report its end with [`DecodeCore::scatter_done`].
+    Scatter {
+        /// The room.
+        room: RoomId,
+        /// The ring slot.
+        slot: u32,
+        /// Our pages the piece covers, in order.
+        pages: Vec<u32>,
+    },
+    /// Send a stand-alone NIXL notification to a prefill agent (a freed slot).
+    Notify {
+        /// The prefill agent's name.
+        agent: String,
+        /// The payload.
+        payload: Vec<u8>,
+    },
+}
+
+/// A staged piece whose scatter runs.
+#[derive(Debug, Clone)]
+struct Scattering {
+    slot: u32,
+    chunk: u32,
+    last: bool,
+    /// The prefill agent that wrote it (told when the slot is free again).
+    peer: String,
 }
 
 /// `tcp://host:port` of a prefill rank (IPv6 hosts bracketed).
@@ -176,6 +227,10 @@ struct Room {
     concluded: Option<KvPoll>,
     failure: Option<FailureReason>,
     since: Instant,
+    /// The room's pages, kept when it was granted staging slots.
+    pages: Vec<u32>,
+    /// Its staged pieces being scattered.
+    scattering: Vec<Scattering>,
 }
 
 #[derive(Debug, Default)]
@@ -200,13 +255,14 @@ pub struct DecodeCore {
     proofs: HashMap<String, String>,
     last_heartbeat: Instant,
     commands: VecDeque<Command>,
+    /// Our staging ring's slots (`None`: the staged path is off).
+    ring: Option<SlotRing>,
 }
 
 impl DecodeCore {
     /// A core for this decode rank; the first heartbeat round is due one interval after `now`.
     pub fn new(me: Identity, timers: DecodeTimers, now: Instant) -> Self {
         Self {
-            me,
             timers,
             rooms: HashMap::new(),
             prefills: HashMap::new(),
@@ -215,6 +271,10 @@ impl DecodeCore {
             proofs: HashMap::new(),
             last_heartbeat: now,
             commands: VecDeque::new(),
+            ring: me
+                .staging
+                .map(|st| SlotRing::new(st.ring.slots, QUARANTINE)),
+            me,
         }
     }
 
@@ -250,6 +310,8 @@ impl DecodeCore {
                 concluded: None,
                 failure: None,
                 since: now,
+                pages: Vec::new(),
+                scattering: Vec::new(),
             },
         );
     }
@@ -405,8 +467,15 @@ impl DecodeCore {
                 decode_tp_rank: me.engine_rank,
                 dst_kv_item_len: me.kv_item_len,
             }),
-            // SGLang prefills ignore it; ours then prove their transfer infos' origin.
-            trailing: vec![ext::caps_frame(&[ext::CAP_PROOF])],
+            // SGLang prefills ignore them; ours then prove their transfer infos' origin, and
+            // stage into our ring if we have one.
+            trailing: match me.staging {
+                Some(st) => vec![
+                    ext::caps_frame(&[ext::CAP_PROOF, ext::CAP_STAGING]),
+                    st.ring.frame(),
+                ],
+                None => vec![ext::caps_frame(&[ext::CAP_PROOF])],
+            },
         }
         .encode()
     }
@@ -466,7 +535,26 @@ impl DecodeCore {
         let Some(r) = self.rooms.get_mut(&room) else {
             return;
         };
+        // Staging slots go to rooms with exactly one real target (the one that writes).
+        let real = r.targets.iter().filter(|t| !t.dummy).count();
+        let granted = match (&mut self.ring, self.me.staging) {
+            (Some(ring), Some(st)) if real == 1 && !pages.is_empty() && !r.started => {
+                ring.grant(room, st.per_room, now)
+            }
+            _ => Vec::new(),
+        };
+        if !granted.is_empty() {
+            r.pages = pages.to_vec();
+        }
         for t in &r.targets {
+            let mut trailing: Vec<Bytes> = self
+                .proofs
+                .get(&t.endpoint)
+                .map(|p| vec![ext::proof_frame(p)])
+                .unwrap_or_default();
+            if !t.dummy && !granted.is_empty() {
+                trailing.push(ext::slots_frame(&granted));
+            }
             let info = TransferInfo {
                 room,
                 local_ip: self.me.local_ip.clone(),
@@ -479,11 +567,7 @@ impl DecodeCore {
                 },
                 dst_aux_index: aux_index,
                 required_dst_info_num: r.required,
-                trailing: self
-                    .proofs
-                    .get(&t.endpoint)
-                    .map(|p| vec![ext::proof_frame(p)])
-                    .unwrap_or_default(),
+                trailing,
             };
             self.commands.push_back(Command::Send {
                 room,
@@ -536,6 +620,12 @@ impl DecodeCore {
     /// Handles one notification payload. Unknown rooms and malformed payloads are logged and
     /// dropped (SGLang creates entries for them, which leak).
     pub fn handle_notification(&mut self, peer: &str, payload: &[u8]) {
+        if self.ring.is_some()
+            && let Some(n) = StagedNotice::decode(payload)
+        {
+            self.staged_landed(peer, n);
+            return;
+        }
         if let Some(p) = ProofNotice::decode(payload) {
             if self.proofs.len() < MAX_PROOFS || self.proofs.contains_key(&p.endpoint) {
                 tracing::debug!(peer, endpoint = %p.endpoint, "prefill proof received");
@@ -550,8 +640,9 @@ impl DecodeCore {
                 return;
             }
         };
-        let Some(r) = self.rooms.get_mut(&n.room()) else {
-            tracing::debug!(peer, room = %n.room(), "notification for an unknown room; dropped");
+        let room = n.room();
+        let Some(r) = self.rooms.get_mut(&room) else {
+            tracing::debug!(peer, %room, "notification for an unknown room; dropped");
             return;
         };
         if r.concluded.is_some() {
@@ -570,6 +661,7 @@ impl DecodeCore {
             Notification::Fail { reason, .. } => {
                 r.failure = Some(FailureReason::PrefillFailed(reason.as_str().to_owned()));
                 r.concluded = Some(KvPoll::Failed);
+                self.end_slots(room, false);
             }
             Notification::State { .. } => {}
             other => tracing::debug!(?other, "unhandled notification"),
@@ -590,6 +682,7 @@ impl DecodeCore {
         }
         if r.aux && r.expected.is_some_and(|e| r.chunks.len() as u32 == e) {
             r.concluded = Some(KvPoll::Success);
+            self.end_slots(room, true);
             return KvPoll::Success;
         }
         if let Some(t) = timeout
@@ -597,6 +690,7 @@ impl DecodeCore {
         {
             r.failure = Some(FailureReason::WaitingTimeout(t));
             r.concluded = Some(KvPoll::Failed);
+            self.end_slots(room, false);
             return KvPoll::Failed;
         }
         if r.chunks.is_empty() {
@@ -613,7 +707,104 @@ impl DecodeCore {
         {
             r.failure.get_or_insert(reason);
             r.concluded = Some(KvPoll::Failed);
+            self.end_slots(room, false);
         }
+    }
+
+    /// `room` ended: its staging slots go back to the ring (see [`SlotRing::release`]).
+    fn end_slots(&mut self, room: RoomId, clean: bool) {
+        if let Some(ring) = &mut self.ring {
+            ring.release(room, clean);
+        }
+    }
+
+    /// A staged piece landed in our ring: its scatter is queued if the slot is the room's and
+    /// idle and the pages are the room's; anything else fails the room (or, for a room we do
+    /// not hold, is dropped).
+    fn staged_landed(&mut self, peer: &str, n: StagedNotice) {
+        let room = n.room;
+        let Some(r) = self.rooms.get_mut(&room) else {
+            tracing::debug!(peer, %room, "staged piece for an unknown room; dropped");
+            return;
+        };
+        if r.concluded.is_some() {
+            return;
+        }
+        let end = n.first_page_offset.saturating_add(n.pages) as usize;
+        let pages = r.pages.get(n.first_page_offset as usize..end);
+        let landed = self
+            .ring
+            .as_mut()
+            .is_some_and(|ring| ring.landed(room, n.slot));
+        let refusal = match (pages, landed) {
+            (Some(_), true) => None,
+            (_, false) => Some(format!("slot {} is not this room's or still busy", n.slot)),
+            (None, true) => Some(format!(
+                "pages {}..{end} outside the room's {}",
+                n.first_page_offset,
+                r.pages.len()
+            )),
+        };
+        if let Some(reason) = refusal {
+            tracing::warn!(peer, %room, %reason, "staged piece refused");
+            // A slot that did start scattering is drained by its (never queued) scatter: give
+            // it back through the release below instead.
+            if landed && let Some(ring) = &mut self.ring {
+                ring.scattered(n.slot);
+            }
+            self.fail(room, FailureReason::Staging(reason));
+            return;
+        }
+        let pages = pages.map(<[u32]>::to_vec).unwrap_or_default();
+        r.scattering.push(Scattering {
+            slot: n.slot,
+            chunk: n.chunk,
+            last: n.last,
+            peer: peer.to_owned(),
+        });
+        self.commands.push_back(Command::Scatter {
+            room,
+            slot: n.slot,
+            pages,
+        });
+    }
+
+    /// The [`Command::Scatter`] of `room` out of `slot` ended: on success the piece counts like
+    /// a `_kv_` chunk and the prefill is told the slot is free; a failed scatter fails the room.
+    pub fn scatter_done(&mut self, room: RoomId, slot: u32, outcome: Result<(), String>) {
+        let back = match &mut self.ring {
+            Some(ring) => ring.scattered(slot),
+            None => Scattered::Stale,
+        };
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let Some(at) = r.scattering.iter().position(|p| p.slot == slot) else {
+            return;
+        };
+        let piece = r.scattering.swap_remove(at);
+        if back != Scattered::Granted(room) || r.concluded.is_some() {
+            return;
+        }
+        if let Err(reason) = outcome {
+            self.fail(room, FailureReason::Staging(format!("scatter: {reason}")));
+            return;
+        }
+        if !r.chunks.contains(&piece.chunk) {
+            r.chunks.push(piece.chunk);
+        }
+        if piece.last {
+            r.expected = Some(piece.chunk.saturating_add(1));
+        }
+        self.commands.push_back(Command::Notify {
+            agent: piece.peer,
+            payload: FreedNotice { room, slot }.encode(),
+        });
+    }
+
+    /// Free slots of our staging ring (`None`: the staged path is off).
+    pub fn free_slots(&self) -> Option<u32> {
+        self.ring.as_ref().map(SlotRing::free)
     }
 
     /// The bootstrap servers to check now: every `heartbeat_interval`, those with unfinished
@@ -726,7 +917,10 @@ impl DecodeCore {
 
     /// The receiver is gone: forget the room.
     pub fn release(&mut self, room: RoomId) {
-        self.rooms.remove(&room);
+        if let Some(r) = self.rooms.remove(&room) {
+            let clean = r.concluded == Some(KvPoll::Success);
+            self.end_slots(room, clean);
+        }
     }
 
     /// Rooms held (for leak checks).

@@ -119,6 +119,10 @@ pub enum FailureReason {
     /// The infos of one room disagree (page counts, or how many infos are expected).
     #[error("transfer infos disagree: {0}")]
     InfosDisagree(String),
+    /// The staged path went wrong (a piece outside its room's slots or pages, an overwrite of
+    /// a slot still scattering, or a gather or scatter the GPU refused).
+    #[error("staging: {0}")]
+    Staging(String),
     /// The manager's IO threads are gone.
     #[error("the manager is shutting down")]
     ShuttingDown,

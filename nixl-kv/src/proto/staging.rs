@@ -14,6 +14,7 @@
 //! Nothing here performs IO; the cores own these structures and the driver reports events.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use nixl_core::MemType;
 use nixl_core::staging::{PoolBuffer, StagingLayout};
@@ -21,6 +22,11 @@ use nixl_wire::RoomId;
 use nixl_wire::ext::Ring;
 
 use super::Layout;
+
+/// How long a slot of a room that ended without success sits out before it is granted again: a
+/// prefill that did not learn of the end may still have WRITEs into it in flight (the decode
+/// cannot tell it; SGLang's protocol has no decode → prefill failure message).
+pub const QUARANTINE: Duration = Duration::from_secs(30);
 
 /// The state of one decode ring slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,9 +37,15 @@ enum Slot {
     Granted(RoomId),
     /// A staged piece of the room landed in it and its scatter is running.
     Scattering(RoomId),
-    /// Its room ended while a scatter was running: free once the scatter completes (the slot is
-    /// not reused while the GPU may still read it).
-    Draining,
+    /// Its room ended while a scatter was running: not reused while the GPU may still read it;
+    /// then free, or quarantined if the room did not succeed.
+    Draining {
+        /// Quarantine it after the scatter.
+        quarantine: bool,
+    },
+    /// Its room ended without success: free [`QUARANTINE`] after the first grant that saw it
+    /// (the core reads no clock, so the time is stamped by the next grant).
+    Quarantined(Option<Instant>),
 }
 
 /// What the decode learns when a scatter completes.
@@ -42,7 +54,7 @@ enum Slot {
 pub enum Scattered {
     /// The slot is the room's again: count the piece and tell the prefill the slot is free.
     Granted(RoomId),
-    /// The room had ended: the slot is free, there is nothing to count or tell.
+    /// The room had ended: nothing to count or tell.
     Drained,
     /// The slot was not scattering (a stale or duplicate report): ignore it.
     Stale,
@@ -52,13 +64,15 @@ pub enum Scattered {
 #[derive(Debug, Clone)]
 pub struct SlotRing {
     slots: Vec<Slot>,
+    quarantine: Duration,
 }
 
 impl SlotRing {
-    /// A ring of `slots` free slots.
-    pub fn new(slots: u32) -> Self {
+    /// A ring of `slots` free slots; slots of rooms that failed sit out `quarantine`.
+    pub fn new(slots: u32, quarantine: Duration) -> Self {
         Self {
             slots: vec![Slot::Free; slots as usize],
+            quarantine,
         }
     }
 
@@ -72,14 +86,25 @@ impl SlotRing {
         self.slots.is_empty()
     }
 
-    /// Free slots.
+    /// Free slots (quarantined ones not counted).
     pub fn free(&self) -> u32 {
         self.slots.iter().filter(|s| **s == Slot::Free).count() as u32
     }
 
     /// Grants `room` up to `want` free slots, lowest first; empty when none is free (the room
-    /// then takes the plain path).
-    pub fn grant(&mut self, room: RoomId, want: u32) -> Vec<u32> {
+    /// then takes the plain path). Quarantines that ended by `now` end first.
+    pub fn grant(&mut self, room: RoomId, want: u32, now: Instant) -> Vec<u32> {
+        for s in &mut self.slots {
+            match *s {
+                Slot::Quarantined(None) => *s = Slot::Quarantined(Some(now)),
+                Slot::Quarantined(Some(at))
+                    if now.saturating_duration_since(at) >= self.quarantine =>
+                {
+                    *s = Slot::Free;
+                }
+                _ => {}
+            }
+        }
         let mut out = Vec::new();
         for (i, s) in self.slots.iter_mut().enumerate() {
             if out.len() as u32 >= want {
@@ -118,29 +143,40 @@ impl SlotRing {
 
     /// The scatter out of `slot` completed.
     pub fn scattered(&mut self, slot: u32) -> Scattered {
-        match self.slots.get_mut(slot as usize) {
-            Some(s @ Slot::Scattering(_)) => {
-                let Slot::Scattering(room) = *s else {
-                    return Scattered::Stale;
-                };
+        let Some(s) = self.slots.get_mut(slot as usize) else {
+            return Scattered::Stale;
+        };
+        match *s {
+            Slot::Scattering(room) => {
                 *s = Slot::Granted(room);
                 Scattered::Granted(room)
             }
-            Some(s @ Slot::Draining) => {
-                *s = Slot::Free;
+            Slot::Draining { quarantine } => {
+                *s = if quarantine {
+                    Slot::Quarantined(None)
+                } else {
+                    Slot::Free
+                };
                 Scattered::Drained
             }
             _ => Scattered::Stale,
         }
     }
 
-    /// `room` ended (success, failure, abort, timeout or release): its idle slots are free now,
-    /// its scattering slots once their scatters complete.
-    pub fn release(&mut self, room: RoomId) {
+    /// `room` ended: after a success (`clean`: every piece was scattered, nothing more comes)
+    /// its idle slots are free now; after a failure, abort, timeout or release they are
+    /// quarantined. Scattering slots follow once their scatters complete.
+    pub fn release(&mut self, room: RoomId, clean: bool) {
         for s in &mut self.slots {
             match *s {
-                Slot::Granted(r) if r == room => *s = Slot::Free,
-                Slot::Scattering(r) if r == room => *s = Slot::Draining,
+                Slot::Granted(r) if r == room => {
+                    *s = if clean {
+                        Slot::Free
+                    } else {
+                        Slot::Quarantined(None)
+                    };
+                }
+                Slot::Scattering(r) if r == room => *s = Slot::Draining { quarantine: !clean },
                 _ => {}
             }
         }
@@ -420,10 +456,12 @@ mod tests {
 
     #[test]
     fn ring_grants_bounded_slots_and_frees_them_in_every_end() {
-        let mut ring = SlotRing::new(4);
-        assert_eq!(ring.grant(room(1), 2), vec![0, 1]);
-        assert_eq!(ring.grant(room(2), 3), vec![2, 3]);
-        assert!(ring.grant(room(3), 1).is_empty(), "full: plain path");
+        let t0 = Instant::now();
+        let q = Duration::from_secs(30);
+        let mut ring = SlotRing::new(4, q);
+        assert_eq!(ring.grant(room(1), 2, t0), vec![0, 1]);
+        assert_eq!(ring.grant(room(2), 3, t0), vec![2, 3]);
+        assert!(ring.grant(room(3), 1, t0).is_empty(), "full: plain path");
         assert_eq!(ring.free(), 0);
 
         // Only the holder may land in a slot, and never twice before its scatter completes.
@@ -435,19 +473,29 @@ mod tests {
         assert_eq!(ring.scattered(0), Scattered::Stale);
         assert!(ring.landed(room(1), 0));
 
-        // Room 1 ends while slot 0 scatters: slot 1 is free now, slot 0 after its scatter.
-        ring.release(room(1));
+        // Room 1 succeeds while slot 0 scatters: slot 1 is free now, slot 0 after its scatter.
+        ring.release(room(1), true);
         assert_eq!(ring.free(), 1);
         assert!(ring.held_by(room(1)).is_empty());
-        assert_eq!(ring.grant(room(3), 4), vec![1]);
+        assert_eq!(ring.grant(room(3), 4, t0), vec![1]);
         assert_eq!(ring.scattered(0), Scattered::Drained);
         assert_eq!(ring.free(), 1);
-        ring.release(room(2));
-        ring.release(room(3));
-        ring.release(room(3));
+
+        // Room 2 fails: its slots sit out the quarantine, counted from the next grant.
+        assert!(ring.landed(room(2), 3));
+        ring.release(room(2), false);
+        ring.release(room(2), false);
+        assert_eq!(ring.scattered(3), Scattered::Drained);
+        assert_eq!(ring.free(), 1);
+        assert_eq!(ring.grant(room(4), 4, t0 + q), vec![0]);
+        assert!(ring.grant(room(5), 4, t0 + q + q / 2).is_empty());
+        assert_eq!(ring.grant(room(5), 4, t0 + q + q), vec![2, 3]);
+        for r in 3..=5 {
+            ring.release(room(r), true);
+        }
         assert_eq!(ring.free(), 4);
         assert_eq!(ring.scattered(7), Scattered::Stale);
-        assert!(SlotRing::new(0).grant(room(1), 1).is_empty());
+        assert!(SlotRing::new(0, q).grant(room(1), 1, t0).is_empty());
     }
 
     #[test]
