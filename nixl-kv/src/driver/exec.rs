@@ -24,6 +24,7 @@ enum Outcome {
     Loaded(AgentName, Result<String, String>),
     Prepared(ListId, bool),
     Done(RoomId, Result<(), FailureReason>),
+    Staged(RoomId, u32, Result<(), FailureReason>),
 }
 
 /// Runs the prefill core's queue until it is empty (outcomes can queue more commands). Posted
@@ -55,6 +56,9 @@ pub(crate) fn drive_prefill(s: &Shared) {
                 Outcome::Loaded(agent, res) => core.remote_loaded(&agent, res),
                 Outcome::Prepared(id, ok) => core.list_prepared(&id, ok),
                 Outcome::Done(room, res) => core.transfer_done(room, res),
+                Outcome::Staged(room, slot, res) => {
+                    core.staged_done(room, slot, res, std::time::Instant::now());
+                }
             }
         }
     }
@@ -130,19 +134,27 @@ fn run(
             // A stand-alone notification leaves only when the agent is progressed, and no
             // progress thread runs by default: progress now (the inbound thread does on its
             // ticks too), so a failed sender dropped at once still tells its decode.
-            progress(agent);
+            progress(agent, p);
+        }
+        Command::Stage(w) => {
+            // Only a core given a staging buffer stages, and this driver gives it none
+            // (docs/runtime.md §12): the piece fails rather than go unsent.
+            let reason = FailureReason::Staging("this prefill has no staging buffer".into());
+            outcomes.push(Outcome::Staged(w.room, w.local_slot, Err(reason)));
         }
     }
 }
 
-/// Progresses the agent's workers (draining its notifications, which a prefill ignores).
-pub(crate) fn progress(agent: &Agent) {
-    let mut stray = Vec::new();
-    if agent.drain_notifications(&mut stray).is_ok() && !stray.is_empty() {
-        tracing::debug!(
-            count = stray.len(),
-            "prefill agent received notifications; ignored"
-        );
+/// Progresses the agent's workers, draining its notifications into the core (our decodes'
+/// `nixl-rs:freed:` notices; anything else is ignored there).
+pub(crate) fn progress(agent: &Agent, p: &PrefillIo) {
+    let mut notifs = Vec::new();
+    if agent.drain_notifications(&mut notifs).is_ok() && !notifs.is_empty() {
+        let now = std::time::Instant::now();
+        let mut core = lock(&p.core);
+        for n in &notifs {
+            core.handle_notification(&n.peer, &n.payload, now);
+        }
     }
 }
 

@@ -74,7 +74,7 @@ fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, tick: Duration) {
         }
         let now = Instant::now();
         if now >= next_tick {
-            exec::progress(&s.agent);
+            exec::progress(&s.agent, p);
             let expired = lock(&p.core).handle_timeout(now);
             if expired > 0 {
                 tracing::debug!(expired, "orphan rooms dropped");

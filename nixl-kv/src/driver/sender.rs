@@ -107,7 +107,7 @@ impl KvSender {
         if idle {
             // Progress the agent anyway: a failure push (a stand-alone notification) leaves
             // only when its sender is progressed, and no progress thread runs by default.
-            exec::progress(&self.shared.agent);
+            exec::progress(&self.shared.agent, p);
         }
         exec::drive_prefill(&self.shared);
         lock(&p.core).sender_poll(self.room)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nixl_core::MemType;
-use nixl_wire::ext::{self, ProofNotice};
+use nixl_wire::ext::{self, FreedNotice, ProofNotice, Ring, StagedNotice};
 use nixl_wire::{
     AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PrefillInbound, RoomId,
     TransferInfo,
@@ -18,6 +18,7 @@ use nixl_wire::{
 use super::lists::{ListTrack, peer_cap};
 use super::lower::{Coords, ListId, ListKind, ListSpec, list_spec, lower_explicit, lower_indexed};
 use super::plan::{CopyOp, Run, aux_buffers, group_runs, plan_aux, plan_kv};
+use super::staging::{LocalSlots, Pushed, SlotSchedule, pages_per_piece, staging_layout};
 use super::{FailureReason, KvPoll, Layout};
 
 /// A registered decode agent, as its registration describes it.
@@ -33,6 +34,33 @@ pub struct Peer {
     pub tp_info: Option<DecodeTpInfo>,
     /// It advertised the `proof` capability.
     pub proves: bool,
+    /// Its staging ring, if it advertised `staging` with a well-formed ring frame (ours).
+    pub ring: Option<Ring>,
+}
+
+/// One staged WRITE (docs/runtime.md §12): gather `src_pages` of our pool into our staging
+/// slot `local_slot`; only once that gather completed, WRITE its `bytes` from the slot into the
+/// decode's ring at `remote_addr` with `notif`. Report its end with
+/// [`PrefillCore::staged_done`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StagedWrite {
+    /// The room it belongs to.
+    pub room: RoomId,
+    /// The decode agent.
+    pub peer: AgentName,
+    /// Our staging slot (at `local_slot * slot_bytes` in our staging buffer).
+    pub local_slot: u32,
+    /// Our pages, in order.
+    pub src_pages: Vec<u32>,
+    /// Staged bytes (pages × bytes per page).
+    pub bytes: u64,
+    /// The decode's ring slot address.
+    pub remote_addr: u64,
+    /// The decode ring's GPU.
+    pub remote_gpu: u32,
+    /// The `nixl-rs:staged:` notification.
+    pub notif: Vec<u8>,
 }
 
 /// One WRITE to post, lowered: where the bytes go and the notification NIXL delivers after.
@@ -79,7 +107,35 @@ pub enum Command {
         /// The payload.
         payload: Vec<u8>,
     },
+    /// Gather, then WRITE one staged piece; report with [`PrefillCore::staged_done`].
+    Stage(StagedWrite),
 }
+
+/// A prefill's staged path: the slot size of its staging buffer and which slots are free.
+#[derive(Debug, Clone)]
+struct PrefillStaging {
+    slot_bytes: u64,
+    local: LocalSlots,
+}
+
+/// A room on the staged path.
+#[derive(Debug)]
+struct StagedRoom {
+    peer: AgentName,
+    ring: Ring,
+    sched: SlotSchedule,
+    bytes_per_page: u64,
+    /// The sender's pages so far (pieces index into them).
+    src: Vec<u32>,
+    /// The aux WRITE, queued once the last piece is posted.
+    aux: Option<Post>,
+    /// The last time a piece was posted, completed or had its slot freed.
+    progress: Instant,
+}
+
+/// A staged room whose next piece waits this long without any progress (no slot freed, no
+/// WRITE completed) fails: its decode is gone or stuck.
+pub const STAGED_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A room whose decode infos are complete but that no sender claims yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +165,7 @@ struct Room {
     pushed: bool,
     in_flight: usize,
     touched: Instant,
+    staged: Option<StagedRoom>,
 }
 
 impl Room {
@@ -121,6 +178,7 @@ impl Room {
             pushed: false,
             in_flight: 0,
             touched: now,
+            staged: None,
         }
     }
 
@@ -197,6 +255,7 @@ pub struct PrefillCore {
     runs: Vec<Run>,
     src_idx: Vec<u32>,
     dst_idx: Vec<u32>,
+    staging: Option<PrefillStaging>,
 }
 
 impl PrefillCore {
@@ -236,7 +295,19 @@ impl PrefillCore {
             runs: Vec::new(),
             src_idx: Vec::new(),
             dst_idx: Vec::new(),
+            staging: None,
         }
+    }
+
+    /// Turns the staged path on: our staging buffer (registered with our agent) holds `slots`
+    /// slots of `slot_bytes`. Rooms to decodes that grant slots of their ring then go staged.
+    #[must_use]
+    pub fn with_staging(mut self, slot_bytes: u64, slots: u32) -> Self {
+        self.staging = (slot_bytes > 0 && slots > 0).then(|| PrefillStaging {
+            slot_bytes,
+            local: LocalSlots::new(slots),
+        });
+        self
     }
 
     /// Sets how long an idle decode agent is kept.
@@ -305,13 +376,20 @@ impl PrefillCore {
             tracing::warn!(agent = %r.agent, max = MAX_PEERS, "too many decode agents; registration dropped");
             return;
         }
-        let proves = ext::caps(&r.trailing).iter().any(|c| c == ext::CAP_PROOF);
+        let caps = ext::caps(&r.trailing);
+        let proves = caps.iter().any(|c| c == ext::CAP_PROOF);
+        let ring = if caps.iter().any(|c| c == ext::CAP_STAGING) {
+            Ring::find(&r.trailing)
+        } else {
+            None
+        };
         let peer = Peer {
             kv_ptrs: r.kv_ptrs,
             aux_ptrs: r.aux_ptrs,
             gpu_id: r.gpu_id,
             tp_info: r.tp_info,
             proves,
+            ring,
         };
         self.pending_peers.insert(r.agent.clone(), (peer, now));
         self.commands.push_back(Command::LoadRemote {
@@ -466,6 +544,23 @@ impl PrefillCore {
     /// Forgets a decode agent: its metadata and lists are dropped; rooms with infos from it
     /// fail when they send.
     pub fn remove_peer(&mut self, agent: &AgentName) {
+        // Staged rooms waiting on it would wait for slots it never frees: they fail now.
+        let stuck: Vec<RoomId> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| {
+                r.staged
+                    .as_ref()
+                    .is_some_and(|s| &s.peer == agent && !(s.sched.all_posted() && s.aux.is_none()))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for room in stuck {
+            self.fail(
+                room,
+                FailureReason::Staging(format!("decode {agent} forgotten mid-transfer")),
+            );
+        }
         let known = self.peers.remove(agent).is_some();
         if known || self.pending_peers.remove(agent).is_some() {
             self.commands.push_back(Command::Forget {
@@ -631,6 +726,7 @@ impl PrefillCore {
                     r.in_flight += posts.len();
                 }
                 self.commands.extend(posts.into_iter().map(Command::Post));
+                self.pump(room);
                 Ok(())
             }
             Err(reason) => Err(self.fail(room, reason)),
@@ -674,6 +770,12 @@ impl PrefillCore {
         s.finished_sending = last;
         let aux_index = s.aux_index;
         let infos: Vec<TransferInfo> = r.infos.iter().filter(|i| !i.is_dummy()).cloned().collect();
+        if start == 0 {
+            self.choose_staging(room, &infos, now);
+        }
+        if self.rooms.get(&room).is_some_and(|r| r.staged.is_some()) {
+            return self.stage_chunk(room, &infos, pages, last, aux_index);
+        }
 
         let mut out = Vec::with_capacity(infos.len() * 2);
         for info in &infos {
@@ -727,6 +829,224 @@ impl PrefillCore {
             }
         }
         Ok(out)
+    }
+
+    /// Whether `room` goes staged, decided at its first chunk: the staged path is on, the room
+    /// has one real decode, that decode announced a ring and granted slots of it in its info,
+    /// and both pools stage the same bytes (docs/protocol.md §3.5). Otherwise the plain path.
+    fn choose_staging(&mut self, room: RoomId, infos: &[TransferInfo], now: Instant) {
+        let Some(st) = &self.staging else { return };
+        let [info] = infos else { return };
+        let Some(peer) = self.peers.get(&info.agent).map(|p| Arc::clone(&p.peer)) else {
+            return;
+        };
+        let Some(ring) = peer.ring else { return };
+        let Some(granted) = ext::slots(&info.trailing, ring.slots) else {
+            return;
+        };
+        // The decode registers one item length for all its buffers (SGLang's rule); its
+        // announced ring is GPU memory, and so are its pools.
+        let item = peer
+            .tp_info
+            .as_ref()
+            .map(|t| t.dst_kv_item_len)
+            .or_else(|| self.layout.kv_item_lens.first().copied())
+            .unwrap_or(0);
+        let remote = Layout {
+            kv_mem: MemType::Vram,
+            kv_ptrs: peer.kv_ptrs.clone(),
+            kv_item_lens: vec![item; peer.kv_ptrs.len()],
+            kv_pages: 1,
+            aux_ptrs: Vec::new(),
+            aux_item_lens: Vec::new(),
+            aux_slots: 0,
+            gpu_id: peer.gpu_id.get(),
+        };
+        let per = match pages_per_piece(&self.layout, st.slot_bytes, &remote, &ring) {
+            Ok(per) => per,
+            Err(why) => {
+                tracing::debug!(%room, agent = %info.agent, %why, "room not staged");
+                return;
+            }
+        };
+        let (Some(sched), Ok(l)) = (
+            SlotSchedule::new(&granted, per),
+            staging_layout(&self.layout),
+        ) else {
+            return;
+        };
+        if let Some(r) = self.rooms.get_mut(&room) {
+            r.staged = Some(StagedRoom {
+                peer: info.agent.clone(),
+                ring,
+                sched,
+                bytes_per_page: l.bytes_per_page(),
+                src: Vec::new(),
+                aux: None,
+                progress: now,
+            });
+        }
+    }
+
+    /// Queues a chunk of a staged room: its pieces wait in the schedule (posted by
+    /// [`Self::pump`]), and after the last chunk the aux WRITE waits for the last piece.
+    fn stage_chunk(
+        &mut self,
+        room: RoomId,
+        infos: &[TransferInfo],
+        pages: &[u32],
+        last: bool,
+        aux_index: u32,
+    ) -> Result<Vec<Post>, FailureReason> {
+        let [info] = infos else {
+            return Err(FailureReason::Staging(
+                "a staged room lost its decode".into(),
+            ));
+        };
+        let peer = self
+            .peers
+            .get(&info.agent)
+            .map(|p| Arc::clone(&p.peer))
+            .ok_or_else(|| FailureReason::DecodeNotRegistered(info.agent.clone()))?;
+        let r = self.rooms.get(&room).ok_or(FailureReason::NoSender)?;
+        let have = r.staged.as_ref().map_or(0, |s| s.src.len());
+        if info.dst_pages.len() < have + pages.len() {
+            return Err(FailureReason::TooFewDecodePages {
+                agent: info.agent.clone(),
+                got: info.dst_pages.len(),
+                need: have + pages.len(),
+            });
+        }
+        let aux = last.then(|| {
+            let coords = self.lower_aux(&info.agent, &peer, aux_index, info.dst_aux_index);
+            Post {
+                room,
+                peer: info.agent.clone(),
+                kind: ListKind::Aux,
+                notif: Notification::Aux { room }.encode(),
+                coords,
+            }
+        });
+        let sr = self
+            .rooms
+            .get_mut(&room)
+            .and_then(|r| r.staged.as_mut())
+            .ok_or(FailureReason::NoSender)?;
+        let n = u32::try_from(pages.len()).unwrap_or(u32::MAX);
+        if sr.sched.push(n, last) != Pushed::Queued {
+            return Err(FailureReason::Staging(format!(
+                "chunk of {n} pages not schedulable"
+            )));
+        }
+        sr.src.extend_from_slice(pages);
+        sr.aux = aux;
+        Ok(Vec::new())
+    }
+
+    /// Posts what a staged room can post now: a piece for every granted slot seen free (while
+    /// our own staging slots last), then, after its last piece, the aux WRITE.
+    fn pump(&mut self, room: RoomId) {
+        let Some(st) = self.staging.as_mut() else {
+            return;
+        };
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        if r.failure.is_some() || r.status == KvPoll::Failed {
+            return;
+        }
+        let Some(sr) = r.staged.as_mut() else { return };
+        let mut broken = None;
+        while let Some(post) = sr.sched.next(&mut st.local) {
+            let p = post.piece;
+            let from = p.first_page_offset as usize;
+            let src = sr.src.get(from..from.saturating_add(p.pages as usize));
+            let (Some(src), Some(remote_addr)) = (src, sr.ring.slot_addr(post.remote_slot)) else {
+                st.local.put(post.local_slot);
+                broken = Some(format!("piece {} outside the room", p.chunk));
+                break;
+            };
+            let notif = StagedNotice {
+                room,
+                chunk: p.chunk,
+                last: p.last,
+                slot: post.remote_slot,
+                first_page_offset: p.first_page_offset,
+                pages: p.pages,
+            }
+            .encode();
+            r.in_flight += 1;
+            self.commands.push_back(Command::Stage(StagedWrite {
+                room,
+                peer: sr.peer.clone(),
+                local_slot: post.local_slot,
+                src_pages: src.to_vec(),
+                bytes: sr.bytes_per_page.saturating_mul(u64::from(p.pages)),
+                remote_addr,
+                remote_gpu: sr.ring.gpu,
+                notif,
+            }));
+        }
+        if broken.is_none()
+            && sr.sched.all_posted()
+            && let Some(aux) = sr.aux.take()
+        {
+            r.in_flight += 1;
+            self.commands.push_back(Command::Post(aux));
+        }
+        if let Some(why) = broken {
+            self.fail(room, FailureReason::Staging(why));
+        }
+    }
+
+    /// A [`Command::Stage`] ended (the WRITE completed, or the gather or the WRITE failed): our
+    /// staging slot is free again, for this room or any other waiting for one.
+    pub fn staged_done(
+        &mut self,
+        room: RoomId,
+        local_slot: u32,
+        outcome: Result<(), FailureReason>,
+        now: Instant,
+    ) {
+        if let Some(st) = self.staging.as_mut() {
+            st.local.put(local_slot);
+        }
+        if let Some(sr) = self.rooms.get_mut(&room).and_then(|r| r.staged.as_mut()) {
+            sr.progress = now;
+        }
+        self.transfer_done(room, outcome);
+        let waiting: Vec<RoomId> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| r.staged.as_ref().is_some_and(|s| s.sched.waiting() > 0))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            self.pump(id);
+        }
+    }
+
+    /// A notification a decode sent us (ours: `nixl-rs:freed:`; anything else is ignored):
+    /// the slot is free for the room's next piece, if `peer` is the room's decode.
+    pub fn handle_notification(&mut self, peer: &str, payload: &[u8], now: Instant) {
+        let Some(f) = FreedNotice::decode(payload) else {
+            tracing::debug!(peer, "prefill agent received a notification; ignored");
+            return;
+        };
+        let Some(sr) = self.rooms.get_mut(&f.room).and_then(|r| r.staged.as_mut()) else {
+            return;
+        };
+        if sr.peer.as_str() != peer || !sr.sched.freed(f.slot) {
+            tracing::debug!(peer, room = %f.room, slot = f.slot, "stray slot freed; ignored");
+            return;
+        }
+        sr.progress = now;
+        self.pump(f.room);
+    }
+
+    /// Free slots of our staging buffer (`None`: the staged path is off).
+    pub fn free_staging_slots(&self) -> Option<u32> {
+        self.staging.as_ref().map(|s| s.local.free())
     }
 
     /// Lowers the KV pages in `src_idx`/`dst_idx` to `agent`: indices into prepared lists when
@@ -839,9 +1159,13 @@ impl PrefillCore {
         if r.failure.is_some() || r.status == KvPoll::Failed {
             return KvPoll::Failed;
         }
+        let staged_done = r
+            .staged
+            .as_ref()
+            .is_none_or(|s| s.sched.all_posted() && s.aux.is_none());
         match &r.sender {
             Some(s) if s.finished_sending => {
-                if r.in_flight == 0 {
+                if r.in_flight == 0 && staged_done {
                     KvPoll::Success
                 } else {
                     KvPoll::WaitingForInput
@@ -893,6 +1217,22 @@ impl PrefillCore {
     /// Drops rooms without a sender that saw nothing for the orphan timeout (a decode gave up,
     /// or sent infos for a request this prefill never got). Returns how many.
     pub fn handle_timeout(&mut self, now: Instant) -> usize {
+        let stalled: Vec<RoomId> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| r.failure.is_none())
+            .filter(|(_, r)| {
+                r.staged.as_ref().is_some_and(|s| {
+                    s.sched.waiting() > 0
+                        && now.saturating_duration_since(s.progress) >= STAGED_STALL_TIMEOUT
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for room in stalled {
+            let why = format!("no staging slot freed within {STAGED_STALL_TIMEOUT:?}");
+            self.fail(room, FailureReason::Staging(why));
+        }
         let before = self.rooms.len();
         let timeout = self.orphan_timeout;
         self.rooms.retain(|_, r| {
