@@ -731,7 +731,18 @@ impl DecodeCore {
             return;
         }
         let end = n.first_page_offset.saturating_add(n.pages) as usize;
-        let pages = r.pages.get(n.first_page_offset as usize..end);
+        // A piece larger than a slot would make the scatter read past it.
+        let page_bytes = self
+            .me
+            .kv_item_len
+            .saturating_mul(self.me.kv_ptrs.len() as u64);
+        let fits = self.me.staging.is_some_and(|st| {
+            page_bytes > 0 && u64::from(n.pages) <= st.ring.slot_bytes / page_bytes
+        });
+        let pages = r
+            .pages
+            .get(n.first_page_offset as usize..end)
+            .filter(|_| fits);
         let landed = self
             .ring
             .as_mut()
@@ -740,7 +751,7 @@ impl DecodeCore {
             (Some(_), true) => None,
             (_, false) => Some(format!("slot {} is not this room's or still busy", n.slot)),
             (None, true) => Some(format!(
-                "pages {}..{end} outside the room's {}",
+                "pages {}..{end} outside the room's {} or its slot",
                 n.first_page_offset,
                 r.pages.len()
             )),

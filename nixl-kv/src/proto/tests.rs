@@ -1265,6 +1265,14 @@ fn staged_rooms_fail_on_bad_pieces_and_release_slots_in_every_end() {
     d.scatter_done(r1, 0, Ok(()));
     assert_eq!(d.free_slots(), Some(1));
 
+    // A piece larger than a slot (8 pages of 2 × 4096 bytes).
+    let mut big = staged_decode(now);
+    let pages: Vec<u32> = (0..9).collect();
+    assert_eq!(staged_room(&mut big, 1, &pages, now), vec![0]);
+    big.handle_notification("p", &staged(1, 0, true, 0, 0, 9));
+    assert!(commands(&mut big).is_empty());
+    assert_eq!(big.poll(r1, now), KvPoll::Failed);
+
     // Pages outside the room, another room's slot, and a failed scatter.
     let r2 = RoomId::new(2);
     assert_eq!(staged_room(&mut d, 2, &[3], now), vec![1]);
