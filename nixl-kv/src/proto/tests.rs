@@ -1,6 +1,6 @@
 //! Simulated prefill/decode pairs over the sans-IO cores, with a virtual clock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -1641,4 +1641,117 @@ fn staged_rooms_between_both_cores_succeed_and_free_every_slot() {
     }
     assert_eq!(d.free_slots(), Some(4));
     assert_eq!(p.free_staging_slots(), Some(3));
+}
+
+proptest! {
+    /// Whatever the chunk sizes, the slots granted and the order in which WRITEs complete,
+    /// scatters finish and freed notices arrive, both cores end in Success, the scatters cover
+    /// the decode's pages exactly once and in order of the sender's pages, and every slot is free.
+    #[test]
+    fn staged_rooms_survive_any_event_order(
+        chunks in prop::collection::vec(1u32..12, 1..6),
+        per_room in 1u32..4,
+        local_slots in 1u32..4,
+        order in prop::collection::vec(0u8..4, 0..400),
+    ) {
+        let now = Instant::now();
+        let total: u32 = chunks.iter().sum();
+        prop_assume!(total <= 64);
+        let ring = nixl_wire::ext::Ring { slots: 4, ..RING };
+        let timers = DecodeTimers::new(None, Duration::from_secs(5), 2);
+        let mut me = identity();
+        me.staging = Some(decode::DecodeStaging::new(ring, per_room));
+        let mut d = DecodeCore::new(me, timers, now);
+        let mut drv = FakeDriver::new();
+        let mut p = PrefillCore::new(gpu_layout(0x1000_0000), Duration::from_secs(300))
+            .with_staging(3 * 8192, local_slots);
+        let room = RoomId::new(1);
+        bootstrap(&mut d, room, 5000, now);
+        let dst: Vec<u32> = (0..total).rev().collect();
+        d.receiver_init(room, &dst, 0, now);
+        for c in commands(&mut d) {
+            if let decode::Command::Send { frames, .. } = c {
+                p.handle_inbound(PrefillInbound::decode(&frames).unwrap(), now);
+                drv.run(&mut p);
+            }
+        }
+        p.sender_new(room, now);
+        p.sender_init(room, total, 0).unwrap();
+        let mut next = 0u32;
+        for &c in &chunks {
+            let src: Vec<u32> = (next..next + c).collect();
+            p.sender_send(room, &src, now).unwrap();
+            next += c;
+        }
+        drv.run(&mut p);
+        // Queues of pending events; `order` picks which kind goes next.
+        let mut writes: VecDeque<super::prefill::StagedWrite> = VecDeque::new();
+        let mut scatters: VecDeque<(u32, Vec<u32>)> = VecDeque::new();
+        let mut freed: VecDeque<Vec<u8>> = VecDeque::new();
+        let mut covered: Vec<(u32, Vec<u32>)> = Vec::new();
+        let mut pick = order.into_iter().chain(std::iter::repeat_n(0u8, 10_000));
+        for _ in 0..10_000 {
+            writes.extend(drv.stages.drain(..));
+            for post in drv.take_posts() {
+                d.handle_notification("pre", &post.notif);
+                p.transfer_done(post.room, Ok(()));
+            }
+            for c in commands(&mut d) {
+                match c {
+                    decode::Command::Scatter { slot, pages, .. } => scatters.push_back((slot, pages)),
+                    decode::Command::Notify { payload, .. } => freed.push_back(payload),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            if writes.is_empty() && scatters.is_empty() && freed.is_empty() {
+                break;
+            }
+            match pick.next().unwrap_or(0) % 3 {
+                0 if !writes.is_empty() => {
+                    let w = writes.pop_front().unwrap();
+                    let n = nixl_wire::ext::StagedNotice::decode(&w.notif).unwrap();
+                    covered.push((n.first_page_offset, w.src_pages.clone()));
+                    p.staged_done(w.room, w.local_slot, Ok(()), now);
+                    d.handle_notification("pre", &w.notif);
+                }
+                1 if !scatters.is_empty() => {
+                    let (slot, pages) = scatters.pop_front().unwrap();
+                    prop_assert_ne!(d.poll(room, now), KvPoll::Success);
+                    let start = pages.first().map(|&pg| total - 1 - pg).unwrap();
+                    prop_assert_eq!(pages, dst[start as usize..][..pages_len(&covered, start)].to_vec());
+                    d.scatter_done(room, slot, Ok(()));
+                }
+                _ if !freed.is_empty() => {
+                    p.handle_notification("dec", &freed.pop_front().unwrap(), now);
+                }
+                _ => {
+                    // The picked queue is empty: take the first non-empty one.
+                    if let Some(w) = writes.pop_front() {
+                        let n = nixl_wire::ext::StagedNotice::decode(&w.notif).unwrap();
+                        covered.push((n.first_page_offset, w.src_pages.clone()));
+                        p.staged_done(w.room, w.local_slot, Ok(()), now);
+                        d.handle_notification("pre", &w.notif);
+                    } else if let Some((slot, _)) = scatters.pop_front() {
+                        d.scatter_done(room, slot, Ok(()));
+                    }
+                }
+            }
+            drv.run(&mut p);
+        }
+        prop_assert_eq!(d.poll(room, now), KvPoll::Success);
+        prop_assert_eq!(p.sender_poll(room), KvPoll::Success);
+        covered.sort();
+        let sent: Vec<u32> = covered.into_iter().flat_map(|(_, s)| s).collect();
+        prop_assert_eq!(sent, (0..total).collect::<Vec<_>>());
+        prop_assert_eq!(d.free_slots(), Some(4));
+        prop_assert_eq!(p.free_staging_slots(), Some(local_slots));
+    }
+}
+
+/// Pages of the piece starting at `start` among the written pieces.
+fn pages_len(covered: &[(u32, Vec<u32>)], start: u32) -> usize {
+    covered
+        .iter()
+        .find(|(off, _)| *off == start)
+        .map_or(0, |(_, s)| s.len())
 }
