@@ -1,4 +1,4 @@
-//! The dependency-direction rules of DESIGN.md §4.2, checked on `cargo metadata`.
+//! The dependency-direction rules (ARCHITECTURE.md, "Dependency directions"), checked on `cargo metadata`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -46,7 +46,7 @@ enum Task {
     Prereq,
     /// Everything CI checks: fmt, clippy, tests with the real runtime, docs, dependency rules, tidy.
     Ci(ci::CiArgs),
-    /// Dependency-direction check (DESIGN.md section 4.2).
+    /// Dependency-direction check (the rules in ARCHITECTURE.md).
     Deps,
     /// Source hygiene checks (unsafe placement, SAFETY comments, prints, file headers).
     Tidy,
