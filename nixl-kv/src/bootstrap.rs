@@ -217,35 +217,30 @@ impl BootstrapServer {
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let thread = std::thread::Builder::new()
-            .name("kv-bootstrap".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
+        let thread = crate::runtime_thread::spawn(
+            "kv-bootstrap",
+            {
+                let ready_tx = ready_tx.clone();
+                move |e| {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                }
+            },
+            move || async move {
+                let listener = match TcpListener::from_std(std_listener) {
+                    Ok(l) => l,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
                         return;
                     }
                 };
-                rt.block_on(async move {
-                    let listener = match TcpListener::from_std(std_listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e.to_string()));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    tokio::select! {
-                        () = accept_loop(listener, state) => {}
-                        _ = stopped => {}
-                    }
-                });
-            })
-            .map_err(|e| err(e.to_string()))?;
+                let _ = ready_tx.send(Ok(()));
+                tokio::select! {
+                    () = accept_loop(listener, state) => {}
+                    _ = stopped => {}
+                }
+            },
+        )
+        .map_err(|e| err(e.to_string()))?;
         ready_rx
             .recv()
             .map_err(|_| err("server thread ended".into()))?

@@ -26,6 +26,7 @@ pub mod bootstrap;
 pub mod driver;
 mod error;
 pub mod proto;
+mod runtime_thread;
 pub mod zmtp;
 
 pub use driver::{

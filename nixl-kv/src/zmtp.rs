@@ -628,44 +628,39 @@ impl PullListener {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<SocketAddr>>();
         let (stop, stopped) = oneshot::channel::<()>();
         let endpoint = endpoint.to_owned();
-        let thread = std::thread::Builder::new()
-            .name("kv-zmtp-pull".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
+        let thread = crate::runtime_thread::spawn(
+            "kv-zmtp-pull",
+            {
+                let ready_tx = ready_tx.clone();
+                move |e| {
+                    let _ = ready_tx.send(Err(e));
+                }
+            },
+            move || async move {
+                let listener = match bind(&endpoint).await {
+                    Ok(l) => l,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                rt.block_on(async move {
-                    let listener = match bind(&endpoint).await {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    match listener.local_addr() {
-                        Ok(a) => {
-                            let _ = ready_tx.send(Ok(a));
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
+                match listener.local_addr() {
+                    Ok(a) => {
+                        let _ = ready_tx.send(Ok(a));
                     }
-                    let (tx, rx) = mpsc::channel(QUEUE);
-                    tokio::spawn(serve(listener, limits, tx));
-                    tokio::select! {
-                        () = deliver(rx, on_message) => {}
-                        _ = stopped => {}
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
                     }
-                });
-            })?;
+                }
+                let (tx, rx) = mpsc::channel(QUEUE);
+                tokio::spawn(serve(listener, limits, tx));
+                tokio::select! {
+                    () = deliver(rx, on_message) => {}
+                    _ = stopped => {}
+                }
+            },
+        )?;
         let addr = ready_rx
             .recv()
             .map_err(|_| io::Error::other("listener thread ended"))??;

@@ -41,61 +41,56 @@ impl ZmqThread {
     ) -> Result<(Self, Option<u16>), String> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
         let (ready_tx, ready_rx) = std_mpsc::channel::<Result<Option<u16>, String>>();
-        let thread = std::thread::Builder::new()
-            .name("kv-zmq".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let mut port = None;
-                    if let Some(ep) = pull {
-                        let listener = match zmtp::bind(&ep).await {
-                            Ok(l) => l,
-                            Err(e) => {
-                                let _ = ready_tx.send(Err(format!("bind {ep}: {e}")));
-                                return;
-                            }
-                        };
-                        match listener.local_addr() {
-                            Ok(a) => port = Some(a.port()),
-                            Err(e) => {
-                                let _ = ready_tx.send(Err(format!("bind {ep}: {e}")));
-                                return;
-                            }
+        let thread = crate::runtime_thread::spawn(
+            "kv-zmq",
+            {
+                let ready_tx = ready_tx.clone();
+                move |e| {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                }
+            },
+            move || async move {
+                let mut port = None;
+                if let Some(ep) = pull {
+                    let listener = match zmtp::bind(&ep).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("bind {ep}: {e}")));
+                            return;
                         }
-                        let (tx, rx) = mpsc::channel(zmtp::QUEUE);
-                        tokio::spawn(zmtp::serve(listener, PullLimits::default(), tx));
-                        tokio::spawn(zmtp::deliver(rx, on_message));
-                    }
-                    let _ = ready_tx.send(Ok(port));
-                    let mut pushes: HashMap<String, PushSocket> = HashMap::new();
-                    while let Some(cmd) = rx.recv().await {
-                        match cmd {
-                            Cmd::Send {
-                                endpoint,
-                                frames,
-                                done,
-                            } => {
-                                let res = send(&mut pushes, &endpoint, frames).await;
-                                if res.is_err() {
-                                    // Reconnect next time.
-                                    pushes.remove(&endpoint);
-                                }
-                                let _ = done.send(res);
-                            }
+                    };
+                    match listener.local_addr() {
+                        Ok(a) => port = Some(a.port()),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("bind {ep}: {e}")));
+                            return;
                         }
                     }
-                });
-            })
-            .map_err(|e| e.to_string())?;
+                    let (tx, rx) = mpsc::channel(zmtp::QUEUE);
+                    tokio::spawn(zmtp::serve(listener, PullLimits::default(), tx));
+                    tokio::spawn(zmtp::deliver(rx, on_message));
+                }
+                let _ = ready_tx.send(Ok(port));
+                let mut pushes: HashMap<String, PushSocket> = HashMap::new();
+                while let Some(cmd) = rx.recv().await {
+                    match cmd {
+                        Cmd::Send {
+                            endpoint,
+                            frames,
+                            done,
+                        } => {
+                            let res = send(&mut pushes, &endpoint, frames).await;
+                            if res.is_err() {
+                                // Reconnect next time.
+                                pushes.remove(&endpoint);
+                            }
+                            let _ = done.send(res);
+                        }
+                    }
+                }
+            },
+        )
+        .map_err(|e| e.to_string())?;
         let port = ready_rx.recv().map_err(|e| e.to_string())??;
         Ok((
             Self {
