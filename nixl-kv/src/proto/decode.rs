@@ -690,6 +690,11 @@ impl DecodeCore {
         {
             r.failure = Some(FailureReason::WaitingTimeout(t));
             r.concluded = Some(KvPoll::Failed);
+            // The prefill may have lost our registration (a load that failed while the link
+            // was down): the next request to these ranks registers again.
+            for target in &r.targets {
+                self.registered.remove(&target.endpoint);
+            }
             self.end_slots(room, false);
             return KvPoll::Failed;
         }

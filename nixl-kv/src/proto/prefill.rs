@@ -220,6 +220,10 @@ pub struct Proofs {
 /// than page by page from prepared lists.
 pub const MERGE_RUN_PAGES: usize = 2;
 
+/// A decode agent whose metadata NIXL refused is not loaded again for this long (each failed
+/// load can leak a descriptor inside UCX; the refusal may be transient).
+pub const REFUSED_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Registered plus loading decode agents a prefill keeps at most; registrations beyond are
 /// dropped (each load costs NIXL state, and a failed one leaks a descriptor inside UCX).
 pub const MAX_PEERS: usize = 4096;
@@ -243,8 +247,9 @@ pub struct PrefillCore {
     layout: Arc<Layout>,
     peers: HashMap<AgentName, PeerState>,
     pending_peers: HashMap<AgentName, (Peer, Instant)>,
-    /// Agents whose metadata NIXL refused, not loaded again (bounded).
-    refused: std::collections::HashSet<AgentName>,
+    /// Agents whose metadata NIXL refused, and when: not loaded again within
+    /// [`REFUSED_BACKOFF`] (bounded; a refusal can be transient, e.g. a link that was down).
+    refused: HashMap<AgentName, Instant>,
     rooms: HashMap<RoomId, Room>,
     orphan_timeout: Duration,
     peer_idle_timeout: Duration,
@@ -284,7 +289,7 @@ impl PrefillCore {
             layout: Arc::new(layout),
             peers: HashMap::new(),
             pending_peers: HashMap::new(),
-            refused: std::collections::HashSet::new(),
+            refused: HashMap::new(),
             rooms: HashMap::new(),
             orphan_timeout,
             peer_idle_timeout: DEFAULT_PEER_IDLE_TIMEOUT,
@@ -369,8 +374,14 @@ impl PrefillCore {
             p.last_seen = now;
             return;
         }
-        if self.pending_peers.contains_key(&r.agent) || self.refused.contains(&r.agent) {
+        if self.pending_peers.contains_key(&r.agent) {
             return;
+        }
+        if let Some(&at) = self.refused.get(&r.agent) {
+            if now.saturating_duration_since(at) < REFUSED_BACKOFF {
+                return;
+            }
+            self.refused.remove(&r.agent);
         }
         if self.peers.len() + self.pending_peers.len() >= MAX_PEERS {
             tracing::warn!(agent = %r.agent, max = MAX_PEERS, "too many decode agents; registration dropped");
@@ -446,7 +457,7 @@ impl PrefillCore {
                 if self.refused.len() >= MAX_PEERS {
                     self.refused.clear();
                 }
-                self.refused.insert(agent.clone());
+                self.refused.insert(agent.clone(), seen);
             }
         }
     }

@@ -726,6 +726,56 @@ fn decodes_advertise_proofs_and_echo_the_one_their_prefill_sent() {
 }
 
 #[test]
+fn a_refused_load_is_retried_after_the_backoff_not_banned_for_good() {
+    let now = Instant::now();
+    let mut p = PrefillCore::new(layout(0x1000_0000), Duration::from_secs(300));
+    let load = |p: &mut PrefillCore| loop {
+        match p.poll_command() {
+            Some(Command::LoadRemote { agent, .. }) => return Some(agent),
+            Some(_) => {}
+            None => return None,
+        }
+    };
+    p.handle_inbound(register("d0"), now);
+    let a = load(&mut p).unwrap();
+    // The link was down: NIXL could not reach the decode's worker.
+    p.remote_loaded(&a, Err("failed to create ep".into()));
+    p.handle_inbound(register("d0"), now + Duration::from_secs(1));
+    assert_eq!(
+        load(&mut p),
+        None,
+        "not reloaded at once (each failed load costs UCX state)"
+    );
+    let later = now + super::prefill::REFUSED_BACKOFF;
+    p.handle_inbound(register("d0"), later);
+    let a = load(&mut p).expect("reloaded after the backoff");
+    p.remote_loaded(&a, Ok("d0".into()));
+    assert!(p.has_peer(&agent("d0")));
+}
+
+#[test]
+fn a_room_that_timed_out_makes_the_next_request_register_again() {
+    let now = Instant::now();
+    let mut d = decode_core(now);
+    bootstrap(&mut d, RoomId::new(1), 5000, now);
+    d.receiver_init(RoomId::new(1), &[1], 0, now);
+    assert_eq!(sends(&mut d).len(), 2);
+    assert_eq!(
+        d.poll(RoomId::new(1), now + Duration::from_secs(6)),
+        KvPoll::Failed
+    );
+    d.receiver_new(RoomId::new(2), BootstrapAddr::new("b:1"), None, now);
+    d.next_lookup(RoomId::new(2));
+    d.receiver_init(RoomId::new(2), &[1], 0, now + Duration::from_secs(7));
+    let s = sends(&mut d);
+    assert_eq!(s.len(), 2, "registration, then the info");
+    assert!(matches!(
+        PrefillInbound::decode(&s[0].1),
+        Ok(PrefillInbound::Register(_))
+    ));
+}
+
+#[test]
 fn orphan_rooms_expire_and_senders_keep_theirs() {
     let now = Instant::now();
     let mut drv = FakeDriver::new();
