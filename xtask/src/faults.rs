@@ -895,6 +895,9 @@ impl Harness {
     fn cut(&mut self, name: &str, down: bool, hold: Duration) -> anyhow::Result<String> {
         let mut p = self.prefill(&format!("{name}-prefill"))?;
         let mut d = self.decode(&format!("{name}-decode"), 2000, 4)?;
+        // Its UCX context must exist before the link goes: a decode starting on a downed veth
+        // cannot create one at all (a harness race on a loaded machine, not a fault to test).
+        d.wait_line("decode: ready", Duration::from_secs(60))?;
         let at = self.rng.ms(200, 1200);
         std::thread::sleep(at);
         ensure!(d.alive(), "{name}: the decode ended before the fault");
@@ -948,6 +951,7 @@ impl Harness {
     fn kill_prefill(&mut self) -> anyhow::Result<String> {
         let mut p = self.prefill("killp-prefill")?;
         let mut d = self.decode("killp-decode", 2000, 4)?;
+        d.wait_line("decode: ready", Duration::from_secs(60))?;
         let at = self.rng.ms(200, 1200);
         std::thread::sleep(at);
         ensure!(d.alive(), "kill-prefill: the decode ended before the kill");

@@ -704,6 +704,11 @@ fn decode(pool: &Pool, bootstrap: &str, o: &DecodeOpts) -> anyhow::Result<()> {
     }
     let m = memory(pool, "decode")?;
     let mgr = KvManager::decode(m.agent.clone(), args(&m, pool)?, ManagerConfig::default())?;
+    eprintln!(
+        "decode: ready, {} KV buffers of {} pages",
+        m.kv.len(),
+        pool.pages
+    );
     let mut rng = match pool.seed {
         Some(seed) => rand::rngs::StdRng::seed_from_u64(seed),
         None => rand::rngs::StdRng::from_os_rng(),
