@@ -445,3 +445,28 @@ fn a_spoofed_transfer_info_naming_a_proven_decode_is_refused() {
         p.mgr.unclaimed_rooms()
     );
 }
+
+#[test]
+fn a_prefill_can_wait_for_rooms_instead_of_polling() {
+    let bs = server();
+    let addr = bs.addr().to_string();
+    let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
+    let d = decode(2, 16, 1024, ManagerConfig::default());
+    assert!(
+        !p.mgr.wait_unclaimed(Duration::from_millis(50)),
+        "no room yet"
+    );
+    let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(51), None).unwrap();
+    rx.init(&[3], 0);
+    let start = std::time::Instant::now();
+    assert!(
+        p.mgr.wait_unclaimed(T),
+        "the decode's info completes a room"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(p.mgr.unclaimed_rooms()[0].room, RoomId::new(51));
+    assert!(
+        !d.mgr.wait_unclaimed(Duration::from_secs(5)),
+        "a decode has none, at once"
+    );
+}

@@ -18,7 +18,7 @@ mod zmq;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -95,6 +95,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The prefill's IO state.
 pub(crate) struct PrefillIo {
     pub(crate) core: Mutex<PrefillCore>,
+    /// Signalled (with `core`) whenever a decode's message was applied.
+    pub(crate) arrivals: Condvar,
     /// Prepared lists; held while commands run, so they run in queue order.
     pub(crate) exec: Mutex<exec::Lists>,
     /// Posted requests per room, until their sender sees them end.
@@ -197,6 +199,7 @@ impl KvManager {
         let shared = Arc::new(Shared {
             role: Role::Prefill(PrefillIo {
                 core: Mutex::new(core),
+                arrivals: Condvar::new(),
                 exec: Mutex::default(),
                 in_flight: Mutex::default(),
                 made_prepared: AtomicU64::new(0),
@@ -300,6 +303,32 @@ impl KvManager {
             .prefill()
             .map(|p| lock(&p.core).unclaimed())
             .unwrap_or_default()
+    }
+
+    /// Prefill: waits up to `timeout` until some room is unclaimed (see
+    /// [`KvManager::unclaimed_rooms`]); returns whether one is. Returns at once when one already
+    /// is, and `false` at once on a decode. A server that learns of requests from its decodes
+    /// waits here instead of polling.
+    pub fn wait_unclaimed(&self, timeout: std::time::Duration) -> bool {
+        let Some(p) = self.shared.prefill() else {
+            return false;
+        };
+        let deadline = Instant::now() + timeout;
+        let mut core = lock(&p.core);
+        loop {
+            if core.has_unclaimed() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            core = p
+                .arrivals
+                .wait_timeout(core, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Prefill: how its transfers were made.

@@ -1296,6 +1296,11 @@ impl PrefillCore {
             .collect()
     }
 
+    /// Whether [`PrefillCore::unclaimed`] would name a room.
+    pub fn has_unclaimed(&self) -> bool {
+        !self.unclaimed().is_empty()
+    }
+
     /// Rooms held (for leak checks).
     pub fn rooms(&self) -> usize {
         self.rooms.len()

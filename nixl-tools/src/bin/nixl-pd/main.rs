@@ -648,7 +648,13 @@ fn prefill(pool: &Pool, port: u16, host: &str, opts: &PrefillOpts) -> anyhow::Re
         };
         let wake = next_stats.map_or(wake, |t| wake.min(t));
         let nap = wake.saturating_duration_since(Instant::now());
-        if !nap.is_zero() {
+        if active.is_empty() {
+            // Idle: wake as soon as a decode's infos complete a room, not at the next scan.
+            if mgr.wait_unclaimed(nap) {
+                next_scan = Instant::now();
+                scan_every = SCAN_BUSY;
+            }
+        } else if !nap.is_zero() {
             std::thread::sleep(nap);
         }
     }
