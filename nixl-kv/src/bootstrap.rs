@@ -56,9 +56,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use nixl_wire::http::{ParallelInfo, PrefillRegistration, RankInfo, RouteQuery, to_python_json};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 
-use crate::zmtp::{RateLog, tick};
+use crate::zmtp::{AcceptGate, RateLog, tick};
 
 /// Errors of the bootstrap server and client.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +126,6 @@ impl Default for ServerLimits {
 }
 
 /// Pause after an accept error such as `EMFILE`.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// hyper refuses a read buffer smaller than this.
 const MIN_READ_BUF: usize = 8192;
 
@@ -269,30 +268,9 @@ impl Drop for BootstrapServer {
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
-    let permits = Arc::new(Semaphore::new(state.limits.max_connections));
-    let mut refused = RateLog::new(1);
-    let mut failed = RateLog::new(1);
+    let mut gate = AcceptGate::new(state.limits.max_connections, "bootstrap server");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                if let Some(n) = failed.tick() {
-                    tracing::warn!(error = %e, suppressed = n, "bootstrap accept failed; backing off");
-                }
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            if let Some(n) = refused.tick() {
-                tracing::warn!(
-                    %peer,
-                    max_connections = state.limits.max_connections,
-                    suppressed = n,
-                    "bootstrap server at its connection cap; connection closed"
-                );
-            }
-            drop(stream);
+        let Some((stream, peer, permit)) = gate.accept(&listener).await else {
             continue;
         };
         let state = Arc::clone(&state);

@@ -122,34 +122,13 @@ pub(crate) async fn serve(
     sink: mpsc::Sender<Vec<Bytes>>,
 ) {
     let limits = Arc::new(limits);
-    let permits = Arc::new(Semaphore::new(limits.max_peers));
-    let mut refused = RateLog::new(1);
-    let mut failed = RateLog::new(1);
+    let mut gate = AcceptGate::new(limits.max_peers, "ZMQ PULL");
     let dropped = Arc::new(Mutex::new(RateLog::new(20)));
     loop {
         if sink.is_closed() {
             return;
         }
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                if let Some(n) = failed.tick() {
-                    tracing::warn!(error = %e, suppressed = n, "ZMQ PULL accept failed; backing off");
-                }
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            if let Some(n) = refused.tick() {
-                tracing::warn!(
-                    %peer,
-                    max_peers = limits.max_peers,
-                    suppressed = n,
-                    "ZMQ PULL at its peer cap; connection closed"
-                );
-            }
-            drop(stream);
+        let Some((stream, peer, permit)) = gate.accept(&listener).await else {
             continue;
         };
         let limits = Arc::clone(&limits);
@@ -168,6 +147,61 @@ pub(crate) async fn serve(
             }
             drop(permit);
         });
+    }
+}
+
+/// Accepts connections under a cap of concurrent ones. Accept errors (EMFILE and the like)
+/// back off; connections past the cap are closed at once; both are logged at most once per
+/// [`LOG_EVERY`]. The accept loop itself never ends on either.
+pub(crate) struct AcceptGate {
+    permits: Arc<Semaphore>,
+    cap: usize,
+    what: &'static str,
+    refused: RateLog,
+    failed: RateLog,
+}
+
+impl AcceptGate {
+    pub(crate) fn new(cap: usize, what: &'static str) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(cap)),
+            cap,
+            what,
+            refused: RateLog::new(1),
+            failed: RateLog::new(1),
+        }
+    }
+
+    /// The next connection and its permit (held while it is served), or `None` after an error
+    /// or a refusal.
+    pub(crate) async fn accept(
+        &mut self,
+        listener: &TcpListener,
+    ) -> Option<(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(n) = self.failed.tick() {
+                    tracing::warn!(error = %e, suppressed = n, "{} accept failed; backing off", self.what);
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                return None;
+            }
+        };
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+            if let Some(n) = self.refused.tick() {
+                tracing::warn!(
+                    %peer,
+                    cap = self.cap,
+                    suppressed = n,
+                    "{} at its connection cap; connection closed",
+                    self.what
+                );
+            }
+            drop(stream);
+            return None;
+        };
+        Some((stream, peer, permit))
     }
 }
 
