@@ -1,6 +1,8 @@
-//! Fuzzes the prefill's ZMTP PULL listener with raw byte streams: `nixl_kv::zmtp::replay` runs
-//! exactly the listener's per-connection code (greeting, `READY`, frames, commands, limits)
-//! over in-memory IO. Nothing may panic or hang, every delivered message must be within the
+//! Fuzzes both ends of our ZMTP with raw byte streams: `nixl_kv::zmtp::replay` runs exactly
+//! the prefill's PULL listener's per-connection code (greeting, `READY`, frames, commands,
+//! limits) over in-memory IO, and in raw mode `nixl_kv::zmtp::replay_push` also runs the same
+//! bytes as what a "prefill" answers the decode's PUSH connection (handshake, then the reader
+//! of what follows). Nothing may panic or hang, every delivered message must be within the
 //! limits, and a well-formed stream (the structured mode) must deliver exactly its messages.
 //!
 //! Input: byte 0 picks the mode (even: raw bytes, odd: structured; see below for its other
@@ -15,7 +17,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use nixl_kv::zmtp::{PullLimits, Replay, replay};
+use nixl_kv::zmtp::{PullLimits, PushReplay, Replay, replay, replay_push};
 use tokio::io::{AsyncRead, ReadBuf};
 
 thread_local! {
@@ -74,6 +76,22 @@ fn run(stream: &[u8], step: usize, pend_every: u32, limits: &PullLimits) -> Repl
                 reads: 0,
             },
             limits,
+        ))
+    })
+}
+
+fn run_push(stream: &[u8], step: usize, pend_every: u32, max_command: u64) -> PushReplay {
+    let frames = [Bytes::from_static(b"NixlMsgGuard"), Bytes::new()];
+    RT.with(|rt| {
+        rt.block_on(replay_push(
+            Trickle {
+                data: stream,
+                step,
+                pend_every,
+                reads: 0,
+            },
+            max_command,
+            &frames,
         ))
     })
 }
@@ -183,6 +201,9 @@ fuzz_target!(|data: &[u8]| {
         let r = run(rest, step, pend_every, &l);
         check_bounds(&r.messages, &l);
         assert!(r.written.len() >= 64, "our greeting goes first");
+        let p = run_push(rest, step, pend_every, l.max_frame);
+        assert!(p.written.len() >= 64, "our greeting goes first");
+        assert_eq!(p.handshake.is_err(), p.after.is_none(), "{:?}", p.handshake);
         return;
     }
     // Structured: a valid stream with the default limits, cut at an offset given by byte 0.

@@ -1,34 +1,23 @@
-//! The ZeroMQ side: one thread running a small tokio runtime, holding the prefill's PULL socket
-//! or the decode's cached PUSH sockets.
+//! The ZeroMQ side: one thread running a small tokio runtime, holding the prefill's PULL
+//! listener or the decode's PUSH connections, both our bounded ZMTP ([`crate::zmtp`]).
 //!
-//! The PULL side is our bounded ZMTP reader ([`crate::zmtp`]): one task per peer, so a bad
-//! connection ends only itself, and every length is checked before it is allocated. The PUSH
-//! side is the `zeromq` crate.
+//! PULL: one task per peer, so a bad connection ends only itself, and every length is checked
+//! before it is allocated. PUSH: one task per prefill endpoint, so a stalled or hostile prefill
+//! delays only the sends to it; connecting and shaking hands take at most 10 s, writing a
+//! message at most 10 s, and whatever the peer sends is bounded the same way
+//! ([`PushLimits`]). A failed send drops that connection and returns why; the next send to
+//! that endpoint reconnects.
 
-use std::collections::HashMap;
-use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use zeromq::{PushSocket, Socket, SocketSend, ZmqMessage};
 
-use crate::zmtp::{self, PullLimits};
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-enum Cmd {
-    Send {
-        endpoint: String,
-        frames: Vec<Bytes>,
-        done: std_mpsc::Sender<Result<(), String>>,
-    },
-}
+use crate::zmtp::{self, PullLimits, PushLimits, Pusher};
 
 /// Handle to the ZMQ thread; stops it when dropped.
 pub(crate) struct ZmqThread {
-    tx: Option<mpsc::UnboundedSender<Cmd>>,
+    pusher: Option<Pusher>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -39,8 +28,9 @@ impl ZmqThread {
         pull: Option<String>,
         on_message: Box<dyn Fn(Vec<Bytes>) + Send>,
     ) -> Result<(Self, Option<u16>), String> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
-        let (ready_tx, ready_rx) = std_mpsc::channel::<Result<Option<u16>, String>>();
+        let (pusher, jobs) = Pusher::new(PushLimits::default());
+        let limits = pusher.limits();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Option<u16>, String>>();
         let thread = crate::runtime_thread::spawn(
             "kv-zmq",
             {
@@ -71,76 +61,34 @@ impl ZmqThread {
                     tokio::spawn(zmtp::deliver(rx, on_message));
                 }
                 let _ = ready_tx.send(Ok(port));
-                let mut pushes: HashMap<String, PushSocket> = HashMap::new();
-                while let Some(cmd) = rx.recv().await {
-                    match cmd {
-                        Cmd::Send {
-                            endpoint,
-                            frames,
-                            done,
-                        } => {
-                            let res = send(&mut pushes, &endpoint, frames).await;
-                            if res.is_err() {
-                                // Reconnect next time.
-                                pushes.remove(&endpoint);
-                            }
-                            let _ = done.send(res);
-                        }
-                    }
-                }
+                zmtp::route(jobs, limits).await;
             },
         )
         .map_err(|e| e.to_string())?;
         let port = ready_rx.recv().map_err(|e| e.to_string())??;
         Ok((
             Self {
-                tx: Some(tx),
+                pusher: Some(pusher),
                 thread: Some(thread),
             },
             port,
         ))
     }
 
-    /// Sends a multipart message to `endpoint` (connecting once and caching the socket) and
-    /// waits until it is handed to the socket.
+    /// Sends a multipart message to `endpoint` (connecting when there is no live connection
+    /// to it) and waits until it is written to the socket; `Err` says why not, within the
+    /// connect and send timeouts.
     pub(crate) fn send(&self, endpoint: &str, frames: Vec<Bytes>) -> Result<(), String> {
-        let (done, rx) = std_mpsc::channel();
-        let tx = self.tx.as_ref().ok_or("zmq thread stopped")?;
-        tx.send(Cmd::Send {
-            endpoint: endpoint.to_owned(),
-            frames,
-            done,
-        })
-        .map_err(|_| "zmq thread stopped")?;
-        rx.recv_timeout(CONNECT_TIMEOUT * 2)
-            .map_err(|_| format!("sending to {endpoint} timed out"))?
+        self.pusher
+            .as_ref()
+            .ok_or("zmq thread stopped")?
+            .send(endpoint, frames)
     }
-}
-
-async fn send(
-    pushes: &mut HashMap<String, PushSocket>,
-    endpoint: &str,
-    frames: Vec<Bytes>,
-) -> Result<(), String> {
-    if !pushes.contains_key(endpoint) {
-        let mut s = PushSocket::new();
-        tokio::time::timeout(CONNECT_TIMEOUT, s.connect(endpoint))
-            .await
-            .map_err(|_| format!("connecting to {endpoint} timed out"))?
-            .map_err(|e| format!("connect {endpoint}: {e}"))?;
-        pushes.insert(endpoint.to_owned(), s);
-    }
-    let sock = pushes.get_mut(endpoint).ok_or("socket vanished")?;
-    let msg = ZmqMessage::try_from(frames).map_err(|e| format!("{e:?}"))?;
-    tokio::time::timeout(CONNECT_TIMEOUT, sock.send(msg))
-        .await
-        .map_err(|_| format!("send to {endpoint} timed out"))?
-        .map_err(|e| format!("send to {endpoint}: {e}"))
 }
 
 impl Drop for ZmqThread {
     fn drop(&mut self) {
-        drop(self.tx.take());
+        drop(self.pusher.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -227,5 +175,87 @@ mod tests {
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), msg);
         drop(push);
         drop(pull);
+    }
+
+    /// A raw "prefill" on a thread: each accepted connection is handed to `serve`.
+    fn hostile_prefill(serve: fn(TcpStream)) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || serve(s));
+            }
+        });
+        format!("tcp://127.0.0.1:{port}")
+    }
+
+    fn pull_thread() -> (ZmqThread, String, std_mpsc::Receiver<Vec<Bytes>>) {
+        let (tx, rx) = std_mpsc::channel::<Vec<Bytes>>();
+        let (pull, port) = ZmqThread::start(
+            Some("tcp://127.0.0.1:0".into()),
+            Box::new(move |m| {
+                let _ = tx.send(m);
+            }),
+        )
+        .unwrap();
+        (pull, format!("tcp://127.0.0.1:{}", port.unwrap()), rx)
+    }
+
+    /// A decode's send to a "prefill" that answers the greeting with a header announcing a
+    /// 2^62-byte frame fails (zeromq's codec aborted the process), and the next send, to a
+    /// real PULL, arrives.
+    #[test]
+    fn a_prefill_announcing_a_huge_frame_fails_only_its_send() {
+        let hostile = hostile_prefill(|mut s| {
+            let mut g = [0u8; 64];
+            g[0] = 0xff;
+            g[9] = 0x7f;
+            g[10] = 3;
+            g[12..16].copy_from_slice(b"NULL");
+            let _ = s.write_all(&g);
+            let _ = s.write_all(&[0x06, 0x40, 0, 0, 0, 0, 0, 0, 0]);
+            std::thread::sleep(Duration::from_secs(30));
+        });
+        let (_pull, good, rx) = pull_thread();
+        let (push, _) = ZmqThread::start(None, Box::new(|_| {})).unwrap();
+        let t = std::time::Instant::now();
+        let err = push
+            .send(&hostile, vec![Bytes::from_static(b"x")])
+            .unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5), "{err}");
+        let msg = vec![Bytes::from_static(b"hello"), Bytes::new()];
+        push.send(&good, msg.clone()).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), msg);
+    }
+
+    /// A "prefill" that accepts and never answers holds its own send until the connect
+    /// timeout, but a send to another prefill from another thread meanwhile goes at once (one
+    /// task per endpoint; the zeromq version served every send in turn).
+    #[test]
+    fn a_stalled_prefill_does_not_delay_sends_to_others() {
+        let stalled = hostile_prefill(|s| {
+            std::thread::sleep(Duration::from_secs(30));
+            drop(s);
+        });
+        let (_pull, good, rx) = pull_thread();
+        let (push, _) = ZmqThread::start(None, Box::new(|_| {})).unwrap();
+        let push = std::sync::Arc::new(push);
+        let stuck = {
+            let push = std::sync::Arc::clone(&push);
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                let res = push.send(&stalled, vec![Bytes::from_static(b"x")]);
+                (res, t.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        let t = std::time::Instant::now();
+        let msg = vec![Bytes::from_static(b"to the good one")];
+        push.send(&good, msg.clone()).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), msg);
+        let (res, took) = stuck.join().unwrap();
+        assert!(res.unwrap_err().contains("timed out"));
+        assert!(took < Duration::from_secs(12), "{took:?}");
     }
 }
