@@ -7,7 +7,9 @@
 //! healed; the link taken down and up; the prefill killed at a random point and restarted; the
 //! decode killed at random points. Every request must end in Success with every byte verified
 //! (the decode checks) or Failed with a reason; failures must come within [`bound`] of the fault
-//! and of each other while it lasts; every child has a deadline and is killed and reaped.
+//! and of each other while it lasts; no write may land in a decode page or aux row that no live
+//! request owned (each decode's sentinel check, `stray_pages` and `stray_aux_rows` in its JSON
+//! summary, must be on and find nothing); every child has a deadline and is killed and reaped.
 //!
 //! Delay and loss use `tc netem` where the kernel has it. Kernels without `sch_netem` get loss
 //! from iptables' `statistic` match and delay from a small NFQUEUE program (Python standard
@@ -18,6 +20,7 @@
 //! with the reason otherwise. The namespaces are deleted by a guard, on failure too, and
 //! leftovers of the same names are deleted first.
 
+use std::cell::Cell;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -27,6 +30,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 
 use crate::{cmd, demo, prereq, runtime};
+
+mod net;
+
+use net::{Net, ip};
 
 const NS_P: &str = "nxf-p";
 const NS_D: &str = "nxf-d";
@@ -121,6 +128,7 @@ pub(crate) fn run(root: &Path, args: &FaultsArgs) -> anyhow::Result<()> {
         netem,
         report: Vec::new(),
         cut: Duration::from_secs(args.cut_seconds),
+        sentinel: Cell::default(),
     };
     let scenarios: [(&str, Scenario); 6] = [
         ("clean", Harness::clean),
@@ -158,6 +166,11 @@ pub(crate) fn run(root: &Path, args: &FaultsArgs) -> anyhow::Result<()> {
     for l in &h.report {
         println!("  {l}");
     }
+    let s = h.sentinel.get();
+    println!(
+        "  sentinel: {} decodes that ran to their end checked {} free pages and {} free aux slots: {} stray pages, {} stray aux rows",
+        s.decodes, s.checked_pages, s.checked_rows, s.stray_pages, s.stray_rows
+    );
     Ok(())
 }
 
@@ -181,242 +194,6 @@ impl Rng {
         Duration::from_millis(lo + self.next() % (hi - lo).max(1))
     }
 }
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    cmd::output(Command::new("ip").args(args)).map(drop)
-}
-
-fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<()> {
-    cmd::output(Command::new("ip").args(["netns", "exec", ns]).args(args)).map(drop)
-}
-
-/// The two namespaces and the veth; deleted on drop (the veth goes with them).
-struct Net {
-    delay: Option<Proc>,
-}
-
-impl Net {
-    fn create() -> anyhow::Result<Self> {
-        Self::remove();
-        let net = Self { delay: None };
-        ip(&["netns", "add", NS_P])?;
-        ip(&["netns", "add", NS_D])?;
-        ip(&[
-            "link", "add", VETH_P, "type", "veth", "peer", "name", VETH_D,
-        ])?;
-        ip(&["link", "set", VETH_P, "netns", NS_P])?;
-        ip(&["link", "set", VETH_D, "netns", NS_D])?;
-        for (ns, dev, addr) in [(NS_P, VETH_P, IP_P), (NS_D, VETH_D, IP_D)] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(net)
-    }
-
-    /// Deletes the namespaces, first killing what runs in them (only our own children run
-    /// there: the names are this step's).
-    fn remove() {
-        for ns in [NS_P, NS_D] {
-            if let Ok(pids) = cmd::output(Command::new("ip").args(["netns", "pids", ns])) {
-                for pid in pids.split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-                let _ = Command::new("ip").args(["netns", "del", ns]).status();
-            }
-        }
-    }
-
-    fn has_netem(&self) -> bool {
-        let ok = in_ns(
-            NS_D,
-            &[
-                "tc", "qdisc", "add", "dev", VETH_D, "root", "netem", "delay", "1ms",
-            ],
-        )
-        .is_ok();
-        let _ = in_ns(NS_D, &["tc", "qdisc", "del", "dev", VETH_D, "root"]);
-        ok
-    }
-
-    /// Removes every impairment: qdiscs, iptables rules, the delay program; links up.
-    fn heal(&mut self) -> anyhow::Result<()> {
-        if let Some(mut d) = self.delay.take() {
-            d.kill();
-        }
-        for (ns, dev) in [(NS_P, VETH_P), (NS_D, VETH_D)] {
-            let _ = in_ns(ns, &["tc", "qdisc", "del", "dev", dev, "root"]);
-            in_ns(ns, &["iptables", "-F"])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-        }
-        Ok(())
-    }
-
-    /// Drops every packet both ways on both ends: a cable cut that no carrier loss reveals.
-    fn blackhole(&self) -> anyhow::Result<()> {
-        for (ns, dev) in [(NS_P, VETH_P), (NS_D, VETH_D)] {
-            in_ns(ns, &["iptables", "-I", "OUTPUT", "-o", dev, "-j", "DROP"])?;
-            in_ns(ns, &["iptables", "-I", "INPUT", "-i", dev, "-j", "DROP"])?;
-        }
-        Ok(())
-    }
-
-    /// `delay_ms` each way and `loss_pct` % loss each way.
-    fn impair(
-        &mut self,
-        netem: bool,
-        logs: &Path,
-        delay_ms: u32,
-        loss_pct: u32,
-    ) -> anyhow::Result<()> {
-        if netem {
-            for (ns, dev) in [(NS_P, VETH_P), (NS_D, VETH_D)] {
-                in_ns(
-                    ns,
-                    &[
-                        "tc",
-                        "qdisc",
-                        "add",
-                        "dev",
-                        dev,
-                        "root",
-                        "netem",
-                        "delay",
-                        &format!("{delay_ms}ms"),
-                        "loss",
-                        &format!("{loss_pct}%"),
-                    ],
-                )?;
-            }
-            return Ok(());
-        }
-        let p = format!("{:.4}", f64::from(loss_pct) / 100.0);
-        for (ns, dev) in [(NS_P, VETH_P), (NS_D, VETH_D)] {
-            in_ns(
-                ns,
-                &[
-                    "iptables",
-                    "-A",
-                    "OUTPUT",
-                    "-o",
-                    dev,
-                    "-m",
-                    "statistic",
-                    "--mode",
-                    "random",
-                    "--probability",
-                    &p,
-                    "-j",
-                    "DROP",
-                ],
-            )?;
-        }
-        // One delay program in the prefill's namespace holds both directions (its egress and
-        // its ingress), so each way gets `delay_ms`. No bypass: without the program the link
-        // carries nothing, which fails loudly instead of running undelayed.
-        for chain in [["OUTPUT", "-o"], ["INPUT", "-i"]] {
-            in_ns(
-                NS_P,
-                &[
-                    "iptables",
-                    "-A",
-                    chain[0],
-                    chain[1],
-                    VETH_P,
-                    "-j",
-                    "NFQUEUE",
-                    "--queue-num",
-                    "7",
-                ],
-            )?;
-        }
-        let script = logs.join("nfq_delay.py");
-        std::fs::write(&script, NFQ_DELAY)?;
-        let mut d = Proc::spawn(
-            "delay",
-            NS_P,
-            &[],
-            Path::new("python3"),
-            &[
-                script.to_string_lossy().as_ref(),
-                "7",
-                &delay_ms.to_string(),
-            ],
-            Duration::from_secs(600),
-            logs,
-        )?;
-        d.wait_line("delay: bound", Duration::from_secs(10))?;
-        self.delay = Some(d);
-        Ok(())
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        if let Some(mut d) = self.delay.take() {
-            d.kill();
-        }
-        Self::remove();
-    }
-}
-
-/// Holds each queued packet for the delay, in order; verdicts are batched (every id up to the
-/// newest that is due).
-const NFQ_DELAY: &str = r#"
-import collections, select, socket, struct, sys, time
-QUEUE, DELAY = int(sys.argv[1]), float(sys.argv[2]) / 1000.0
-def attr(t, p):
-    n = 4 + len(p)
-    return struct.pack("=HH", n, t) + p + b"\0" * ((4 - n % 4) % 4)
-seq = 0
-def send(s, t, p, flags=1):
-    global seq
-    seq += 1
-    body = struct.pack("!BBH", 0, 0, QUEUE) + p
-    s.send(struct.pack("=IHHII", 16 + len(body), (3 << 8) | t, flags, seq, 0) + body)
-s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
-s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE
-s.setsockopt(270, 5, 1)  # NETLINK_NO_ENOBUFS
-s.bind((0, 0))
-send(s, 2, attr(1, struct.pack("!BBH", 1, 0, 0)), 5)  # bind the queue
-send(s, 2, attr(2, struct.pack("!IB", 0, 1)) + attr(3, struct.pack("!I", 1 << 16)), 5)
-pending = collections.deque()
-bound = False
-while True:
-    timeout = max(0.0, pending[0][0] - time.monotonic()) if pending else (None if bound else 0.2)
-    r, _, _ = select.select([s], [], [], timeout)
-    now = time.monotonic()
-    if not r and not bound:
-        bound = True
-        print("delay: bound queue", QUEUE, flush=True)
-    while r:
-        try:
-            data = s.recv(1 << 20, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            break
-        off = 0
-        while off + 16 <= len(data):
-            ln, typ = struct.unpack_from("=IH", data, off)
-            if ln < 16:
-                break
-            if typ == 2 and struct.unpack_from("=i", data, off + 16)[0] != 0:
-                sys.exit("delay: netlink error %d" % struct.unpack_from("=i", data, off + 16)[0])
-            if typ == (3 << 8):
-                a = off + 20
-                while a + 4 <= off + ln:
-                    alen, atyp = struct.unpack_from("=HH", data, a)
-                    if alen < 4:
-                        break
-                    if atyp & 0x7FFF == 1:
-                        pending.append((now + DELAY, struct.unpack_from("!I", data, a + 4)[0]))
-                    a += (alen + 3) & ~3
-            off += (ln + 3) & ~3
-    last = None
-    while pending and pending[0][0] <= now:
-        last = pending.popleft()[1]
-    if last is not None:
-        send(s, 3, attr(2, struct.pack("!II", 1, last)))
-"#;
 
 type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
 
@@ -582,6 +359,56 @@ struct Outcome {
     /// `room R: ... differs` (verification) lines.
     corrupt: Vec<String>,
     exited: Option<Instant>,
+    /// The decode's stray-write check.
+    sentinel: Sentinel,
+}
+
+/// A decode's stray-write check, from its JSON summary; summed over decodes in [`Harness`].
+#[derive(Debug, Default, Clone, Copy)]
+struct Sentinel {
+    decodes: u64,
+    checked_pages: u64,
+    checked_rows: u64,
+    stray_pages: u64,
+    stray_rows: u64,
+}
+
+impl Sentinel {
+    /// From `nixl-pd decode --json`'s last line; the check must have been on.
+    fn parse(json: &serde_json::Value) -> anyhow::Result<Self> {
+        ensure!(
+            json["sentinel"] == serde_json::Value::Bool(true),
+            "the decode's sentinel check was off: {json}"
+        );
+        let n = |k: &str| json[k].as_u64().with_context(|| format!("summary: no {k}"));
+        Ok(Self {
+            decodes: 1,
+            checked_pages: n("sentinel_checked_pages")?,
+            checked_rows: n("sentinel_checked_rows")?,
+            stray_pages: n("stray_pages")?,
+            stray_rows: n("stray_aux_rows")?,
+        })
+    }
+
+    fn add(self, o: Self) -> Self {
+        Self {
+            decodes: self.decodes + o.decodes,
+            checked_pages: self.checked_pages + o.checked_pages,
+            checked_rows: self.checked_rows + o.checked_rows,
+            stray_pages: self.stray_pages + o.stray_pages,
+            stray_rows: self.stray_rows + o.stray_rows,
+        }
+    }
+}
+
+impl std::fmt::Display for Sentinel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} stray pages, {} stray aux rows in {} free-page checks",
+            self.stray_pages, self.stray_rows, self.checked_pages
+        )
+    }
 }
 
 impl Outcome {
@@ -672,6 +499,19 @@ impl Outcome {
     }
 }
 
+/// How many requests a decode runs.
+#[derive(Clone, Copy)]
+enum Run {
+    Requests(usize),
+    /// As many as it can start in this long from `decode: ready` (those in flight then
+    /// finish): a fault at a random point of a run must find it still running, however fast
+    /// the machine is.
+    For(Duration),
+}
+
+/// The latest random fault point after `decode: ready`, in milliseconds.
+const FAULT_BY_MS: u64 = 1200;
+
 /// The pool both sides use: 2 layers (4 KV buffers) of 64 pages of 8 KiB, small aux rows.
 /// Small on purpose: over TCP at 40 ms RTT a transfer costs about one round trip per
 /// descriptor (docs/runtime.md §13).
@@ -696,6 +536,8 @@ struct Harness {
     netem: bool,
     report: Vec<String>,
     cut: Duration,
+    /// Every finished decode's stray-write check, summed.
+    sentinel: Cell<Sentinel>,
 }
 
 fn env(dev: &str) -> Vec<(&'static str, String)> {
@@ -747,9 +589,16 @@ impl Harness {
         Ok(p)
     }
 
-    fn decode(&self, name: &str, requests: usize, concurrency: usize) -> anyhow::Result<Proc> {
+    /// A decode of `run` requests, 4 at a time.
+    fn decode(&self, name: &str, run: Run) -> anyhow::Result<Proc> {
         let bootstrap = format!("{IP_P}:{PORT}");
-        let (r, c) = (requests.to_string(), concurrency.to_string());
+        let (r, secs) = match run {
+            Run::Requests(n) => (n.to_string(), None),
+            Run::For(d) => (
+                "1000000".to_owned(),
+                Some(format!("{:.1}", d.as_secs_f64())),
+            ),
+        };
         let mut args = vec![
             "decode",
             "--bootstrap",
@@ -759,8 +608,12 @@ impl Harness {
             "--pages-per-request",
             "4",
             "--concurrency",
-            &c,
+            "4",
+            "--json",
         ];
+        if let Some(s) = &secs {
+            args.extend(["--seconds", s]);
+        }
         args.extend(POOL);
         Proc::spawn(
             name,
@@ -792,13 +645,27 @@ impl Harness {
             .find_map(|p| p.strip_suffix(" failed"))
             .and_then(|w| w.trim().parse().ok())
             .context("summary: failure count")?;
+        let json: serde_json::Value = out
+            .iter()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .with_context(|| format!("{}: no JSON summary ({status})", d.name))
+            .and_then(|l| Ok(serde_json::from_str(l)?))?;
+        let sentinel = Sentinel::parse(&json).with_context(|| d.name.clone())?;
+        self.sentinel.set(self.sentinel.get().add(sentinel));
         let mut o = Outcome {
             requests,
             failed,
             exited: Some(exited),
+            sentinel,
             ..Outcome::default()
         };
+        let mut strays = Vec::new();
         for (t, l) in d.err_lines() {
+            if l.starts_with("stray write: ") {
+                strays.push(l);
+                continue;
+            }
             if !l.starts_with("room ") {
                 continue;
             }
@@ -808,6 +675,11 @@ impl Harness {
                 o.corrupt.push(l);
             }
         }
+        ensure!(
+            sentinel.stray_pages == 0 && sentinel.stray_rows == 0,
+            "{}: a write landed where no live request owned the memory: {sentinel}: {strays:?}",
+            d.name
+        );
         ensure!(
             status.success() == (failed == 0),
             "{}: exit status {status} with {failed} failures",
@@ -828,7 +700,7 @@ impl Harness {
     /// A fresh decode against `p` after a fault: every request must succeed.
     fn recovered(&self, p: &mut Proc, name: &str) -> anyhow::Result<usize> {
         Self::check_prefill(p)?;
-        let mut d = self.decode(name, 20, 4)?;
+        let mut d = self.decode(name, Run::Requests(20))?;
         let o = self.finish(&mut d)?;
         o.check(name)?;
         ensure!(
@@ -845,7 +717,7 @@ impl Harness {
     fn clean(&mut self) -> anyhow::Result<String> {
         let mut p = self.prefill("clean-prefill")?;
         let before = veth_tx_bytes()?;
-        let mut d = self.decode("clean-decode", 40, 4)?;
+        let mut d = self.decode("clean-decode", Run::Requests(40))?;
         let o = self.finish(&mut d)?;
         o.check("clean")?;
         ensure!(o.failed == 0, "clean: failures: {}", o.reasons());
@@ -857,10 +729,11 @@ impl Harness {
         );
         Self::check_prefill(&mut p)?;
         Ok(format!(
-            "{} Success of {}, every byte verified, {} KiB over the veth",
+            "{} Success of {}, every byte verified, {} KiB over the veth; {}",
             o.succeeded(),
             o.requests,
-            moved / 1024
+            moved / 1024,
+            o.sentinel
         ))
     }
 
@@ -874,7 +747,7 @@ impl Harness {
             "delay-loss: RTT {rtt:?} with 20 ms each way: the delay is not in force"
         );
         let t = Instant::now();
-        let mut d = self.decode("delay-decode", 16, 4)?;
+        let mut d = self.decode("delay-decode", Run::Requests(16))?;
         let o = self.finish(&mut d)?;
         o.check("delay-loss")?;
         Self::check_prefill(&mut p)?;
@@ -882,23 +755,26 @@ impl Harness {
         self.net.heal()?;
         let n = self.recovered(&mut p, "delay-recovered")?;
         Ok(format!(
-            "20 ms each way (RTT {:.0} ms), {loss}% loss each way: {} Success, {} Failed [{}] of {} in {secs:.1} s; then {n} of {n} Success",
+            "20 ms each way (RTT {:.0} ms), {loss}% loss each way: {} Success, {} Failed [{}] of {} in {secs:.1} s, {}; then {n} of {n} Success",
             rtt.as_secs_f64() * 1e3,
             o.succeeded(),
             o.failed,
             o.reasons(),
-            o.requests
+            o.requests,
+            o.sentinel
         ))
     }
 
     /// A link fault during a run: cut at a random point, held `hold`, healed; the decode goes on.
     fn cut(&mut self, name: &str, down: bool, hold: Duration) -> anyhow::Result<String> {
         let mut p = self.prefill(&format!("{name}-prefill"))?;
-        let mut d = self.decode(&format!("{name}-decode"), 2000, 4)?;
+        // On until 4 s after the heal: the same decode also sees the link come back.
+        let run = Duration::from_millis(FAULT_BY_MS) + hold + Duration::from_secs(4);
+        let mut d = self.decode(&format!("{name}-decode"), Run::For(run))?;
         // Its UCX context must exist before the link goes: a decode starting on a downed veth
         // cannot create one at all (a harness race on a loaded machine, not a fault to test).
         d.wait_line("decode: ready", Duration::from_secs(60))?;
-        let at = self.rng.ms(200, 1200);
+        let at = self.rng.ms(200, FAULT_BY_MS);
         std::thread::sleep(at);
         ensure!(d.alive(), "{name}: the decode ended before the fault");
         let cut = Instant::now();
@@ -928,13 +804,14 @@ impl Harness {
         );
         let n = self.recovered(&mut p, &format!("{name}-recovered"))?;
         Ok(format!(
-            "cut at {:.2} s for {:.0} s: {} Success (verified), {} Failed [{}] of {}; longest wait for an outcome during the cut {:.1} s (bound {:.0} s); then {n} of {n} Success",
+            "cut at {:.2} s for {:.0} s: {} Success (verified), {} Failed [{}] of {}, {}; longest wait for an outcome during the cut {:.1} s (bound {:.0} s); then {n} of {n} Success",
             at.as_secs_f64(),
             hold.as_secs_f64(),
             o.succeeded(),
             o.failed,
             o.reasons(),
             o.requests,
+            o.sentinel,
             worst.as_secs_f64(),
             bound().as_secs_f64()
         ))
@@ -950,9 +827,11 @@ impl Harness {
 
     fn kill_prefill(&mut self) -> anyhow::Result<String> {
         let mut p = self.prefill("killp-prefill")?;
-        let mut d = self.decode("killp-decode", 2000, 4)?;
+        // Down at most 3 s; on for 8 s more, through the restart and the re-bootstrap.
+        let run = Duration::from_millis(FAULT_BY_MS + 3000 + 8000);
+        let mut d = self.decode("killp-decode", Run::For(run))?;
         d.wait_line("decode: ready", Duration::from_secs(60))?;
-        let at = self.rng.ms(200, 1200);
+        let at = self.rng.ms(200, FAULT_BY_MS);
         std::thread::sleep(at);
         ensure!(d.alive(), "kill-prefill: the decode ended before the kill");
         let killed = Instant::now();
@@ -971,13 +850,14 @@ impl Harness {
         );
         let n = self.recovered(&mut p2, "killp-recovered")?;
         Ok(format!(
-            "SIGKILL at {:.2} s, restarted {:.1} s later: {} Success (verified), {} Failed [{}] of {}; longest wait for an outcome while down {:.1} s; then {n} of {n} Success",
+            "SIGKILL at {:.2} s, restarted {:.1} s later: {} Success (verified), {} Failed [{}] of {}, {}; longest wait for an outcome while down {:.1} s; then {n} of {n} Success",
             at.as_secs_f64(),
             down.as_secs_f64(),
             o.succeeded(),
             o.failed,
             o.reasons(),
             o.requests,
+            o.sentinel,
             worst.as_secs_f64()
         ))
     }
@@ -986,7 +866,8 @@ impl Harness {
         let mut p = self.prefill("killd-prefill")?;
         let mut points = Vec::new();
         for i in 0..4 {
-            let mut d = self.decode(&format!("killd-decode{i}"), 2000, 4)?;
+            let run = Run::For(Duration::from_secs(10));
+            let mut d = self.decode(&format!("killd-decode{i}"), run)?;
             let at = self.rng.ms(100, 1500);
             std::thread::sleep(at);
             d.kill();

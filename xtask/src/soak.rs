@@ -16,7 +16,10 @@
 //! is counted until then; the check is peers <= decodes started. After the load stops and a
 //! quiet period, the prefill must hold no rooms and no active senders, still answer `/health`,
 //! and every verified request of every decode that exited must have succeeded with correct
-//! bytes or failed with a reason (no wrong byte, no failure without a reason).
+//! bytes or failed with a reason (no wrong byte, no failure without a reason). Every decode that
+//! ran to its end must also have had its sentinel check on and found no stray write
+//! (`stray_pages` and `stray_aux_rows` 0 in its JSON summary): no byte landed in a page or aux
+//! row that no live request of it owned, spoofed infos and aborts included.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -153,6 +156,12 @@ struct Totals {
     bad_exits: u64,
     killed: u64,
     started: u64,
+    /// Free-page checks of the decodes' sentinel, and what they found.
+    checked_pages: u64,
+    stray_pages: u64,
+    stray_rows: u64,
+    /// Decode runs whose summary says the sentinel check was off.
+    sentinel_off: u64,
 }
 
 struct Decode {
@@ -313,7 +322,10 @@ fn soak(
             let bad = Arc::clone(&bad_lines);
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains("differs") || line.contains("no reason given") {
+                    if line.contains("differs")
+                        || line.contains("no reason given")
+                        || line.starts_with("stray write: ")
+                    {
                         let mut b = bad.lock().unwrap_or_else(|p| p.into_inner());
                         if b.len() < 20 {
                             b.push(line);
@@ -446,6 +458,12 @@ fn collect(mut d: Decode, totals: &Mutex<Totals>) {
         t.no_reason += n("no_reason");
         t.corrupt += n("corrupt");
         t.aborted += n("aborted");
+        t.checked_pages += n("sentinel_checked_pages");
+        t.stray_pages += n("stray_pages");
+        t.stray_rows += n("stray_aux_rows");
+        if j["sentinel"] != serde_json::Value::Bool(true) {
+            t.sentinel_off += 1;
+        }
     } else {
         t.bad_exits += 1;
     }
@@ -515,6 +533,26 @@ fn report(
         "soak: decodes: {} started, {} SIGKILLed, {} ran to the end; their requests: {} ok (bytes verified), {} failed with a reason, {} aborted, {} failed without a reason, {} with wrong bytes; {} bad exits",
         t.started, t.killed, t.runs, t.ok, t.failed, t.aborted, t.no_reason, t.corrupt, t.bad_exits
     );
+    println!(
+        "soak: decode sentinel: {} stray pages, {} stray aux rows in {} free-page checks{}",
+        t.stray_pages,
+        t.stray_rows,
+        t.checked_pages,
+        if t.sentinel_off > 0 {
+            format!("; OFF in {} runs", t.sentinel_off)
+        } else {
+            String::new()
+        }
+    );
+    if t.stray_pages + t.stray_rows > 0 {
+        problems.push(format!(
+            "{} stray pages and {} stray aux rows: a write landed where no live request owned the memory",
+            t.stray_pages, t.stray_rows
+        ));
+    }
+    if t.sentinel_off > 0 || (t.runs > 0 && t.checked_pages == 0) {
+        problems.push("a decode ran without its sentinel check".into());
+    }
     match quiet {
         Some((rss, fds)) => println!(
             "soak: quiet: rss_kb {rss}, fds {fds}, rooms {}, active {}, /health {}",
