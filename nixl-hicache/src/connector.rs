@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::files::FileStore;
 use crate::key;
 use crate::object::{ObjectStore, TOMBSTONE};
+use crate::paths::FileAccess;
 
 /// How long one batch may take before it is reported as failed.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -166,11 +167,18 @@ impl HiCache {
         Ok(self.agent.register(buffer)?)
     }
 
-    /// Opens and registers existing files (SGLang's `register_files`); all or nothing.
-    pub fn register_files(&self, paths: &[&Path]) -> Result<Vec<Registered<FileRegion>>> {
-        paths
-            .iter()
-            .map(|p| Ok(self.agent.register(FileRegion::open(p, false)?)?))
+    /// Opens existing files for `access` and registers them (SGLang's `register_files`); all
+    /// or nothing. The files are opened as [`open_files`](crate::open_files) opens them: the
+    /// final component of a path is never followed, reads open read-only, and only
+    /// [`FileAccess::Write`] opens for writing (only this user's singly linked regular files).
+    pub fn register_files(
+        &self,
+        paths: &[&Path],
+        access: FileAccess,
+    ) -> Result<Vec<Registered<FileRegion>>> {
+        crate::paths::open_files(paths, access)?
+            .into_iter()
+            .map(|f| Ok(self.agent.register(f)?))
             .collect()
     }
 
@@ -628,36 +636,4 @@ fn raw_error(e: Error, items: &[(&str, RawTarget)]) -> Error {
     } else {
         e
     }
-}
-
-/// SGLang's `NixlFileManager.create_file`: creates the parent directories and an empty file
-/// unless one exists (no truncation). A path without a directory part (`""`, `"name.bin"`) is
-/// an error, as in SGLang.
-pub fn create_file(path: &Path) -> Result<()> {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .ok_or_else(|| Error::Io {
-            op: "create",
-            path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no directory part"),
-        })?;
-    std::fs::create_dir_all(parent).map_err(crate::error::io("create directory", parent))?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map(drop)
-        .map_err(crate::error::io("create", path))
-}
-
-/// SGLang's `files_to_nixl_tuples`: opens every path; all or nothing. Each [`FileRegion`] is the
-/// tuple `(0, 0, fd, path)` ([`FileRegion::fd`], [`FileRegion::path`]) and closes its file on
-/// drop.
-pub fn open_files(paths: &[&Path]) -> Result<Vec<FileRegion>> {
-    paths
-        .iter()
-        .map(|p| Ok(FileRegion::open(p, false)?))
-        .collect()
 }

@@ -48,7 +48,7 @@ const TEMP_PARTS: [usize; 3] = [8, 16, 16];
 /// Attempts at a temp name that does not exist yet.
 const TEMP_ATTEMPTS: usize = 8;
 /// Mode of new files and directories before the umask (as Python's `open` and `mkdir`).
-const FILE_MODE: u32 = 0o666;
+pub(crate) const FILE_MODE: u32 = 0o666;
 const DIR_MODE: u32 = 0o777;
 
 /// An open, registered file in the read cache.

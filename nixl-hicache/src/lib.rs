@@ -5,6 +5,9 @@
 //! - [`HiCache`]: `get`, `set`, their batch forms and address-mode (`*_raw`) variants, `exists`,
 //!   `batch_exists`, `delete`, `clear`, over POSIX/GDS/GDS_MT/3FS files (`<dir>/<key>`, the same
 //!   files SGLang writes) or S3 objects (OBJ).
+//! - [`create_file`], [`open_files`], [`HiCache::register_files`]: SGLang's file-manager calls
+//!   on caller-given paths; the final component of a path is never followed, reads open
+//!   read-only and only [`FileAccess::Write`] opens for writing.
 //! - [`HiCacheConfig`]: directory (default `/tmp/hicache_storage`, overridden by
 //!   `SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR`), plugin (`auto`: 3FS, POSIX, GDS_MT, GDS, then
 //!   OBJ), an optional model/rank [`KeySuffix`], backend parameters.
@@ -38,12 +41,14 @@ mod error;
 mod files;
 mod key;
 mod object;
+mod paths;
 
 pub use config::{
     DEFAULT_DIR, DEFAULT_MAX_OPEN, DIR_ENV, FILE_PLUGINS, HiCacheConfig, Plugin, WriteMode,
 };
-pub use connector::{HiCache, RawTarget, create_file, open_files};
+pub use connector::{HiCache, RawTarget};
 #[cfg(feature = "cuda")]
 pub use device::{DevicePage, DeviceStaging};
 pub use error::{Error, Result};
 pub use key::{KeySuffix, MAX_KEY_COMPONENT_LEN, MAX_KEY_LEN, page_key, page_keys};
+pub use paths::{FileAccess, create_file, open_files};

@@ -7,7 +7,9 @@
 use std::path::Path;
 
 use nixl_core::{BackendKind, HostBuffer, MemType};
-use nixl_hicache::{HiCache, HiCacheConfig, Plugin, RawTarget, create_file, open_files};
+use nixl_hicache::{
+    FileAccess, HiCache, HiCacheConfig, Plugin, RawTarget, create_file, open_files,
+};
 use nixl_testkit::{S3Server, TempDir, pattern, tempdir};
 
 /// "randn" of `n` bytes: deterministic per seed.
@@ -194,7 +196,7 @@ fn test_create_nixl_tuples() {
     let (_d, c) = posix();
     let path = c.dir().unwrap().join("test_file.bin");
     create_file(&path).unwrap();
-    let tuples = open_files(&[&path]).unwrap();
+    let tuples = open_files(&[&path], FileAccess::Write).unwrap();
     assert!(!tuples.is_empty());
     assert_eq!(tuples[0].path(), path);
 }
@@ -228,13 +230,13 @@ fn test_register_files_with_tuples() {
         create_file(f).unwrap();
     }
     let paths: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
-    let tuples = open_files(&paths).unwrap();
+    let tuples = open_files(&paths, FileAccess::Write).unwrap();
     assert_eq!(tuples.len(), 3);
     for (t, p) in tuples.iter().zip(&files) {
         assert_eq!(t.path(), p);
     }
     // The seed passes the tuples where paths belong and asserts nothing; with paths it works.
-    assert_eq!(c.register_files(&paths).unwrap().len(), 3);
+    assert_eq!(c.register_files(&paths, FileAccess::Read).unwrap().len(), 3);
 }
 
 #[test]
