@@ -38,6 +38,10 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The staged path was asked for but cannot run here (no GPU pools, no CUDA driver, a
+    /// slot too small for a page, or a build without the `cuda` feature).
+    #[error("staging: {0}")]
+    Staging(String),
     /// A sender needs a prefill manager, a receiver a decode manager.
     #[error("this is a {actual:?} manager; a {wanted:?} manager is needed")]
     WrongMode {

@@ -30,7 +30,8 @@ mod runtime_thread;
 pub mod zmtp;
 
 pub use driver::{
-    KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode, RequestPaths, TableSizes,
+    KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode, RequestPaths, StagingConfig,
+    TableSizes,
 };
 pub use error::{ArgsError, Error};
 pub use nixl_wire::RoomId;

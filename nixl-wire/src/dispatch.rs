@@ -16,6 +16,8 @@ pub enum PrefillInbound {
     Register(KvArgsRegister),
     /// The decode asks for one request's pages.
     Transfer(TransferInfo),
+    /// Ours: the decode scattered a staged piece, its ring slot is free again.
+    Freed(crate::ext::FreedMessage),
 }
 
 impl PrefillInbound {
@@ -42,6 +44,8 @@ impl PrefillInbound {
         }
         if frames[1].as_ref() == NONE {
             KvArgsRegister::decode(frames).map(Self::Register)
+        } else if crate::ext::FreedMessage::is_freed(frames) {
+            crate::ext::FreedMessage::decode(frames).map(Self::Freed)
         } else {
             TransferInfo::decode(frames).map(Self::Transfer)
         }
@@ -52,6 +56,7 @@ impl PrefillInbound {
         match self {
             Self::Register(m) => m.encode(),
             Self::Transfer(m) => m.encode(),
+            Self::Freed(m) => m.encode(),
         }
     }
 }

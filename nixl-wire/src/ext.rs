@@ -4,13 +4,16 @@
 //!
 //! The staged path (docs/protocol.md §3.5) adds a ring frame to the registration, a slots frame
 //! to transfer infos, the staged-chunk notification (prefill → decode) and the slot-freed
-//! notification (decode → prefill).
+//! message (decode → prefill, over ZeroMQ: a decode holds no NIXL metadata of its prefill, so
+//! it cannot notify it through NIXL).
 //!
 //! Frames and payloads all start with `nixl-rs:`, which no SGLang frame or notification does.
 
 use bytes::Bytes;
 
-use crate::RoomId;
+use crate::error::{DecodeError, MessageKind, Reason};
+use crate::frames::GUARD;
+use crate::{AgentName, RoomId};
 
 /// The prefix of every extension frame and payload.
 pub const EXT_PREFIX: &[u8] = b"nixl-rs:";
@@ -282,9 +285,97 @@ impl FreedNotice {
     }
 }
 
+/// The slot-freed message a decode PUSHes to its prefill: `[GUARD, nixl-rs:freed:<room>:<slot>,
+/// agent, trailing...]`, the trailing frames carrying the decode's proof when it has one. Only
+/// our prefills, which alone send staged pieces, are ever sent one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreedMessage {
+    /// The room and the slot.
+    pub notice: FreedNotice,
+    /// The decode agent that frees it.
+    pub agent: AgentName,
+    /// Frames after the agent (its proof frame).
+    pub trailing: Vec<Bytes>,
+}
+
+impl FreedMessage {
+    /// Whether `frames` are a freed message (its second frame has the tag), before decoding.
+    pub fn is_freed(frames: &[Bytes]) -> bool {
+        frames.get(1).is_some_and(|f| f.starts_with(FREED))
+    }
+
+    /// The frames.
+    pub fn encode(&self) -> Vec<Bytes> {
+        let mut v = vec![
+            Bytes::from_static(GUARD),
+            Bytes::from(self.notice.encode()),
+            Bytes::copy_from_slice(self.agent.as_str().as_bytes()),
+        ];
+        v.extend(self.trailing.iter().cloned());
+        v
+    }
+
+    /// Reads the frames of a freed message.
+    pub fn decode(frames: &[Bytes]) -> Result<Self, DecodeError> {
+        let message = MessageKind::PrefillInbound;
+        if frames.len() < 3 || frames.len() > 3 + 8 {
+            return Err(DecodeError::FrameCount {
+                message,
+                expected: "3 to 11",
+                got: frames.len(),
+            });
+        }
+        let bad = |i, name, reason| DecodeError::field(message, i, name, reason);
+        if frames[0].as_ref() != GUARD {
+            let expected = "NixlMsgGuard";
+            return Err(bad(0, "guard", Reason::Unexpected { expected }));
+        }
+        let notice = FreedNotice::decode(&frames[1]).ok_or_else(|| {
+            bad(
+                1,
+                "freed",
+                Reason::Unexpected {
+                    expected: "nixl-rs:freed:<room>:<slot>",
+                },
+            )
+        })?;
+        let agent = AgentName::from_bytes(&frames[2]).map_err(|r| bad(2, "agent", r))?;
+        Ok(Self {
+            notice,
+            agent,
+            trailing: frames[3..].to_vec(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn freed_messages_round_trip_and_refuse_malformed_frames() {
+        let m = FreedMessage {
+            notice: FreedNotice {
+                room: RoomId::new(77),
+                slot: 3,
+            },
+            agent: AgentName::new("decode-1").unwrap(),
+            trailing: vec![proof_frame("abc")],
+        };
+        let frames = m.encode();
+        assert!(FreedMessage::is_freed(&frames));
+        assert_eq!(FreedMessage::decode(&frames).unwrap(), m);
+        assert_eq!(&frames[1][..], b"nixl-rs:freed:77:3");
+        let mut cut = frames.clone();
+        cut.truncate(2);
+        assert!(FreedMessage::decode(&cut).is_err());
+        let mut bad = frames.clone();
+        bad[1] = Bytes::from_static(b"nixl-rs:freed:x:3");
+        assert!(FreedMessage::decode(&bad).is_err());
+        let mut bad = frames;
+        bad[0] = Bytes::from_static(b"NixlMsgGuarD");
+        assert!(FreedMessage::decode(&bad).is_err());
+    }
 
     #[test]
     fn frames_and_notices_round_trip_and_ignore_everything_else() {

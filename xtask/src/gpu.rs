@@ -2,7 +2,7 @@
 //!
 //! The device has no network and no cargo, so nothing may be built or downloaded there. This
 //! builds the release binaries here (`nixl-pd` and `nixl-hicache` of nixl-tools, `gpubench` of
-//! nixl-bench, and nixl-core's GPU test), provisions the
+//! nixl-bench, nixl-core's GPU test and nixl-kv's staged-path test), provisions the
 //! CUDA 13 runtime closure (`nixl-cu13`) plus `libcudart.so.13` from PyPI's
 //! `nvidia-cuda-runtime`, writes a run script, packs it all as `target/gpu/bundle.tar.xz` and
 //! prints the one command to run on the device.
@@ -24,7 +24,8 @@ const RUN_SH: &str = r#"#!/bin/bash
 # VRAM transfers with UCX's protocol choices, emulation predictions, the pd flow with VRAM pools
 # against raw NIXL on the same descriptors), on one GPU and, where there are two, across them.
 # Logs and reports go to $OUT.
-# `run.sh staging` runs only the staged-path table (gpubench staging).
+# `run.sh staging` runs only the staged-path table (gpubench staging); `run.sh protocol` only the
+# protocol-cost rows (host memory, 1 page).
 set -u
 B=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp}
@@ -32,11 +33,44 @@ export NIXL_RUNTIME_DIR=$B/runtime NCCL_NVLS_ENABLE=0
 nvidia-smi -L
 N=$(nvidia-smi -L | grep -c "^GPU")
 staging() {
-  echo "== gpubench staging, GPU 0: NIXL-only settings and the staged path, 32 and 256 pages"
-  "$B/bin/gpubench" staging --gpu 0 --out "$OUT/staging" 2>&1 | grep -v "^\["
+  echo "== nixl-kv staged-path test (GPU pools, one process, cuda_ipc)"
+  UCX_CUDA_IPC_ENABLE_SAME_PROCESS=y timeout 120 "$B/bin/kv-gpu-test" --test-threads=1 2>&1 | grep -E -A3 "^test |test result|panicked"
+  echo "== gpubench staging, GPU 0: NIXL-only settings, the staged path and the full pd flow, 1, 32 and 256 pages"
+  # Bounded so that the report is packed even when the run is cut short (it is rewritten after
+  # every round).
+  timeout "${STAGING_SECONDS:-460}" "$B/bin/gpubench" staging --gpu 0 --rounds "${ROUNDS:-2}" --pd "$B/bin/nixl-pd" --out "$OUT/staging" 2>&1 | grep -v "^\[" > "$OUT/gpubench-staging.log"
+  tail -3 "$OUT/gpubench-staging.log"
+  cat "$OUT/staging/staging.md" 2>/dev/null
   cp "$OUT/staging/staging.md" "$OUT/staging/staging.json" "$OUT/" 2>/dev/null
   (cd "$OUT" && tar -czf staging.tgz staging && rm -rf staging)
 }
+protocol() {
+  # The protocol's own cost: 1-page requests of 4 x 4 KiB in host memory (ZeroMQ hop, claim,
+  # post, notifications, poll loops), sleeping and spinning loops alternating; then the idle
+  # prefill's CPU over 5 s.
+  echo "== protocol cost: nixl-pd, host-memory pools, 1 page of 4 buffers x 4 KiB, concurrency 1"
+  for round in 1 2 3; do
+    for spin in "" "--spin"; do
+      port=$((19000 + round))
+      "$B/bin/nixl-pd" prefill --bootstrap-port $port --layers 2 --page-bytes 4096 --pages 64 $spin 2>/dev/null &
+      P=$!
+      sleep 2
+      echo -n "round $round ${spin:-(sleeping loops)}: "
+      "$B/bin/nixl-pd" decode --bootstrap 127.0.0.1:$port --layers 2 --page-bytes 4096 --pages 64 \
+        --requests 3000 --pages-per-request 1 --concurrency 1 --no-verify $spin 2>/dev/null | grep "requests x"
+      t0=$(awk '{print $14 + $15}' /proc/$P/stat)
+      sleep 5
+      t1=$(awk '{print $14 + $15}' /proc/$P/stat)
+      echo "  idle prefill over 5 s: $(( (t1 - t0) * 100 / 500 ))% of a core ($((t1 - t0)) ticks of 1/100 s)"
+      kill $P
+      wait $P 2>/dev/null
+    done
+  done
+}
+if [ "${1:-all}" = protocol ]; then
+  protocol
+  exit 0
+fi
 if [ "${1:-all}" = staging ]; then
   staging
   exit 0
@@ -69,7 +103,8 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     let rt = runtime::run(root, &rt_args)?;
     add_cudart(root, &rt)?;
     let pd = crate::demo::build_pd(root)?;
-    let test_bin = build_gpu_test(root)?;
+    let test_bin = build_test(root, "nixl-core", "gpu")?;
+    let kv_test_bin = build_test(root, "nixl-kv", "staged_gpu")?;
     let bench = crate::demo::build_bin(root, "nixl-bench", "gpubench")?;
     let hicache = crate::demo::build_bin(root, "nixl-tools", "nixl-hicache")?;
 
@@ -81,6 +116,7 @@ pub(crate) fn run(root: &Path) -> anyhow::Result<()> {
     for (src, name) in [
         (pd, "nixl-pd"),
         (test_bin, "gpu-test"),
+        (kv_test_bin, "kv-gpu-test"),
         (bench, "gpubench"),
         (hicache, "nixl-hicache"),
     ] {
@@ -172,25 +208,19 @@ fn add_cudart(root: &Path, rt: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds nixl-core's GPU test in release and returns the executable.
-fn build_gpu_test(root: &Path) -> anyhow::Result<PathBuf> {
+/// Builds `package`'s integration test `test` with its `gpu-tests` feature, in release, and
+/// returns the executable.
+fn build_test(root: &Path, package: &str, test: &str) -> anyhow::Result<PathBuf> {
     let out = cmd::output(
         Command::new("cargo")
             .current_dir(root)
-            .args([
-                "test",
-                "--release",
-                "--locked",
-                "-p",
-                "nixl-core",
-                "--features",
-                "gpu-tests",
-            ])
-            .args(["--test", "gpu", "--no-run", "--message-format=json"]),
+            .args(["test", "--release", "--locked", "-p", package])
+            .args(["--features", "gpu-tests"])
+            .args(["--test", test, "--no-run", "--message-format=json"]),
     )?;
     out.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"]["name"] == "gpu")
+        .filter(|v| v["target"]["name"] == test)
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .context("cargo did not report the gpu test executable")
+        .with_context(|| format!("cargo did not report the {test} test executable"))
 }

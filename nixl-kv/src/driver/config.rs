@@ -30,6 +30,48 @@ pub struct ManagerConfig {
     /// Prefill: refuse transfer infos from decodes that cannot prove they are the agent they
     /// name (SGLang's Python decodes cannot); off by default, as SGLang accepts them.
     pub strict_peers: bool,
+    /// The staged GPU path between two of our peers (docs/runtime.md §12): `None` (the
+    /// default) moves pages as SGLang does, one descriptor per page and buffer. Needs GPU KV
+    /// pools and nixl-kv's `cuda` feature.
+    pub staging: Option<StagingConfig>,
+}
+
+/// The staged path's buffer: `slots` slots of `slot_bytes` in GPU memory, allocated and
+/// registered by the manager. On a decode it is the ring that prefills write into, with up to
+/// `per_room` slots granted to one room; on a prefill, the slots its gathers fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StagingConfig {
+    /// Bytes of one slot: a piece holds as many whole pages (of every KV buffer) as fit.
+    pub slot_bytes: u64,
+    /// Slots, 1 to 1024.
+    pub slots: u32,
+    /// Decode: slots one room may hold at once (1 to `slots`).
+    pub per_room: u32,
+}
+
+impl StagingConfig {
+    /// `slots` slots of `slot_bytes` each, up to half of them (at least one) per room; `None`
+    /// when either is zero or `slots` is over 1024.
+    pub fn new(slot_bytes: u64, slots: u32) -> Option<Self> {
+        (slot_bytes > 0 && (1..=nixl_wire::ext::MAX_SLOTS).contains(&slots)).then_some(Self {
+            slot_bytes,
+            slots,
+            per_room: (slots / 2).max(1),
+        })
+    }
+
+    /// Sets how many slots one room may hold (clamped to 1..=`slots`).
+    #[must_use]
+    pub fn per_room(mut self, n: u32) -> Self {
+        self.per_room = n.clamp(1, self.slots);
+        self
+    }
+
+    /// Bytes of GPU memory the buffer takes.
+    pub fn bytes(&self) -> u64 {
+        self.slot_bytes.saturating_mul(u64::from(self.slots))
+    }
 }
 
 fn env_f64(name: &str) -> Option<f64> {
@@ -53,6 +95,7 @@ impl Default for ManagerConfig {
             http_timeout: Duration::from_secs(5),
             strict_peers: false,
             peer_idle_timeout: crate::proto::prefill::DEFAULT_PEER_IDLE_TIMEOUT,
+            staging: None,
         }
     }
 }
@@ -93,6 +136,13 @@ impl ManagerConfig {
     #[must_use]
     pub fn peer_idle_timeout(mut self, t: Duration) -> Self {
         self.peer_idle_timeout = t;
+        self
+    }
+
+    /// Turns the staged GPU path on (see [`ManagerConfig::staging`]).
+    #[must_use]
+    pub fn staging(mut self, staging: Option<StagingConfig>) -> Self {
+        self.staging = staging;
         self
     }
 

@@ -27,22 +27,31 @@ enum Outcome {
     Staged(RoomId, u32, Result<(), FailureReason>),
 }
 
-/// Runs the prefill core's queue until it is empty (outcomes can queue more commands). Posted
-/// requests go to the in-flight table of their room.
+/// Runs the prefill core's queue until it is empty (outcomes can queue more commands), moving
+/// staged pieces on each round. Posted requests go to the in-flight table of their room.
 pub(crate) fn drive_prefill(s: &Shared) {
     let Some(p) = s.prefill() else { return };
     let mut lists = lock(&p.exec);
     let mut cmds = Vec::new();
+    let mut staged = Vec::new();
     loop {
         cmds.clear();
         lock(&p.core).drain_commands(&mut cmds);
-        if cmds.is_empty() {
-            return;
-        }
         let mut outcomes = Vec::new();
         let mut posted = Vec::new();
         for cmd in cmds.drain(..) {
             run(&s.agent, p, &mut lists, cmd, &mut outcomes, &mut posted);
+        }
+        if let Some(gpu) = &p.gpu {
+            lock(gpu).progress(&s.agent, &mut staged);
+            outcomes.extend(
+                staged
+                    .drain(..)
+                    .map(|(room, slot, res)| Outcome::Staged(room, slot, res)),
+            );
+        }
+        if outcomes.is_empty() && posted.is_empty() {
+            return;
         }
         if !posted.is_empty() {
             let mut table = lock(&p.in_flight);
@@ -137,10 +146,24 @@ fn run(
             progress(agent, p);
         }
         Command::Stage(w) => {
-            // Only a core given a staging buffer stages, and this driver gives it none
-            // (docs/runtime.md §12): the piece fails rather than go unsent.
-            let reason = FailureReason::Staging("this prefill has no staging buffer".into());
-            outcomes.push(Outcome::Staged(w.room, w.local_slot, Err(reason)));
+            // Only a core given a staging buffer stages (`with_staging`), and only a manager
+            // with one gives it that.
+            let res = match &p.gpu {
+                Some(gpu) => lock(gpu).stage(w),
+                None => Err((
+                    w.room,
+                    w.local_slot,
+                    Err(FailureReason::Staging(
+                        "this prefill has no staging buffer".into(),
+                    )),
+                )),
+            };
+            match res {
+                Ok(()) => {
+                    p.made_staged.fetch_add(1, Ordering::Relaxed);
+                }
+                Err((room, slot, res)) => outcomes.push(Outcome::Staged(room, slot, res)),
+            }
         }
     }
 }
@@ -187,14 +210,58 @@ fn make(agent: &Agent, p: &PrefillIo, lists: &Lists, post: &Post) -> Result<Xfer
     }
 }
 
-/// Sends the decode core's queued frames in order; failures go back to the core.
+/// Runs the decode core's queue in order (frames, scatters, notifications), then reports the
+/// scatters that finished, until nothing is left to do; failures go back to the core.
 pub(crate) fn drive_decode(s: &Shared) {
     let Some(d) = s.decode() else { return };
-    let _order = lock(&d.sending);
+    let order = lock(&d.sending);
+    run_decode(s, d, &order);
+}
+
+/// [`drive_decode`] unless another thread is at it (its frames may be stuck behind a stalled
+/// prefill for seconds): then only finished scatters are reported, and that thread runs what
+/// they queue once its sends return. For polls, which must not block.
+pub(crate) fn try_drive_decode(s: &Shared) {
+    let Some(d) = s.decode() else { return };
+    match d.sending.try_lock() {
+        Ok(order) => run_decode(s, d, &order),
+        Err(std::sync::TryLockError::Poisoned(e)) => run_decode(s, d, &e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            let mut ended = Vec::new();
+            if let Some(gpu) = &d.gpu {
+                lock(gpu).progress(&mut ended);
+            }
+            let mut core = lock(&d.core);
+            for (room, slot, res) in ended {
+                core.scatter_done(room, slot, res);
+            }
+        }
+    }
+}
+
+/// The loop of [`drive_decode`]; `_order` is the held `sending` lock.
+fn run_decode(s: &Shared, d: &DecodeIo, _order: &std::sync::MutexGuard<'_, ()>) {
     let mut cmds = Vec::new();
-    lock(&d.core).drain_commands(&mut cmds);
-    for cmd in cmds {
-        send(s, d, cmd);
+    let mut ended = Vec::new();
+    loop {
+        lock(&d.core).drain_commands(&mut cmds);
+        let ran = !cmds.is_empty();
+        for cmd in cmds.drain(..) {
+            send(s, d, cmd);
+        }
+        if let Some(gpu) = &d.gpu {
+            lock(gpu).progress(&mut ended);
+        }
+        if ended.is_empty() {
+            if !ran {
+                return;
+            }
+            continue;
+        }
+        let mut core = lock(&d.core);
+        for (room, slot, res) in ended.drain(..) {
+            core.scatter_done(room, slot, res);
+        }
     }
 }
 
@@ -214,15 +281,18 @@ fn send(s: &Shared, d: &DecodeIo, cmd: DecodeCommand) {
                 lock(&d.core).send_failed(room, &endpoint, reason);
             }
         }
-        DecodeCommand::Scatter { room, slot, .. } => {
-            // Only a decode with a staging ring is sent staged pieces, and this driver
-            // announces none (docs/runtime.md §12): refuse rather than count unscattered data.
-            let reason = "this decode cannot scatter staged pieces".to_owned();
-            lock(&d.core).scatter_done(room, slot, Err(reason));
-        }
-        DecodeCommand::Notify { agent, payload } => {
-            if let Err(e) = s.agent.send_notification(&agent, &payload) {
-                tracing::debug!(peer = %agent, error = %e, "notification not delivered");
+        DecodeCommand::Scatter { room, slot, pages } => {
+            // Only a decode that announced a ring is sent staged pieces.
+            let res = match &d.gpu {
+                Some(gpu) => lock(gpu).scatter(room, slot, &pages),
+                None => Err((
+                    room,
+                    slot,
+                    Err("this decode has no staging ring".to_owned()),
+                )),
+            };
+            if let Err((room, slot, res)) = res {
+                lock(&d.core).scatter_done(room, slot, res);
             }
         }
     }

@@ -14,6 +14,7 @@ mod heartbeat;
 mod inbound;
 mod receiver;
 mod sender;
+mod staged;
 mod zmq;
 
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ use nixl_wire::http::PrefillRegistration;
 use nixl_wire::{AgentName, GpuId, RoomId};
 
 pub use args::KvArgs;
-pub use config::ManagerConfig;
+pub use config::{ManagerConfig, StagingConfig};
 pub use receiver::KvReceiver;
 pub use sender::KvSender;
 
@@ -55,6 +56,8 @@ pub struct RequestPaths {
     pub prepared: u64,
     /// Requests made from explicit descriptors.
     pub explicit: u64,
+    /// Staged pieces gathered (each then goes as one WRITE).
+    pub staged: u64,
 }
 
 /// Entries a manager holds, for leak checks.
@@ -103,6 +106,9 @@ pub(crate) struct PrefillIo {
     pub(crate) in_flight: Mutex<HashMap<RoomId, Vec<XferRequest>>>,
     pub(crate) made_prepared: AtomicU64,
     pub(crate) made_explicit: AtomicU64,
+    pub(crate) made_staged: AtomicU64,
+    /// The staging buffer, when the staged path is on.
+    pub(crate) gpu: Option<Mutex<staged::PrefillGpu>>,
 }
 
 /// The decode's IO state.
@@ -110,6 +116,8 @@ pub(crate) struct DecodeIo {
     pub(crate) core: Mutex<DecodeCore>,
     /// Held while queued frames are sent, so they leave in queue order.
     pub(crate) sending: Mutex<()>,
+    /// The staging ring, when the staged path is on.
+    pub(crate) gpu: Option<Mutex<staged::DecodeGpu>>,
 }
 
 pub(crate) enum Role {
@@ -189,13 +197,21 @@ impl KvManager {
         } else {
             format!("tcp://{}:{rank_port}", config.local_ip)
         };
-        let core = PrefillCore::new(args.layout(), config.orphan_timeout)
+        let layout = args.layout();
+        let gpu = match config.staging {
+            Some(cfg) => Some(staged::PrefillGpu::new(&agent, &layout, cfg)?),
+            None => None,
+        };
+        let mut core = PrefillCore::new(layout, config.orphan_timeout)
             .with_peer_idle_timeout(config.peer_idle_timeout)
             .with_proofs(Proofs {
                 seed: random_seed(),
                 endpoint,
                 strict: config.strict_peers,
             });
+        if let Some(cfg) = config.staging {
+            core = core.with_staging(cfg.slot_bytes, cfg.slots);
+        }
         let shared = Arc::new(Shared {
             role: Role::Prefill(PrefillIo {
                 core: Mutex::new(core),
@@ -204,6 +220,8 @@ impl KvManager {
                 in_flight: Mutex::default(),
                 made_prepared: AtomicU64::new(0),
                 made_explicit: AtomicU64::new(0),
+                made_staged: AtomicU64::new(0),
+                gpu: gpu.map(Mutex::new),
             }),
             agent,
             config,
@@ -242,6 +260,14 @@ impl KvManager {
             reason,
         })?;
         let layout = args.layout();
+        // The ring is registered before the metadata is taken, so that prefills can write it.
+        let (gpu, staging) = match config.staging {
+            Some(cfg) => {
+                let (gpu, staging) = staged::DecodeGpu::new(&agent, &layout, cfg)?;
+                (Some(Mutex::new(gpu)), Some(staging))
+            }
+            None => (None, None),
+        };
         let me = Identity {
             local_ip: config.local_ip.clone(),
             rank_port,
@@ -256,9 +282,7 @@ impl KvManager {
             is_mla: args.is_mla(),
             kv_pages: layout.kv_pages,
             aux_slots: layout.aux_slots,
-            // The staged path's GPU side (gather/scatter on nixl-core's `cuda::Staging`) is not
-            // in the driver yet: the decode announces no ring (docs/runtime.md §12).
-            staging: None,
+            staging,
         };
         let timers = DecodeTimers::new(
             config.waiting_timeout,
@@ -269,6 +293,7 @@ impl KvManager {
             role: Role::Decode(DecodeIo {
                 core: Mutex::new(DecodeCore::new(me, timers, Instant::now())),
                 sending: Mutex::new(()),
+                gpu,
             }),
             agent,
             config,
@@ -338,6 +363,7 @@ impl KvManager {
             .map_or_else(RequestPaths::default, |p| RequestPaths {
                 prepared: p.made_prepared.load(Ordering::Relaxed),
                 explicit: p.made_explicit.load(Ordering::Relaxed),
+                staged: p.made_staged.load(Ordering::Relaxed),
             })
     }
 

@@ -89,7 +89,8 @@ impl KvReceiver {
         exec::drive_decode(&self.shared);
     }
 
-    /// Drains NIXL notifications and reports this room's state.
+    /// Drains NIXL notifications, runs what they cause (scatters of staged pieces, freed-slot
+    /// notices) and reports this room's state.
     pub fn poll(&mut self) -> KvPoll {
         let Some(d) = self.io() else {
             return KvPoll::Failed;
@@ -98,11 +99,18 @@ impl KvReceiver {
         if let Err(e) = self.shared.agent.drain_notifications(&mut notifs) {
             tracing::warn!(error = %e, "cannot read notifications");
         }
-        let mut core = lock(&d.core);
-        for n in &notifs {
-            core.handle_notification(&n.peer, &n.payload);
+        if !notifs.is_empty() {
+            let mut core = lock(&d.core);
+            for n in &notifs {
+                core.handle_notification(&n.peer, &n.payload);
+            }
         }
-        core.poll(self.room, Instant::now())
+        // Staged pieces that landed are scattered, finished scatters counted and their slots
+        // handed back (any room's: a dropped receiver's scatter still frees its slot).
+        if !notifs.is_empty() || d.gpu.is_some() {
+            exec::try_drive_decode(&self.shared);
+        }
+        lock(&d.core).poll(self.room, Instant::now())
     }
 
     /// Why the request failed.

@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nixl_wire::ext::{self, FreedNotice, ProofNotice, Ring, StagedNotice};
+use nixl_wire::ext::{self, FreedMessage, FreedNotice, ProofNotice, Ring, StagedNotice};
 use nixl_wire::http::{ParallelInfo, RankInfo};
 use nixl_wire::{
     AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PageIndex, RoomId, TransferInfo,
@@ -180,13 +180,6 @@ pub enum Command {
         /// Our pages the piece covers, in order.
         pages: Vec<u32>,
     },
-    /// Send a stand-alone NIXL notification to a prefill agent (a freed slot).
-    Notify {
-        /// The prefill agent's name.
-        agent: String,
-        /// The payload.
-        payload: Vec<u8>,
-    },
 }
 
 /// A staged piece whose scatter runs.
@@ -195,8 +188,6 @@ struct Scattering {
     slot: u32,
     chunk: u32,
     last: bool,
-    /// The prefill agent that wrote it (told when the slot is free again).
-    peer: String,
 }
 
 /// `tcp://host:port` of a prefill rank (IPv6 hosts bracketed).
@@ -776,7 +767,6 @@ impl DecodeCore {
             slot: n.slot,
             chunk: n.chunk,
             last: n.last,
-            peer: peer.to_owned(),
         });
         self.commands.push_back(Command::Scatter {
             room,
@@ -812,9 +802,29 @@ impl DecodeCore {
         if piece.last {
             r.expected = Some(piece.chunk.saturating_add(1));
         }
-        self.commands.push_back(Command::Notify {
-            agent: piece.peer,
-            payload: FreedNotice { room, slot }.encode(),
+        // The piece came from the room's one real target (only such rooms are granted slots).
+        let Some(endpoint) = r
+            .targets
+            .iter()
+            .find(|t| !t.dummy)
+            .map(|t| t.endpoint.clone())
+        else {
+            return;
+        };
+        let trailing = self
+            .proofs
+            .get(&endpoint)
+            .map(|p| vec![ext::proof_frame(p)])
+            .unwrap_or_default();
+        let freed = FreedMessage {
+            notice: FreedNotice { room, slot },
+            agent: self.me.agent.clone(),
+            trailing,
+        };
+        self.commands.push_back(Command::Send {
+            room,
+            endpoint,
+            frames: freed.encode(),
         });
     }
 

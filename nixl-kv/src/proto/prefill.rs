@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nixl_core::MemType;
-use nixl_wire::ext::{self, FreedNotice, ProofNotice, Ring, StagedNotice};
+use nixl_wire::ext::{self, FreedMessage, ProofNotice, Ring, StagedNotice};
 use nixl_wire::{
     AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PrefillInbound, RoomId,
     TransferInfo,
@@ -364,6 +364,7 @@ impl PrefillCore {
         match msg {
             PrefillInbound::Register(r) => self.handle_register(r, now),
             PrefillInbound::Transfer(t) => self.handle_transfer_info(t, now),
+            PrefillInbound::Freed(f) => self.handle_freed(&f, now),
             other => tracing::warn!(?other, "unexpected prefill-bound message; dropped"),
         }
     }
@@ -586,7 +587,7 @@ impl PrefillCore {
     }
 
     fn handle_transfer_info(&mut self, t: TransferInfo, now: Instant) {
-        if !self.origin_ok(&t) {
+        if !self.origin_ok(&t.agent, &t.trailing) {
             tracing::warn!(room = %t.room, agent = %t.agent, "transfer info without the proof its agent owes; refused");
             return;
         }
@@ -657,17 +658,17 @@ impl PrefillCore {
         }
     }
 
-    /// Whether `t` may come from the decode it names: a proven agent must echo its proof; an
+    /// Whether a message may come from the decode `agent` it names: a proven agent must echo its proof; an
     /// unproven one becomes proven by echoing it; with `strict`, proof is required.
-    fn origin_ok(&mut self, t: &TransferInfo) -> bool {
+    fn origin_ok(&mut self, agent: &AgentName, trailing: &[Bytes]) -> bool {
         let Some(strict) = self.proofs.as_ref().map(|p| p.strict) else {
             return true;
         };
-        let secret = self.secret(&t.agent);
-        let Some(peer) = self.peers.get_mut(&t.agent) else {
+        let secret = self.secret(agent);
+        let Some(peer) = self.peers.get_mut(agent) else {
             return !strict;
         };
-        let echoed = ext::proof(&t.trailing);
+        let echoed = ext::proof(trailing);
         let right = echoed.is_some() && echoed == secret.as_deref().map(str::as_bytes);
         if right {
             peer.proven = true;
@@ -1037,18 +1038,26 @@ impl PrefillCore {
         }
     }
 
-    /// A notification a decode sent us (ours: `nixl-rs:freed:`; anything else is ignored):
-    /// the slot is free for the room's next piece, if `peer` is the room's decode.
+    /// A NIXL notification to the prefill agent: none is expected (a decode holds no NIXL
+    /// metadata of ours to send one); ignored.
     pub fn handle_notification(&mut self, peer: &str, payload: &[u8], now: Instant) {
-        let Some(f) = FreedNotice::decode(payload) else {
-            tracing::debug!(peer, "prefill agent received a notification; ignored");
+        let _ = (payload, now);
+        tracing::debug!(peer, "prefill agent received a notification; ignored");
+    }
+
+    /// A decode's freed-slot message: the slot is free for the room's next piece, if it comes
+    /// from the room's decode (with its proof, once that decode has proven itself).
+    fn handle_freed(&mut self, m: &FreedMessage, now: Instant) {
+        let f = m.notice;
+        if !self.origin_ok(&m.agent, &m.trailing) {
+            tracing::warn!(agent = %m.agent, room = %f.room, "freed slot without the proof its agent owes; refused");
             return;
-        };
+        }
         let Some(sr) = self.rooms.get_mut(&f.room).and_then(|r| r.staged.as_mut()) else {
             return;
         };
-        if sr.peer.as_str() != peer || !sr.sched.freed(f.slot) {
-            tracing::debug!(peer, room = %f.room, slot = f.slot, "stray slot freed; ignored");
+        if sr.peer != m.agent || !sr.sched.freed(f.slot) {
+            tracing::debug!(agent = %m.agent, room = %f.room, slot = f.slot, "stray slot freed; ignored");
             return;
         }
         sr.progress = now;

@@ -16,6 +16,17 @@ use super::lower::{Coords, ListId, ListKind, ListSpec};
 use super::prefill::{Command, Post, PrefillCore};
 use super::{BootstrapAddr, FailureReason, KvPoll, Layout};
 
+/// The freed-slot message a decode command carries to its prefill.
+fn freed_message(c: decode::Command) -> nixl_wire::ext::FreedMessage {
+    let decode::Command::Send { frames, .. } = c else {
+        panic!("a freed-slot message expected, got {c:?}")
+    };
+    match PrefillInbound::decode(&frames) {
+        Ok(PrefillInbound::Freed(m)) => m,
+        other => panic!("a freed-slot message expected, got {other:?}"),
+    }
+}
+
 fn layout(base: u64) -> Layout {
     Layout {
         kv_mem: MemType::Dram,
@@ -1277,13 +1288,10 @@ fn staged_pieces_count_only_after_their_scatter_and_free_their_slot() {
     d.handle_notification("p", &Notification::Aux { room }.encode());
     assert_eq!(d.poll(room, now), KvPoll::WaitingForInput);
     d.scatter_done(room, 0, Ok(()));
-    assert_eq!(
-        commands(&mut d),
-        vec![decode::Command::Notify {
-            agent: "prefill-agent".into(),
-            payload: b"nixl-rs:freed:1:0".to_vec()
-        }]
-    );
+    let cmds = commands(&mut d);
+    assert_eq!(cmds.len(), 1);
+    let freed = freed_message(cmds.into_iter().next().unwrap());
+    assert_eq!(freed.notice, nixl_wire::ext::FreedNotice { room, slot: 0 });
     assert_eq!(d.poll(room, now), KvPoll::Transferring);
     // A duplicate report changes nothing.
     d.scatter_done(room, 0, Ok(()));
@@ -1476,13 +1484,21 @@ fn staged_prefill_splits_chunks_waits_for_freed_slots_and_sends_aux_last() {
     assert!(drv.stages.is_empty(), "WRITE done is not slot freed");
     assert_eq!(p.sender_poll(room), KvPoll::WaitingForInput);
     // Freed by someone else, or twice, changes nothing.
-    let freed = |slot| nixl_wire::ext::FreedNotice { room, slot }.encode();
-    p.handle_notification("impostor", &freed(0), now);
-    p.handle_notification("d0", b"1_kv_0_1", now);
+    let freed = |agent: &str, slot| {
+        PrefillInbound::Freed(nixl_wire::ext::FreedMessage {
+            notice: nixl_wire::ext::FreedNotice { room, slot },
+            agent: AgentName::new(agent).unwrap(),
+            trailing: Vec::new(),
+        })
+    };
+    p.handle_inbound(freed("impostor", 0), now);
+    // A freed notice over NIXL is not the protocol's (a decode cannot send one) and is ignored.
+    let notice = nixl_wire::ext::FreedNotice { room, slot: 0 }.encode();
+    p.handle_notification("d0", &notice, now);
     drv.run(&mut p);
     assert!(drv.stages.is_empty());
-    p.handle_notification("d0", &freed(0), now);
-    p.handle_notification("d0", &freed(0), now);
+    p.handle_inbound(freed("d0", 0), now);
+    p.handle_inbound(freed("d0", 0), now);
     drv.run(&mut p);
     let st = std::mem::take(&mut drv.stages);
     assert_eq!(st.len(), 1);
@@ -1677,11 +1693,8 @@ fn staged_rooms_between_both_cores_succeed_and_free_every_slot() {
             }
         }
         for c in commands(&mut d) {
-            let decode::Command::Notify { agent, payload } = c else {
-                panic!("a freed notice expected")
-            };
-            assert_eq!(agent, "pre");
-            p.handle_notification("dec", &payload, now);
+            let m = freed_message(c);
+            p.handle_inbound(PrefillInbound::Freed(m), now);
         }
         drv.run(&mut p);
     }
@@ -1737,7 +1750,7 @@ proptest! {
         // Queues of pending events; `order` picks which kind goes next.
         let mut writes: VecDeque<super::prefill::StagedWrite> = VecDeque::new();
         let mut scatters: VecDeque<(u32, Vec<u32>)> = VecDeque::new();
-        let mut freed: VecDeque<Vec<u8>> = VecDeque::new();
+        let mut freed: VecDeque<nixl_wire::ext::FreedMessage> = VecDeque::new();
         let mut covered: Vec<(u32, Vec<u32>)> = Vec::new();
         let mut pick = order.into_iter().chain(std::iter::repeat_n(0u8, 10_000));
         for _ in 0..10_000 {
@@ -1749,8 +1762,7 @@ proptest! {
             for c in commands(&mut d) {
                 match c {
                     decode::Command::Scatter { slot, pages, .. } => scatters.push_back((slot, pages)),
-                    decode::Command::Notify { payload, .. } => freed.push_back(payload),
-                    other => panic!("unexpected {other:?}"),
+                    c @ decode::Command::Send { .. } => freed.push_back(freed_message(c)),
                 }
             }
             if writes.is_empty() && scatters.is_empty() && freed.is_empty() {
@@ -1772,7 +1784,7 @@ proptest! {
                     d.scatter_done(room, slot, Ok(()));
                 }
                 _ if !freed.is_empty() => {
-                    p.handle_notification("dec", &freed.pop_front().unwrap(), now);
+                    p.handle_inbound(PrefillInbound::Freed(freed.pop_front().unwrap()), now);
                 }
                 _ => {
                     // The picked queue is empty: take the first non-empty one.

@@ -241,7 +241,7 @@ fn run_case(p: &Plan, log: &Path) -> anyhow::Result<Value> {
     Ok(v)
 }
 
-fn tail(text: &str) -> String {
+pub(crate) fn tail(text: &str) -> String {
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| !l.contains('|') && !l.starts_with(' ') && !l.starts_with('['))
@@ -429,6 +429,14 @@ pub(crate) struct StagingArgs {
     /// Rounds; within a round every configuration runs once, so configurations alternate.
     #[arg(long, default_value_t = 3)]
     pub(crate) rounds: usize,
+    /// The `nixl-pd` binary: adds the full pd flow, plain and staged, for 1, 32 and 256 pages
+    /// per request to every round.
+    #[arg(long)]
+    pub(crate) pd: Option<PathBuf>,
+    /// Every NIXL-only setting of the grid (default: NIXL's defaults and nixl-core's GPU_FAST,
+    /// so that one device call also fits the pd flow).
+    #[arg(long)]
+    pub(crate) full_grid: bool,
 }
 
 /// NIXL-only settings tried on the pd descriptors: (label, num_threads, split_batch_size, sgl).
@@ -486,7 +494,12 @@ pub(crate) fn staging(a: &StagingArgs) -> anyhow::Result<()> {
             }
             v
         };
-        for (label, threads, split, sgl) in GRID {
+        let grid: Vec<_> = if a.full_grid {
+            GRID.to_vec()
+        } else {
+            vec![GRID[0], GRID[3]]
+        };
+        for (label, threads, split, sgl) in grid {
             let mut args = base(format!("pd descriptors: 64 x {ppr} x 32 KiB"));
             args.push("--prepared".into());
             args.extend(["--num-threads".into(), threads.to_string()]);
@@ -514,10 +527,16 @@ pub(crate) fn staging(a: &StagingArgs) -> anyhow::Result<()> {
             },
         ));
     }
-    let total = plans.len() * a.rounds;
+    let pd_runs = if a.pd.is_some() {
+        2 * crate::pdflow::SIZES.len()
+    } else {
+        0
+    };
+    let total = (plans.len() + pd_runs) * a.rounds;
     let bar = ProgressBar::new(total as u64)
         .with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")?);
     let mut cases = Vec::new();
+    let mut pd_rows = Vec::new();
     for round in 0..a.rounds {
         for (i, (ppr, p)) in plans.iter().enumerate() {
             bar.set_message(format!("{} ({}), round {round}", p.args[2], p.config));
@@ -528,15 +547,52 @@ pub(crate) fn staging(a: &StagingArgs) -> anyhow::Result<()> {
             cases.push(v);
             bar.inc(1);
         }
+        let Some(pd) = &a.pd else { continue };
+        for (ppr, n) in crate::pdflow::SIZES {
+            for staged in [false, true] {
+                let what = if staged { "staged" } else { "plain" };
+                bar.set_message(format!("pd flow, {ppr} pages, {what}, round {round}"));
+                let log = a.out.join(format!("pd-{ppr}-{what}-{round}.log"));
+                match crate::pdflow::run_one(pd, a.gpu, ppr, n, staged, &log) {
+                    Ok(rows) => pd_rows.extend(rows.into_iter().map(|mut v| {
+                        v["round"] = json!(round);
+                        v
+                    })),
+                    Err(e) => pd_rows.push(json!({
+                        "pages_per_request": ppr, "staged": staged, "round": round,
+                        "failed": format!("{e:#}"),
+                    })),
+                }
+                bar.inc(1);
+            }
+        }
+        // After every round, so that a run cut short still leaves its report.
+        write_staging(a, &anchors, &kernels, &cases, &pd_rows)?;
     }
     bar.finish_and_clear();
-    let all = json!({"anchors": anchors, "kernels": kernels, "cases": cases});
+    let md = write_staging(a, &anchors, &kernels, &cases, &pd_rows)?;
+    println!("{md}");
+    Ok(())
+}
+
+/// Writes staging.json and staging.md from what has run so far; returns the Markdown.
+fn write_staging(
+    a: &StagingArgs,
+    anchors: &Value,
+    kernels: &Value,
+    cases: &[Value],
+    pd_rows: &[Value],
+) -> anyhow::Result<String> {
+    let all = json!({
+        "anchors": anchors, "kernels": kernels, "cases": cases, "pd": pd_rows,
+        "staging_bytes_per_side": u64::from(crate::pdflow::STAGING_SLOTS)
+            * (crate::pdflow::STAGING_SLOT_MIB << 20),
+    });
     std::fs::write(
         a.out.join("staging.json"),
         serde_json::to_string_pretty(&all)?,
     )?;
     let md = report::staging_markdown(&all);
     std::fs::write(a.out.join("staging.md"), &md)?;
-    println!("{md}");
-    Ok(())
+    Ok(md)
 }

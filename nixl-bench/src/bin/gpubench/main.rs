@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! gpubench all [--gpu 0] [--remote-gpu 1] [--pd path/to/nixl-pd] [--out DIR] [--seconds S]
-//! gpubench staging [--gpu 0] [--out DIR] [--seconds S] [--rounds R]
+//! gpubench staging [--gpu 0] [--out DIR] [--seconds S] [--rounds R] [--pd path/to/nixl-pd]
 //! gpubench case --name N --place one|two [--op write|read] [--local vram|pinned] ...
 //! gpubench target ...   (started by `case --place two`)
 //! ```
@@ -23,6 +23,7 @@
 mod anchors;
 mod case;
 mod driver;
+mod pdflow;
 mod report;
 mod side;
 mod staged;
@@ -44,7 +45,7 @@ enum Cmd {
     Staging(driver::StagingArgs),
     /// One case, printed as one JSON line.
     Case(case::CaseArgs),
-    /// Re-renders the Markdown report from a results.json.
+    /// Re-renders the Markdown report from a results.json or a staging.json.
     Report { results: std::path::PathBuf },
     /// The target side of a two-process case.
     Target {
@@ -72,7 +73,12 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Report { results } => {
             let all: serde_json::Value = serde_json::from_slice(&std::fs::read(results)?)?;
-            println!("{}", report::markdown(&all));
+            // A staging.json (of `gpubench staging`) has kernel checks; a results.json not.
+            if all["kernels"].is_null() {
+                println!("{}", report::markdown(&all));
+            } else {
+                println!("{}", report::staging_markdown(&all));
+            }
             Ok(())
         }
         Cmd::Target { mem, gpu, layout } => side::serve(mem, gpu, layout),

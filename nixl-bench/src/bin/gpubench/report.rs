@@ -378,5 +378,85 @@ pub(crate) fn staging_markdown(all: &Value) -> String {
             let _ = writeln!(s, "- {} ({}): {}", c["case"], c["config"], c["failed"]);
         }
     }
+    pd_flow_section(&mut s, all, &cases);
     s
+}
+
+/// The full `nixl-pd` flow rows of `gpubench staging --pd`: per size and path, the verified
+/// runs and the medians over rounds of the timed runs, against the raw staged round trip.
+fn pd_flow_section(s: &mut String, all: &Value, cases: &[Value]) {
+    let pd = all["pd"].as_array().cloned().unwrap_or_default();
+    if pd.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n#### Full pd flow (nixl-pd prefill and decode processes, one GPU, 64 × 32 KiB pages; bootstrap, ZeroMQ, claim, transfers, notifications, Success)\n\nStaging memory: {:.0} MiB per side.\n",
+        f(&all["staging_bytes_per_side"]) / f64::from(1 << 20)
+    );
+    let _ = writeln!(
+        s,
+        "| pages/request | path | verified runs | p50 ms | p99 ms | GB/s | rounds | raw staged p50 ms | raw staged / pd p50 |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    for ppr in [1u64, 32, 256] {
+        let raw_p50 = median(
+            cases
+                .iter()
+                .filter(|c| c["pages_per_request"] == ppr && c["staged"] == true)
+                .map(|c| f(&c["create"]["p50_us"]) / 1e3)
+                .collect(),
+        );
+        for staged in [false, true] {
+            let rows: Vec<&Value> = pd
+                .iter()
+                .filter(|r| r["pages_per_request"] == ppr && r["staged"] == staged)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let verified: Vec<&&Value> = rows.iter().filter(|r| r["verified"] == true).collect();
+            let ok: u64 = verified.iter().map(|r| r["ok"].as_u64().unwrap_or(0)).sum();
+            let timed: Vec<&&Value> = rows
+                .iter()
+                // `failed` is a count in nixl-pd's summary and a string when the run broke.
+                .filter(|r| r["verified"] == false && !r["failed"].is_string() && r["exit"] == 0)
+                .collect();
+            let med = |k: &str| median(timed.iter().map(|r| f(&r[k])).collect());
+            let p50 = med("p50_ms");
+            let failed: Vec<String> = rows
+                .iter()
+                .filter_map(|r| r["failed"].as_str().map(str::to_owned))
+                .collect();
+            let _ = writeln!(
+                s,
+                "| {ppr} | {} | {} of {} runs, {ok} requests | {p50:.3} | {:.3} | {:.1} | {} | {} | {} |{}",
+                if staged {
+                    "**staged**"
+                } else {
+                    "plain (GPU_FAST)"
+                },
+                verified.len(),
+                rows.len() / 2,
+                med("p99_ms"),
+                med("gbps"),
+                timed.len(),
+                if staged && raw_p50.is_finite() {
+                    format!("{raw_p50:.3}")
+                } else {
+                    String::new()
+                },
+                if staged && raw_p50.is_finite() {
+                    format!("{:.2}", raw_p50 / p50)
+                } else {
+                    String::new()
+                },
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" failed: {}", failed.join("; "))
+                },
+            );
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use indicatif::{ProgressBar, ProgressStyle};
-use nixl_kv::{KvManager, KvPoll, KvReceiver, ManagerConfig, RoomId};
+use nixl_kv::{KvManager, KvPoll, KvReceiver, RoomId};
 use rand::{Rng, SeedableRng};
 
 use crate::memory::{Memory, args, memory};
@@ -74,7 +74,7 @@ pub(crate) fn decode(pool: &Pool, bootstrap: &str, o: &DecodeOpts) -> anyhow::Re
     let mut sentinel = Sentinel::new(o.sentinel);
     // Before the manager exists, so before any peer can learn where the memory is.
     sentinel.fill_all(&mut m, pool.aux_slots)?;
-    let mgr = KvManager::decode(m.agent.clone(), args(&m, pool)?, ManagerConfig::default())?;
+    let mgr = KvManager::decode(m.agent.clone(), args(&m, pool)?, pool.manager_config()?)?;
     eprintln!(
         "decode: ready, {} KV buffers of {} pages{}",
         m.kv.len(),
@@ -221,7 +221,7 @@ pub(crate) fn decode(pool: &Pool, bootstrap: &str, o: &DecodeOpts) -> anyhow::Re
                 sentinel.check_slot(&mut m, s, owners.slot_owner(s));
             }
         }
-        std::thread::sleep(Duration::from_micros(50));
+        pool.pause(Duration::from_micros(50));
     }
     bar.finish();
     let seconds = t0.elapsed().as_secs_f64();

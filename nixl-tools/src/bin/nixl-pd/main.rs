@@ -3,13 +3,15 @@
 //! ```text
 //! nixl-pd prefill --bootstrap-port P --layers L [--mla] --page-bytes B --pages N [--aux-slots S]
 //!                 [--hidden-size H] [--aux-layout sglang|legacy] [--chunk-pages K]
-//!                 [--stats-every SECS] [--abort-one-in K]
+//!                 [--stats-every SECS] [--abort-one-in K] [--device cpu|gpu:N]
+//!                 [--staging [--staging-slots S] [--staging-slot-mib M]] [--spin]
 //! nixl-pd decode  --bootstrap HOST:P --layers L [--mla] --page-bytes B --pages N
 //!                 [--prefill-pages NP] [--hidden-size H] [--aux-layout sglang|legacy]
 //!                 --requests R --pages-per-request M [--concurrency C] [--seed X]
 //!                 [--aux-verify all|first] [--json] [--no-verify] [--seconds S]
 //!                 [--abort-one-in K] [--allow-failures] [--sentinel auto|on|off]
-//!                 [--quarantine-seconds Q] [--allow-stray]
+//!                 [--quarantine-seconds Q] [--allow-stray] [--device cpu|gpu:N]
+//!                 [--staging [--staging-slots S] [--staging-slot-mib M]] [--spin]
 //! nixl-pd doctor  [--device cpu|gpu:N] [--peer-device cpu|gpu:N]
 //! ```
 //!
@@ -31,7 +33,10 @@
 //! caught (`stray_pages`); pages of a failed or aborted request are quarantined first, as the
 //! prefill's late write is still that request's own (pool.rs, sentinel.rs).
 //!
-//! The prefill's loop sleeps (prefill.rs): it polls its active senders every 100 µs, looks for
+//! With `--staging` on both sides (GPU pools), each chunk moves as gather, one WRITE per staging
+//! slot and scatter (docs/runtime.md §12); the prefill's stats line counts the staged pieces.
+//!
+//! Unless `--spin`, the prefill's loop sleeps (prefill.rs): it polls its active senders every 100 µs, looks for
 //! new rooms every 1 ms while any are active, and when idle backs off to a scan every 16 ms; a
 //! scan (which walks every room the manager holds) is never more than about 2 % of the time,
 //! however many orphan rooms there are.
@@ -128,6 +133,52 @@ struct Pool {
     /// memory, as in SGLang).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The staged GPU path (both sides `--device gpu:N` and `--staging`): each chunk's pages of
+    /// every buffer are gathered into a registered staging slot, sent as one WRITE and
+    /// scattered on the decode. Against a peer without it, the per-page path is used.
+    #[arg(long)]
+    staging: bool,
+    /// Staging slots per side.
+    #[arg(long, default_value_t = 8)]
+    staging_slots: u32,
+    /// MiB per staging slot (a piece holds as many whole pages of every buffer as fit).
+    #[arg(long, default_value_t = 64)]
+    staging_slot_mib: u64,
+    /// Poll without sleeping while requests are active (lowest latency; a core stays busy
+    /// while working, none while idle).
+    #[arg(long)]
+    spin: bool,
+}
+
+impl Pool {
+    /// The manager settings these options ask for.
+    fn manager_config(&self) -> anyhow::Result<nixl_kv::ManagerConfig> {
+        let staging = if self.staging {
+            let bytes = self.staging_slot_mib.saturating_mul(1 << 20);
+            Some(
+                nixl_kv::StagingConfig::new(bytes, self.staging_slots).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--staging-slots {} --staging-slot-mib {}: need 1..=1024 slots of at least 1 MiB",
+                        self.staging_slots,
+                        self.staging_slot_mib
+                    )
+                })?,
+            )
+        } else {
+            None
+        };
+        Ok(nixl_kv::ManagerConfig::default().staging(staging))
+    }
+
+    /// How long an active loop pauses between polls: `busy`, or nothing with `--spin` (then
+    /// it only yields).
+    fn pause(&self, busy: Duration) {
+        if self.spin {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(busy);
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use nixl_kv::bootstrap::BootstrapServer;
-use nixl_kv::{FailureReason, KvManager, KvPoll, KvSender, ManagerConfig, RoomId};
+use nixl_kv::{FailureReason, KvManager, KvPoll, KvSender, RoomId};
 use rand::Rng;
 
 use crate::memory::{args, memory};
@@ -78,7 +78,7 @@ pub(crate) fn prefill(
         m.agent.clone(),
         a,
         &addr,
-        ManagerConfig::default().local_ip(host),
+        pool.manager_config()?.local_ip(host),
     )?;
     eprintln!(
         "prefill: bootstrap on {addr}, zmq port {}, {} KV buffers of {} pages",
@@ -192,11 +192,15 @@ pub(crate) fn prefill(
         }
         if served.len() >= 20 {
             served.sort();
+            let paths = mgr.request_paths();
             eprintln!(
-                "prefill: last {} rooms, claim to transfers done: p50 {:.2} ms, p99 {:.2} ms",
+                "prefill: last {} rooms, claim to transfers done: p50 {:.2} ms, p99 {:.2} ms; requests so far: {} prepared, {} explicit, {} staged pieces",
                 served.len(),
                 served[served.len() / 2].as_secs_f64() * 1e3,
-                served[served.len() * 99 / 100].as_secs_f64() * 1e3
+                served[served.len() * 99 / 100].as_secs_f64() * 1e3,
+                paths.prepared,
+                paths.explicit,
+                paths.staged
             );
             served.clear();
         }
@@ -230,7 +234,7 @@ pub(crate) fn prefill(
                 scan_every = SCAN_BUSY;
             }
         } else if !nap.is_zero() {
-            std::thread::sleep(nap);
+            pool.pause(nap);
         }
     }
 }

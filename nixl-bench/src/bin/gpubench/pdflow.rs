@@ -1,0 +1,111 @@
+//! The full `nixl-pd` flow on one GPU (bootstrap, ZeroMQ, claim, transfers, notifications,
+//! Success), plain per-page descriptors with the NIXL-only settings against the staged path,
+//! for 1, 32 and 256 pages per request: one verified run, then a timed run without
+//! verification, per configuration and round.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+/// Staging slots per side and their size: a 32-page request of 64 × 32 KiB is one slot.
+pub(crate) const STAGING_SLOTS: u32 = 8;
+pub(crate) const STAGING_SLOT_MIB: u64 = 64;
+
+/// (pages per request, timed requests).
+pub(crate) const SIZES: [(u32, u32); 3] = [(1, 300), (32, 150), (256, 30)];
+
+fn pool(gpu: u32, staged: bool) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--layers",
+        "32",
+        "--page-bytes",
+        "32768",
+        "--pages",
+        "600",
+        "--device",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    v.push(format!("gpu:{gpu}"));
+    // Both paths poll without sleeping, as an engine's scheduler loop would.
+    v.push("--spin".into());
+    if staged {
+        v.push("--staging".into());
+        v.extend(["--staging-slots".into(), STAGING_SLOTS.to_string()]);
+        v.extend(["--staging-slot-mib".into(), STAGING_SLOT_MIB.to_string()]);
+    }
+    v
+}
+
+/// One configuration: a prefill process, a verified decode run, then a timed one.
+pub(crate) fn run_one(
+    pd: &Path,
+    gpu: u32,
+    ppr: u32,
+    requests: u32,
+    staged: bool,
+    log: &Path,
+) -> anyhow::Result<Vec<Value>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut prefill = Command::new(pd)
+        .arg("prefill")
+        .args(["--bootstrap-port", &port.to_string()])
+        .args(pool(gpu, staged))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting nixl-pd prefill")?;
+    let mut err = BufReader::new(prefill.stderr.take().context("stderr")?);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if err.read_line(&mut line)? == 0 {
+            let _ = prefill.wait();
+            bail!("nixl-pd prefill exited before its bootstrap server started");
+        }
+        if line.contains("bootstrap on") {
+            break;
+        }
+    }
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        rest
+    });
+    let decode = |verify: bool, n: u32| -> anyhow::Result<Value> {
+        let mut cmd = Command::new(pd);
+        cmd.arg("decode")
+            .args(["--bootstrap", &format!("127.0.0.1:{port}")])
+            .args(pool(gpu, staged))
+            .args(["--requests", &n.to_string()])
+            .args(["--pages-per-request", &ppr.to_string()])
+            .args(["--concurrency", "1", "--json"]);
+        if !verify {
+            cmd.arg("--no-verify");
+        }
+        let out = cmd.output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut v: Value = match text.lines().rev().find(|l| l.starts_with('{')) {
+            Some(l) => serde_json::from_str(l)?,
+            None => json!({"failed": crate::driver::tail(&String::from_utf8_lossy(&out.stderr))}),
+        };
+        v["pages_per_request"] = json!(ppr);
+        v["staged"] = json!(staged);
+        v["verified"] = json!(verify && out.status.success());
+        v["exit"] = json!(out.status.code());
+        Ok(v)
+    };
+    let rows = vec![decode(true, requests.min(30))?, decode(false, requests)?];
+    let _ = prefill.kill();
+    let _ = prefill.wait();
+    std::fs::write(log, drain.join().unwrap_or_default())?;
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(rows)
+}

@@ -1,0 +1,283 @@
+//! The staged path on the GPU: nixl-core's gather and scatter kernels, one staging buffer per
+//! manager, registered with its agent once.
+
+use nixl_core::cuda::{DeviceBuffer, Staging, StagingEvent};
+use nixl_core::{
+    Agent, MemRegion, MemType, Registered, XferDescs, XferOp, XferRequest, XferStatus,
+};
+use nixl_wire::RoomId;
+use nixl_wire::ext::Ring;
+
+use super::{ScatterEnd, StageEnd};
+use crate::driver::config::StagingConfig;
+use crate::error::Error;
+use crate::proto::decode::DecodeStaging;
+use crate::proto::prefill::StagedWrite;
+use crate::proto::staging::staging_layout;
+use crate::proto::{FailureReason, Layout};
+
+/// A staging buffer of `cfg.slots` slots on the pools' GPU, registered with `agent`, and the
+/// kernels over `layout`'s pools for pieces of up to one slot.
+fn prepare(
+    agent: &Agent,
+    layout: &Layout,
+    cfg: StagingConfig,
+) -> Result<(Staging, Registered<DeviceBuffer>), Error> {
+    let refuse = |why: String| Error::Staging(why);
+    if layout.kv_mem != MemType::Vram {
+        return Err(refuse("the KV pool is not in GPU memory".into()));
+    }
+    let pools = staging_layout(layout).map_err(refuse)?;
+    let per_slot = pools.pages_per_slot(cfg.slot_bytes);
+    if per_slot == 0 {
+        return Err(refuse(format!(
+            "a slot of {} bytes holds no page of {} bytes",
+            cfg.slot_bytes,
+            pools.bytes_per_page()
+        )));
+    }
+    let len = cfg
+        .slot_bytes
+        .checked_mul(u64::from(cfg.slots))
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| refuse(format!("{} slots of {} bytes", cfg.slots, cfg.slot_bytes)))?;
+    let staging = Staging::new(layout.gpu_id, pools, per_slot)?;
+    let buf = agent.register(DeviceBuffer::new(layout.gpu_id, len)?)?;
+    Ok((staging, buf))
+}
+
+/// What a staged piece is waiting for.
+enum Phase {
+    /// Its gather kernel.
+    Gathering(StagingEvent),
+    /// Its WRITE (with the `nixl-rs:staged:` notification).
+    Writing(XferRequest),
+}
+
+struct Piece {
+    w: StagedWrite,
+    phase: Phase,
+}
+
+/// The prefill's staging buffer: gathers pieces into its slots and WRITEs each into the
+/// decode's ring slot once its gather is done.
+pub(crate) struct PrefillGpu {
+    // Field order: requests end before the buffer they read is deregistered and freed.
+    pieces: Vec<Piece>,
+    buf: Registered<DeviceBuffer>,
+    staging: Staging,
+    slot_bytes: u64,
+}
+
+impl PrefillGpu {
+    /// Allocates and registers the staging buffer; the core is then given
+    /// `with_staging(cfg.slot_bytes, cfg.slots)`.
+    pub(crate) fn new(agent: &Agent, layout: &Layout, cfg: StagingConfig) -> Result<Self, Error> {
+        let (staging, buf) = prepare(agent, layout, cfg)?;
+        tracing::info!(
+            slots = cfg.slots,
+            slot_bytes = cfg.slot_bytes,
+            gpu = layout.gpu_id,
+            "prefill staging buffer registered"
+        );
+        Ok(Self {
+            pieces: Vec::new(),
+            buf,
+            staging,
+            slot_bytes: cfg.slot_bytes,
+        })
+    }
+
+    /// Launches the gather of `w`; its WRITE is posted by [`PrefillGpu::progress`] once the
+    /// gather is done. A launch that fails ends the piece at once.
+    pub(crate) fn stage(&mut self, w: StagedWrite) -> Result<(), StageEnd> {
+        let end =
+            |w: &StagedWrite, why: String| (w.room, w.local_slot, Err(FailureReason::Staging(why)));
+        if w.bytes > self.slot_bytes {
+            let why = format!(
+                "a piece of {} bytes in a slot of {}",
+                w.bytes, self.slot_bytes
+            );
+            return Err(end(&w, why));
+        }
+        let offset = u64::from(w.local_slot).saturating_mul(self.slot_bytes);
+        match self
+            .staging
+            .gather(&w.src_pages, self.buf.buffer_mut(), offset)
+        {
+            Ok(ev) => {
+                self.pieces.push(Piece {
+                    w,
+                    phase: Phase::Gathering(ev),
+                });
+                Ok(())
+            }
+            Err(e) => Err(end(&w, format!("gather: {e}"))),
+        }
+    }
+
+    /// Moves every piece on: a finished gather gets its WRITE posted at once, a finished WRITE
+    /// ends the piece (reported in `ended`, its slot free again).
+    pub(crate) fn progress(&mut self, agent: &Agent, ended: &mut Vec<StageEnd>) {
+        let region = self.buf.region();
+        let slot_bytes = self.slot_bytes;
+        self.pieces.retain_mut(|p| {
+            let outcome = step(agent, region, slot_bytes, p);
+            match outcome {
+                None => true,
+                Some(res) => {
+                    ended.push((p.w.room, p.w.local_slot, res));
+                    false
+                }
+            }
+        });
+    }
+}
+
+/// One piece's next step: `None` while it waits, else how it ended.
+fn step(
+    agent: &Agent,
+    region: MemRegion,
+    slot_bytes: u64,
+    p: &mut Piece,
+) -> Option<Result<(), FailureReason>> {
+    if let Phase::Gathering(ev) = &p.phase {
+        match ev.is_done() {
+            Ok(false) => return None,
+            Ok(true) => match post(agent, region, slot_bytes, &p.w) {
+                Ok(req) => p.phase = Phase::Writing(req),
+                Err(reason) => return Some(Err(transfer(&p.w, reason))),
+            },
+            Err(e) => return Some(Err(FailureReason::Staging(format!("gather: {e}")))),
+        }
+    }
+    let Phase::Writing(req) = &p.phase else {
+        return None;
+    };
+    match req.status() {
+        Ok(XferStatus::InProgress) => None,
+        Ok(XferStatus::Done) => Some(Ok(())),
+        Err(e) => Some(Err(transfer(&p.w, e.to_string()))),
+    }
+}
+
+fn transfer(w: &StagedWrite, reason: String) -> FailureReason {
+    FailureReason::Transfer {
+        peer: w.peer.as_str().to_owned(),
+        reason,
+    }
+}
+
+/// The one WRITE of a gathered piece: our slot → the decode's ring slot, with its notification.
+fn post(
+    agent: &Agent,
+    region: MemRegion,
+    slot_bytes: u64,
+    w: &StagedWrite,
+) -> Result<XferRequest, String> {
+    let mut local = XferDescs::with_capacity(MemType::Vram, 1);
+    local.push_in(&region, u64::from(w.local_slot) * slot_bytes, w.bytes);
+    let mut remote = XferDescs::with_capacity(MemType::Vram, 1);
+    remote.push(w.remote_addr, w.bytes, u64::from(w.remote_gpu));
+    let req = agent
+        .create_request(
+            XferOp::Write,
+            &local,
+            &remote,
+            w.peer.as_str(),
+            Some(&w.notif),
+        )
+        .map_err(|e| e.to_string())?;
+    req.post().map_err(|e| e.to_string())?;
+    Ok(req)
+}
+
+impl Drop for PrefillGpu {
+    fn drop(&mut self) {
+        // No gather may still write into the buffer when it is freed.
+        if let Err(e) = self.staging.synchronize() {
+            tracing::debug!(error = %e, "staging stream not synchronized");
+        }
+    }
+}
+
+/// The decode's staging ring: prefills WRITE pieces into its slots; each is scattered into
+/// the room's pages on our stream when its notification arrives.
+pub(crate) struct DecodeGpu {
+    scattering: Vec<(RoomId, u32, StagingEvent)>,
+    ring: Registered<DeviceBuffer>,
+    staging: Staging,
+    slot_bytes: u64,
+}
+
+impl DecodeGpu {
+    /// Allocates and registers the ring (before the agent's metadata is taken, so that
+    /// prefills can write into it) and says how it is announced.
+    pub(crate) fn new(
+        agent: &Agent,
+        layout: &Layout,
+        cfg: StagingConfig,
+    ) -> Result<(Self, DecodeStaging), Error> {
+        let (staging, ring) = prepare(agent, layout, cfg)?;
+        let announced = Ring {
+            addr: ring.region().addr,
+            slot_bytes: cfg.slot_bytes,
+            slots: cfg.slots,
+            gpu: layout.gpu_id,
+        };
+        tracing::info!(
+            slots = cfg.slots,
+            slot_bytes = cfg.slot_bytes,
+            gpu = layout.gpu_id,
+            "decode staging ring registered"
+        );
+        let gpu = Self {
+            scattering: Vec::new(),
+            ring,
+            staging,
+            slot_bytes: cfg.slot_bytes,
+        };
+        Ok((gpu, DecodeStaging::new(announced, cfg.per_room)))
+    }
+
+    /// Launches the scatter of ring `slot` into `pages`.
+    pub(crate) fn scatter(
+        &mut self,
+        room: RoomId,
+        slot: u32,
+        pages: &[u32],
+    ) -> Result<(), ScatterEnd> {
+        let offset = u64::from(slot).saturating_mul(self.slot_bytes);
+        match self.staging.scatter(pages, self.ring.buffer(), offset) {
+            Ok(ev) => {
+                self.scattering.push((room, slot, ev));
+                Ok(())
+            }
+            Err(e) => Err((room, slot, Err(e.to_string()))),
+        }
+    }
+
+    /// Reports the scatters that finished.
+    pub(crate) fn progress(&mut self, ended: &mut Vec<ScatterEnd>) {
+        self.scattering
+            .retain(|(room, slot, ev)| match ev.is_done() {
+                Ok(false) => true,
+                Ok(true) => {
+                    ended.push((*room, *slot, Ok(())));
+                    false
+                }
+                Err(e) => {
+                    ended.push((*room, *slot, Err(e.to_string())));
+                    false
+                }
+            });
+    }
+}
+
+impl Drop for DecodeGpu {
+    fn drop(&mut self) {
+        if let Err(e) = self.staging.synchronize() {
+            tracing::debug!(error = %e, "staging stream not synchronized");
+        }
+    }
+}

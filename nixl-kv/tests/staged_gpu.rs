@@ -1,0 +1,177 @@
+//! The staged path end to end: GPU pools on both sides, a prefill and a decode with staging
+//! buffers, rooms gathered, written as one WRITE per piece and scattered, every byte checked
+//! (feature `gpu-tests`, run on the GPU machine with `UCX_CUDA_IPC_ENABLE_SAME_PROCESS=y`).
+//! Without a GPU, only the refusal of staging on host pools runs.
+#![cfg(feature = "nixl-runtime-tests")]
+#![allow(clippy::unwrap_used, reason = "test code")]
+
+mod common;
+
+use nixl_kv::{Error, KvManager, ManagerConfig, StagingConfig};
+
+#[test]
+fn staging_on_host_pools_is_refused_with_a_reason() {
+    let agent = common::agent();
+    let kv = agent
+        .register(nixl_core::HostBuffer::new(4 * 4096).unwrap())
+        .unwrap();
+    let aux = agent
+        .register(nixl_core::HostBuffer::new(64 * 4).unwrap())
+        .unwrap();
+    let args = nixl_kv::KvArgs::new([(kv.region(), 4096)], [(aux.region(), 64)]).unwrap();
+    let cfg = ManagerConfig::default().staging(StagingConfig::new(1 << 20, 4));
+    match KvManager::decode(agent, args, cfg) {
+        Err(Error::Staging(why)) => {
+            assert!(
+                why.contains("GPU memory") || why.contains("cuda"),
+                "reason: {why}"
+            );
+        }
+        other => panic!("staging on host pools: {other:?}"),
+    }
+}
+
+#[test]
+fn staging_config_is_bounded() {
+    assert!(StagingConfig::new(0, 4).is_none());
+    assert!(StagingConfig::new(1 << 20, 0).is_none());
+    assert!(StagingConfig::new(1 << 20, 1025).is_none());
+    let c = StagingConfig::new(1 << 20, 8).unwrap();
+    assert_eq!((c.per_room, c.bytes()), (4, 8 << 20));
+    assert_eq!(c.per_room(100).per_room, 8);
+}
+
+#[cfg(feature = "gpu-tests")]
+mod gpu {
+    use std::time::{Duration, Instant};
+
+    use nixl_core::cuda::DeviceBuffer;
+    use nixl_core::{HostBuffer, Registered};
+    use nixl_kv::bootstrap::BootstrapServer;
+    use nixl_kv::{KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig, RoomId};
+    use nixl_kv::{RequestPaths, StagingConfig};
+
+    use super::common;
+
+    const BUFFERS: usize = 8;
+    const PAGES: u32 = 64;
+    const PAGE: u64 = 32 << 10;
+    const AUX_ROW: u64 = 64;
+
+    struct GpuSide {
+        mgr: KvManager,
+        kv: Vec<Registered<DeviceBuffer>>,
+        _aux: Registered<HostBuffer>,
+    }
+
+    fn byte(b: usize, page: u32, j: usize) -> u8 {
+        ((7 * b + 13 * page as usize + j) % 251) as u8
+    }
+
+    fn side(prefill: Option<&str>, staging: Option<StagingConfig>) -> GpuSide {
+        let agent = common::agent();
+        let mut kv = Vec::new();
+        for b in 0..BUFFERS {
+            let mut buf = DeviceBuffer::new(0, (u64::from(PAGES) * PAGE) as usize).unwrap();
+            if prefill.is_some() {
+                let mut host = vec![0u8; buf.len()];
+                for (i, v) in host.iter_mut().enumerate() {
+                    *v = byte(b, (i as u64 / PAGE) as u32, i % PAGE as usize);
+                }
+                buf.copy_from_host(&host).unwrap();
+            }
+            kv.push(agent.register(buf).unwrap());
+        }
+        let aux = agent
+            .register(HostBuffer::new((AUX_ROW * 16) as usize).unwrap())
+            .unwrap();
+        let args = KvArgs::new(
+            kv.iter().map(|b| (b.region(), PAGE)),
+            [(aux.region(), AUX_ROW)],
+        )
+        .unwrap();
+        let cfg = ManagerConfig::default().staging(staging);
+        let mgr = match prefill {
+            Some(bootstrap) => KvManager::prefill(agent, args, bootstrap, cfg).unwrap(),
+            None => KvManager::decode(agent, args, cfg).unwrap(),
+        };
+        GpuSide { mgr, kv, _aux: aux }
+    }
+
+    /// Runs `rooms` requests of `pages` pages at once, each sent in two chunks, and checks
+    /// every byte of every destination page.
+    fn run(staging: bool, rooms: u32, pages: u32) -> RequestPaths {
+        let bs = BootstrapServer::start("127.0.0.1:0").unwrap();
+        let addr = bs.addr().to_string();
+        // 4 pages per piece; the ring holds 6 pieces, 2 per room.
+        let slot = BUFFERS as u64 * PAGE * 4;
+        let cfg = staging.then(|| StagingConfig::new(slot, 6).unwrap().per_room(2));
+        let p = side(Some(&addr), cfg);
+        let d = side(None, cfg);
+        let mut pairs = Vec::new();
+        for r in 0..rooms {
+            let room = RoomId::new(1000 + u64::from(r));
+            let src: Vec<u32> = (0..pages).map(|i| (r * pages + i) % PAGES).collect();
+            let dst: Vec<u32> = (0..pages).map(|i| PAGES - 1 - (r * pages + i)).collect();
+            let mut rx = KvReceiver::new(&d.mgr, &addr, room, None).unwrap();
+            let tx = KvSender::new(&p.mgr, room).unwrap();
+            rx.init(&dst, r % 16);
+            pairs.push((tx, rx, src, dst, false));
+        }
+        let start = Instant::now();
+        loop {
+            let mut done = 0;
+            for (tx, rx, src, _, started) in &mut pairs {
+                if !*started && tx.poll() == KvPoll::WaitingForInput {
+                    tx.init(src.len() as u32, 0);
+                    let half = src.len() / 2;
+                    tx.send(&src[..half]);
+                    tx.send(&src[half..]);
+                    *started = true;
+                }
+                let (s, r) = (tx.poll(), rx.poll());
+                assert_ne!(s, KvPoll::Failed, "sender: {:?}", tx.failure());
+                assert_ne!(r, KvPoll::Failed, "receiver: {:?}", rx.failure());
+                if s == KvPoll::Success && r == KvPoll::Success {
+                    done += 1;
+                }
+            }
+            if done == pairs.len() {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "rooms stuck");
+        }
+        for (b, buf) in d.kv.iter().enumerate() {
+            let host = buf.buffer().to_host().unwrap();
+            for (_, _, src, dst, _) in &pairs {
+                for (&s, &t) in src.iter().zip(dst) {
+                    let at = (u64::from(t) * PAGE) as usize;
+                    let page = &host[at..at + PAGE as usize];
+                    let bad = page
+                        .iter()
+                        .enumerate()
+                        .filter(|&(j, &v)| v != byte(b, s, j))
+                        .count();
+                    assert_eq!(bad, 0, "buffer {b}, page {s} -> {t}: {bad} wrong bytes");
+                }
+            }
+        }
+        p.mgr.request_paths()
+    }
+
+    #[test]
+    fn staged_rooms_land_byte_for_byte() {
+        // 5 rooms of 10 pages, 3 pieces or more each. The ring grants 2 slots to each of the
+        // first 3 rooms (which then wait for freed slots to send the rest); the last 2 get
+        // none and go by per-page descriptors.
+        let paths = run(true, 5, 10);
+        assert!(paths.staged >= 9, "{paths:?}");
+        assert!(paths.prepared + paths.explicit > 0, "{paths:?}");
+    }
+
+    #[test]
+    fn plain_rooms_on_gpu_pools_land_byte_for_byte() {
+        let paths = run(false, 3, 10);
+        assert_eq!(paths.staged, 0, "{paths:?}");
+    }
+}
