@@ -1817,3 +1817,61 @@ fn pages_len(covered: &[(u32, Vec<u32>)], start: u32) -> usize {
         .find(|(off, _)| *off == start)
         .map_or(0, |(_, s)| s.len())
 }
+
+#[test]
+fn freed_slots_need_the_proof_once_their_decode_proved_itself() {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let proofs = super::prefill::Proofs {
+        seed: [9; 32],
+        endpoint: "tcp://127.0.0.1:5000".into(),
+        strict: false,
+    };
+    let mut p = PrefillCore::new(gpu_layout(0x1000_0000), Duration::from_secs(300))
+        .with_staging(4 * 8192, 2)
+        .with_proofs(proofs);
+    p.handle_inbound(staged_register("d0", RING), now);
+    drv.run(&mut p);
+    let secret = nixl_wire::ext::ProofNotice::decode(&drv.notified[0].1)
+        .unwrap()
+        .secret;
+    let room = RoomId::new(1);
+    let dst: Vec<u32> = (20..30).collect();
+    let PrefillInbound::Transfer(mut t) = staged_info(1, "d0", &dst, &[1]) else {
+        unreachable!()
+    };
+    t.trailing.insert(0, nixl_wire::ext::proof_frame(&secret));
+    p.handle_inbound(PrefillInbound::Transfer(t), now);
+    p.sender_new(room, now);
+    p.sender_init(room, 10, 1).unwrap();
+    let src: Vec<u32> = (40..50).collect();
+    p.sender_send(room, &src, now).unwrap();
+    drv.run(&mut p);
+    // One granted slot: one piece at a time.
+    let st = std::mem::take(&mut drv.stages);
+    assert_eq!(st.len(), 1);
+    p.staged_done(room, st[0].local_slot, Ok(()), now);
+    drv.run(&mut p);
+    assert!(drv.stages.is_empty());
+    let freed = |trailing: Vec<Bytes>| {
+        PrefillInbound::Freed(nixl_wire::ext::FreedMessage {
+            notice: nixl_wire::ext::FreedNotice { room, slot: 1 },
+            agent: agent("d0"),
+            trailing,
+        })
+    };
+    // The agent proved itself with its info: a freed slot without its proof, or with another,
+    // is refused (anyone could send one to make the prefill overwrite a slot being scattered).
+    p.handle_inbound(freed(Vec::new()), now);
+    p.handle_inbound(freed(vec![nixl_wire::ext::proof_frame("0123")]), now);
+    drv.run(&mut p);
+    assert!(
+        drv.stages.is_empty(),
+        "a freed slot without the proof was taken"
+    );
+    p.handle_inbound(freed(vec![nixl_wire::ext::proof_frame(&secret)]), now);
+    drv.run(&mut p);
+    let st = std::mem::take(&mut drv.stages);
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].src_pages, src[4..8].to_vec());
+}
