@@ -21,6 +21,11 @@ const MAX_LOOKUPS: usize = 4;
 /// Problems (an unreachable bootstrap server, a dead prefill, a failure pushed by the prefill,
 /// a timeout) end in [`KvPoll::Failed`] with a reason, never in a panic. Dropping the receiver
 /// frees the room.
+///
+/// After a failure the prefill may not know it (the protocol has no decode → prefill failure
+/// message), and a WRITE it already posted can still land in the room's pages: keep a failed
+/// room's pages and aux row out of reuse for a while (docs/protocol.md §8.3; `nixl-pd`
+/// quarantines them for 30 s).
 pub struct KvReceiver {
     shared: Arc<Shared>,
     room: RoomId,

@@ -18,7 +18,7 @@
 //!
 //! PUSH only sends and PULL only receives, so the part of ZMTP 3 they need is small: a 64-byte
 //! greeting each way, one `READY` command each way, then frames with the MORE flag, plus
-//! answering `PING`. [`wire`] is that grammar, once for both directions; every announced length
+//! answering `PING`. `wire` is that grammar, once for both directions; every announced length
 //! is checked against a limit *before* anything is allocated, and buffers grow only as bytes
 //! actually arrive. `pull` is the listener, `push` and `push_link` the sending side.
 
