@@ -67,6 +67,49 @@ protocol() {
     done
   done
 }
+contexts() {
+  # Does another process on the GPU slow our launches? The staging kernels alone, next to an
+  # idle nixl-pd prefill (a CUDA context with registered pools), and next to a working pair.
+  echo "== staging kernels: alone"
+  "$B/bin/gpubench" kernels --gpu 0 | grep -o '"gather_64x32x32k_[a-z0-9_]*":[0-9.]*'
+  "$B/bin/nixl-pd" prefill --bootstrap-port 19100 --layers 32 --page-bytes 32768 --pages 600 --device gpu:0 --spin 2>/dev/null &
+  P=$!
+  sleep 4
+  echo "== staging kernels: next to an idle nixl-pd prefill on the same GPU"
+  "$B/bin/gpubench" kernels --gpu 0 | grep -o '"gather_64x32x32k_[a-z0-9_]*":[0-9.]*'
+  "$B/bin/nixl-pd" decode --bootstrap 127.0.0.1:19100 --layers 32 --page-bytes 32768 --pages 600 --device gpu:0 --spin \
+    --requests 100000 --pages-per-request 32 --concurrency 1 --no-verify --seconds 20 > /dev/null 2>&1 &
+  D=$!
+  sleep 6
+  echo "== staging kernels: next to a working pd pair (32-page plain requests)"
+  "$B/bin/gpubench" kernels --gpu 0 | grep -o '"gather_64x32x32k_[a-z0-9_]*":[0-9.]*'
+  kill $D
+  wait $D 2>/dev/null
+  sleep 1
+  echo "== staging kernels: next to the same prefill, idle again after serving"
+  "$B/bin/gpubench" kernels --gpu 0 | grep -o '"gather_64x32x32k_[a-z0-9_]*":[0-9.]*'
+  kill $P
+  wait $P 2>/dev/null
+}
+agents() {
+  # Does a NIXL agent in our own process slow our launches? The timed gather with no agent,
+  # next to an agent with a UCX backend, and with its buffers registered to that agent.
+  for round in 1 2; do
+    for with in no backend registered; do
+      echo -n "round $round, agent: $with: "
+      "$B/bin/gpubench" kernels --gpu 0 --with-agent $with 2>/dev/null | grep -o '"gather_64x32x32k_[a-z0-9_]*":[0-9.]*' | tr '\n' ' '
+      echo
+    done
+  done
+}
+if [ "${1:-all}" = agents ]; then
+  agents
+  exit 0
+fi
+if [ "${1:-all}" = contexts ]; then
+  contexts
+  exit 0
+fi
 if [ "${1:-all}" = protocol ]; then
   protocol
   exit 0

@@ -3,6 +3,7 @@
 //! ```text
 //! gpubench all [--gpu 0] [--remote-gpu 1] [--pd path/to/nixl-pd] [--out DIR] [--seconds S]
 //! gpubench staging [--gpu 0] [--out DIR] [--seconds S] [--rounds R] [--pd path/to/nixl-pd]
+//! gpubench kernels [--gpu 0]
 //! gpubench case --name N --place one|two [--op write|read] [--local vram|pinned] ...
 //! gpubench target ...   (started by `case --place two`)
 //! ```
@@ -45,6 +46,15 @@ enum Cmd {
     Staging(driver::StagingArgs),
     /// One case, printed as one JSON line.
     Case(case::CaseArgs),
+    /// The staging kernels alone in this process (check and timings), as one JSON line.
+    Kernels {
+        #[arg(long, default_value_t = 0)]
+        gpu: u32,
+        /// Time the gather next to a NIXL agent of this process: none, with a UCX backend, or
+        /// with the gather's buffers registered to it.
+        #[arg(long, value_enum, default_value_t = staged::WithAgent::No)]
+        with_agent: staged::WithAgent,
+    },
     /// Re-renders the Markdown report from a results.json or a staging.json.
     Report { results: std::path::PathBuf },
     /// The target side of a two-process case.
@@ -69,6 +79,10 @@ fn main() -> anyhow::Result<()> {
                 Some(path) => std::fs::write(path, out)?,
                 None => println!("{out}"),
             }
+            Ok(())
+        }
+        Cmd::Kernels { gpu, with_agent } => {
+            println!("{}", staged::kernel_check_with(gpu, with_agent)?);
             Ok(())
         }
         Cmd::Report { results } => {

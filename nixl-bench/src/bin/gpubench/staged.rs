@@ -70,6 +70,20 @@ fn byte(b: usize, i: usize) -> u8 {
 /// Gathers and scatters over pools with odd item lengths and an unaligned staging offset, and
 /// compares every byte with the table's own mapping; then times one gather of 2048 × 32 KiB.
 pub(crate) fn kernel_check(gpu: u32) -> anyhow::Result<Value> {
+    kernel_check_with(gpu, WithAgent::No)
+}
+
+/// Whether the timed gather runs in a process that also holds a NIXL agent (with a UCX
+/// backend), and whether the gather's buffers are registered with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum WithAgent {
+    No,
+    Backend,
+    Registered,
+}
+
+/// [`kernel_check`], timing the gather next to a NIXL agent as `with` says.
+pub(crate) fn kernel_check_with(gpu: u32, with: WithAgent) -> anyhow::Result<Value> {
     // Item lengths: aligned, odd, one byte, and over one 64 KiB slice.
     let lens: [usize; 5] = [32768, 13, 4099, 1, 100_003];
     let pool_pages = 12usize;
@@ -159,22 +173,45 @@ pub(crate) fn kernel_check(gpu: u32) -> anyhow::Result<Value> {
             .collect(),
     )?;
     let pages: Vec<u32> = (0..32u32).map(|i| (1 + 97 * i) % 600).collect();
-    let mut out = DeviceBuffer::new(gpu, 64 << 20)?;
+    let out = DeviceBuffer::new(gpu, 64 << 20)?;
     let mut g = Staging::new(gpu, big, pages.len())?;
+    let agent = match with {
+        WithAgent::No => None,
+        _ => {
+            let a = Agent::new("kernel-check", &nixl_core::AgentConfig::default())?;
+            a.create_backend(nixl_core::BackendKind::Ucx, &nixl_core::BackendParams::new())?;
+            Some(a)
+        }
+    };
+    let mut held = Vec::new();
+    let (mut registered, mut plain);
+    let out: &mut DeviceBuffer = match (&agent, with) {
+        (Some(a), WithAgent::Registered) => {
+            for p in pools {
+                held.push(a.register(p)?);
+            }
+            registered = a.register(out)?;
+            registered.buffer_mut()
+        }
+        _ => {
+            plain = out;
+            &mut plain
+        }
+    };
     for _ in 0..5 {
-        g.gather(&pages, &mut out, 0)?.wait()?;
+        g.gather(&pages, out, 0)?.wait()?;
     }
     let reps = 200u32;
     let t = Instant::now();
     for _ in 0..reps {
-        g.gather(&pages, &mut out, 0)?;
+        g.gather(&pages, out, 0)?;
     }
     g.synchronize()?;
     let per = t.elapsed().as_secs_f64() / f64::from(reps);
     let mut samples = Vec::new();
     for _ in 0..50 {
         let t = Instant::now();
-        g.gather(&pages, &mut out, 0)?.wait()?;
+        g.gather(&pages, out, 0)?.wait()?;
         samples.push(t.elapsed().as_secs_f64());
     }
     samples.sort_by(f64::total_cmp);
@@ -184,5 +221,6 @@ pub(crate) fn kernel_check(gpu: u32) -> anyhow::Result<Value> {
         "gather_64x32x32k_back_to_back_us": per * 1e6,
         "gather_64x32x32k_rw_gbps": 2.0 * 67_108_864.0 / per / 1e9,
         "gather_64x32x32k_launch_and_wait_p50_us": samples[samples.len() / 2] * 1e6,
+        "with_agent": format!("{with:?}"),
     }))
 }
