@@ -2,12 +2,11 @@
 //! gets its own UCX environment and `UCX_PROTO_INFO` tables), then the `pd` flow, then one
 //! Markdown report with the ratios.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use nixl_bench::proto_info::rma_tables;
 use serde_json::{Value, json};
@@ -281,30 +280,7 @@ fn run_pd(pd: &Path, a: &AllArgs, out_dir: &Path, raw: &[&Plan]) -> anyhow::Resu
             .local_addr()?
             .port();
         let plog = out_dir.join(format!("pd-prefill-{ppr}.log"));
-        let mut prefill = Command::new(pd)
-            .arg("prefill")
-            .args(["--bootstrap-port", &port.to_string()])
-            .args(pool(a.gpu))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting pd prefill")?;
-        let mut err = BufReader::new(prefill.stderr.take().context("stderr")?);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if err.read_line(&mut line)? == 0 {
-                bail!("pd prefill exited before its bootstrap server started");
-            }
-            if line.contains("bootstrap on") {
-                break;
-            }
-        }
-        let drain = std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = std::io::Read::read_to_string(&mut err, &mut rest);
-            rest
-        });
+        let (mut prefill, drain) = crate::pdflow::start_prefill(pd, port, &pool(a.gpu))?;
         let decode = |verify: bool| -> anyhow::Result<Value> {
             let mut cmd = Command::new(pd);
             cmd.arg("decode")

@@ -5,7 +5,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -42,22 +43,17 @@ fn pool(gpu: u32, staged: bool) -> Vec<String> {
     v
 }
 
-/// One configuration: a prefill process, a verified decode run, then a timed one.
-pub(crate) fn run_one(
+/// A `nixl-pd prefill` on `port` with `pool`, once its bootstrap server is up; the thread
+/// returns the rest of its stderr when it exits.
+pub(crate) fn start_prefill(
     pd: &Path,
-    gpu: u32,
-    ppr: u32,
-    requests: u32,
-    staged: bool,
-    log: &Path,
-) -> anyhow::Result<Vec<Value>> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    port: u16,
+    pool: &[String],
+) -> anyhow::Result<(Child, JoinHandle<String>)> {
     let mut prefill = Command::new(pd)
         .arg("prefill")
         .args(["--bootstrap-port", &port.to_string()])
-        .args(pool(gpu, staged))
+        .args(pool)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -79,6 +75,22 @@ pub(crate) fn run_one(
         let _ = std::io::Read::read_to_string(&mut err, &mut rest);
         rest
     });
+    Ok((prefill, drain))
+}
+
+/// One configuration: a prefill process, a verified decode run, then a timed one.
+pub(crate) fn run_one(
+    pd: &Path,
+    gpu: u32,
+    ppr: u32,
+    requests: u32,
+    staged: bool,
+    log: &Path,
+) -> anyhow::Result<Vec<Value>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let (mut prefill, drain) = start_prefill(pd, port, &pool(gpu, staged))?;
     let decode = |verify: bool, n: u32| -> anyhow::Result<Value> {
         let mut cmd = Command::new(pd);
         cmd.arg("decode")

@@ -179,7 +179,10 @@ pub(crate) fn kernel_check_with(gpu: u32, with: WithAgent) -> anyhow::Result<Val
         WithAgent::No => None,
         _ => {
             let a = Agent::new("kernel-check", &nixl_core::AgentConfig::default())?;
-            a.create_backend(nixl_core::BackendKind::Ucx, &nixl_core::BackendParams::new())?;
+            a.create_backend(
+                nixl_core::BackendKind::Ucx,
+                &nixl_core::BackendParams::new(),
+            )?;
             Some(a)
         }
     };
