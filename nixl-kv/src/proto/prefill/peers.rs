@@ -1,0 +1,223 @@
+//! The prefill's decode agents: registrations (capabilities, ring, proof notice), metadata
+//! loads with their back-off, the peers' prepared descriptor lists, and forgetting a peer.
+
+use super::*;
+
+impl PrefillCore {
+    pub(super) fn handle_register(&mut self, r: KvArgsRegister, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&r.agent) {
+            tracing::debug!(agent = %r.agent, "decode agent already registered");
+            p.last_seen = now;
+            return;
+        }
+        if self.pending_peers.contains_key(&r.agent) {
+            return;
+        }
+        if let Some(&at) = self.refused.get(&r.agent) {
+            if now.saturating_duration_since(at) < REFUSED_BACKOFF {
+                return;
+            }
+            self.refused.remove(&r.agent);
+        }
+        if self.peers.len() + self.pending_peers.len() >= MAX_PEERS {
+            tracing::warn!(agent = %r.agent, max = MAX_PEERS, "too many decode agents; registration dropped");
+            return;
+        }
+        let caps = ext::caps(&r.trailing);
+        let proves = caps.iter().any(|c| c == ext::CAP_PROOF);
+        let ring = if caps.iter().any(|c| c == ext::CAP_STAGING) {
+            Ring::find(&r.trailing)
+        } else {
+            None
+        };
+        let peer = Peer {
+            kv_ptrs: r.kv_ptrs,
+            aux_ptrs: r.aux_ptrs,
+            gpu_id: r.gpu_id,
+            tp_info: r.tp_info,
+            proves,
+            ring,
+        };
+        self.pending_peers.insert(r.agent.clone(), (peer, now));
+        self.commands.push_back(Command::LoadRemote {
+            agent: r.agent,
+            metadata: r.metadata,
+        });
+    }
+
+    /// The outcome of a [`Command::LoadRemote`]: the name NIXL loaded, or why it could not.
+    pub fn remote_loaded(&mut self, agent: &AgentName, outcome: Result<String, String>) {
+        let Some((peer, seen)) = self.pending_peers.remove(agent) else {
+            return;
+        };
+        match outcome {
+            Ok(name) if name == agent.as_str() => {
+                let proves = peer.proves;
+                let mut state = PeerState {
+                    peer: Arc::new(peer),
+                    kv: ListTrack::default(),
+                    aux: ListTrack::default(),
+                    last_seen: seen,
+                    proves,
+                    proven: false,
+                };
+                // Only the agent whose metadata NIXL loaded receives this.
+                if state.proves
+                    && let (Some(secret), Some(p)) = (self.secret(agent), &self.proofs)
+                {
+                    let notice = ProofNotice {
+                        endpoint: p.endpoint.clone(),
+                        secret,
+                    };
+                    self.commands.push_back(Command::Notify {
+                        agents: vec![agent.clone()],
+                        payload: notice.encode(),
+                    });
+                }
+                // Lists at our own pool size now, so the first request can use them.
+                self.prepare_peer_list(agent, &mut state, ListKind::Kv, 1);
+                self.prepare_peer_list(agent, &mut state, ListKind::Aux, 1);
+                self.peers.insert(agent.clone(), state);
+            }
+            Ok(name) => {
+                tracing::warn!(claimed = %agent, actual = %name, "decode metadata names another agent");
+                // Forget what was just loaded, unless it belongs to a registered decode (a
+                // hostile message must not disconnect a legitimate peer).
+                let known = AgentName::new(&name).is_ok_and(|n| self.peers.contains_key(&n));
+                if !known {
+                    self.commands.push_back(Command::Forget { agent: name });
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(agent = %agent, %reason, "cannot load decode metadata");
+                if self.refused.len() >= MAX_PEERS {
+                    self.refused.clear();
+                }
+                self.refused.insert(agent.clone(), seen);
+            }
+        }
+    }
+
+    /// Queues a preparation of `agent`'s `kind` list if one reaching entry `need - 1` is due.
+    pub(super) fn prepare_peer_list(
+        &mut self,
+        agent: &AgentName,
+        state: &mut PeerState,
+        kind: ListKind,
+        need: u32,
+    ) {
+        let layout = &self.layout;
+        let (track, base, ptrs, items, buffers, mem, dev) = match kind {
+            ListKind::Kv => (
+                &mut state.kv,
+                layout.kv_pages,
+                &state.peer.kv_ptrs[..],
+                &layout.kv_item_lens[..],
+                layout.kv_ptrs.len(),
+                layout.kv_mem,
+                state.peer.gpu_id.get(),
+            ),
+            ListKind::Aux => {
+                let n = aux_buffers(layout.aux_ptrs.len(), state.peer.aux_ptrs.len());
+                (
+                    &mut state.aux,
+                    layout.aux_slots,
+                    &state.peer.aux_ptrs[..n],
+                    &layout.aux_item_lens[..n],
+                    n,
+                    MemType::Dram,
+                    0,
+                )
+            }
+        };
+        if buffers == 0 {
+            return;
+        }
+        if let Some((generation, count)) = track.want(need, base, peer_cap(base, buffers)) {
+            let id = ListId::Peer {
+                agent: agent.clone(),
+                kind,
+                generation,
+            };
+            self.commands.push_back(Command::Prepare(list_spec(
+                id, mem, ptrs, items, count, dev,
+            )));
+        }
+    }
+
+    /// The outcome of a [`Command::Prepare`].
+    pub fn list_prepared(&mut self, id: &ListId, ok: bool) {
+        match id {
+            ListId::Local(kind) => {
+                let state = if ok { Local::Ready } else { Local::Failed };
+                if !ok {
+                    tracing::info!(
+                        ?kind,
+                        "local descriptor list not prepared; using explicit descriptors"
+                    );
+                }
+                match kind {
+                    ListKind::Kv => self.local_kv = state,
+                    ListKind::Aux => self.local_aux = state,
+                }
+            }
+            ListId::Peer {
+                agent,
+                kind,
+                generation,
+            } => {
+                let Some(state) = self.peers.get_mut(agent) else {
+                    // Forgotten meanwhile; its lists went with it.
+                    return;
+                };
+                let track = match kind {
+                    ListKind::Kv => &mut state.kv,
+                    ListKind::Aux => &mut state.aux,
+                };
+                if !ok {
+                    tracing::info!(peer = %agent, ?kind, "peer descriptor list not prepared");
+                }
+                if let Some(old) = track.prepared(*generation, ok) {
+                    self.commands.push_back(Command::Release(ListId::Peer {
+                        agent: agent.clone(),
+                        kind: *kind,
+                        generation: old,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Forgets a decode agent: its metadata and lists are dropped; rooms with infos from it
+    /// fail when they send.
+    pub fn remove_peer(&mut self, agent: &AgentName) {
+        // Staged rooms waiting on it would wait for slots it never frees: they fail now.
+        let stuck: Vec<RoomId> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| {
+                r.staged
+                    .as_ref()
+                    .is_some_and(|s| &s.peer == agent && !(s.sched.all_posted() && s.aux.is_none()))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for room in stuck {
+            self.fail(
+                room,
+                FailureReason::Staging(format!("decode {agent} forgotten mid-transfer")),
+            );
+        }
+        let known = self.peers.remove(agent).is_some();
+        if known || self.pending_peers.remove(agent).is_some() {
+            self.commands.push_back(Command::Forget {
+                agent: agent.as_str().to_owned(),
+            });
+        }
+    }
+
+    /// Whether `agent` is registered.
+    pub fn has_peer(&self, agent: &AgentName) -> bool {
+        self.peers.contains_key(agent)
+    }
+}
