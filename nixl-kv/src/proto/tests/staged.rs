@@ -3,6 +3,233 @@
 
 use super::*;
 
+// ---- The staged path (docs/protocol.md §3.5): the decode's ring and its accounting. ----
+
+const RING: nixl_wire::ext::Ring = nixl_wire::ext::Ring {
+    addr: 0x7000_0000,
+    slot_bytes: 8 * 8192,
+    slots: 2,
+    gpu: 0,
+};
+
+fn staged_decode(now: Instant) -> DecodeCore {
+    let timers = DecodeTimers::new(Some(Duration::from_secs(5)), Duration::from_secs(5), 2);
+    let mut me = identity();
+    me.staging = Some(decode::DecodeStaging::new(RING, 1));
+    DecodeCore::new(me, timers, now)
+}
+
+fn commands(d: &mut DecodeCore) -> Vec<decode::Command> {
+    let mut out = Vec::new();
+    d.drain_commands(&mut out);
+    out
+}
+
+/// The transfer info in `cmds` (the last Send), decoded.
+fn sent_info(cmds: &[decode::Command]) -> TransferInfo {
+    cmds.iter()
+        .rev()
+        .find_map(|c| match c {
+            decode::Command::Send { frames, .. } => match PrefillInbound::decode(frames) {
+                Ok(PrefillInbound::Transfer(t)) => Some(t),
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("a transfer info")
+}
+
+fn staged(room: u64, chunk: u32, last: bool, slot: u32, off: u32, pages: u32) -> Vec<u8> {
+    nixl_wire::ext::StagedNotice {
+        room: RoomId::new(room),
+        chunk,
+        last,
+        slot,
+        first_page_offset: off,
+        pages,
+    }
+    .encode()
+}
+
+/// A staged room `room` on a fresh or given decode, started with `pages`; returns its slots.
+fn staged_room(d: &mut DecodeCore, room: u64, pages: &[u32], now: Instant) -> Vec<u32> {
+    bootstrap(d, RoomId::new(room), 5000, now);
+    d.receiver_init(RoomId::new(room), pages, 0, now);
+    let t = sent_info(&commands(d));
+    nixl_wire::ext::slots(&t.trailing, RING.slots).unwrap_or_default()
+}
+
+#[test]
+fn staging_decode_announces_its_ring_and_grants_bounded_slots() {
+    let now = Instant::now();
+    let mut d = staged_decode(now);
+    bootstrap(&mut d, RoomId::new(1), 5000, now);
+    d.receiver_init(RoomId::new(1), &[4, 5], 0, now);
+    let cmds = commands(&mut d);
+    let decode::Command::Send { frames, .. } = &cmds[0] else {
+        panic!("registration expected")
+    };
+    let Ok(PrefillInbound::Register(reg)) = PrefillInbound::decode(frames) else {
+        panic!("registration expected")
+    };
+    assert_eq!(
+        nixl_wire::ext::caps(&reg.trailing),
+        vec!["proof", "staging"]
+    );
+    assert_eq!(nixl_wire::ext::Ring::find(&reg.trailing), Some(RING));
+    assert_eq!(frames.len(), 14, "SGLang's 12 frames, caps and ring");
+    let t = sent_info(&cmds);
+    assert_eq!(nixl_wire::ext::slots(&t.trailing, 2), Some(vec![0]));
+    assert_eq!(staged_room(&mut d, 2, &[6], now), vec![1]);
+    // The ring is full: the third room takes the plain path.
+    assert!(staged_room(&mut d, 3, &[7], now).is_empty());
+    assert_eq!(d.free_slots(), Some(0));
+    // Without a ring nothing changes: no staging capability, no slots frame, and staged
+    // notifications are foreign.
+    let mut plain = decode_core(now);
+    bootstrap(&mut plain, RoomId::new(1), 5000, now);
+    plain.receiver_init(RoomId::new(1), &[4], 0, now);
+    let t = sent_info(&commands(&mut plain));
+    assert!(t.trailing.is_empty());
+    plain.handle_notification("p", &staged(1, 0, true, 0, 0, 1));
+    assert!(commands(&mut plain).is_empty());
+    assert_eq!(plain.poll(RoomId::new(1), now), KvPoll::WaitingForInput);
+    assert_eq!(plain.free_slots(), None);
+}
+
+#[test]
+fn staged_pieces_count_only_after_their_scatter_and_free_their_slot() {
+    let now = Instant::now();
+    let mut d = staged_decode(now);
+    let room = RoomId::new(1);
+    assert_eq!(staged_room(&mut d, 1, &[10, 11, 12, 13], now), vec![0]);
+    d.handle_notification("prefill-agent", &staged(1, 0, false, 0, 0, 3));
+    assert_eq!(
+        commands(&mut d),
+        vec![decode::Command::Scatter {
+            room,
+            slot: 0,
+            pages: vec![10, 11, 12]
+        }]
+    );
+    // Landed but not scattered: it does not count.
+    d.handle_notification("p", &Notification::Aux { room }.encode());
+    assert_eq!(d.poll(room, now), KvPoll::WaitingForInput);
+    d.scatter_done(room, 0, Ok(()));
+    let cmds = commands(&mut d);
+    assert_eq!(cmds.len(), 1);
+    let freed = freed_message(cmds.into_iter().next().unwrap());
+    assert_eq!(freed.notice, nixl_wire::ext::FreedNotice { room, slot: 0 });
+    assert_eq!(d.poll(room, now), KvPoll::Transferring);
+    // A duplicate report changes nothing.
+    d.scatter_done(room, 0, Ok(()));
+    assert!(commands(&mut d).is_empty());
+    d.handle_notification("prefill-agent", &staged(1, 1, true, 0, 3, 1));
+    assert_eq!(commands(&mut d).len(), 1);
+    assert_eq!(d.poll(room, now), KvPoll::Transferring);
+    d.scatter_done(room, 0, Ok(()));
+    assert_eq!(d.poll(room, now), KvPoll::Success);
+    assert_eq!(d.free_slots(), Some(2), "a success frees its slots at once");
+    d.release(room);
+    assert_eq!(d.free_slots(), Some(2));
+}
+
+#[test]
+fn staged_rooms_fail_on_bad_pieces_and_release_slots_in_every_end() {
+    let now = Instant::now();
+    let q = crate::proto::staging::QUARANTINE;
+    let mut d = staged_decode(now);
+
+    // An overwrite of a slot still scattering fails the room.
+    let r1 = RoomId::new(1);
+    assert_eq!(staged_room(&mut d, 1, &[1, 2], now), vec![0]);
+    d.handle_notification("p", &staged(1, 0, false, 0, 0, 1));
+    d.handle_notification("p", &staged(1, 1, true, 0, 1, 1));
+    assert_eq!(d.poll(r1, now), KvPoll::Failed);
+    assert!(matches!(d.failure(r1), Some(FailureReason::Staging(_))));
+    // Its slot drains with the running scatter, then sits out the quarantine.
+    d.scatter_done(r1, 0, Ok(()));
+    assert_eq!(d.free_slots(), Some(1));
+
+    // A piece larger than a slot (8 pages of 2 × 4096 bytes).
+    let mut big = staged_decode(now);
+    let pages: Vec<u32> = (0..9).collect();
+    assert_eq!(staged_room(&mut big, 1, &pages, now), vec![0]);
+    big.handle_notification("p", &staged(1, 0, true, 0, 0, 9));
+    assert!(commands(&mut big).is_empty());
+    assert_eq!(big.poll(r1, now), KvPoll::Failed);
+
+    // Pages outside the room, another room's slot, and a failed scatter.
+    let r2 = RoomId::new(2);
+    assert_eq!(staged_room(&mut d, 2, &[3], now), vec![1]);
+    d.handle_notification("p", &staged(2, 0, true, 1, 0, 2));
+    assert_eq!(d.poll(r2, now), KvPoll::Failed);
+    d.release(r2);
+    d.release(r1);
+    assert_eq!(d.free_slots(), Some(0), "both quarantined");
+    assert!(
+        staged_room(&mut d, 3, &[4], now).is_empty(),
+        "plain path meanwhile"
+    );
+    // The quarantine counts from the first grant that saw it (room 3's, at `now`).
+    assert!(staged_room(&mut d, 4, &[4], now + q / 2).is_empty());
+    let after = now + q;
+    assert_eq!(staged_room(&mut d, 5, &[4], after), vec![0]);
+    assert_eq!(staged_room(&mut d, 6, &[4], after), vec![1]);
+    d.handle_notification("p", &staged(5, 0, true, 1, 0, 1));
+    assert_eq!(
+        d.poll(RoomId::new(5), after),
+        KvPoll::Failed,
+        "room 6's slot"
+    );
+    d.handle_notification("p", &staged(6, 0, true, 1, 0, 1));
+    d.scatter_done(RoomId::new(6), 1, Err("launch failed".into()));
+    assert_eq!(d.poll(RoomId::new(6), after), KvPoll::Failed);
+    assert_eq!(
+        d.failure(RoomId::new(6)).map(ToString::to_string),
+        Some("staging: scatter: launch failed".into())
+    );
+
+    // Abort, the prefill's failure push, the waiting timeout: each ends the room's slots.
+    let mut d = staged_decode(now);
+    for (room, end) in [(1, "abort"), (2, "push"), (3, "timeout")] {
+        let t = now + q * 3 * room as u32;
+        assert_eq!(staged_room(&mut d, room, &[1], t).len(), 1, "{end}");
+        let free = d.free_slots();
+        let id = RoomId::new(room);
+        match end {
+            "abort" => d.fail(id, FailureReason::Aborted("x".into())),
+            "push" => d.handle_notification("p", &Notification::fail(id, "oom").encode()),
+            _ => assert_eq!(d.poll(id, t + Duration::from_secs(6)), KvPoll::Failed),
+        }
+        assert_eq!(d.poll(id, t), KvPoll::Failed, "{end}");
+        assert_eq!(
+            d.free_slots(),
+            free,
+            "{end}: its slot is quarantined, not free"
+        );
+        // A late piece of the ended room is dropped, not scattered.
+        d.handle_notification("p", &staged(room, 0, true, 0, 0, 1));
+        assert!(commands(&mut d).is_empty(), "{end}");
+        d.release(id);
+    }
+    // A receiver dropped mid-transfer quarantines its slots too; unknown rooms change nothing.
+    let t = now + q * 20;
+    assert_eq!(staged_room(&mut d, 9, &[1], t).len(), 1);
+    d.release(RoomId::new(9));
+    d.handle_notification("p", &staged(9, 0, true, 0, 0, 1));
+    d.scatter_done(RoomId::new(9), 0, Ok(()));
+    assert!(commands(&mut d).is_empty());
+    assert_eq!(d.rooms(), 0);
+    assert_eq!(
+        staged_room(&mut d, 10, &[1], t + q * 2).len(),
+        1,
+        "back after quarantine"
+    );
+}
+
+// ---- The prefill's slot scheduling, and both cores together. ----
+
 fn gpu_layout(base: u64) -> Layout {
     let mut l = layout(base);
     l.kv_mem = MemType::Vram;
