@@ -48,11 +48,12 @@ pub(crate) struct PyManager {
 #[pymethods]
 impl PyManager {
     /// `mode` is `"prefill"` or `"decode"`; `bootstrap` (`host:port`) is needed by a prefill,
-    /// which registers there.
+    /// which registers there. `kv_head_num` and `page_size` (SGLang's KVArgs fields, 0 when
+    /// unknown) let a prefill slice heads for decodes of another TP size.
     #[new]
     #[pyo3(signature = (
         mode, name, kv, aux, kv_mem="VRAM", gpu_id=0, engine_rank=0, tp_size=1, dp_size=1,
-        is_mla=false, bootstrap=None, local_ip="127.0.0.1"
+        is_mla=false, bootstrap=None, local_ip="127.0.0.1", kv_head_num=0, page_size=0
     ))]
     #[allow(clippy::too_many_arguments, reason = "mirrors SGLang's KVArgs fields")]
     fn new(
@@ -69,6 +70,8 @@ impl PyManager {
         is_mla: bool,
         bootstrap: Option<String>,
         local_ip: &str,
+        kv_head_num: u32,
+        page_size: u32,
     ) -> PyResult<Self> {
         let mode = match mode {
             "prefill" => Mode::Prefill,
@@ -119,7 +122,10 @@ impl PyManager {
             let args = KvArgs::new(kv_args, aux_args)
                 .and_then(|a| a.parallel(engine_rank, tp_size, dp_size))
                 .map_err(|e| PyValueError::new_err(e.to_string()))?
-                .mla(is_mla);
+                .mla(is_mla)
+                // SGLang's `kv_head_num` and `page_size`: a prefill slices heads for decodes of
+                // another TP size (SGLang 0.5.2's registration frames 10-12); 0 = not given.
+                .heads(kv_head_num, page_size);
             let mgr = match (mode, bootstrap) {
                 (Mode::Prefill, Some(b)) => KvManager::prefill(agent, args, &b, config),
                 _ => KvManager::decode(agent, args, config),

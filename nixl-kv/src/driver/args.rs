@@ -4,7 +4,7 @@
 use nixl_core::{MemRegion, MemType};
 
 use crate::error::ArgsError;
-use crate::proto::Layout;
+use crate::proto::{Layout, TpPlace};
 
 /// One engine rank's KV and aux buffers (already registered on the manager's agent by the
 /// caller) and its parallel layout. Built with [`KvArgs::new`], which checks every buffer.
@@ -16,6 +16,7 @@ pub struct KvArgs {
     tp_size: u32,
     dp_size: u32,
     is_mla: bool,
+    heads: Option<(u32, u32)>,
 }
 
 impl KvArgs {
@@ -77,6 +78,7 @@ impl KvArgs {
             tp_size: 1,
             dp_size: 1,
             is_mla: false,
+            heads: None,
         })
     }
 
@@ -104,6 +106,15 @@ impl KvArgs {
         self.tp_size = tp_size;
         self.dp_size = dp_size;
         Ok(self)
+    }
+
+    /// The KV heads per token of this rank and the tokens per page (SGLang's `kv_head_num` and
+    /// `page_size`): a prefill given them slices heads for decodes of another TP size
+    /// (docs/protocol.md §5.6). Zeros are taken as not given.
+    #[must_use]
+    pub fn heads(mut self, kv_heads: u32, page_tokens: u32) -> Self {
+        self.heads = (kv_heads > 0 && page_tokens > 0).then_some((kv_heads, page_tokens));
+        self
     }
 
     /// Marks the model as MLA (its latent cache is replicated across TP ranks).
@@ -168,6 +179,12 @@ impl KvArgs {
             aux_item_lens: self.aux.iter().map(|&(_, i)| i).collect(),
             aux_slots: count(&self.aux),
             gpu_id: self.gpu_id(),
+            tp: TpPlace {
+                tp: self.tp_size / self.dp_size.max(1),
+                rank: self.engine_rank,
+                is_mla: self.is_mla,
+                heads: self.heads,
+            },
         }
     }
 }

@@ -34,6 +34,11 @@ pub struct ManagerConfig {
     /// default) moves pages as SGLang does, one descriptor per page and buffer. Needs GPU KV
     /// pools and nixl-kv's `cuda` feature.
     pub staging: Option<StagingConfig>,
+    /// Decode: for a model that is not MLA, ask a prefill of a smaller attention-TP size for
+    /// head slices (docs/protocol.md §5.6). Only prefills that slice heads (SGLang 0.5.2 and
+    /// later, or ours given `KvArgs::heads`) may be asked: an older one would write whole
+    /// pages. Off by default: such pairs fail with a reason, as in SGLang 0.5.1.
+    pub sliced_tp: bool,
 }
 
 /// The staged path's buffer: `slots` slots of `slot_bytes` in GPU memory, allocated and
@@ -96,6 +101,7 @@ impl Default for ManagerConfig {
             strict_peers: false,
             peer_idle_timeout: crate::proto::prefill::DEFAULT_PEER_IDLE_TIMEOUT,
             staging: None,
+            sliced_tp: false,
         }
     }
 }
@@ -143,6 +149,13 @@ impl ManagerConfig {
     #[must_use]
     pub fn staging(mut self, staging: Option<StagingConfig>) -> Self {
         self.staging = staging;
+        self
+    }
+
+    /// Decode: allows head slices from smaller prefills (see [`ManagerConfig::sliced_tp`]).
+    #[must_use]
+    pub fn sliced_tp(mut self, on: bool) -> Self {
+        self.sliced_tp = on;
         self
     }
 

@@ -283,6 +283,7 @@ impl KvManager {
             kv_pages: layout.kv_pages,
             aux_slots: layout.aux_slots,
             staging,
+            sliced_tp: config.sliced_tp,
         };
         let timers = DecodeTimers::new(
             config.waiting_timeout,

@@ -16,7 +16,7 @@ use nixl_wire::{
 };
 
 use super::staging::{QUARANTINE, Scattered, SlotRing};
-use super::targeting::{dp_group, targets};
+use super::targeting::{TargetingError, Targets, dp_group, targets_sliced};
 use super::{BootstrapAddr, FailureReason, KvPoll};
 
 /// An active decode sends its registration again before a transfer info when the last one to
@@ -63,6 +63,9 @@ pub struct Identity {
     pub aux_slots: u32,
     /// Our GPU staging ring, if the staged path is on (ours; `None`: SGLang's path only).
     pub staging: Option<DecodeStaging>,
+    /// Ask a smaller prefill for head slices when the model is not MLA (its prefills must
+    /// support them); off: such pairs fail, as in SGLang 0.5.1.
+    pub sliced_tp: bool,
 }
 
 /// A decode's staging ring (docs/protocol.md §3.5): announced in its registrations, and up to
@@ -269,6 +272,17 @@ impl DecodeCore {
         }
     }
 
+    /// The prefill ranks this decode rank asks, given the prefill's TP size per DP rank.
+    fn targets(&self, remote: u32) -> Result<Targets, TargetingError> {
+        targets_sliced(
+            self.me.tp_per_dp,
+            remote,
+            self.me.engine_rank,
+            self.me.is_mla,
+            self.me.sliced_tp,
+        )
+    }
+
     /// The next command for the driver, in order.
     pub fn poll_command(&mut self) -> Option<Command> {
         self.commands.pop_front()
@@ -322,12 +336,7 @@ impl DecodeCore {
             return Lookup::Parallel(r.bootstrap.clone());
         };
         let remote = ptp / pdp.max(1);
-        let t = match targets(
-            self.me.tp_per_dp,
-            remote,
-            self.me.engine_rank,
-            self.me.is_mla,
-        ) {
+        let t = match self.targets(remote) {
             Ok(t) => t,
             Err(e) => {
                 self.fail(room, FailureReason::Targeting(e));
@@ -406,12 +415,7 @@ impl DecodeCore {
         else {
             return;
         };
-        let t = match targets(
-            self.me.tp_per_dp,
-            ptp / pdp.max(1),
-            self.me.engine_rank,
-            self.me.is_mla,
-        ) {
+        let t = match self.targets(ptp / pdp.max(1)) {
             Ok(t) if t.ranks.len() == infos.len() => t,
             Ok(_) => {
                 let reason = "rank lookups do not match the targets".to_owned();
@@ -902,12 +906,7 @@ impl DecodeCore {
         let Some((ptp, pdp)) = self.prefills.get(bootstrap).and_then(|p| p.parallel) else {
             return Vec::new();
         };
-        let Ok(t) = targets(
-            self.me.tp_per_dp,
-            ptp / pdp.max(1),
-            self.me.engine_rank,
-            self.me.is_mla,
-        ) else {
+        let Ok(t) = self.targets(ptp / pdp.max(1)) else {
             return Vec::new();
         };
         self.pools

@@ -123,6 +123,10 @@ pub enum FailureReason {
     /// a slot still scattering, or a gather or scatter the GPU refused).
     #[error("staging: {0}")]
     Staging(String),
+    /// A decode of another TP size whose heads cannot be sliced out of ours (docs/protocol.md
+    /// §5.6).
+    #[error("head slicing: {0}")]
+    Slicing(String),
     /// The manager's IO threads are gone.
     #[error("the manager is shutting down")]
     ShuttingDown,

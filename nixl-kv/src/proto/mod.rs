@@ -86,6 +86,35 @@ pub struct Layout {
     pub aux_slots: u32,
     /// Device id of the KV memory (CUDA ordinal, 0 for host memory).
     pub gpu_id: u32,
+    /// This rank's place in its attention-TP group and its heads, for sliced transfers.
+    pub tp: TpPlace,
+}
+
+/// A rank's place in its attention-TP group and, when the engine gave them, the KV heads and
+/// tokens of its pages: what a prefill needs to slice heads for a decode of another TP size
+/// (docs/protocol.md §5.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TpPlace {
+    /// Attention-TP size (TP size per DP rank).
+    pub tp: u32,
+    /// Engine rank (its place is `rank mod tp`).
+    pub rank: u32,
+    /// MLA: the latent cache is replicated, never sliced.
+    pub is_mla: bool,
+    /// KV heads per token on this rank, and tokens per page (`KvArgs::heads`).
+    pub heads: Option<(u32, u32)>,
+}
+
+impl Default for TpPlace {
+    fn default() -> Self {
+        Self {
+            tp: 1,
+            rank: 0,
+            is_mla: false,
+            heads: None,
+        }
+    }
 }
 
 #[cfg(test)]

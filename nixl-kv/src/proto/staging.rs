@@ -596,6 +596,7 @@ mod tests {
             aux_item_lens: Vec::new(),
             aux_slots: 1,
             gpu_id: 0,
+            tp: crate::proto::TpPlace::default(),
         }
     }
 

@@ -54,6 +54,21 @@ pub fn targets(
     engine_rank: u32,
     is_mla: bool,
 ) -> Result<Targets, TargetingError> {
+    targets_sliced(local, remote, engine_rank, is_mla, false)
+}
+
+/// [`targets`], and with `sliced` a decode larger than its prefill for a model that is not MLA
+/// too: it asks the one prefill rank holding its heads, which slices them out for each of the
+/// `local / remote` decode ranks it feeds (docs/protocol.md §5.6); the prefill must support
+/// head slicing (SGLang 0.5.2 and later, or ours given `KvArgs::heads`). A prefill larger than
+/// its decode still fails for such models (several prefill ranks would write one room).
+pub fn targets_sliced(
+    local: u32,
+    remote: u32,
+    engine_rank: u32,
+    is_mla: bool,
+    sliced: bool,
+) -> Result<Targets, TargetingError> {
     let sizes = (local, remote);
     if local == 0 || remote == 0 {
         return Err(TargetingError::ZeroTp {
@@ -69,7 +84,8 @@ pub fn targets(
             real: t,
         });
     }
-    if !is_mla {
+    let sliceable = sliced && local > remote;
+    if !(is_mla || sliceable) {
         return Err(TargetingError::HeterogeneousNonMla {
             decode: sizes.0,
             prefill: sizes.1,
@@ -136,6 +152,20 @@ mod tests {
         let t = targets(2, 8, 1, true).unwrap();
         assert_eq!(t.ranks, vec![(4, false), (5, true), (6, true), (7, true)]);
         assert_eq!((t.required_dst_info_num, t.real), (1, 4));
+    }
+
+    #[test]
+    fn sliced_decodes_larger_ask_the_rank_holding_their_heads() {
+        let t = targets_sliced(4, 2, 3, false, true).unwrap();
+        assert_eq!((t.ranks, t.required_dst_info_num), (vec![(1, false)], 2));
+        let t = targets_sliced(6, 3, 4, false, true).unwrap();
+        assert_eq!((t.ranks, t.required_dst_info_num), (vec![(2, false)], 2));
+        // A larger prefill would mean several writers per room: still refused.
+        assert!(matches!(
+            targets_sliced(2, 4, 0, false, true),
+            Err(TargetingError::HeterogeneousNonMla { .. })
+        ));
+        assert!(targets_sliced(4, 3, 0, false, true).is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use nixl_wire::{
 use super::lists::{ListTrack, peer_cap};
 use super::lower::{Coords, ListId, ListKind, ListSpec, list_spec, lower_explicit, lower_indexed};
 use super::plan::{CopyOp, Run, aux_buffers, group_runs, plan_aux, plan_kv};
+use super::slicing::{HeadSlice, SliceParams};
 use super::staging::{LocalSlots, Pushed, SlotSchedule, pages_per_piece, staging_layout};
 use super::{FailureReason, KvPoll, Layout};
 
@@ -604,7 +605,10 @@ impl PrefillCore {
                 pp: None,
             }
             .encode();
-            let coords = self.lower_kv(&info.agent, &peer);
+            let coords = match self.head_slice(&peer) {
+                None => self.lower_kv(&info.agent, &peer),
+                Some(slice) => self.lower_sliced(&slice?, &peer)?,
+            };
             out.push(Post {
                 room,
                 peer: info.agent.clone(),
@@ -624,6 +628,65 @@ impl PrefillCore {
             }
         }
         Ok(out)
+    }
+
+    /// The head slice `peer` takes, when it is a decode of another attention-TP size for a
+    /// model that is not MLA (its registration says so, SGLang's frames 10–12); `None` when it
+    /// takes whole pages.
+    fn head_slice(&self, peer: &Peer) -> Option<Result<HeadSlice, FailureReason>> {
+        let place = self.layout.tp;
+        let tp = peer.tp_info.as_ref()?;
+        if place.is_mla || tp.decode_tp_size == place.tp {
+            return None;
+        }
+        let Some((kv_heads, page_tokens)) = place.heads else {
+            return Some(Err(FailureReason::Slicing(format!(
+                "a decode of TP size {} asks a prefill of TP size {} that was not given its heads (KvArgs::heads)",
+                tp.decode_tp_size, place.tp
+            ))));
+        };
+        let params = SliceParams {
+            prefill_tp: place.tp,
+            decode_tp: tp.decode_tp_size,
+            prefill_rank: place.rank,
+            decode_rank: tp.decode_tp_rank,
+            kv_heads,
+            page_tokens,
+            src_item: self.layout.kv_item_lens.first().copied().unwrap_or(0),
+            dst_item: tp.dst_kv_item_len,
+        };
+        Some(HeadSlice::new(&params).map_err(|e| FailureReason::Slicing(e.to_string())))
+    }
+
+    /// Lowers the KV pages in `src_idx`/`dst_idx` as head slices: one explicit descriptor per
+    /// token slot of every page of every buffer, merged where they continue each other.
+    fn lower_sliced(&self, slice: &HeadSlice, peer: &Peer) -> Result<Coords, FailureReason> {
+        let l = &self.layout;
+        if l.kv_item_lens.iter().any(|&i| i != slice.src_item) {
+            return Err(FailureReason::Slicing(
+                "the prefill's KV buffers differ in item length".into(),
+            ));
+        }
+        let pairs: Vec<(u32, u32)> = self
+            .src_idx
+            .iter()
+            .copied()
+            .zip(self.dst_idx.iter().copied())
+            .collect();
+        let copies = slice
+            .copies(&l.kv_ptrs, &peer.kv_ptrs, &pairs)
+            .ok_or_else(|| FailureReason::Slicing("a page address overflows".into()))?;
+        let ops: Vec<CopyOp> = copies
+            .into_iter()
+            .map(|(src, dst, len)| CopyOp { src, dst, len })
+            .collect();
+        Ok(lower_explicit(
+            &ops,
+            l.kv_mem,
+            l.gpu_id,
+            l.kv_mem,
+            peer.gpu_id.get(),
+        ))
     }
 
     /// Lowers the KV pages in `src_idx`/`dst_idx` to `agent`: indices into prepared lists when

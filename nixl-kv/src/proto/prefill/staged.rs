@@ -35,6 +35,7 @@ impl PrefillCore {
             aux_item_lens: Vec::new(),
             aux_slots: 0,
             gpu_id: peer.gpu_id.get(),
+            tp: crate::proto::TpPlace::default(),
         };
         let per = match pages_per_piece(&self.layout, st.slot_bytes, &remote, &ring) {
             Ok(per) => per,

@@ -37,6 +37,7 @@ fn layout(base: u64) -> Layout {
         aux_item_lens: vec![64],
         aux_slots: 8,
         gpu_id: 0,
+        tp: crate::proto::TpPlace::default(),
     }
 }
 
@@ -627,6 +628,7 @@ fn identity() -> Identity {
         kv_pages: 64,
         aux_slots: 8,
         staging: None,
+        sliced_tp: false,
     }
 }
 
@@ -989,4 +991,5 @@ fn golden_frames_drive_the_prefill_and_golden_notifications_the_decode() {
 }
 
 mod origin;
+mod sliced;
 mod staged;

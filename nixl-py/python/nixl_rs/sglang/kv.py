@@ -121,6 +121,10 @@ class NixlKVManager(BaseKVManager):
             is_mla=bool(is_mla_backend),
             bootstrap=bootstrap,
             local_ip=self.local_ip,
+            # Later SGLang versions set these; with them a prefill slices heads for decodes of
+            # another TP size.
+            kv_head_num=int(getattr(args, "kv_head_num", 0) or 0),
+            page_size=int(getattr(args, "page_size", 0) or 0),
         )
         self.rank_port = self._native.rank_port
         self.agent_name = self._native.agent_name

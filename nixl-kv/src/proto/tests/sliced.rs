@@ -1,0 +1,112 @@
+//! Heterogeneous TP in the cores: a prefill of TP 1 writes each of two decode ranks of TP 2 the
+//! heads it owns (docs/protocol.md §5.6); a prefill without its heads, or a layout that does not
+//! slice, fails the room with a reason.
+
+use nixl_wire::DecodeTpInfo;
+
+use super::*;
+use crate::proto::slicing::{HeadSlice, SliceParams};
+
+/// 4 heads of 8 bytes per token, 2 tokens per page: 64-byte prefill pages, 32-byte decode
+/// pages for decodes of TP 2.
+const HEADS: u32 = 4;
+const TOKENS: u32 = 2;
+const HEAD_BYTES: u64 = 8;
+
+fn prefill_layout(base: u64, heads: Option<(u32, u32)>) -> Layout {
+    let mut l = layout(base);
+    let item = u64::from(TOKENS) * u64::from(HEADS) * HEAD_BYTES;
+    l.kv_item_lens = vec![item; l.kv_ptrs.len()];
+    l.tp.heads = heads;
+    l
+}
+
+fn sliced_register(name: &str, rank: u32, base: u64) -> PrefillInbound {
+    let PrefillInbound::Register(mut r) = register_with(name, &layout(base)) else {
+        unreachable!()
+    };
+    r.tp_info = Some(DecodeTpInfo {
+        decode_tp_size: 2,
+        decode_tp_rank: rank,
+        dst_kv_item_len: u64::from(TOKENS) * 2 * HEAD_BYTES,
+    });
+    PrefillInbound::Register(r)
+}
+
+fn room_with_two_sliced_decodes(heads: Option<(u32, u32)>) -> (PrefillCore, FakeDriver) {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let mut p = PrefillCore::new(prefill_layout(0x1000_0000, heads), Duration::from_secs(300));
+    p.handle_inbound(sliced_register("d0", 0, 0x9000_0000), now);
+    p.handle_inbound(sliced_register("d1", 1, 0xa000_0000), now);
+    drv.run(&mut p);
+    p.handle_inbound(info(1, "d0", &[5, 6, 9], 2), now);
+    p.handle_inbound(info(1, "d1", &[0, 1, 2], 2), now);
+    let room = RoomId::new(1);
+    p.sender_new(room, now);
+    p.sender_init(room, 3, 0).unwrap();
+    // A refusal fails the room and is returned too; the tests read it from the room.
+    let _ = p.sender_send(room, &[3, 4, 10], now);
+    drv.run(&mut p);
+    (p, drv)
+}
+
+#[test]
+fn a_smaller_prefill_writes_each_decode_rank_its_heads() {
+    let (mut p, mut drv) = room_with_two_sliced_decodes(Some((HEADS, TOKENS)));
+    let posts = drv.take_posts();
+    let kv: Vec<&Post> = posts.iter().filter(|q| q.kind == ListKind::Kv).collect();
+    assert_eq!(kv.len(), 2, "one KV post per decode rank");
+    for post in kv {
+        let (rank, dst, base) = match post.peer.as_str() {
+            "d0" => (0, [5u32, 6, 9], 0x9000_0000u64),
+            _ => (1, [0u32, 1, 2], 0xa000_0000u64),
+        };
+        let l = prefill_layout(0x1000_0000, None);
+        let slice = HeadSlice::new(&SliceParams {
+            prefill_tp: 1,
+            decode_tp: 2,
+            prefill_rank: 0,
+            decode_rank: rank,
+            kv_heads: HEADS,
+            page_tokens: TOKENS,
+            src_item: l.kv_item_lens[0],
+            dst_item: u64::from(TOKENS) * 2 * HEAD_BYTES,
+        })
+        .unwrap();
+        let pairs: Vec<(u32, u32)> = [3u32, 4, 10].into_iter().zip(dst).collect();
+        let decode = layout(base);
+        let want = slice.copies(&l.kv_ptrs, &decode.kv_ptrs, &pairs).unwrap();
+        assert!(matches!(post.coords, Coords::Explicit { .. }));
+        assert_eq!(drv.copies(post), want, "decode rank {rank}");
+        // Rank 1 reads heads 2..4 of every prefill token: 16 bytes from offset 16.
+        if rank == 1 {
+            assert!(want.iter().all(|&(_, _, len)| len == 16));
+        }
+    }
+    for post in posts {
+        p.transfer_done(post.room, Ok(()));
+    }
+    assert_eq!(p.sender_poll(RoomId::new(1)), KvPoll::Success);
+}
+
+#[test]
+fn a_prefill_without_its_heads_fails_the_room_with_a_reason() {
+    let (p, mut drv) = room_with_two_sliced_decodes(None);
+    assert!(drv.take_posts().is_empty());
+    assert_eq!(p.sender_poll(RoomId::new(1)), KvPoll::Failed);
+    let why = p.failure(RoomId::new(1)).unwrap().to_string();
+    assert!(
+        why.contains("head slicing") && why.contains("KvArgs::heads"),
+        "{why}"
+    );
+}
+
+#[test]
+fn heads_that_do_not_split_fail_the_room_with_a_reason() {
+    // 3 heads cannot be shared by 2 decode ranks.
+    let (p, mut drv) = room_with_two_sliced_decodes(Some((3, TOKENS)));
+    assert!(drv.take_posts().is_empty());
+    let why = p.failure(RoomId::new(1)).unwrap().to_string();
+    assert!(why.starts_with("head slicing:"), "{why}");
+}

@@ -1,0 +1,151 @@
+//! Heterogeneous TP over real NIXL (host memory, one process): a prefill of TP 1 and two decode
+//! ranks of TP 2 share one room; each decode rank gets exactly the KV heads it owns, every byte
+//! checked against a model of the prefill's heads (docs/protocol.md §5.6). Needs the runtime.
+#![cfg(feature = "nixl-runtime-tests")]
+#![allow(clippy::unwrap_used, reason = "test code")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use nixl_core::{HostBuffer, Registered};
+use nixl_kv::{KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig, RoomId};
+
+const BUFFERS: usize = 2;
+const PAGES: u64 = 8;
+const HEADS: u64 = 4;
+const TOKENS: u64 = 2;
+const HEAD_BYTES: u64 = 8;
+const AUX_ROW: u64 = 64;
+
+/// Byte `j` of global head `g` of token `t` of page `p` of buffer `b` on the prefill.
+fn model(b: usize, p: u64, t: u64, g: u64, j: u64) -> u8 {
+    (1 + (b as u64 * 31 + p * 17 + t * 7 + g * 5 + j) % 250) as u8
+}
+
+struct Side {
+    mgr: KvManager,
+    kv: Vec<Registered<HostBuffer>>,
+    _aux: Registered<HostBuffer>,
+}
+
+/// A side whose pages hold `heads` heads per token; `rank`/`tp` its place.
+fn side(bootstrap: Option<&str>, heads: u64, rank: u32, tp: u32, config: ManagerConfig) -> Side {
+    let agent = common::agent();
+    let item = TOKENS * heads * HEAD_BYTES;
+    let mut kv = Vec::new();
+    for b in 0..BUFFERS {
+        let mut buf = agent
+            .register(HostBuffer::new((PAGES * item) as usize).unwrap())
+            .unwrap();
+        if bootstrap.is_some() {
+            for (i, v) in buf.buffer_mut().as_mut_slice().iter_mut().enumerate() {
+                let i = i as u64;
+                let (p, o) = (i / item, i % item);
+                let (t, o) = (o / (heads * HEAD_BYTES), o % (heads * HEAD_BYTES));
+                *v = model(b, p, t, o / HEAD_BYTES, o % HEAD_BYTES);
+            }
+        }
+        kv.push(buf);
+    }
+    let aux = agent
+        .register(HostBuffer::new((AUX_ROW * 4) as usize).unwrap())
+        .unwrap();
+    let args = KvArgs::new(
+        kv.iter().map(|b| (b.region(), item)),
+        [(aux.region(), AUX_ROW)],
+    )
+    .unwrap()
+    .parallel(rank, tp, 1)
+    .unwrap()
+    .heads(heads as u32, TOKENS as u32);
+    let mgr = match bootstrap {
+        Some(addr) => KvManager::prefill(agent, args, addr, config).unwrap(),
+        None => KvManager::decode(agent, args, config).unwrap(),
+    };
+    Side { mgr, kv, _aux: aux }
+}
+
+#[test]
+fn two_decode_ranks_each_get_their_heads_from_one_prefill() {
+    let bs = common::server();
+    let addr = bs.addr().to_string();
+    let p = side(Some(&addr), HEADS, 0, 1, ManagerConfig::default());
+    let hd = HEADS / 2;
+    let sliced = || ManagerConfig::default().sliced_tp(true);
+    let decodes = [
+        side(None, hd, 0, 2, sliced()),
+        side(None, hd, 1, 2, sliced()),
+    ];
+    let room = RoomId::new(77);
+    let src: Vec<u32> = vec![6, 1, 2];
+    let dst: [Vec<u32>; 2] = [vec![0, 1, 7], vec![5, 3, 4]];
+    let mut rx: Vec<KvReceiver> = decodes
+        .iter()
+        .zip(&dst)
+        .map(|(d, pages)| {
+            let mut r = KvReceiver::new(&d.mgr, &addr, room, None).unwrap();
+            r.init(pages, 1);
+            r
+        })
+        .collect();
+    let mut tx = KvSender::new(&p.mgr, room).unwrap();
+    assert_eq!(
+        common::reach(Duration::from_secs(30), KvPoll::WaitingForInput, || tx
+            .poll()),
+        KvPoll::WaitingForInput,
+        "both infos arrive: {:?}",
+        tx.failure()
+    );
+    tx.init(src.len() as u32, 0);
+    tx.send(&src);
+    let start = Instant::now();
+    loop {
+        let s = tx.poll();
+        let r: Vec<KvPoll> = rx.iter_mut().map(KvReceiver::poll).collect();
+        assert_ne!(s, KvPoll::Failed, "{:?}", tx.failure());
+        assert!(
+            r.iter().all(|&x| x != KvPoll::Failed),
+            "{:?}",
+            rx.iter().map(KvReceiver::failure).collect::<Vec<_>>()
+        );
+        if s == KvPoll::Success && r.iter().all(|&x| x == KvPoll::Success) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "stuck: {s:?} {r:?}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let item = TOKENS * hd * HEAD_BYTES;
+    for (d, side) in decodes.iter().enumerate() {
+        for (b, buf) in side.kv.iter().enumerate() {
+            let bytes = buf.buffer().as_slice();
+            for (i, &v) in bytes.iter().enumerate() {
+                let i = i as u64;
+                let (page, o) = (i / item, i % item);
+                let (t, o) = (o / (hd * HEAD_BYTES), o % (hd * HEAD_BYTES));
+                let (head, j) = (o / HEAD_BYTES, o % HEAD_BYTES);
+                let want = match dst[d].iter().position(|&x| u64::from(x) == page) {
+                    Some(k) => model(b, u64::from(src[k]), t, d as u64 * hd + head, j),
+                    None => 0,
+                };
+                assert_eq!(v, want, "decode {d} buffer {b} byte {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn without_sliced_tp_a_larger_decode_fails_with_a_reason() {
+    let bs = common::server();
+    let addr = bs.addr().to_string();
+    let _p = side(Some(&addr), HEADS, 0, 1, ManagerConfig::default());
+    let d = side(None, HEADS / 2, 0, 2, ManagerConfig::default());
+    let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(5), None).unwrap();
+    rx.init(&[0], 0);
+    assert_eq!(rx.poll(), KvPoll::Failed);
+    let why = rx.failure().unwrap().to_string();
+    assert!(why.contains("only supported for MLA"), "{why}");
+}
