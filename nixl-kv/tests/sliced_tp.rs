@@ -1,6 +1,7 @@
-//! Heterogeneous TP over real NIXL (host memory, one process): a prefill of TP 1 and two decode
-//! ranks of TP 2 share one room; each decode rank gets exactly the KV heads it owns, every byte
-//! checked against a model of the prefill's heads (docs/protocol.md §5.6). Needs the runtime.
+//! Heterogeneous TP over real NIXL (host memory, one process): P prefill ranks and D > P decode
+//! ranks share one room (1 → 2, 1 → 4, 2 → 4, 3 → 6); each decode rank gets exactly the KV heads it
+//! owns, every byte checked against a model of the prefill ranks' heads (docs/protocol.md
+//! §5.6). Needs the runtime.
 #![cfg(feature = "nixl-runtime-tests")]
 #![allow(clippy::unwrap_used, reason = "test code")]
 
@@ -29,10 +30,12 @@ struct Side {
     _aux: Registered<HostBuffer>,
 }
 
-/// A side whose pages hold `heads` heads per token; `rank`/`tp` its place.
+/// A side whose pages hold `heads` heads per token; `rank`/`tp` its place. A prefill's pages
+/// hold the global heads `rank·heads ..`.
 fn side(bootstrap: Option<&str>, heads: u64, rank: u32, tp: u32, config: ManagerConfig) -> Side {
     let agent = common::agent();
     let item = TOKENS * heads * HEAD_BYTES;
+    let first = u64::from(rank) * heads;
     let mut kv = Vec::new();
     for b in 0..BUFFERS {
         let mut buf = agent
@@ -43,7 +46,7 @@ fn side(bootstrap: Option<&str>, heads: u64, rank: u32, tp: u32, config: Manager
                 let i = i as u64;
                 let (p, o) = (i / item, i % item);
                 let (t, o) = (o / (heads * HEAD_BYTES), o % (heads * HEAD_BYTES));
-                *v = model(b, p, t, o / HEAD_BYTES, o % HEAD_BYTES);
+                *v = model(b, p, t, first + o / HEAD_BYTES, o % HEAD_BYTES);
             }
         }
         kv.push(buf);
@@ -66,20 +69,21 @@ fn side(bootstrap: Option<&str>, heads: u64, rank: u32, tp: u32, config: Manager
     Side { mgr, kv, _aux: aux }
 }
 
-#[test]
-fn two_decode_ranks_each_get_their_heads_from_one_prefill() {
+/// One room between `pt` prefill ranks and `dt` decode ranks, every decode byte checked.
+fn sliced_room(pt: u32, dt: u32) {
     let bs = common::server();
     let addr = bs.addr().to_string();
-    let p = side(Some(&addr), HEADS, 0, 1, ManagerConfig::default());
-    let hd = HEADS / 2;
+    let prefills: Vec<Side> = (0..pt)
+        .map(|r| side(Some(&addr), HEADS, r, pt, ManagerConfig::default()))
+        .collect();
+    let hd = HEADS * u64::from(pt) / u64::from(dt);
     let sliced = || ManagerConfig::default().sliced_tp(true);
-    let decodes = [
-        side(None, hd, 0, 2, sliced()),
-        side(None, hd, 1, 2, sliced()),
-    ];
+    let decodes: Vec<Side> = (0..dt).map(|r| side(None, hd, r, dt, sliced())).collect();
     let room = RoomId::new(77);
     let src: Vec<u32> = vec![6, 1, 2];
-    let dst: [Vec<u32>; 2] = [vec![0, 1, 7], vec![5, 3, 4]];
+    let dst: Vec<Vec<u32>> = (0..dt)
+        .map(|d| (0..3).map(|i| (d + 3 * i) % PAGES as u32).collect())
+        .collect();
     let mut rx: Vec<KvReceiver> = decodes
         .iter()
         .zip(&dst)
@@ -89,27 +93,32 @@ fn two_decode_ranks_each_get_their_heads_from_one_prefill() {
             r
         })
         .collect();
-    let mut tx = KvSender::new(&p.mgr, room).unwrap();
-    assert_eq!(
-        common::reach(Duration::from_secs(30), KvPoll::WaitingForInput, || tx
-            .poll()),
-        KvPoll::WaitingForInput,
-        "both infos arrive: {:?}",
-        tx.failure()
-    );
-    tx.init(src.len() as u32, 0);
-    tx.send(&src);
+    let mut tx: Vec<KvSender> = prefills
+        .iter()
+        .map(|p| KvSender::new(&p.mgr, room).unwrap())
+        .collect();
+    for t in &mut tx {
+        assert_eq!(
+            common::reach(Duration::from_secs(30), KvPoll::WaitingForInput, || t
+                .poll()),
+            KvPoll::WaitingForInput,
+            "every info arrives: {:?}",
+            t.failure()
+        );
+        t.init(src.len() as u32, 0);
+        t.send(&src);
+    }
     let start = Instant::now();
     loop {
-        let s = tx.poll();
+        let s: Vec<KvPoll> = tx.iter_mut().map(KvSender::poll).collect();
         let r: Vec<KvPoll> = rx.iter_mut().map(KvReceiver::poll).collect();
-        assert_ne!(s, KvPoll::Failed, "{:?}", tx.failure());
         assert!(
-            r.iter().all(|&x| x != KvPoll::Failed),
-            "{:?}",
+            s.iter().chain(&r).all(|&x| x != KvPoll::Failed),
+            "{:?} {:?}",
+            tx.iter().map(KvSender::failure).collect::<Vec<_>>(),
             rx.iter().map(KvReceiver::failure).collect::<Vec<_>>()
         );
-        if s == KvPoll::Success && r.iter().all(|&x| x == KvPoll::Success) {
+        if s.iter().chain(&r).all(|&x| x == KvPoll::Success) {
             break;
         }
         assert!(
@@ -121,8 +130,7 @@ fn two_decode_ranks_each_get_their_heads_from_one_prefill() {
     let item = TOKENS * hd * HEAD_BYTES;
     for (d, side) in decodes.iter().enumerate() {
         for (b, buf) in side.kv.iter().enumerate() {
-            let bytes = buf.buffer().as_slice();
-            for (i, &v) in bytes.iter().enumerate() {
+            for (i, &v) in buf.buffer().as_slice().iter().enumerate() {
                 let i = i as u64;
                 let (page, o) = (i / item, i % item);
                 let (t, o) = (o / (hd * HEAD_BYTES), o % (hd * HEAD_BYTES));
@@ -131,10 +139,30 @@ fn two_decode_ranks_each_get_their_heads_from_one_prefill() {
                     Some(k) => model(b, u64::from(src[k]), t, d as u64 * hd + head, j),
                     None => 0,
                 };
-                assert_eq!(v, want, "decode {d} buffer {b} byte {i}");
+                assert_eq!(v, want, "{pt} -> {dt}: decode {d} buffer {b} byte {i}");
             }
         }
     }
+}
+
+#[test]
+fn one_prefill_rank_feeds_two_decode_ranks() {
+    sliced_room(1, 2);
+}
+
+#[test]
+fn one_prefill_rank_feeds_four_decode_ranks() {
+    sliced_room(1, 4);
+}
+
+#[test]
+fn two_prefill_ranks_feed_four_decode_ranks() {
+    sliced_room(2, 4);
+}
+
+#[test]
+fn three_prefill_ranks_feed_six_decode_ranks() {
+    sliced_room(3, 6);
 }
 
 #[test]
