@@ -1,7 +1,7 @@
-//! Heterogeneous TP over real NIXL (host memory, one process): P prefill ranks and D > P decode
-//! ranks share one room (1 → 2, 1 → 4, 2 → 4, 3 → 6); each decode rank gets exactly the KV heads it
-//! owns, every byte checked against a model of the prefill ranks' heads (docs/protocol.md
-//! §5.6). Needs the runtime.
+//! Heterogeneous TP over real NIXL (host memory, one process): P prefill ranks and D decode
+//! ranks share one room (1 → 2, 1 → 4, 2 → 4, 3 → 6, 2 → 1, 4 → 2); each decode rank gets
+//! exactly the KV heads it owns, from one prefill rank or several, every byte checked against a
+//! model of the prefill ranks' heads (docs/protocol.md §5.6). Needs the runtime.
 #![cfg(feature = "nixl-runtime-tests")]
 #![allow(clippy::unwrap_used, reason = "test code")]
 
@@ -163,6 +163,16 @@ fn two_prefill_ranks_feed_four_decode_ranks() {
 #[test]
 fn three_prefill_ranks_feed_six_decode_ranks() {
     sliced_room(3, 6);
+}
+
+#[test]
+fn two_prefill_ranks_feed_one_decode_rank() {
+    sliced_room(2, 1);
+}
+
+#[test]
+fn four_prefill_ranks_feed_two_decode_ranks() {
+    sliced_room(4, 2);
 }
 
 #[test]

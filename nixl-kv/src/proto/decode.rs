@@ -225,6 +225,40 @@ struct Room {
     pages: Vec<u32>,
     /// Its staged pieces being scattered.
     scattering: Vec<Scattering>,
+    /// Prefill ranks that write the room: more than one when a larger prefill slices heads
+    /// for us (docs/protocol.md §5.6); each must then complete on its own.
+    writers: u32,
+    /// With several writers, what each (by agent name) has sent.
+    per_writer: Vec<(String, Progress)>,
+}
+
+/// One writer's chunks, last chunk and aux row.
+#[derive(Debug, Default)]
+struct Progress {
+    chunks: Vec<u32>,
+    expected: Option<u32>,
+    aux: bool,
+}
+
+impl Progress {
+    fn note(&mut self, n: &Notification) {
+        match n {
+            Notification::Kv { chunk, last, .. } => {
+                if !self.chunks.contains(&chunk.get()) {
+                    self.chunks.push(chunk.get());
+                }
+                if *last {
+                    self.expected = Some(chunk.get().saturating_add(1));
+                }
+            }
+            Notification::Aux { .. } => self.aux = true,
+            _ => {}
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.aux && self.expected.is_some_and(|e| self.chunks.len() as u32 == e)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -317,6 +351,8 @@ impl DecodeCore {
                 since: now,
                 pages: Vec::new(),
                 scattering: Vec::new(),
+                writers: 1,
+                per_writer: Vec::new(),
             },
         );
     }
@@ -532,6 +568,7 @@ impl DecodeCore {
         };
         // Staging slots go to rooms with exactly one real target (the one that writes).
         let real = r.targets.iter().filter(|t| !t.dummy).count();
+        r.writers = u32::try_from(real).unwrap_or(u32::MAX).max(1);
         let granted = match (&mut self.ring, self.me.staging) {
             (Some(ring), Some(st)) if real == 1 && !pages.is_empty() && !r.started => {
                 ring.grant(room, st.per_room, now)
@@ -643,6 +680,20 @@ impl DecodeCore {
         if r.concluded.is_some() {
             return;
         }
+        if r.writers > 1 && matches!(n, Notification::Kv { .. } | Notification::Aux { .. }) {
+            match r.per_writer.iter().position(|(w, _)| w == peer) {
+                Some(i) => r.per_writer[i].1.note(&n),
+                None if r.per_writer.len() < r.writers as usize => {
+                    let mut p = Progress::default();
+                    p.note(&n);
+                    r.per_writer.push((peer.to_owned(), p));
+                }
+                None => {
+                    tracing::warn!(peer, %room, writers = r.writers, "a writer too many; ignored");
+                    return;
+                }
+            }
+        }
         match n {
             Notification::Kv { chunk, last, .. } => {
                 if !r.chunks.contains(&chunk.get()) {
@@ -663,7 +714,8 @@ impl DecodeCore {
         }
     }
 
-    /// The receiver's poll. Success once every chunk 0..last and the aux row arrived.
+    /// The receiver's poll. Success once every chunk 0..last and the aux row arrived (from each
+    /// writer, when several prefill ranks write the room).
     pub fn poll(&mut self, room: RoomId, now: Instant) -> KvPoll {
         let timeout = self.timers.waiting_timeout;
         let Some(r) = self.rooms.get_mut(&room) else {
@@ -675,7 +727,12 @@ impl DecodeCore {
         if !r.started {
             return KvPoll::WaitingForInput;
         }
-        if r.aux && r.expected.is_some_and(|e| r.chunks.len() as u32 == e) {
+        let done = if r.writers > 1 {
+            r.per_writer.len() as u32 == r.writers && r.per_writer.iter().all(|(_, p)| p.complete())
+        } else {
+            r.aux && r.expected.is_some_and(|e| r.chunks.len() as u32 == e)
+        };
+        if done {
             r.concluded = Some(KvPoll::Success);
             self.end_slots(room, true);
             return KvPoll::Success;

@@ -57,11 +57,12 @@ pub fn targets(
     targets_sliced(local, remote, engine_rank, is_mla, false)
 }
 
-/// [`targets`], and with `sliced` a decode larger than its prefill for a model that is not MLA
-/// too: it asks the one prefill rank holding its heads, which slices them out for each of the
-/// `local / remote` decode ranks it feeds (docs/protocol.md §5.6); the prefill must support
-/// head slicing (SGLang 0.5.2 and later, or ours given `KvArgs::heads`). A prefill larger than
-/// its decode still fails for such models (several prefill ranks would write one room).
+/// [`targets`], and with `sliced` different sizes for a model that is not MLA too
+/// (docs/protocol.md §5.6): a decode larger than its prefill asks the one prefill rank holding
+/// its heads, which slices them out for each of the `local / remote` decode ranks it feeds; a
+/// smaller one asks all `remote / local` prefill ranks holding its heads, every one a real
+/// writer. The prefills must slice heads (SGLang 0.5.2 and later, or ours given
+/// `KvArgs::heads`).
 pub fn targets_sliced(
     local: u32,
     remote: u32,
@@ -84,8 +85,7 @@ pub fn targets_sliced(
             real: t,
         });
     }
-    let sliceable = sliced && local > remote;
-    if !(is_mla || sliceable) {
+    if !(is_mla || sliced) {
         return Err(TargetingError::HeterogeneousNonMla {
             decode: sizes.0,
             prefill: sizes.1,
@@ -114,7 +114,10 @@ pub fn targets_sliced(
         }
         let ratio = remote / local;
         let first = (engine_rank % local) * ratio;
-        let ranks = (first..first + ratio).map(|r| (r, r != first)).collect();
+        // MLA: the first rank writes, the others are dummies. Sliced: every one writes its heads.
+        let ranks = (first..first + ratio)
+            .map(|r| (r, is_mla && r != first))
+            .collect();
         Ok(Targets {
             ranks,
             required_dst_info_num: 1,
@@ -155,14 +158,19 @@ mod tests {
     }
 
     #[test]
-    fn sliced_decodes_larger_ask_the_rank_holding_their_heads() {
+    fn sliced_decodes_ask_the_ranks_holding_their_heads() {
         let t = targets_sliced(4, 2, 3, false, true).unwrap();
         assert_eq!((t.ranks, t.required_dst_info_num), (vec![(1, false)], 2));
         let t = targets_sliced(6, 3, 4, false, true).unwrap();
         assert_eq!((t.ranks, t.required_dst_info_num), (vec![(2, false)], 2));
-        // A larger prefill would mean several writers per room: still refused.
+        // A larger prefill: every rank holding our heads writes.
+        let t = targets_sliced(2, 4, 1, false, true).unwrap();
+        assert_eq!(
+            (t.ranks, t.required_dst_info_num),
+            (vec![(2, false), (3, false)], 1)
+        );
         assert!(matches!(
-            targets_sliced(2, 4, 0, false, true),
+            targets_sliced(2, 4, 0, false, false),
             Err(TargetingError::HeterogeneousNonMla { .. })
         ));
         assert!(targets_sliced(4, 3, 0, false, true).is_err());

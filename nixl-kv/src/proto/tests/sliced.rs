@@ -110,3 +110,77 @@ fn heads_that_do_not_split_fail_the_room_with_a_reason() {
     let why = p.failure(RoomId::new(1)).unwrap().to_string();
     assert!(why.starts_with("head slicing:"), "{why}");
 }
+
+/// A decode of TP 1 with `sliced_tp`, bootstrapped against a prefill of TP 2 (ranks on ports
+/// 5000 and 5001), its room started.
+fn decode_fed_by_two(now: Instant) -> (DecodeCore, RoomId) {
+    let mut me = identity();
+    me.sliced_tp = true;
+    let timers = DecodeTimers::new(Some(Duration::from_secs(5)), Duration::from_secs(5), 2);
+    let mut d = DecodeCore::new(me, timers, now);
+    let room = RoomId::new(9);
+    d.receiver_new(room, BootstrapAddr::new("b:1"), None, now);
+    loop {
+        match d.next_lookup(room) {
+            Lookup::Parallel(_) => d.parallel_learned(room, Ok(parallel(2, 1))),
+            Lookup::Ranks { key, ranks } => {
+                assert_eq!(ranks, vec![0, 1], "both prefill ranks hold our heads");
+                d.ranks_learned(room, key, Ok(vec![rank_info(5000), rank_info(5001)]));
+            }
+            _ => break,
+        }
+    }
+    d.receiver_init(room, &[3, 4], 1, now);
+    let infos: Vec<String> = sends(&mut d)
+        .into_iter()
+        .filter(|(_, f)| matches!(PrefillInbound::decode(f), Ok(PrefillInbound::Transfer(_))))
+        .map(|(e, _)| e)
+        .collect();
+    assert_eq!(infos, vec!["tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001"]);
+    (d, room)
+}
+
+#[test]
+fn a_room_written_by_two_prefill_ranks_waits_for_both() {
+    let now = Instant::now();
+    let (mut d, room) = decode_fed_by_two(now);
+    let kv = |last| {
+        Notification::Kv {
+            room,
+            chunk: 0.into(),
+            last,
+            pp: None,
+        }
+        .encode()
+    };
+    let aux = Notification::Aux { room }.encode();
+    d.handle_notification("p0", &kv(true));
+    d.handle_notification("p0", &aux);
+    assert_eq!(
+        d.poll(room, now),
+        KvPoll::Transferring,
+        "one writer is not enough"
+    );
+    d.handle_notification("p1", &kv(true));
+    assert_eq!(d.poll(room, now), KvPoll::Transferring);
+    // A third agent cannot be one of the room's two writers: ignored.
+    d.handle_notification("p2", &aux);
+    assert_eq!(d.poll(room, now), KvPoll::Transferring);
+    d.handle_notification("p1", &aux);
+    assert_eq!(d.poll(room, now), KvPoll::Success);
+}
+
+#[test]
+fn without_sliced_tp_a_smaller_decode_still_fails() {
+    let now = Instant::now();
+    let mut d = decode_core(now);
+    let room = RoomId::new(9);
+    d.receiver_new(room, BootstrapAddr::new("b:1"), None, now);
+    assert!(matches!(d.next_lookup(room), Lookup::Parallel(_)));
+    d.parallel_learned(room, Ok(parallel(2, 1)));
+    assert!(matches!(d.next_lookup(room), Lookup::Failed));
+    assert!(
+        d.failure(room)
+            .is_some_and(|f| f.to_string().contains("only supported for MLA"))
+    );
+}
