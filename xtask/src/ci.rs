@@ -90,6 +90,13 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
         || demo::run(root, &demo::DemoArgs::smoke()),
     )?;
     step(
+        "demo --tp 2:4 and 4:2 (prefill and decode ranks of different TP sizes, head slicing, every byte verified)",
+        || {
+            demo::run(root, &demo::DemoArgs::tp_smoke("2:4"))?;
+            demo::run(root, &demo::DemoArgs::tp_smoke("4:2"))
+        },
+    )?;
+    step(
         "example (nixl-kv loopback: the crate doc example, run)",
         || {
             cmd::run(cargo().args([

@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the main job. Provisions everything, starts a prefill (with its
 //! bootstrap server) and a decode on 127.0.0.1, runs a stream of requests with a progress bar,
-//! verifies every byte and prints the summary.
+//! verifies every byte and prints the summary. `--tp P:D` runs P prefill and D decode ranks
+//! with head slicing instead (demo_tp.rs).
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -33,6 +34,10 @@ pub(crate) struct DemoArgs {
     /// Requests in flight.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
+    /// `P:D`: P prefill ranks and D decode ranks of a model that is not MLA, each decode rank
+    /// getting its KV heads sliced out of the prefill ranks' pages (for example `2:4`).
+    #[arg(long)]
+    tp: Option<String>,
 }
 
 /// Builds the `nixl-pd` program in release and returns its path (demo, `bench kv` and `gpu`
@@ -65,6 +70,17 @@ impl DemoArgs {
             page_bytes: 8192,
             chunk_pages: 4,
             concurrency: 4,
+            tp: None,
+        }
+    }
+
+    /// What CI runs for `--tp`: a short stream of 8-page requests.
+    pub(crate) fn tp_smoke(tp: &str) -> Self {
+        Self {
+            requests: 60,
+            pages_per_request: 8,
+            tp: Some(tp.to_owned()),
+            ..Self::smoke()
         }
     }
 }
@@ -73,6 +89,10 @@ pub(crate) fn run(root: &Path, args: &DemoArgs) -> anyhow::Result<()> {
     prereq::ensure_libclang()?;
     runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
     let pd = build_pd(root)?;
+    if let Some(tp) = &args.tp {
+        let ranks = crate::demo_tp::parse(tp)?;
+        return crate::demo_tp::run(&pd, ranks, args.requests, args.pages_per_request);
+    }
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let pages = (args.pages_per_request * args.concurrency * 2).max(256);
     let pool = |c: &mut Command| {

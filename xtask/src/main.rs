@@ -13,6 +13,7 @@ mod bench;
 mod ci;
 mod cmd;
 mod demo;
+mod demo_tp;
 mod deps;
 mod faults;
 mod fuzz;

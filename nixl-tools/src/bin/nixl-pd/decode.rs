@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use crate::memory::{Memory, args, memory};
 use crate::pool::Pages;
 use crate::sentinel::Sentinel;
-use crate::{AuxVerify, Pool, aux_byte, kv_byte};
+use crate::{AuxVerify, Pool, aux_byte};
 
 struct Request {
     rx: KvReceiver,
@@ -89,6 +89,13 @@ pub(crate) fn decode(pool: &Pool, bootstrap: &str, o: &DecodeOpts) -> anyhow::Re
         Some(seed) => rand::rngs::StdRng::seed_from_u64(seed),
         None => rand::rngs::StdRng::from_os_rng(),
     };
+    // Rooms come from a stream of their own, drawn once per started request: decode ranks of
+    // one TP group run with one seed and must agree on every room, whatever their pages do.
+    let mut rooms = match pool.seed {
+        Some(seed) => rand::rngs::StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
+        None => rand::rngs::StdRng::from_os_rng(),
+    };
+    let mut next_room: Option<u64> = None;
     let mut owners = Pages::new(pool.pages, pool.aux_slots, o.quarantine);
     let bar = if o.json {
         ProgressBar::hidden()
@@ -113,10 +120,11 @@ pub(crate) fn decode(pool: &Pool, bootstrap: &str, o: &DecodeOpts) -> anyhow::Re
             owners.release(&h);
         }
         while more(started) && inflight.len() < concurrency && owners.can_take(per_request) {
-            let room = rng.random::<u64>() >> 1;
+            let room = *next_room.get_or_insert_with(|| rooms.random::<u64>() >> 1);
             let Some((pages, slot)) = owners.take(room, per_request, &mut rng) else {
                 break;
             };
+            next_room = None;
             started += 1;
             // From before the receiver's bootstrap lookup and registration (which it blocks on).
             let start = Instant::now();
@@ -314,7 +322,7 @@ fn verify(
             let src = room.wrapping_add(97 * i as u64) % u64::from(np);
             m.kv.read_page(b, d as usize, page, &mut got)
                 .map_err(|e| e.to_string())?;
-            if let Some(j) = (0..page).find(|&j| got[j] != kv_byte(b, src, j)) {
+            if let Some(j) = (0..page).find(|&j| got[j] != pool.kv_byte(b, src, j)) {
                 return Err(format!("buffer {b} page {d} byte {j} differs"));
             }
         }

@@ -5,6 +5,7 @@
 //!                 [--hidden-size H] [--aux-layout sglang|legacy] [--chunk-pages K]
 //!                 [--stats-every SECS] [--abort-one-in K] [--device cpu|gpu:N]
 //!                 [--staging [--staging-slots S] [--staging-slot-mib M]] [--spin]
+//!                 [--tp-size P --tp-rank R --heads H [--page-tokens T]] [--join HOST:PORT]
 //! nixl-pd decode  --bootstrap HOST:P --layers L [--mla] --page-bytes B --pages N
 //!                 [--prefill-pages NP] [--hidden-size H] [--aux-layout sglang|legacy]
 //!                 --requests R --pages-per-request M [--concurrency C] [--seed X]
@@ -12,6 +13,7 @@
 //!                 [--abort-one-in K] [--allow-failures] [--sentinel auto|on|off]
 //!                 [--quarantine-seconds Q] [--allow-stray] [--device cpu|gpu:N]
 //!                 [--staging [--staging-slots S] [--staging-slot-mib M]] [--spin]
+//!                 [--tp-size D --tp-rank R --heads H [--page-tokens T] --sliced-tp]
 //! nixl-pd doctor  [--device cpu|gpu:N] [--peer-device cpu|gpu:N]
 //! ```
 //!
@@ -32,6 +34,11 @@
 //! that they still hold it, so that a write landing where no live request owned the memory is
 //! caught (`stray_pages`); pages of a failed or aborted request are quarantined first, as the
 //! prefill's late write is still that request's own (pool.rs, sentinel.rs).
+//!
+//! With `--heads`, a page holds `--page-tokens` tokens of `--heads` heads and its bytes depend on
+//! the *global* head (`tp_rank·heads + head`) instead of the byte offset, so that decode ranks of
+//! another TP size (`--sliced-tp`) verify the slices they get (docs/protocol.md §5.6). Every
+//! rank of a decode TP group runs the same rooms (one `--seed`; rooms have a stream of their own).
 //!
 //! With `--staging` on both sides (GPU pools), each chunk moves as gather, one WRITE per staging
 //! slot and scatter (docs/runtime.md §12); the prefill's stats line counts the staged pieces.
@@ -148,6 +155,24 @@ struct Pool {
     /// while working, none while idle).
     #[arg(long)]
     spin: bool,
+    /// This side's attention-TP size (prefill: ranks registering with one bootstrap server;
+    /// decode: ranks sharing each room, all run with the same `--seed`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    tp_size: u32,
+    /// This process's rank in it.
+    #[arg(long, default_value_t = 0)]
+    tp_rank: u32,
+    /// KV heads per token on this rank: pages then hold `--page-tokens` tokens of `--heads`
+    /// heads each, and their bytes are a function of the global head, so that ranks of other
+    /// TP sizes can check each other's slices (docs/protocol.md §5.6).
+    #[arg(long)]
+    heads: Option<u32>,
+    /// Tokens per page (with `--heads`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    page_tokens: u32,
+    /// Decode: take head slices from prefills of another TP size (they must slice heads).
+    #[arg(long)]
+    sliced_tp: bool,
 }
 
 impl Pool {
@@ -167,7 +192,36 @@ impl Pool {
         } else {
             None
         };
-        Ok(nixl_kv::ManagerConfig::default().staging(staging))
+        Ok(nixl_kv::ManagerConfig::default()
+            .staging(staging)
+            .sliced_tp(self.sliced_tp))
+    }
+
+    /// The head layout of a page, when `--heads` is given: (heads, bytes per head), checked.
+    fn head_layout(&self) -> anyhow::Result<Option<(u64, u64)>> {
+        let Some(h) = self.heads else { return Ok(None) };
+        let per_token = u64::from(self.page_tokens) * u64::from(h);
+        if h == 0 || !self.page_bytes.is_multiple_of(per_token) {
+            anyhow::bail!(
+                "--page-bytes {} does not hold {} tokens of {h} heads",
+                self.page_bytes,
+                self.page_tokens
+            );
+        }
+        Ok(Some((u64::from(h), self.page_bytes / per_token)))
+    }
+
+    /// Byte `j` of page `page` of KV buffer `b` as this rank holds it: [`kv_byte`] without
+    /// `--heads`, else a function of (buffer, page, token, global head, byte in head).
+    fn kv_byte(&self, b: usize, page: u64, j: usize) -> u8 {
+        let Ok(Some((heads, head_bytes))) = self.head_layout() else {
+            return kv_byte(b, page, j);
+        };
+        let j = j as u64;
+        let token_bytes = heads * head_bytes;
+        let (t, in_token) = (j / token_bytes, j % token_bytes);
+        let head = u64::from(self.tp_rank) * heads + in_token / head_bytes;
+        ((7 * b as u64 + 13 * page + 3 * t + 11 * head + in_token % head_bytes) % 251) as u8
     }
 
     /// How long an active loop pauses between polls: `busy`, or nothing with `--spin` (then
@@ -201,6 +255,10 @@ enum Role {
         /// Address to bind the bootstrap server and ZMQ socket on.
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
+        /// Register with this bootstrap server (`host:port`, another rank's) instead of
+        /// starting one: for prefill ranks after the first of a TP group.
+        #[arg(long)]
+        join: Option<String>,
         /// Pages per chunk (default: the whole request in one chunk).
         #[arg(long)]
         chunk_pages: Option<usize>,
@@ -296,6 +354,7 @@ fn main() -> anyhow::Result<()> {
             pool,
             bootstrap_port,
             host,
+            join,
             chunk_pages,
             stats_every,
             abort_one_in,
@@ -304,6 +363,7 @@ fn main() -> anyhow::Result<()> {
             bootstrap_port,
             &host,
             &prefill::PrefillOpts {
+                join,
                 chunk: chunk_pages,
                 stats_every: stats_every
                     .filter(|s| s.is_finite() && *s > 0.0)

@@ -166,7 +166,13 @@ pub(crate) fn args(m: &Memory, pool: &Pool) -> anyhow::Result<KvArgs> {
         .iter()
         .map(|b| b.region())
         .zip(m.aux_items.iter().copied());
-    Ok(KvArgs::new(kv, aux)?.mla(pool.mla))
+    let mut args = KvArgs::new(kv, aux)?
+        .parallel(pool.tp_rank, pool.tp_size, 1)?
+        .mla(pool.mla);
+    if let Some((heads, _)) = pool.head_layout()? {
+        args = args.heads(heads as u32, pool.page_tokens);
+    }
+    Ok(args)
 }
 
 impl crate::sentinel::Target for Memory {

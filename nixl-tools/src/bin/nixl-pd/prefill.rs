@@ -8,7 +8,7 @@ use nixl_kv::{FailureReason, KvManager, KvPoll, KvSender, RoomId};
 use rand::Rng;
 
 use crate::memory::{args, memory};
-use crate::{Pool, aux_byte, kv_byte, reason};
+use crate::{Pool, aux_byte, reason};
 
 /// Sleep between polls of a prefill's active senders.
 const POLL_ACTIVE: Duration = Duration::from_micros(100);
@@ -20,6 +20,8 @@ const SCAN_IDLE: Duration = Duration::from_millis(16);
 const SCAN_COST_RATIO: u32 = 50;
 
 pub(crate) struct PrefillOpts {
+    /// Another rank's bootstrap server to register with (none started here).
+    pub(crate) join: Option<String>,
     pub(crate) chunk: Option<usize>,
     pub(crate) stats_every: Option<Duration>,
     pub(crate) abort_one_in: Option<u32>,
@@ -67,12 +69,19 @@ pub(crate) fn prefill(
     for b in 0..m.kv.len() {
         m.kv.fill(b, page, |p, bytes| {
             for (j, byte) in bytes.iter_mut().enumerate() {
-                *byte = kv_byte(b, p, j);
+                *byte = pool.kv_byte(b, p, j);
             }
         })?;
     }
-    let server = BootstrapServer::start(&format!("{host}:{port}"))?;
-    let addr = server.addr().to_string();
+    // The server lives as long as this loop; a joining rank starts none.
+    let (_server, addr) = match &opts.join {
+        Some(j) => (None, j.clone()),
+        None => {
+            let s = BootstrapServer::start(&format!("{host}:{port}"))?;
+            let a = s.addr().to_string();
+            (Some(s), a)
+        }
+    };
     let a = args(&m, pool)?;
     let mgr = KvManager::prefill(
         m.agent.clone(),
