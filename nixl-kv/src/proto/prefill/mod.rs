@@ -633,7 +633,7 @@ impl PrefillCore {
     /// The head slice `peer` takes, when it is a decode of another attention-TP size for a
     /// model that is not MLA (its registration says so, SGLang's frames 10–12); `None` when it
     /// takes whole pages.
-    fn head_slice(&self, peer: &Peer) -> Option<Result<HeadSlice, FailureReason>> {
+    pub(super) fn head_slice(&self, peer: &Peer) -> Option<Result<HeadSlice, FailureReason>> {
         let place = self.layout.tp;
         let tp = peer.tp_info.as_ref()?;
         if place.is_mla || tp.decode_tp_size == place.tp {

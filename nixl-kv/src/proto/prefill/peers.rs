@@ -74,8 +74,11 @@ impl PrefillCore {
                         payload: notice.encode(),
                     });
                 }
-                // Lists at our own pool size now, so the first request can use them.
-                self.prepare_peer_list(agent, &mut state, ListKind::Kv, 1);
+                // Lists at our own pool size now, so the first request can use them (none of
+                // whole KV pages for a decode that takes head slices: they do not fit its pages).
+                if self.head_slice(&state.peer).is_none() {
+                    self.prepare_peer_list(agent, &mut state, ListKind::Kv, 1);
+                }
                 self.prepare_peer_list(agent, &mut state, ListKind::Aux, 1);
                 self.peers.insert(agent.clone(), state);
             }
