@@ -667,12 +667,7 @@ impl PrefillCore {
                 "the prefill's KV buffers differ in item length".into(),
             ));
         }
-        let pairs: Vec<(u32, u32)> = self
-            .src_idx
-            .iter()
-            .copied()
-            .zip(self.dst_idx.iter().copied())
-            .collect();
+        let pairs = self.page_pairs();
         let copies = slice
             .copies(&l.kv_ptrs, &peer.kv_ptrs, &pairs)
             .ok_or_else(|| FailureReason::Slicing("a page address overflows".into()))?;
@@ -689,16 +684,20 @@ impl PrefillCore {
         ))
     }
 
+    /// The chunk's (prefill page, decode page) pairs, from `src_idx`/`dst_idx`.
+    fn page_pairs(&self) -> Vec<(u32, u32)> {
+        self.src_idx
+            .iter()
+            .copied()
+            .zip(self.dst_idx.iter().copied())
+            .collect()
+    }
+
     /// Lowers the KV pages in `src_idx`/`dst_idx` to `agent`: indices into prepared lists when
     /// both cover them, else explicit descriptors (queuing a larger list when one is due).
     fn lower_kv(&mut self, agent: &AgentName, peer: &Peer) -> Coords {
         let need = self.dst_idx.iter().max().map_or(0, |m| m.saturating_add(1));
-        let pairs: Vec<(u32, u32)> = self
-            .src_idx
-            .iter()
-            .copied()
-            .zip(self.dst_idx.iter().copied())
-            .collect();
+        let pairs = self.page_pairs();
         group_runs(&self.src_idx, &self.dst_idx, &mut self.runs);
         // Runs merge adjacent pages into one descriptor per buffer. Each descriptor costs the
         // transport a fixed overhead (several µs under UCX cuda_ipc), so once runs average two
