@@ -227,40 +227,39 @@ pub(crate) fn try_drive_decode(s: &Shared) {
         Ok(order) => run_decode(s, d, &order),
         Err(std::sync::TryLockError::Poisoned(e)) => run_decode(s, d, &e.into_inner()),
         Err(std::sync::TryLockError::WouldBlock) => {
-            let mut ended = Vec::new();
-            if let Some(gpu) = &d.gpu {
-                lock(gpu).progress(&mut ended);
-            }
-            let mut core = lock(&d.core);
-            for (room, slot, res) in ended {
-                core.scatter_done(room, slot, res);
-            }
+            report_scatters(d);
         }
     }
+}
+
+/// Feeds the scatters that finished to the core; whether any did.
+fn report_scatters(d: &DecodeIo) -> bool {
+    let mut ended = Vec::new();
+    if let Some(gpu) = &d.gpu {
+        lock(gpu).progress(&mut ended);
+    }
+    if ended.is_empty() {
+        return false;
+    }
+    let mut core = lock(&d.core);
+    for (room, slot, res) in ended {
+        core.scatter_done(room, slot, res);
+    }
+    true
 }
 
 /// The loop of [`drive_decode`]; `_order` is the held `sending` lock.
 fn run_decode(s: &Shared, d: &DecodeIo, _order: &std::sync::MutexGuard<'_, ()>) {
     let mut cmds = Vec::new();
-    let mut ended = Vec::new();
     loop {
         lock(&d.core).drain_commands(&mut cmds);
         let ran = !cmds.is_empty();
         for cmd in cmds.drain(..) {
             send(s, d, cmd);
         }
-        if let Some(gpu) = &d.gpu {
-            lock(gpu).progress(&mut ended);
-        }
-        if ended.is_empty() {
-            if !ran {
-                return;
-            }
-            continue;
-        }
-        let mut core = lock(&d.core);
-        for (room, slot, res) in ended.drain(..) {
-            core.scatter_done(room, slot, res);
+        // Finished scatters queue freed-slot messages: run the queue again.
+        if !report_scatters(d) && !ran {
+            return;
         }
     }
 }

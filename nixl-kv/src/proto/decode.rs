@@ -215,9 +215,8 @@ struct Room {
     targets: Vec<Target>,
     required: u32,
     started: bool,
-    chunks: Vec<u32>,
-    expected: Option<u32>,
-    aux: bool,
+    /// Chunks, last chunk and aux row seen, from any writer.
+    progress: Progress,
     concluded: Option<KvPoll>,
     failure: Option<FailureReason>,
     since: Instant,
@@ -241,18 +240,22 @@ struct Progress {
 }
 
 impl Progress {
+    /// A `_kv_` or aux notification (anything else changes nothing).
     fn note(&mut self, n: &Notification) {
         match n {
-            Notification::Kv { chunk, last, .. } => {
-                if !self.chunks.contains(&chunk.get()) {
-                    self.chunks.push(chunk.get());
-                }
-                if *last {
-                    self.expected = Some(chunk.get().saturating_add(1));
-                }
-            }
+            Notification::Kv { chunk, last, .. } => self.chunk(chunk.get(), *last),
             Notification::Aux { .. } => self.aux = true,
             _ => {}
+        }
+    }
+
+    /// Chunk `chunk` arrived (a staged piece counts once scattered); `last` marks the last.
+    fn chunk(&mut self, chunk: u32, last: bool) {
+        if !self.chunks.contains(&chunk) {
+            self.chunks.push(chunk);
+        }
+        if last {
+            self.expected = Some(chunk.saturating_add(1));
         }
     }
 
@@ -343,9 +346,7 @@ impl DecodeCore {
                 targets: Vec::new(),
                 required: 1,
                 started: false,
-                chunks: Vec::new(),
-                expected: None,
-                aux: false,
+                progress: Progress::default(),
                 concluded: None,
                 failure: None,
                 since: now,
@@ -695,15 +696,7 @@ impl DecodeCore {
             }
         }
         match n {
-            Notification::Kv { chunk, last, .. } => {
-                if !r.chunks.contains(&chunk.get()) {
-                    r.chunks.push(chunk.get());
-                }
-                if last {
-                    r.expected = Some(chunk.get().saturating_add(1));
-                }
-            }
-            Notification::Aux { .. } => r.aux = true,
+            Notification::Kv { .. } | Notification::Aux { .. } => r.progress.note(&n),
             Notification::Fail { reason, .. } => {
                 r.failure = Some(FailureReason::PrefillFailed(reason.as_str().to_owned()));
                 r.concluded = Some(KvPoll::Failed);
@@ -730,7 +723,7 @@ impl DecodeCore {
         let done = if r.writers > 1 {
             r.per_writer.len() as u32 == r.writers && r.per_writer.iter().all(|(_, p)| p.complete())
         } else {
-            r.aux && r.expected.is_some_and(|e| r.chunks.len() as u32 == e)
+            r.progress.complete()
         };
         if done {
             r.concluded = Some(KvPoll::Success);
@@ -750,7 +743,7 @@ impl DecodeCore {
             self.end_slots(room, false);
             return KvPoll::Failed;
         }
-        if r.chunks.is_empty() {
+        if r.progress.chunks.is_empty() {
             KvPoll::WaitingForInput
         } else {
             KvPoll::Transferring
@@ -857,12 +850,7 @@ impl DecodeCore {
             self.fail(room, FailureReason::Staging(format!("scatter: {reason}")));
             return;
         }
-        if !r.chunks.contains(&piece.chunk) {
-            r.chunks.push(piece.chunk);
-        }
-        if piece.last {
-            r.expected = Some(piece.chunk.saturating_add(1));
-        }
+        r.progress.chunk(piece.chunk, piece.last);
         // The piece came from the room's one real target (only such rooms are granted slots).
         let Some(endpoint) = r
             .targets
