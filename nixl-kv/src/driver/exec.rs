@@ -7,16 +7,19 @@ use std::sync::atomic::Ordering;
 use nixl_core::{Agent, PreparedDescs, XferOp, XferRequest};
 use nixl_wire::{AgentName, RoomId};
 
+use super::probe::Probe;
 use super::{DecodeIo, PrefillIo, Shared, lock};
 use crate::proto::FailureReason;
 use crate::proto::decode::Command as DecodeCommand;
 use crate::proto::lower::{Coords, ListId};
 use crate::proto::prefill::{Command, Post};
 
-/// The prefill's prepared descriptor lists, by the core's names for them.
+/// The prefill's prepared descriptor lists, by the core's names for them, and the probe agent
+/// that metadata loads go through.
 #[derive(Default)]
 pub(crate) struct Lists {
     lists: HashMap<ListId, PreparedDescs>,
+    probe: Probe,
 }
 
 /// What a command came to, for the core.
@@ -86,7 +89,8 @@ fn run(
             agent: name,
             metadata,
         } => {
-            let res = agent.load_remote(&metadata).map_err(|e| e.to_string());
+            // Through the probe: a failed load must not leave a socket in our agent.
+            let res = lists.probe.load(agent, name.as_str(), &metadata);
             outcomes.push(Outcome::Loaded(name, res));
         }
         Command::Forget { agent: name } => {

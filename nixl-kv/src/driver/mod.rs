@@ -12,6 +12,7 @@ mod config;
 mod exec;
 mod heartbeat;
 mod inbound;
+mod probe;
 mod receiver;
 mod sender;
 mod staged;
