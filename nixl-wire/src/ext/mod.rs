@@ -9,7 +9,11 @@
 //!
 //! Frames and payloads all start with `nixl-rs:`, which no SGLang frame or notification does.
 
+mod ipc;
+
 use bytes::Bytes;
+
+pub use ipc::{CAP_DIRECT, IpcAlloc, IpcPools, MAX_IPC_ALLOCATIONS};
 
 use crate::error::{DecodeError, MessageKind, Reason};
 use crate::frames::GUARD;
