@@ -108,3 +108,31 @@ extern "C" __global__ void nixl_stage_scatter(const unsigned long long *table,
                                               unsigned int np) {
     staged_copy(table, staging, nb, np, 0);
 }
+
+// Pool pages -> a peer's pool pages, mapped into this process (CUDA IPC, same node), with no
+// staging area. The table: words[0 .. nb) source bases, words[nb .. 2nb) item lengths (the
+// same on both sides), words[2nb .. 3nb) destination bases, then np source pages and np
+// destination pages, 32 bits each, two per word (each list starts on a word).
+extern "C" __global__ void nixl_copy_direct(const unsigned long long *table, unsigned int nb,
+                                            unsigned int np) {
+    const unsigned long long seg = blockIdx.x;
+    const unsigned int b = (unsigned int)(seg / np);
+    const unsigned int i = (unsigned int)(seg % np);
+    if (b >= nb) {
+        return;
+    }
+    const unsigned long long len = table[nb + b];
+    const unsigned long long from = (unsigned long long)blockIdx.y * SLICE;
+    if (from >= len) {
+        return;
+    }
+    unsigned long long n = len - from;
+    if (n > SLICE) {
+        n = SLICE;
+    }
+    const unsigned int *src_pages = (const unsigned int *)(table + 3ull * nb);
+    const unsigned int *dst_pages = (const unsigned int *)(table + 3ull * nb + (np + 1) / 2);
+    const unsigned long long src = table[b] + (unsigned long long)src_pages[i] * len + from;
+    const unsigned long long dst = table[2ull * nb + b] + (unsigned long long)dst_pages[i] * len + from;
+    copy_range((unsigned char *)dst, (const unsigned char *)src, n);
+}

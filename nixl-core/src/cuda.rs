@@ -16,8 +16,10 @@ use crate::error::Error;
 use crate::mem::{MemRegion, MemType};
 use crate::sys;
 
+mod ipc;
 mod staging;
 
+pub use ipc::{IpcAllocation, PeerPools, export_allocations};
 pub use staging::{Staging, StagingEvent};
 
 /// Whether the CUDA driver library (`libcuda.so.1`) can be loaded.

@@ -266,6 +266,114 @@ impl CopyTable {
     }
 }
 
+/// The argument table of one direct launch: pages of our pools copied straight into pages of
+/// a peer's pools that this process has mapped (CUDA IPC, same node), with no staging area.
+/// Words (see `kernels/staging.cu`): `nb` source bases, `nb` item lengths, `nb` destination
+/// bases, then the `np` source pages and the `np` destination pages, two per word.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectTable {
+    words: Vec<u64>,
+    buffers: u32,
+    pages: u32,
+    slices: u32,
+}
+
+impl StagingLayout {
+    /// The table of one launch copying `src_pages` of our buffers into `dst_pages` of `dst`'s
+    /// (pair by pair): both layouts must have the same item lengths, the lists the same length,
+    /// and every page must lie inside every buffer of its side.
+    pub fn direct_table(
+        &self,
+        src_pages: &[u32],
+        dst: &Self,
+        dst_pages: &[u32],
+    ) -> Result<DirectTable, Error> {
+        let invalid = |reason: String| Error::InvalidArgument {
+            what: "direct copy pages",
+            reason,
+        };
+        if !self.compatible(dst) {
+            return Err(invalid(
+                "the two pools differ in buffers or item lengths".into(),
+            ));
+        }
+        if src_pages.len() != dst_pages.len() {
+            return Err(invalid(format!(
+                "{} source pages for {} destination pages",
+                src_pages.len(),
+                dst_pages.len()
+            )));
+        }
+        // Bounds, counts and the segment limit, once per side.
+        let src = self.table(src_pages, u64::MAX)?;
+        dst.table(dst_pages, u64::MAX)?;
+        let nb = self.buffers.len();
+        let mut words = Vec::with_capacity(3 * nb + src_pages.len() + 2);
+        words.extend(self.buffers.iter().map(|b| b.addr));
+        words.extend(self.buffers.iter().map(|b| b.item_len));
+        words.extend(dst.buffers.iter().map(|b| b.addr));
+        for list in [src_pages, dst_pages] {
+            for pair in list.chunks(2) {
+                let lo = u64::from(pair[0]);
+                let hi = pair.get(1).map_or(0, |&p| u64::from(p));
+                words.push(lo | (hi << 32));
+            }
+        }
+        Ok(DirectTable {
+            words,
+            buffers: src.buffers,
+            pages: src.pages,
+            slices: src.slices,
+        })
+    }
+}
+
+impl DirectTable {
+    /// The table's 64-bit words, as the kernel reads them.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Number of buffers.
+    pub fn buffers(&self) -> u32 {
+        self.buffers
+    }
+
+    /// Number of page pairs.
+    pub fn pages(&self) -> u32 {
+        self.pages
+    }
+
+    /// The launch grid: (segments = buffers × pages, slices per segment).
+    pub fn grid(&self) -> (u32, u32) {
+        (self.buffers * self.pages, self.slices.max(1))
+    }
+
+    /// Every copy the launch makes, as the kernel computes it: (source address, destination
+    /// address, length).
+    pub fn copies(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        let nb = self.buffers as usize;
+        let np = self.pages as usize;
+        let page = move |list: usize, i: usize| {
+            let word = self.words[3 * nb + list * np.div_ceil(2) + i / 2];
+            if i.is_multiple_of(2) {
+                word & 0xffff_ffff
+            } else {
+                word >> 32
+            }
+        };
+        (0..nb * np).map(move |s| {
+            let (b, i) = (s / np, s % np);
+            let len = self.words[nb + b];
+            (
+                self.words[b] + page(0, i) * len,
+                self.words[2 * nb + b] + page(1, i) * len,
+                len,
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,5 +547,35 @@ mod tests {
         assert!(l.chunks(&pages, (2 << 20) - 1).is_err());
         assert!(!l.compatible(&layout(&[32768; 63], 600)));
         assert!(!l.compatible(&layout(&[16384; 64], 600)));
+    }
+
+    #[test]
+    fn a_direct_table_pairs_source_and_destination_pages_and_checks_both_sides() {
+        let src = layout(&[32, 48], 10);
+        let dst = StagingLayout::new(
+            [32u64, 48]
+                .iter()
+                .enumerate()
+                .map(|(b, &l)| PoolBuffer {
+                    addr: 0x9000_0000 + 0x100_0000 * b as u64,
+                    len: l * 4,
+                    item_len: l,
+                })
+                .collect(),
+        )
+        .unwrap();
+        let t = src.direct_table(&[3, 7, 1], &dst, &[0, 2, 3]).unwrap();
+        let copies: Vec<_> = t.copies().collect();
+        assert_eq!(t.grid(), (6, 1));
+        assert_eq!(copies[0], (0x1000_0000 + 3 * 32, 0x9000_0000, 32));
+        assert_eq!(copies[2], (0x1000_0000 + 32, 0x9000_0000 + 3 * 32, 32));
+        assert_eq!(copies[4], (0x2000_0000 + 7 * 48, 0x9100_0000 + 2 * 48, 48));
+        // A destination page past the peer's pool, unequal lists, other item lengths: refused.
+        assert!(src.direct_table(&[3], &dst, &[4]).is_err());
+        assert!(src.direct_table(&[3, 1], &dst, &[0]).is_err());
+        assert!(
+            src.direct_table(&[3], &layout(&[32, 40], 10), &[0])
+                .is_err()
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
+use super::ipc::PeerPools;
 use super::{DeviceBuffer, cuda_err, require_driver};
 use crate::error::Error;
 use crate::staging::{CopyTable, StagingLayout};
@@ -42,7 +43,7 @@ impl Staging {
             check_device_range(b.addr, b.len)?;
         }
         let kernels = StagingKernels::load(Arc::clone(&ctx))?;
-        let words = 3 * layout.buffers().len() + max_pages.div_ceil(2);
+        let words = 3 * layout.buffers().len() + 2 * max_pages.div_ceil(2);
         let table = DeviceTable::new(Arc::clone(&ctx), words)?;
         let stream = ctx.new_stream().map_err(cuda_err)?;
         Ok(Self {
@@ -90,6 +91,40 @@ impl Staging {
         offset: u64,
     ) -> Result<StagingEvent, Error> {
         self.launch(false, pages, staging, offset)
+    }
+
+    /// Copies `src_pages` of every buffer straight into `dst_pages` of a same-node peer's
+    /// mapped pools (pair by pair), in one launch. The peer's pools must have our item lengths.
+    pub fn copy_direct(
+        &mut self,
+        src_pages: &[u32],
+        peer: &PeerPools,
+        dst_pages: &[u32],
+    ) -> Result<StagingEvent, Error> {
+        if src_pages.len() > self.max_pages {
+            return Err(Error::InvalidArgument {
+                what: "staging pages",
+                reason: format!(
+                    "{} pages in one launch (at most {})",
+                    src_pages.len(),
+                    self.max_pages
+                ),
+            });
+        }
+        let table = self
+            .layout
+            .direct_table(src_pages, peer.layout(), dst_pages)?;
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
+        self.table.upload(&self.stream, table.words())?;
+        self.kernels.launch_direct(
+            &self.stream,
+            self.table.addr(),
+            table.grid(),
+            (table.buffers(), table.pages()),
+        )?;
+        let event = self.ctx.new_event(None).map_err(cuda_err)?;
+        event.record(&self.stream).map_err(cuda_err)?;
+        Ok(StagingEvent(event))
     }
 
     /// Waits until every launch so far has finished.

@@ -191,3 +191,53 @@ unsafe impl NixlBuffer for PinnedBuffer {
         MemRegion::dram(self.addr(), self.len() as u64)
     }
 }
+
+/// The allocation holding device address `addr` (context bound): its start and length.
+pub(crate) fn cuda_allocation_of(addr: u64) -> Result<(u64, u64), Error> {
+    let (mut base, mut size): (cu::CUdeviceptr, usize) = (0, 0);
+    // SAFETY: the call writes one pointer and one size through the two out-pointers, which
+    // point at the locals above; an unknown address yields an error code, not a fault.
+    unsafe { cu::cuMemGetAddressRange_v2(&raw mut base, &raw mut size, addr) }
+        .result()
+        .map_err(cuda_err)?;
+    Ok((base, size as u64))
+}
+
+/// The legacy CUDA IPC handle of the allocation starting at `base` (context bound).
+pub(crate) fn cuda_ipc_handle(base: u64) -> Result<[u8; 64], Error> {
+    let mut h = cu::CUipcMemHandle_st { reserved: [0; 64] };
+    // SAFETY: the call writes one 64-byte handle through the out-pointer, which points at `h`;
+    // an address that is not an exportable allocation yields an error code, not a fault.
+    unsafe { cu::cuIpcGetMemHandle(&raw mut h, base) }
+        .result()
+        .map_err(cuda_err)?;
+    Ok(h.reserved.map(|c| c as u8))
+}
+
+/// Maps another process's allocation from its IPC handle into the bound context; returns the
+/// local address of its first byte. Undone with [`cuda_ipc_close`].
+pub(crate) fn cuda_ipc_open(handle: &[u8; 64]) -> Result<u64, Error> {
+    let h = cu::CUipcMemHandle_st {
+        reserved: handle.map(|b| b as ::core::ffi::c_char),
+    };
+    let mut ptr: cu::CUdeviceptr = 0;
+    // SAFETY: the call writes one pointer through the out-pointer, which points at `ptr`; a
+    // handle that names no live allocation (forged, stale, another host) yields an error code.
+    unsafe {
+        cu::cuIpcOpenMemHandle_v2(
+            &raw mut ptr,
+            h,
+            cu::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+        )
+    }
+    .result()
+    .map_err(cuda_err)?;
+    Ok(ptr)
+}
+
+/// Unmaps what [`cuda_ipc_open`] mapped at `ptr` (context bound).
+pub(crate) fn cuda_ipc_close(ptr: u64) {
+    // SAFETY: `ptr` came from cuIpcOpenMemHandle and is closed once, by its owner's Drop, after
+    // the owner's launches that use it were synchronized.
+    let _ = unsafe { cu::cuIpcCloseMemHandle(ptr) };
+}

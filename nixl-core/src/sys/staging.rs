@@ -18,6 +18,7 @@ pub(crate) struct StagingKernels {
     module: cu::CUmodule,
     gather: cu::CUfunction,
     scatter: cu::CUfunction,
+    direct: cu::CUfunction,
     ctx: Arc<CudaContext>,
 }
 
@@ -48,13 +49,19 @@ impl StagingKernels {
             // live in the same struct and are dropped with it.
             unsafe { result::module::get_function(module, name.to_owned()) }.map_err(cuda_err)
         };
-        let kernels =
-            function(c"nixl_stage_gather").and_then(|g| Ok((g, function(c"nixl_stage_scatter")?)));
+        let kernels = function(c"nixl_stage_gather").and_then(|g| {
+            Ok((
+                g,
+                function(c"nixl_stage_scatter")?,
+                function(c"nixl_copy_direct")?,
+            ))
+        });
         match kernels {
-            Ok((gather, scatter)) => Ok(Self {
+            Ok((gather, scatter, direct)) => Ok(Self {
                 module,
                 gather,
                 scatter,
+                direct,
                 ctx,
             }),
             Err(e) => {
@@ -98,6 +105,44 @@ impl StagingKernels {
         unsafe {
             result::launch_kernel(
                 f,
+                (grid.0, grid.1, 1),
+                (256, 1, 1),
+                0,
+                stream.cu_stream(),
+                &mut args,
+            )
+        }
+        .map_err(cuda_err)
+    }
+}
+
+impl StagingKernels {
+    /// Enqueues one direct launch on `stream`: `table` is the device address of a direct
+    /// table of `nb` buffers and `np` page pairs uploaded on the same stream, whose source
+    /// pages lie in pools of plain device memory of this context and whose destination pages
+    /// lie inside peer allocations mapped into it (both checked by the table's builder
+    /// against the mapped lengths).
+    pub(crate) fn launch_direct(
+        &self,
+        stream: &CudaStream,
+        table: u64,
+        grid: (u32, u32),
+        (mut nb, mut np): (u32, u32),
+    ) -> Result<(), Error> {
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
+        let mut table = table;
+        let mut args: [*mut c_void; 3] = [
+            (&raw mut table).cast(),
+            (&raw mut nb).cast(),
+            (&raw mut np).cast(),
+        ];
+        // SAFETY: `direct` belongs to the loaded module; the three arguments match the
+        // kernel's parameters (u64, u32, u32) and point at locals that outlive the call (the
+        // driver copies them at launch). The kernel reads only the table and source pages and
+        // writes only destination pages, all validated to lie inside live allocations.
+        unsafe {
+            result::launch_kernel(
+                self.direct,
                 (grid.0, grid.1, 1),
                 (256, 1, 1),
                 0,
