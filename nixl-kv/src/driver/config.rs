@@ -53,6 +53,10 @@ pub struct StagingConfig {
     pub slots: u32,
     /// Decode: slots one room may hold at once (1 to `slots`).
     pub per_room: u32,
+    /// Same node: a decode exports its KV pools to prefills on its node, and a prefill copies
+    /// pages straight into them with one kernel, with no staging slot and no NIXL WRITE
+    /// (docs/protocol.md §3.5). On by default; off, same-node pairs stage as other pairs do.
+    pub direct: bool,
 }
 
 impl StagingConfig {
@@ -63,7 +67,15 @@ impl StagingConfig {
             slot_bytes,
             slots,
             per_room: (slots / 2).max(1),
+            direct: true,
         })
+    }
+
+    /// Turns the same-node direct path on or off (see [`StagingConfig::direct`]).
+    #[must_use]
+    pub fn direct(mut self, on: bool) -> Self {
+        self.direct = on;
+        self
     }
 
     /// Sets how many slots one room may hold (clamped to 1..=`slots`).

@@ -28,6 +28,7 @@ enum Outcome {
     Prepared(ListId, bool),
     Done(RoomId, Result<(), FailureReason>),
     Staged(RoomId, u32, Result<(), FailureReason>),
+    DirectOpened(AgentName, Result<(), String>),
 }
 
 /// Runs the prefill core's queue until it is empty (outcomes can queue more commands), moving
@@ -37,6 +38,7 @@ pub(crate) fn drive_prefill(s: &Shared) {
     let mut lists = lock(&p.exec);
     let mut cmds = Vec::new();
     let mut staged = Vec::new();
+    let mut direct = Vec::new();
     loop {
         cmds.clear();
         lock(&p.core).drain_commands(&mut cmds);
@@ -46,12 +48,13 @@ pub(crate) fn drive_prefill(s: &Shared) {
             run(&s.agent, p, &mut lists, cmd, &mut outcomes, &mut posted);
         }
         if let Some(gpu) = &p.gpu {
-            lock(gpu).progress(&s.agent, &mut staged);
+            lock(gpu).progress(&s.agent, &mut staged, &mut direct);
             outcomes.extend(
                 staged
                     .drain(..)
                     .map(|(room, slot, res)| Outcome::Staged(room, slot, res)),
             );
+            outcomes.extend(direct.drain(..).map(|(room, res)| Outcome::Done(room, res)));
         }
         if outcomes.is_empty() && posted.is_empty() {
             return;
@@ -71,6 +74,7 @@ pub(crate) fn drive_prefill(s: &Shared) {
                 Outcome::Staged(room, slot, res) => {
                     core.staged_done(room, slot, res, std::time::Instant::now());
                 }
+                Outcome::DirectOpened(agent, res) => core.direct_opened(&agent, res),
             }
         }
     }
@@ -97,6 +101,9 @@ fn run(
             lists.lists.retain(
                 |id, _| !matches!(id, ListId::Peer { agent, .. } if agent.as_str() == name),
             );
+            if let Some(gpu) = &p.gpu {
+                lock(gpu).forget(&name);
+            }
             if let Err(e) = agent.invalidate_remote(&name) {
                 tracing::debug!(peer = %name, error = %e, "remote metadata not invalidated");
             }
@@ -120,6 +127,44 @@ fn run(
         }
         Command::Release(id) => {
             lists.lists.remove(&id);
+        }
+        Command::Post(post) if matches!(post.coords, Coords::Direct { .. }) => {
+            let Coords::Direct { src, dst } = &post.coords else {
+                return;
+            };
+            // Only a core told `with_direct` lowers to Direct, and only a prefill with a
+            // staging buffer (and its kernels) tells it so.
+            let res = match &p.gpu {
+                Some(gpu) => {
+                    lock(gpu).direct(post.room, post.peer.as_str(), src, dst, post.notif.clone())
+                }
+                None => Err("this prefill cannot launch direct copies".into()),
+            };
+            match res {
+                Ok(()) => {
+                    p.made_direct.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(reason) => {
+                    tracing::warn!(room = %post.room, peer = %post.peer, %reason, "direct copy not launched");
+                    let reason = FailureReason::Transfer {
+                        peer: post.peer.as_str().to_owned(),
+                        reason,
+                    };
+                    outcomes.push(Outcome::Done(post.room, Err(reason)));
+                }
+            }
+        }
+        Command::OpenDirect {
+            agent: name,
+            pools,
+            kv_ptrs,
+            item_len,
+        } => {
+            let res = match &p.gpu {
+                Some(gpu) => lock(gpu).open_direct(name.as_str(), &pools, &kv_ptrs, item_len),
+                None => Err("this prefill cannot map pools".into()),
+            };
+            outcomes.push(Outcome::DirectOpened(name, res));
         }
         Command::Post(post) => {
             let room = post.room;
@@ -211,6 +256,7 @@ fn make(agent: &Agent, p: &PrefillIo, lists: &Lists, post: &Post) -> Result<Xfer
                 .create_request(XferOp::Write, local, remote, post.peer.as_str(), notif)
                 .map_err(|e| e.to_string())
         }
+        Coords::Direct { .. } => Err("a direct copy is not a NIXL request".into()),
     }
 }
 

@@ -59,6 +59,8 @@ pub struct RequestPaths {
     pub explicit: u64,
     /// Staged pieces gathered (each then goes as one WRITE).
     pub staged: u64,
+    /// KV chunks copied by the direct path (one kernel each, no NIXL request).
+    pub direct: u64,
 }
 
 /// Entries a manager holds, for leak checks.
@@ -108,6 +110,7 @@ pub(crate) struct PrefillIo {
     pub(crate) made_prepared: AtomicU64,
     pub(crate) made_explicit: AtomicU64,
     pub(crate) made_staged: AtomicU64,
+    pub(crate) made_direct: AtomicU64,
     /// The staging buffer, when the staged path is on.
     pub(crate) gpu: Option<Mutex<staged::PrefillGpu>>,
 }
@@ -212,6 +215,9 @@ impl KvManager {
             });
         if let Some(cfg) = config.staging {
             core = core.with_staging(cfg.slot_bytes, cfg.slots);
+            if let (true, Some(node)) = (cfg.direct, staged::node_id()) {
+                core = core.with_direct(&node);
+            }
         }
         let shared = Arc::new(Shared {
             role: Role::Prefill(PrefillIo {
@@ -222,6 +228,7 @@ impl KvManager {
                 made_prepared: AtomicU64::new(0),
                 made_explicit: AtomicU64::new(0),
                 made_staged: AtomicU64::new(0),
+                made_direct: AtomicU64::new(0),
                 gpu: gpu.map(Mutex::new),
             }),
             agent,
@@ -262,12 +269,12 @@ impl KvManager {
         })?;
         let layout = args.layout();
         // The ring is registered before the metadata is taken, so that prefills can write it.
-        let (gpu, staging) = match config.staging {
+        let (gpu, staging, direct) = match config.staging {
             Some(cfg) => {
-                let (gpu, staging) = staged::DecodeGpu::new(&agent, &layout, cfg)?;
-                (Some(Mutex::new(gpu)), Some(staging))
+                let (gpu, staging, direct) = staged::DecodeGpu::new(&agent, &layout, cfg)?;
+                (Some(Mutex::new(gpu)), Some(staging), direct)
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let me = Identity {
             local_ip: config.local_ip.clone(),
@@ -284,6 +291,7 @@ impl KvManager {
             kv_pages: layout.kv_pages,
             aux_slots: layout.aux_slots,
             staging,
+            direct,
             sliced_tp: config.sliced_tp,
         };
         let timers = DecodeTimers::new(
@@ -366,6 +374,7 @@ impl KvManager {
                 prepared: p.made_prepared.load(Ordering::Relaxed),
                 explicit: p.made_explicit.load(Ordering::Relaxed),
                 staged: p.made_staged.load(Ordering::Relaxed),
+                direct: p.made_direct.load(Ordering::Relaxed),
             })
     }
 

@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nixl_wire::ext::{self, FreedMessage, FreedNotice, ProofNotice, Ring, StagedNotice};
+use nixl_wire::ext::{self, FreedMessage, FreedNotice, IpcPools, ProofNotice, Ring, StagedNotice};
 use nixl_wire::http::{ParallelInfo, RankInfo};
 use nixl_wire::{
     AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PageIndex, RoomId, TransferInfo,
@@ -63,6 +63,8 @@ pub struct Identity {
     pub aux_slots: u32,
     /// Our GPU staging ring, if the staged path is on (ours; `None`: SGLang's path only).
     pub staging: Option<DecodeStaging>,
+    /// Our KV pools exported for same-node prefills (the direct path; ours only).
+    pub direct: Option<IpcPools>,
     /// Ask a smaller prefill for head slices when the model is not MLA (its prefills must
     /// support them); off: such pairs fail, as in SGLang 0.5.1.
     pub sliced_tp: bool,
@@ -501,12 +503,19 @@ impl DecodeCore {
             }),
             // SGLang prefills ignore them; ours then prove their transfer infos' origin, and
             // stage into our ring if we have one.
-            trailing: match me.staging {
-                Some(st) => vec![
-                    ext::caps_frame(&[ext::CAP_PROOF, ext::CAP_STAGING]),
-                    st.ring.frame(),
-                ],
-                None => vec![ext::caps_frame(&[ext::CAP_PROOF])],
+            trailing: {
+                let mut caps = vec![ext::CAP_PROOF];
+                let mut frames = Vec::new();
+                if let Some(st) = me.staging {
+                    caps.push(ext::CAP_STAGING);
+                    frames.push(st.ring.frame());
+                }
+                if let Some(ipc) = &me.direct {
+                    caps.push(ext::CAP_DIRECT);
+                    frames.push(ipc.frame());
+                }
+                frames.insert(0, ext::caps_frame(&caps));
+                frames
             },
         }
         .encode()

@@ -89,6 +89,14 @@ pub enum Coords {
         /// The peer's.
         remote: XferDescs,
     },
+    /// The direct path (same node, docs/protocol.md §3.5): our pages copied by one kernel
+    /// straight into the peer's mapped pool pages, pair by pair, then the notification sent.
+    Direct {
+        /// Our pages.
+        src: Vec<u32>,
+        /// The peer's pages, paired with `src`.
+        dst: Vec<u32>,
+    },
 }
 
 impl Coords {
@@ -97,6 +105,7 @@ impl Coords {
         match self {
             Self::Indexed { local_idx, .. } => local_idx.len(),
             Self::Explicit { local, .. } => local.len(),
+            Self::Direct { src, .. } => src.len(),
         }
     }
 

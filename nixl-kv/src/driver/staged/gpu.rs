@@ -1,14 +1,16 @@
 //! The staged path on the GPU: nixl-core's gather and scatter kernels, one staging buffer per
 //! manager, registered with its agent once.
 
-use nixl_core::cuda::{DeviceBuffer, Staging, StagingEvent};
+use std::collections::HashMap;
+
+use nixl_core::cuda::{DeviceBuffer, IpcAllocation, PeerPools, Staging, StagingEvent};
 use nixl_core::{
     Agent, MemRegion, MemType, Registered, XferDescs, XferOp, XferRequest, XferStatus,
 };
 use nixl_wire::RoomId;
-use nixl_wire::ext::Ring;
+use nixl_wire::ext::{IpcAlloc, IpcPools, Ring};
 
-use super::{ScatterEnd, StageEnd};
+use super::{DirectEnd, ScatterEnd, StageEnd};
 use crate::driver::config::StagingConfig;
 use crate::error::Error;
 use crate::proto::decode::DecodeStaging;
@@ -65,6 +67,11 @@ pub(crate) struct PrefillGpu {
     // Field order: requests end before the buffer they read is deregistered and freed.
     pieces: Vec<Piece>,
     buf: Registered<DeviceBuffer>,
+    /// Direct copies whose kernels have not finished yet: (room, peer, notification, the
+    /// last launch's event).
+    direct: Vec<(RoomId, String, Vec<u8>, StagingEvent)>,
+    /// Same-node decodes' pools, mapped (dropped after `staging` is synchronized).
+    peers: HashMap<String, PeerPools>,
     staging: Staging,
     slot_bytes: u64,
 }
@@ -83,9 +90,84 @@ impl PrefillGpu {
         Ok(Self {
             pieces: Vec::new(),
             buf,
+            direct: Vec::new(),
+            peers: HashMap::new(),
             staging,
             slot_bytes: cfg.slot_bytes,
         })
+    }
+
+    /// Maps a same-node decode's exported pools for the direct path.
+    pub(crate) fn open_direct(
+        &mut self,
+        agent: &str,
+        pools: &IpcPools,
+        kv_ptrs: &[u64],
+        item_len: u64,
+    ) -> Result<(), String> {
+        let allocs: Vec<IpcAllocation> = pools
+            .allocs
+            .iter()
+            .map(|a| IpcAllocation {
+                base: a.base,
+                len: a.len,
+                handle: a.handle,
+            })
+            .collect();
+        let mapped = PeerPools::open(self.staging.ordinal(), &allocs, kv_ptrs, item_len)
+            .map_err(|e| e.to_string())?;
+        if !self.staging.layout().compatible(mapped.layout()) {
+            return Err("the decode's pools differ from ours in buffers or page length".into());
+        }
+        self.peers.insert(agent.to_owned(), mapped);
+        Ok(())
+    }
+
+    /// Unmaps a forgotten decode's pools (after every launch so far has finished).
+    pub(crate) fn forget(&mut self, agent: &str) {
+        if self.peers.contains_key(agent) {
+            if let Err(e) = self.staging.synchronize() {
+                tracing::debug!(error = %e, "staging stream not synchronized");
+            }
+            self.peers.remove(agent);
+        }
+    }
+
+    /// Launches the direct copy of `src` pages into the mapped pools of `peer` (`dst`, pair
+    /// by pair), in launches of at most one slot's worth of pages; `notif` is sent once the
+    /// last one is done ([`PrefillGpu::progress`]).
+    pub(crate) fn direct(
+        &mut self,
+        room: RoomId,
+        peer: &str,
+        src: &[u32],
+        dst: &[u32],
+        notif: Vec<u8>,
+    ) -> Result<(), String> {
+        let pools = self
+            .peers
+            .get(peer)
+            .ok_or_else(|| format!("the pools of {peer} are not mapped"))?;
+        if src.len() != dst.len() || src.is_empty() {
+            return Err(format!(
+                "{} pages for {} destination pages",
+                src.len(),
+                dst.len()
+            ));
+        }
+        let per = self.staging.max_pages();
+        let mut last = None;
+        for (s, d) in src.chunks(per).zip(dst.chunks(per)) {
+            let ev = self
+                .staging
+                .copy_direct(s, pools, d)
+                .map_err(|e| format!("direct copy: {e}"))?;
+            last = Some(ev);
+        }
+        if let Some(ev) = last {
+            self.direct.push((room, peer.to_owned(), notif, ev));
+        }
+        Ok(())
     }
 
     /// Launches the gather of `w`; its WRITE is posted by [`PrefillGpu::progress`] once the
@@ -118,7 +200,29 @@ impl PrefillGpu {
 
     /// Moves every piece on: a finished gather gets its WRITE posted at once, a finished WRITE
     /// ends the piece (reported in `ended`, its slot free again).
-    pub(crate) fn progress(&mut self, agent: &Agent, ended: &mut Vec<StageEnd>) {
+    pub(crate) fn progress(
+        &mut self,
+        agent: &Agent,
+        ended: &mut Vec<StageEnd>,
+        direct: &mut Vec<DirectEnd>,
+    ) {
+        self.direct.retain(|(room, peer, notif, ev)| {
+            let res = match ev.is_done() {
+                Ok(false) => return true,
+                Ok(true) => agent
+                    .send_notification(peer, notif)
+                    .map_err(|e| format!("notification: {e}")),
+                Err(e) => Err(format!("direct copy: {e}")),
+            };
+            direct.push((
+                *room,
+                res.map_err(|reason| FailureReason::Transfer {
+                    peer: peer.clone(),
+                    reason,
+                }),
+            ));
+            false
+        });
         let region = self.buf.region();
         let slot_bytes = self.slot_bytes;
         self.pieces.retain_mut(|p| {
@@ -217,8 +321,9 @@ impl DecodeGpu {
         agent: &Agent,
         layout: &Layout,
         cfg: StagingConfig,
-    ) -> Result<(Self, DecodeStaging), Error> {
+    ) -> Result<(Self, DecodeStaging, Option<IpcPools>), Error> {
         let (staging, ring) = prepare(agent, layout, cfg)?;
+        let ipc = if cfg.direct { export(layout) } else { None };
         let announced = Ring {
             addr: ring.region().addr,
             slot_bytes: cfg.slot_bytes,
@@ -237,7 +342,7 @@ impl DecodeGpu {
             staging,
             slot_bytes: cfg.slot_bytes,
         };
-        Ok((gpu, DecodeStaging::new(announced, cfg.per_room)))
+        Ok((gpu, DecodeStaging::new(announced, cfg.per_room), ipc))
     }
 
     /// Launches the scatter of ring `slot` into `pages`.
@@ -271,6 +376,30 @@ impl DecodeGpu {
                     false
                 }
             });
+    }
+}
+
+/// Our KV pools' allocations as IPC handles, for same-node prefills (`None`, logged, when the
+/// memory cannot be exported or the node has no identity).
+fn export(layout: &Layout) -> Option<IpcPools> {
+    let host = super::node_id()?;
+    match nixl_core::cuda::export_allocations(layout.gpu_id, &layout.kv_ptrs) {
+        Ok(allocs) => Some(IpcPools {
+            host,
+            gpu: layout.gpu_id,
+            allocs: allocs
+                .iter()
+                .map(|a| IpcAlloc {
+                    base: a.base,
+                    len: a.len,
+                    handle: a.handle,
+                })
+                .collect(),
+        }),
+        Err(e) => {
+            tracing::info!(error = %e, "KV pools not exported: no direct path");
+            None
+        }
     }
 }
 

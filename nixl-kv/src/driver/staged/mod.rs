@@ -24,3 +24,20 @@ pub(crate) type StageEnd = (RoomId, u32, Result<(), FailureReason>);
 
 /// A scatter that ended: the room, the ring slot, and how.
 pub(crate) type ScatterEnd = (RoomId, u32, Result<(), String>);
+
+/// A direct copy that ended (its kernels done and its notification sent, or not): the room
+/// and how.
+pub(crate) type DirectEnd = (RoomId, Result<(), FailureReason>);
+
+/// This node's identity for the direct path: its boot id (the same for every process of one
+/// boot of one machine, different across machines).
+pub(crate) fn node_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b',' && b != b';'))
+    .then(|| id.to_owned())
+}

@@ -6,7 +6,9 @@ use std::convert::Infallible;
 use nixl_core::Agent;
 use nixl_wire::RoomId;
 
-use super::{ScatterEnd, StageEnd};
+use nixl_wire::ext::IpcPools;
+
+use super::{DirectEnd, ScatterEnd, StageEnd};
 use crate::driver::config::StagingConfig;
 use crate::error::Error;
 use crate::proto::Layout;
@@ -29,7 +31,32 @@ impl PrefillGpu {
         match self.0 {}
     }
 
-    pub(crate) fn progress(&mut self, _: &Agent, _: &mut Vec<StageEnd>) {
+    pub(crate) fn progress(&mut self, _: &Agent, _: &mut Vec<StageEnd>, _: &mut Vec<DirectEnd>) {
+        match self.0 {}
+    }
+
+    pub(crate) fn open_direct(
+        &mut self,
+        _: &str,
+        _: &IpcPools,
+        _: &[u64],
+        _: u64,
+    ) -> Result<(), String> {
+        match self.0 {}
+    }
+
+    pub(crate) fn forget(&mut self, _: &str) {
+        match self.0 {}
+    }
+
+    pub(crate) fn direct(
+        &mut self,
+        _: RoomId,
+        _: &str,
+        _: &[u32],
+        _: &[u32],
+        _: Vec<u8>,
+    ) -> Result<(), String> {
         match self.0 {}
     }
 }
@@ -42,7 +69,7 @@ impl DecodeGpu {
         _: &Agent,
         _: &Layout,
         _: StagingConfig,
-    ) -> Result<(Self, DecodeStaging), Error> {
+    ) -> Result<(Self, DecodeStaging, Option<IpcPools>), Error> {
         Err(refused())
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nixl_core::MemType;
-use nixl_wire::ext::{self, FreedMessage, ProofNotice, Ring, StagedNotice};
+use nixl_wire::ext::{self, FreedMessage, IpcPools, ProofNotice, Ring, StagedNotice};
 use nixl_wire::{
     AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PrefillInbound, RoomId,
     TransferInfo,
@@ -37,6 +37,8 @@ pub struct Peer {
     pub proves: bool,
     /// Its staging ring, if it advertised `staging` with a well-formed ring frame (ours).
     pub ring: Option<Ring>,
+    /// Its exported KV pools, if it advertised `direct` with a well-formed ipc frame (ours).
+    pub ipc: Option<IpcPools>,
 }
 
 /// One staged WRITE (docs/runtime.md §12): gather `src_pages` of our pool into our staging
@@ -110,6 +112,17 @@ pub enum Command {
     },
     /// Gather, then WRITE one staged piece; report with [`PrefillCore::staged_done`].
     Stage(StagedWrite),
+    /// Map a same-node decode's exported KV pools; report with [`PrefillCore::direct_opened`].
+    OpenDirect {
+        /// The agent as NIXL knows it.
+        agent: AgentName,
+        /// Its exported allocations.
+        pools: IpcPools,
+        /// Its KV buffer addresses (in its address space).
+        kv_ptrs: Vec<u64>,
+        /// Bytes of one page of each of its KV buffers.
+        item_len: u64,
+    },
 }
 
 /// A prefill's staged path: the slot size of its staging buffer and which slots are free.
@@ -204,6 +217,8 @@ struct PeerState {
     proves: bool,
     /// It echoed the right proof once: from now on every info must carry it.
     proven: bool,
+    /// Its pools are mapped into our process: KV pages go by the direct path.
+    direct: bool,
 }
 
 /// How a prefill tells its own decodes from impostors naming them (docs/protocol.md §3.5).
@@ -262,6 +277,8 @@ pub struct PrefillCore {
     src_idx: Vec<u32>,
     dst_idx: Vec<u32>,
     staging: Option<PrefillStaging>,
+    /// Our node's identity, when the direct path is on (see [`PrefillCore::with_direct`]).
+    node: Option<String>,
 }
 
 impl PrefillCore {
@@ -302,6 +319,7 @@ impl PrefillCore {
             src_idx: Vec::new(),
             dst_idx: Vec::new(),
             staging: None,
+            node: None,
         }
     }
 
@@ -605,7 +623,12 @@ impl PrefillCore {
                 pp: None,
             }
             .encode();
+            let direct = self.peers.get(&info.agent).is_some_and(|p| p.direct);
             let coords = match self.head_slice(&peer) {
+                None if direct => Coords::Direct {
+                    src: self.src_idx.clone(),
+                    dst: self.dst_idx.clone(),
+                },
                 None => self.lower_kv(&info.agent, &peer),
                 Some(slice) => self.lower_sliced(&slice?, &peer)?,
             };
@@ -945,5 +968,6 @@ impl PrefillCore {
     }
 }
 
+mod direct;
 mod peers;
 mod staged;

@@ -30,6 +30,11 @@ impl PrefillCore {
         } else {
             None
         };
+        let ipc = if caps.iter().any(|c| c == ext::CAP_DIRECT) {
+            IpcPools::find(&r.trailing)
+        } else {
+            None
+        };
         let peer = Peer {
             kv_ptrs: r.kv_ptrs,
             aux_ptrs: r.aux_ptrs,
@@ -37,6 +42,7 @@ impl PrefillCore {
             tp_info: r.tp_info,
             proves,
             ring,
+            ipc,
         };
         self.pending_peers.insert(r.agent.clone(), (peer, now));
         self.commands.push_back(Command::LoadRemote {
@@ -60,6 +66,7 @@ impl PrefillCore {
                     last_seen: seen,
                     proves,
                     proven: false,
+                    direct: false,
                 };
                 // Only the agent whose metadata NIXL loaded receives this.
                 if state.proves
@@ -80,6 +87,7 @@ impl PrefillCore {
                     self.prepare_peer_list(agent, &mut state, ListKind::Kv, 1);
                 }
                 self.prepare_peer_list(agent, &mut state, ListKind::Aux, 1);
+                self.open_direct(agent, &state.peer);
                 self.peers.insert(agent.clone(), state);
             }
             Ok(name) => {

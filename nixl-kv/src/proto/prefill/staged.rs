@@ -11,7 +11,12 @@ impl PrefillCore {
     pub(super) fn choose_staging(&mut self, room: RoomId, infos: &[TransferInfo], now: Instant) {
         let Some(st) = &self.staging else { return };
         let [info] = infos else { return };
-        let Some(peer) = self.peers.get(&info.agent).map(|p| Arc::clone(&p.peer)) else {
+        let Some(peer) = self
+            .peers
+            .get(&info.agent)
+            .filter(|p| !p.direct)
+            .map(|p| Arc::clone(&p.peer))
+        else {
             return;
         };
         let Some(ring) = peer.ring else { return };

@@ -88,6 +88,10 @@ struct FakeDriver {
     prepare_ok: bool,
     /// Staged WRITEs, in queue order (the test reports their ends).
     stages: Vec<super::prefill::StagedWrite>,
+    /// Agents whose pools the core asked to map, in order.
+    opened: Vec<AgentName>,
+    /// The answer to each mapping (`None`: none; the test answers).
+    open_ok: Option<bool>,
 }
 
 impl FakeDriver {
@@ -119,6 +123,13 @@ impl FakeDriver {
                 Command::Post(post) => self.posts.push(post),
                 Command::Notify { agents, payload } => self.notified.push((agents, payload)),
                 Command::Stage(w) => self.stages.push(w),
+                Command::OpenDirect { agent, .. } => {
+                    self.opened.push(agent.clone());
+                    if let Some(ok) = self.open_ok {
+                        let res = if ok { Ok(()) } else { Err("refused".into()) };
+                        p.direct_opened(&agent, res);
+                    }
+                }
             }
         }
     }
@@ -153,6 +164,7 @@ impl FakeDriver {
                     out.push((a.addr, b.addr, a.len));
                 }
             }
+            Coords::Direct { .. } => panic!("a direct post has no descriptors: {post:?}"),
         }
         merged(out)
     }
@@ -628,6 +640,7 @@ fn identity() -> Identity {
         kv_pages: 64,
         aux_slots: 8,
         staging: None,
+        direct: None,
         sliced_tp: false,
     }
 }
@@ -990,6 +1003,7 @@ fn golden_frames_drive_the_prefill_and_golden_notifications_the_decode() {
     assert_eq!(d.poll(t.room, now), KvPoll::Success);
 }
 
+mod direct;
 mod origin;
 mod sliced;
 mod staged;
