@@ -92,15 +92,24 @@ contexts() {
   wait $P 2>/dev/null
 }
 agents() {
-  # Does a NIXL agent in our own process slow our launches? The timed gather with no agent,
-  # next to an agent with a UCX backend, and with its buffers registered to that agent.
-  for round in 1 2; do
-    for with in no backend registered; do
+  # Where does the fixed ~0.14 ms per staging launch of the two-process cases come from? The
+  # timed gather with no agent, next to an agent with a UCX backend (created before any CUDA
+  # work), with its buffers registered, and with cuda_ipc mappings to a second agent live; each
+  # also after 0.3 ms and 3 ms of GPU idleness. Then the raw staged case under UCX settings.
+  nvidia-smi -q -d CLOCK,PERFORMANCE | grep -E -A3 "Clocks$|Clocks Event|Performance State|Applications Clocks$" | head -40
+  for round in ${AGENT_ROUNDS:-1}; do
+    for with in ${AGENT_KINDS:-no peer}; do
       echo -n "round $round, agent: $with: "
-      "$B/bin/gpubench" kernels --gpu 0 --with-agent $with 2>/dev/null | grep -o '"gather_64x32x32k_[a-z0-9_]*":[0-9.]*' | tr '\n' ' '
+      UCX_CUDA_IPC_ENABLE_SAME_PROCESS=y "$B/bin/gpubench" kernels --gpu 0 --with-agent $with 2>&1 | grep -o '"gather_64x32x32k_[a-z0-9_]*":[0-9.]*\|rror.*' | tr '\n' ' '
       echo
     done
   done
+  for env in "X=1" "UCX_CUDA_IPC_CACHE=n" "X=2"; do
+    echo "== raw staged, 32 pages, $env"
+    env $env "$B/bin/gpubench" case --name staged --place two --gpu 0 --remote-gpu 0 --seconds 1 --block 32768 \
+      --buffers 64 --pool-pages 600 --per-buffer 32 --dst-run 4 --staged 2>&1 | grep -o '"\(create\|gather\|write\|scatter\|probes\)":{[^}]*}\|rror.*'
+  done
+  ps aux | grep -i "[m]ps" | head -3; nvidia-smi -q | grep -i -E "compute mode|MIG Mode" -A1 | head -6
 }
 if [ "${1:-all}" = agents ]; then
   agents

@@ -485,6 +485,15 @@ fn run_staged(args: &CaseArgs, local: &mut Side, target: &mut Target) -> anyhow:
         rounds.push(one()?);
     }
     staging.synchronize()?;
+    let probes = staged_probes(
+        &mut staging,
+        &pages,
+        &mut buf,
+        &agent,
+        &ldescs,
+        &rdescs,
+        &peer,
+    )?;
     target.command("VERIFY")?;
     target.command("CLEAR")?;
     let series = |k: usize| Series {
@@ -505,5 +514,55 @@ fn run_staged(args: &CaseArgs, local: &mut Side, target: &mut Target) -> anyhow:
         "write": series(2).json(l.bytes()),
         "scatter": series(3).json(l.bytes()),
         "notifications_seen": seen.len(),
+        "probes": probes,
+    }))
+}
+
+/// Where the staged rounds' gather time goes: the gather alone with no WRITE between
+/// launches (the peer's mappings live), waited by spinning on the event instead of blocking,
+/// and right after a WRITE of the staging buffer that has completed (no notification, no
+/// scatter on the peer). p50s in µs.
+fn staged_probes(
+    staging: &mut Staging,
+    pages: &[u32],
+    buf: &mut nixl_core::Registered<DeviceBuffer>,
+    agent: &nixl_core::Agent,
+    ldescs: &XferDescs,
+    rdescs: &XferDescs,
+    peer: &str,
+) -> anyhow::Result<Value> {
+    let p50 = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2] * 1e6
+    };
+    let (mut alone, mut enqueue, mut spun, mut after_write) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..100 {
+        let t = Instant::now();
+        let ev = staging.gather(pages, buf.buffer_mut(), 0)?;
+        enqueue.push(t.elapsed().as_secs_f64());
+        ev.wait()?;
+        alone.push(t.elapsed().as_secs_f64());
+    }
+    for _ in 0..100 {
+        let t = Instant::now();
+        let ev = staging.gather(pages, buf.buffer_mut(), 0)?;
+        while !ev.is_done()? {
+            std::hint::spin_loop();
+        }
+        spun.push(t.elapsed().as_secs_f64());
+    }
+    for _ in 0..100 {
+        let req = agent.create_request(XferOp::Write, ldescs, rdescs, peer, None)?;
+        req.post()?;
+        req.wait(Duration::from_secs(60), || {})?;
+        let t = Instant::now();
+        staging.gather(pages, buf.buffer_mut(), 0)?.wait()?;
+        after_write.push(t.elapsed().as_secs_f64());
+    }
+    Ok(json!({
+        "gather_alone_p50_us": p50(alone),
+        "gather_enqueue_p50_us": p50(enqueue),
+        "gather_spin_wait_p50_us": p50(spun),
+        "gather_after_write_p50_us": p50(after_write),
     }))
 }

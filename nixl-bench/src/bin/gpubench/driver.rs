@@ -504,7 +504,7 @@ pub(crate) fn staging(a: &StagingArgs) -> anyhow::Result<()> {
         ));
     }
     let pd_runs = if a.pd.is_some() {
-        2 * crate::pdflow::SIZES.len()
+        crate::pdflow::PATHS.len() * crate::pdflow::SIZES.len()
     } else {
         0
     };
@@ -525,17 +525,16 @@ pub(crate) fn staging(a: &StagingArgs) -> anyhow::Result<()> {
         }
         let Some(pd) = &a.pd else { continue };
         for (ppr, n) in crate::pdflow::SIZES {
-            for staged in [false, true] {
-                let what = if staged { "staged" } else { "plain" };
+            for what in crate::pdflow::PATHS {
                 bar.set_message(format!("pd flow, {ppr} pages, {what}, round {round}"));
                 let log = a.out.join(format!("pd-{ppr}-{what}-{round}.log"));
-                match crate::pdflow::run_one(pd, a.gpu, ppr, n, staged, &log) {
+                match crate::pdflow::run_one(pd, a.gpu, ppr, n, what, &log) {
                     Ok(rows) => pd_rows.extend(rows.into_iter().map(|mut v| {
                         v["round"] = json!(round);
                         v
                     })),
                     Err(e) => pd_rows.push(json!({
-                        "pages_per_request": ppr, "staged": staged, "round": round,
+                        "pages_per_request": ppr, "path": what, "staged": what == "staged", "round": round,
                         "failed": format!("{e:#}"),
                     })),
                 }

@@ -19,7 +19,11 @@ pub(crate) const STAGING_SLOT_MIB: u64 = 64;
 /// (pages per request, timed requests).
 pub(crate) const SIZES: [(u32, u32); 3] = [(1, 300), (32, 150), (256, 30)];
 
-fn pool(gpu: u32, staged: bool) -> Vec<String> {
+/// The paths compared: per-page descriptors (NIXL only), the staged path with the same-node
+/// direct path turned off, and the direct path (both processes on one node).
+pub(crate) const PATHS: [&str; 3] = ["plain", "staged", "direct"];
+
+fn pool(gpu: u32, path: &str) -> Vec<String> {
     let mut v: Vec<String> = [
         "--layers",
         "32",
@@ -35,10 +39,13 @@ fn pool(gpu: u32, staged: bool) -> Vec<String> {
     v.push(format!("gpu:{gpu}"));
     // Both paths poll without sleeping, as an engine's scheduler loop would.
     v.push("--spin".into());
-    if staged {
+    if path != "plain" {
         v.push("--staging".into());
         v.extend(["--staging-slots".into(), STAGING_SLOTS.to_string()]);
         v.extend(["--staging-slot-mib".into(), STAGING_SLOT_MIB.to_string()]);
+    }
+    if path == "staged" {
+        v.push("--no-direct".into());
     }
     v
 }
@@ -84,18 +91,18 @@ pub(crate) fn run_one(
     gpu: u32,
     ppr: u32,
     requests: u32,
-    staged: bool,
+    path: &str,
     log: &Path,
 ) -> anyhow::Result<Vec<Value>> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let (mut prefill, drain) = start_prefill(pd, port, &pool(gpu, staged))?;
+    let (mut prefill, drain) = start_prefill(pd, port, &pool(gpu, path))?;
     let decode = |verify: bool, n: u32| -> anyhow::Result<Value> {
         let mut cmd = Command::new(pd);
         cmd.arg("decode")
             .args(["--bootstrap", &format!("127.0.0.1:{port}")])
-            .args(pool(gpu, staged))
+            .args(pool(gpu, path))
             .args(["--requests", &n.to_string()])
             .args(["--pages-per-request", &ppr.to_string()])
             .args(["--concurrency", "1", "--json"]);
@@ -109,15 +116,25 @@ pub(crate) fn run_one(
             None => json!({"failed": crate::driver::tail(&String::from_utf8_lossy(&out.stderr))}),
         };
         v["pages_per_request"] = json!(ppr);
-        v["staged"] = json!(staged);
+        v["path"] = json!(path);
+        v["staged"] = json!(path == "staged");
         v["verified"] = json!(verify && out.status.success());
         v["exit"] = json!(out.status.code());
         Ok(v)
     };
-    let rows = vec![decode(true, requests.min(30))?, decode(false, requests)?];
+    let mut rows = vec![decode(true, requests.min(30))?, decode(false, requests)?];
     let _ = prefill.kill();
     let _ = prefill.wait();
-    std::fs::write(log, drain.join().unwrap_or_default())?;
+    let text = drain.join().unwrap_or_default();
+    // The prefill's last count of how its requests went (prepared, explicit, staged, direct).
+    let paths = text
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("requests so far: ").map(|(_, p)| p.to_owned()));
+    for r in &mut rows {
+        r["prefill_paths"] = json!(paths);
+    }
+    std::fs::write(log, text)?;
     std::thread::sleep(Duration::from_millis(200));
     Ok(rows)
 }

@@ -399,6 +399,7 @@ fn pd_flow_section(s: &mut String, all: &Value, cases: &[Value]) {
         "| pages/request | path | verified runs | p50 ms | p99 ms | GB/s | rounds | raw staged p50 ms | raw staged / pd p50 |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let mut paths_seen = Vec::new();
     for ppr in [1u64, 32, 256] {
         let raw_p50 = median(
             cases
@@ -407,11 +408,17 @@ fn pd_flow_section(s: &mut String, all: &Value, cases: &[Value]) {
                 .map(|c| f(&c["create"]["p50_us"]) / 1e3)
                 .collect(),
         );
-        for staged in [false, true] {
+        for path in crate::pdflow::PATHS {
+            // Reports from before the direct path have `staged` only.
+            let of_path = |r: &Value| match r["path"].as_str() {
+                Some(p) => p == path,
+                None => r["staged"] == (path == "staged") && path != "direct",
+            };
             let rows: Vec<&Value> = pd
                 .iter()
-                .filter(|r| r["pages_per_request"] == ppr && r["staged"] == staged)
+                .filter(|r| r["pages_per_request"] == ppr && of_path(r))
                 .collect();
+            let staged = path != "plain";
             if rows.is_empty() {
                 continue;
             }
@@ -431,10 +438,10 @@ fn pd_flow_section(s: &mut String, all: &Value, cases: &[Value]) {
             let _ = writeln!(
                 s,
                 "| {ppr} | {} | {} of {} runs, {ok} requests | {p50:.3} | {:.3} | {:.1} | {} | {} | {} |{}",
-                if staged {
-                    "**staged**"
-                } else {
-                    "plain (GPU_FAST)"
+                match path {
+                    "staged" => "**staged**",
+                    "direct" => "**direct** (same node)",
+                    _ => "plain (GPU_FAST)",
                 },
                 verified.len(),
                 rows.len() / 2,
@@ -457,6 +464,18 @@ fn pd_flow_section(s: &mut String, all: &Value, cases: &[Value]) {
                     format!(" failed: {}", failed.join("; "))
                 },
             );
+            if let Some(p) = rows.iter().find_map(|r| r["prefill_paths"].as_str()) {
+                paths_seen.push(format!("{ppr} pages, {path}: {p}"));
+            }
+        }
+    }
+    if !paths_seen.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nHow the prefills moved their requests (their last count):\n"
+        );
+        for p in paths_seen {
+            let _ = writeln!(s, "- {p}");
         }
     }
 }

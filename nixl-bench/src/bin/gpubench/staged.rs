@@ -3,7 +3,7 @@
 //! benchmarks (every byte, odd lengths and offsets, gather and scatter) with the gather
 //! kernel's own time.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nixl_core::cuda::{DeviceBuffer, Staging};
@@ -80,10 +80,26 @@ pub(crate) enum WithAgent {
     No,
     Backend,
     Registered,
+    /// Registered, plus a second agent of this process whose buffer the gather's output was
+    /// written to once over NIXL (cuda_ipc mappings live; needs
+    /// `UCX_CUDA_IPC_ENABLE_SAME_PROCESS=y`).
+    Peer,
 }
 
 /// [`kernel_check`], timing the gather next to a NIXL agent as `with` says.
 pub(crate) fn kernel_check_with(gpu: u32, with: WithAgent) -> anyhow::Result<Value> {
+    // The agent comes first, before any CUDA work, as in the pd programs and the cases.
+    let agent = match with {
+        WithAgent::No => None,
+        _ => {
+            let a = Agent::new("kernel-check", &nixl_core::AgentConfig::default())?;
+            a.create_backend(
+                nixl_core::BackendKind::Ucx,
+                &nixl_core::BackendParams::new(),
+            )?;
+            Some(a)
+        }
+    };
     // Item lengths: aligned, odd, one byte, and over one 64 KiB slice.
     let lens: [usize; 5] = [32768, 13, 4099, 1, 100_003];
     let pool_pages = 12usize;
@@ -175,25 +191,17 @@ pub(crate) fn kernel_check_with(gpu: u32, with: WithAgent) -> anyhow::Result<Val
     let pages: Vec<u32> = (0..32u32).map(|i| (1 + 97 * i) % 600).collect();
     let out = DeviceBuffer::new(gpu, 64 << 20)?;
     let mut g = Staging::new(gpu, big, pages.len())?;
-    let agent = match with {
-        WithAgent::No => None,
-        _ => {
-            let a = Agent::new("kernel-check", &nixl_core::AgentConfig::default())?;
-            a.create_backend(
-                nixl_core::BackendKind::Ucx,
-                &nixl_core::BackendParams::new(),
-            )?;
-            Some(a)
-        }
-    };
     let mut held = Vec::new();
     let (mut registered, mut plain);
     let out: &mut DeviceBuffer = match (&agent, with) {
-        (Some(a), WithAgent::Registered) => {
+        (Some(a), WithAgent::Registered | WithAgent::Peer) => {
             for p in pools {
                 held.push(a.register(p)?);
             }
             registered = a.register(out)?;
+            if with == WithAgent::Peer {
+                held.push(write_to_peer(a, &registered, gpu)?);
+            }
             registered.buffer_mut()
         }
         _ => {
@@ -218,7 +226,33 @@ pub(crate) fn kernel_check_with(gpu: u32, with: WithAgent) -> anyhow::Result<Val
         samples.push(t.elapsed().as_secs_f64());
     }
     samples.sort_by(f64::total_cmp);
+    // The same with the GPU left idle (the CPU spinning) before each launch, as between
+    // requests, and with the enqueue (table upload, launch, event record) timed alone.
+    let mut gaps = [Vec::new(), Vec::new()];
+    let mut enqueue = Vec::new();
+    for (k, gap) in [Duration::from_micros(300), Duration::from_millis(3)]
+        .into_iter()
+        .enumerate()
+    {
+        for _ in 0..40 {
+            let idle = Instant::now();
+            while idle.elapsed() < gap {
+                std::hint::spin_loop();
+            }
+            let t = Instant::now();
+            let ev = g.gather(&pages, out, 0)?;
+            enqueue.push(t.elapsed().as_secs_f64());
+            ev.wait()?;
+            gaps[k].push(t.elapsed().as_secs_f64());
+        }
+        gaps[k].sort_by(f64::total_cmp);
+    }
+    enqueue.sort_by(f64::total_cmp);
+    let p50 = |v: &[f64]| v[v.len() / 2] * 1e6;
     Ok(json!({
+        "gather_64x32x32k_after_300us_idle_p50_us": p50(&gaps[0]),
+        "gather_64x32x32k_after_3ms_idle_p50_us": p50(&gaps[1]),
+        "gather_64x32x32k_enqueue_p50_us": p50(&enqueue),
         "verified_bytes": staged_ok,
         "item_lengths": lens,
         "gather_64x32x32k_back_to_back_us": per * 1e6,
@@ -226,4 +260,35 @@ pub(crate) fn kernel_check_with(gpu: u32, with: WithAgent) -> anyhow::Result<Val
         "gather_64x32x32k_launch_and_wait_p50_us": samples[samples.len() / 2] * 1e6,
         "with_agent": format!("{with:?}"),
     }))
+}
+
+/// A second agent of this process with a buffer as large as `src`, written once from `src`
+/// over NIXL; returns the second agent's buffer (kept alive by the caller with its agent).
+fn write_to_peer(
+    a: &Agent,
+    src: &Registered<DeviceBuffer>,
+    gpu: u32,
+) -> anyhow::Result<Registered<DeviceBuffer>> {
+    use nixl_core::{MemType, XferDescs, XferOp};
+    let b = Agent::new("kernel-check-peer", &nixl_core::AgentConfig::default())?;
+    b.create_backend(
+        nixl_core::BackendKind::Ucx,
+        &nixl_core::BackendParams::new(),
+    )?;
+    let dst = b.register(DeviceBuffer::new(gpu, src.buffer().len())?)?;
+    let peer = a.load_remote(b.local_metadata()?.as_bytes())?;
+    let bytes = src.buffer().len() as u64;
+    let mut l = XferDescs::new(MemType::Vram);
+    l.push_in(&src.region(), 0, bytes);
+    let mut r = XferDescs::new(MemType::Vram);
+    r.push_in(&dst.region(), 0, bytes);
+    let req = a.create_request(XferOp::Write, &l, &r, &peer, None)?;
+    req.post()?;
+    let mut seen = Vec::new();
+    req.wait(Duration::from_secs(30), || {
+        let _ = b.drain_notifications(&mut seen);
+    })?;
+    // The agent must outlive its registration; leak it for the life of this check process.
+    std::mem::forget(b);
+    Ok(dst)
 }

@@ -41,7 +41,9 @@
 //! rank of a decode TP group runs the same rooms (one `--seed`; rooms have a stream of their own).
 //!
 //! With `--staging` on both sides (GPU pools), each chunk moves as gather, one WRITE per staging
-//! slot and scatter (docs/runtime.md §12); the prefill's stats line counts the staged pieces.
+//! slot and scatter (docs/runtime.md §12), or, when both run on one node, as one kernel copying
+//! straight into the decode's pages (the direct path; `--no-direct` turns it off); the
+//! prefill's stats line counts the staged pieces and the direct chunks.
 //!
 //! Unless `--spin`, the prefill's loop sleeps (prefill.rs): it polls its active senders every 100 µs, looks for
 //! new rooms every 1 ms while any are active, and when idle backs off to a scan every 16 ms; a
@@ -151,6 +153,10 @@ struct Pool {
     /// MiB per staging slot (a piece holds as many whole pages of every buffer as fit).
     #[arg(long, default_value_t = 64)]
     staging_slot_mib: u64,
+    /// With `--staging`: do not take the same-node direct path (a decode exports no pools, a
+    /// prefill maps none), so that same-node pairs stage as pairs on two nodes do.
+    #[arg(long)]
+    no_direct: bool,
     /// Poll without sleeping while requests are active (lowest latency; a core stays busy
     /// while working, none while idle).
     #[arg(long)]
@@ -181,13 +187,15 @@ impl Pool {
         let staging = if self.staging {
             let bytes = self.staging_slot_mib.saturating_mul(1 << 20);
             Some(
-                nixl_kv::StagingConfig::new(bytes, self.staging_slots).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--staging-slots {} --staging-slot-mib {}: need 1..=1024 slots of at least 1 MiB",
-                        self.staging_slots,
-                        self.staging_slot_mib
-                    )
-                })?,
+                nixl_kv::StagingConfig::new(bytes, self.staging_slots)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--staging-slots {} --staging-slot-mib {}: need 1..=1024 slots of at least 1 MiB",
+                            self.staging_slots,
+                            self.staging_slot_mib
+                        )
+                    })?
+                    .direct(!self.no_direct),
             )
         } else {
             None

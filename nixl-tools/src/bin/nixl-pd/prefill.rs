@@ -203,13 +203,14 @@ pub(crate) fn prefill(
             served.sort();
             let paths = mgr.request_paths();
             eprintln!(
-                "prefill: last {} rooms, claim to transfers done: p50 {:.2} ms, p99 {:.2} ms; requests so far: {} prepared, {} explicit, {} staged pieces",
+                "prefill: last {} rooms, claim to transfers done: p50 {:.2} ms, p99 {:.2} ms; requests so far: {} prepared, {} explicit, {} staged pieces, {} direct chunks",
                 served.len(),
                 served[served.len() / 2].as_secs_f64() * 1e3,
                 served[served.len() * 99 / 100].as_secs_f64() * 1e3,
                 paths.prepared,
                 paths.explicit,
-                paths.staged
+                paths.staged,
+                paths.direct
             );
             served.clear();
         }
