@@ -136,3 +136,48 @@ extern "C" __global__ void nixl_copy_direct(const unsigned long long *table, uns
     const unsigned long long dst = table[2ull * nb + b] + (unsigned long long)dst_pages[i] * len + from;
     copy_range((unsigned char *)dst, (const unsigned char *)src, n);
 }
+
+// Head slices of pool pages -> a peer's mapped pool pages (heterogeneous TP on the direct path).
+// The table: words[0 .. nb) source bases, [nb .. 2nb) source item lengths, [2nb .. 3nb)
+// destination bases, [3nb .. 4nb) destination item lengths, then np source pages and np
+// destination pages, two per word. For every token t < tokens of page pair i of buffer b,
+// len bytes go from src page + src_off + t * src_token to dst page + dst_off + t * dst_token.
+// Block (b * np + i, y) copies part of that page pair's slices: 16-byte words spread over all
+// threads of the gridDim.y blocks when every address and stride is 16-byte aligned, else one
+// token at a time with copy_range.
+extern "C" __global__ void nixl_copy_sliced(const unsigned long long *table, unsigned int nb,
+                                            unsigned int np, unsigned int tokens,
+                                            unsigned long long src_token,
+                                            unsigned long long dst_token,
+                                            unsigned long long src_off,
+                                            unsigned long long dst_off,
+                                            unsigned long long len) {
+    const unsigned long long seg = blockIdx.x;
+    const unsigned int b = (unsigned int)(seg / np);
+    const unsigned int i = (unsigned int)(seg % np);
+    if (b >= nb) {
+        return;
+    }
+    const unsigned int *src_pages = (const unsigned int *)(table + 4ull * nb);
+    const unsigned int *dst_pages = (const unsigned int *)(table + 4ull * nb + (np + 1) / 2);
+    const unsigned long long src =
+        table[b] + (unsigned long long)src_pages[i] * table[nb + b] + src_off;
+    const unsigned long long dst =
+        table[2ull * nb + b] + (unsigned long long)dst_pages[i] * table[3ull * nb + b] + dst_off;
+    if (((src | dst | src_token | dst_token | len) & 15ull) == 0) {
+        const unsigned long long words = len >> 4;
+        const unsigned long long total = words * tokens;
+        const unsigned long long step = (unsigned long long)blockDim.x * gridDim.y;
+        for (unsigned long long k = threadIdx.x + (unsigned long long)blockIdx.y * blockDim.x;
+             k < total; k += step) {
+            const unsigned long long t = k / words;
+            const unsigned long long w = k % words;
+            ((v16 *)(dst + t * dst_token))[w] = ((const v16 *)(src + t * src_token))[w];
+        }
+        return;
+    }
+    for (unsigned long long t = blockIdx.y; t < tokens; t += gridDim.y) {
+        copy_range((unsigned char *)(dst + t * dst_token), (const unsigned char *)(src + t * src_token),
+                   len);
+    }
+}

@@ -374,6 +374,159 @@ impl DirectTable {
     }
 }
 
+/// Where one token's bytes go when pages are sliced by heads (heterogeneous TP): for every
+/// token `t < tokens` of a page pair, `len` bytes from `src_offset + t·src_token` in the source
+/// page to `dst_offset + t·dst_token` in the destination page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::exhaustive_structs)] // plain data by design
+pub struct TokenSlice {
+    /// Tokens per page.
+    pub tokens: u32,
+    /// Bytes of one source token slot.
+    pub src_token: u64,
+    /// Bytes of one destination token slot.
+    pub dst_token: u64,
+    /// Offset of the slice in a source token slot.
+    pub src_offset: u64,
+    /// Offset of the slice in a destination token slot.
+    pub dst_offset: u64,
+    /// Bytes per token.
+    pub len: u64,
+}
+
+/// The argument table of one sliced direct launch (see `kernels/staging.cu`): `nb` source
+/// bases, `nb` source item lengths, `nb` destination bases, `nb` destination item lengths,
+/// then the source and destination pages, two per word; the slice goes as kernel arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicedTable {
+    words: Vec<u64>,
+    buffers: u32,
+    pages: u32,
+    slice: TokenSlice,
+    slices: u32,
+}
+
+impl StagingLayout {
+    /// The table of one launch copying `slice` of every token of `src_pages` of our buffers
+    /// into `dst_pages` of `dst`'s (pair by pair): the same number of buffers, lists of one
+    /// length, every page inside every buffer of its side, and the slice inside a token slot
+    /// and the token slots inside an item on both sides.
+    pub fn sliced_table(
+        &self,
+        src_pages: &[u32],
+        dst: &Self,
+        dst_pages: &[u32],
+        slice: &TokenSlice,
+    ) -> Result<SlicedTable, Error> {
+        let invalid = |reason: String| Error::InvalidArgument {
+            what: "sliced copy",
+            reason,
+        };
+        if self.buffers.len() != dst.buffers.len() {
+            return Err(invalid("the two pools differ in buffer count".into()));
+        }
+        if src_pages.len() != dst_pages.len() {
+            return Err(invalid(format!(
+                "{} source pages for {} destination pages",
+                src_pages.len(),
+                dst_pages.len()
+            )));
+        }
+        let t = u64::from(slice.tokens);
+        let fits = |token: u64, offset: u64, bufs: &[PoolBuffer]| {
+            slice.len > 0
+                && offset.checked_add(slice.len).is_some_and(|e| e <= token)
+                && token
+                    .checked_mul(t)
+                    .is_some_and(|n| bufs.iter().all(|b| n <= b.item_len))
+        };
+        if slice.tokens == 0
+            || !fits(slice.src_token, slice.src_offset, &self.buffers)
+            || !fits(slice.dst_token, slice.dst_offset, &dst.buffers)
+        {
+            return Err(invalid(format!("{slice:?} does not fit the pages")));
+        }
+        let src = self.table(src_pages, u64::MAX)?;
+        dst.table(dst_pages, u64::MAX)?;
+        let nb = self.buffers.len();
+        let mut words = Vec::with_capacity(4 * nb + src_pages.len() + 2);
+        words.extend(self.buffers.iter().map(|b| b.addr));
+        words.extend(self.buffers.iter().map(|b| b.item_len));
+        words.extend(dst.buffers.iter().map(|b| b.addr));
+        words.extend(dst.buffers.iter().map(|b| b.item_len));
+        for list in [src_pages, dst_pages] {
+            for pair in list.chunks(2) {
+                let lo = u64::from(pair[0]);
+                let hi = pair.get(1).map_or(0, |&p| u64::from(p));
+                words.push(lo | (hi << 32));
+            }
+        }
+        let per_page = slice.len.saturating_mul(t);
+        Ok(SlicedTable {
+            words,
+            buffers: src.buffers,
+            pages: src.pages,
+            slice: *slice,
+            slices: u32::try_from(per_page.div_ceil(SLICE_BYTES).clamp(1, MAX_SLICES)).unwrap_or(1),
+        })
+    }
+}
+
+impl SlicedTable {
+    /// The table's 64-bit words, as the kernel reads them.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Number of buffers.
+    pub fn buffers(&self) -> u32 {
+        self.buffers
+    }
+
+    /// Number of page pairs.
+    pub fn pages(&self) -> u32 {
+        self.pages
+    }
+
+    /// The slice.
+    pub fn slice(&self) -> &TokenSlice {
+        &self.slice
+    }
+
+    /// The launch grid: (segments = buffers × pages, blocks per segment).
+    pub fn grid(&self) -> (u32, u32) {
+        (self.buffers * self.pages, self.slices.max(1))
+    }
+
+    /// Every copy the launch makes, as the kernel computes it: (source, destination, length),
+    /// one per token of every page pair of every buffer.
+    pub fn copies(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        let nb = self.buffers as usize;
+        let np = self.pages as usize;
+        let page = move |list: usize, i: usize| {
+            let word = self.words[4 * nb + list * np.div_ceil(2) + i / 2];
+            if i.is_multiple_of(2) {
+                word & 0xffff_ffff
+            } else {
+                word >> 32
+            }
+        };
+        let s = self.slice;
+        (0..nb * np * s.tokens as usize).map(move |k| {
+            let (seg, t) = (k / s.tokens as usize, (k % s.tokens as usize) as u64);
+            let (b, i) = (seg / np, seg % np);
+            (
+                self.words[b] + page(0, i) * self.words[nb + b] + s.src_offset + t * s.src_token,
+                self.words[2 * nb + b]
+                    + page(1, i) * self.words[3 * nb + b]
+                    + s.dst_offset
+                    + t * s.dst_token,
+                s.len,
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,5 +730,55 @@ mod tests {
             src.direct_table(&[3], &layout(&[32, 40], 10), &[0])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_sliced_table_copies_each_token_slice_and_checks_that_it_fits() {
+        // Prefill pages of 4 tokens × 4 heads × 16 bytes; decode pages of 4 tokens × 2 heads.
+        let src = layout(&[256, 256], 8);
+        let dst = StagingLayout::new(
+            (0..2u64)
+                .map(|b| PoolBuffer {
+                    addr: 0x9000_0000 + 0x100_0000 * b,
+                    len: 128 * 4,
+                    item_len: 128,
+                })
+                .collect(),
+        )
+        .unwrap();
+        let slice = TokenSlice {
+            tokens: 4,
+            src_token: 64,
+            dst_token: 32,
+            src_offset: 32,
+            dst_offset: 0,
+            len: 32,
+        };
+        let t = src.sliced_table(&[5, 2], &dst, &[3, 0], &slice).unwrap();
+        let c: Vec<_> = t.copies().collect();
+        assert_eq!(c.len(), 2 * 2 * 4);
+        assert_eq!(
+            c[0],
+            (0x1000_0000 + 5 * 256 + 32, 0x9000_0000 + 3 * 128, 32)
+        );
+        assert_eq!(
+            c[1],
+            (
+                0x1000_0000 + 5 * 256 + 32 + 64,
+                0x9000_0000 + 3 * 128 + 32,
+                32
+            )
+        );
+        assert_eq!(c[4].1, 0x9000_0000);
+        assert_eq!(c[8].0, 0x2000_0000 + 5 * 256 + 32);
+        // A slice past its token slot, tokens past the page, a page past the peer's pool.
+        let past = TokenSlice {
+            src_offset: 48,
+            ..slice
+        };
+        assert!(src.sliced_table(&[5], &dst, &[3], &past).is_err());
+        let long = TokenSlice { tokens: 5, ..slice };
+        assert!(src.sliced_table(&[5], &dst, &[3], &long).is_err());
+        assert!(src.sliced_table(&[5], &dst, &[4], &slice).is_err());
     }
 }

@@ -10,7 +10,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use super::ipc::PeerPools;
 use super::{DeviceBuffer, cuda_err, require_driver};
 use crate::error::Error;
-use crate::staging::{CopyTable, StagingLayout};
+use crate::staging::{CopyTable, StagingLayout, TokenSlice};
 use crate::sys::staging::{DeviceTable, StagingKernels, check_device_range};
 
 /// Gathers and scatters pages of one side's pools on one GPU, on a stream of its own.
@@ -43,7 +43,7 @@ impl Staging {
             check_device_range(b.addr, b.len)?;
         }
         let kernels = StagingKernels::load(Arc::clone(&ctx))?;
-        let words = 3 * layout.buffers().len() + 2 * max_pages.div_ceil(2);
+        let words = 4 * layout.buffers().len() + 2 * max_pages.div_ceil(2);
         let table = DeviceTable::new(Arc::clone(&ctx), words)?;
         let stream = ctx.new_stream().map_err(cuda_err)?;
         Ok(Self {
@@ -121,6 +121,43 @@ impl Staging {
             self.table.addr(),
             table.grid(),
             (table.buffers(), table.pages()),
+        )?;
+        let event = self.ctx.new_event(None).map_err(cuda_err)?;
+        event.record(&self.stream).map_err(cuda_err)?;
+        Ok(StagingEvent(event))
+    }
+
+    /// Copies `slice` of every token of `src_pages` of every buffer straight into `dst_pages`
+    /// of a same-node peer's mapped pools (pair by pair), in one launch: heterogeneous TP on
+    /// the direct path.
+    pub fn copy_sliced(
+        &mut self,
+        src_pages: &[u32],
+        peer: &PeerPools,
+        dst_pages: &[u32],
+        slice: &TokenSlice,
+    ) -> Result<StagingEvent, Error> {
+        if src_pages.len() > self.max_pages {
+            return Err(Error::InvalidArgument {
+                what: "staging pages",
+                reason: format!(
+                    "{} pages in one launch (at most {})",
+                    src_pages.len(),
+                    self.max_pages
+                ),
+            });
+        }
+        let table = self
+            .layout
+            .sliced_table(src_pages, peer.layout(), dst_pages, slice)?;
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
+        self.table.upload(&self.stream, table.words())?;
+        self.kernels.launch_sliced(
+            &self.stream,
+            self.table.addr(),
+            table.grid(),
+            (table.buffers(), table.pages()),
+            table.slice(),
         )?;
         let event = self.ctx.new_event(None).map_err(cuda_err)?;
         event.record(&self.stream).map_err(cuda_err)?;

@@ -19,6 +19,7 @@ pub(crate) struct StagingKernels {
     gather: cu::CUfunction,
     scatter: cu::CUfunction,
     direct: cu::CUfunction,
+    sliced: cu::CUfunction,
     ctx: Arc<CudaContext>,
 }
 
@@ -54,14 +55,16 @@ impl StagingKernels {
                 g,
                 function(c"nixl_stage_scatter")?,
                 function(c"nixl_copy_direct")?,
+                function(c"nixl_copy_sliced")?,
             ))
         });
         match kernels {
-            Ok((gather, scatter, direct)) => Ok(Self {
+            Ok((gather, scatter, direct, sliced)) => Ok(Self {
                 module,
                 gather,
                 scatter,
                 direct,
+                sliced,
                 ctx,
             }),
             Err(e) => {
@@ -143,6 +146,59 @@ impl StagingKernels {
         unsafe {
             result::launch_kernel(
                 self.direct,
+                (grid.0, grid.1, 1),
+                (256, 1, 1),
+                0,
+                stream.cu_stream(),
+                &mut args,
+            )
+        }
+        .map_err(cuda_err)
+    }
+}
+
+impl StagingKernels {
+    /// Enqueues one sliced direct launch on `stream`: `table` is the device address of a
+    /// sliced table of `nb` buffers and `np` page pairs uploaded on the same stream and
+    /// validated by its builder (every source and destination byte of every token slice inside
+    /// our pools and the peer's mapped allocations); `slice` is the one it was built with.
+    pub(crate) fn launch_sliced(
+        &self,
+        stream: &CudaStream,
+        table: u64,
+        grid: (u32, u32),
+        (mut nb, mut np): (u32, u32),
+        slice: &crate::staging::TokenSlice,
+    ) -> Result<(), Error> {
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
+        let mut table = table;
+        let mut tokens = slice.tokens;
+        let (mut st, mut dt, mut so, mut dof, mut len) = (
+            slice.src_token,
+            slice.dst_token,
+            slice.src_offset,
+            slice.dst_offset,
+            slice.len,
+        );
+        let mut args: [*mut c_void; 9] = [
+            (&raw mut table).cast(),
+            (&raw mut nb).cast(),
+            (&raw mut np).cast(),
+            (&raw mut tokens).cast(),
+            (&raw mut st).cast(),
+            (&raw mut dt).cast(),
+            (&raw mut so).cast(),
+            (&raw mut dof).cast(),
+            (&raw mut len).cast(),
+        ];
+        // SAFETY: `sliced` belongs to the loaded module; the nine arguments match the kernel's
+        // parameters (u64, u32, u32, u32, then five u64) and point at locals that outlive the
+        // call (the driver copies them at launch). The kernel reads only the table and source
+        // slices and writes only destination slices, all validated to lie inside live
+        // allocations.
+        unsafe {
+            result::launch_kernel(
+                self.sliced,
                 (grid.0, grid.1, 1),
                 (256, 1, 1),
                 0,
