@@ -129,14 +129,15 @@ fn run(
             lists.lists.remove(&id);
         }
         Command::Post(post) if matches!(post.coords, Coords::Direct { .. }) => {
-            let Coords::Direct { src, dst } = &post.coords else {
+            let Coords::Direct { src, dst, slice } = &post.coords else {
                 return;
             };
             // Only a core told `with_direct` lowers to Direct, and only a prefill with a
             // staging buffer (and its kernels) tells it so.
             let res = match &p.gpu {
                 Some(gpu) => {
-                    lock(gpu).direct(post.room, post.peer.as_str(), src, dst, post.notif.clone())
+                    let notif = post.notif.clone();
+                    lock(gpu).direct(post.room, post.peer.as_str(), src, dst, *slice, notif)
                 }
                 None => Err("this prefill cannot launch direct copies".into()),
             };

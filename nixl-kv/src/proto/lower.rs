@@ -96,6 +96,8 @@ pub enum Coords {
         src: Vec<u32>,
         /// The peer's pages, paired with `src`.
         dst: Vec<u32>,
+        /// Heterogeneous TP: only this slice of every token slot (`None`: whole pages).
+        slice: Option<nixl_core::staging::TokenSlice>,
     },
 }
 

@@ -204,6 +204,18 @@ impl HeadSlice {
         })
     }
 
+    /// The per-token slice, as the direct path's kernel takes it.
+    pub fn token_slice(&self) -> nixl_core::staging::TokenSlice {
+        nixl_core::staging::TokenSlice {
+            tokens: self.tokens,
+            src_token: self.src_token,
+            dst_token: self.dst_token,
+            src_offset: self.src_offset,
+            dst_offset: self.dst_offset,
+            len: self.len,
+        }
+    }
+
     /// The copies of a chunk: for every buffer (prefill base `src[b]`, decode base `dst[b]`),
     /// every page pair `(prefill page, decode page)` and every token, `(src, dst, len)`;
     /// copies that continue the previous one on both sides are merged (whole-token slices of

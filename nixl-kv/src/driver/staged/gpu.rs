@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use nixl_core::cuda::{DeviceBuffer, IpcAllocation, PeerPools, Staging, StagingEvent};
+use nixl_core::staging::TokenSlice;
 use nixl_core::{
     Agent, MemRegion, MemType, Registered, XferDescs, XferOp, XferRequest, XferStatus,
 };
@@ -116,9 +117,13 @@ impl PrefillGpu {
             .collect();
         let mapped = PeerPools::open(self.staging.ordinal(), &allocs, kv_ptrs, item_len)
             .map_err(|e| e.to_string())?;
-        if !self.staging.layout().compatible(mapped.layout()) {
-            return Err("the decode's pools differ from ours in buffers or page length".into());
+        // Whole pages need the same page lengths; head slices are checked at each launch.
+        let ours = self.staging.layout();
+        let same_lens = ours.compatible(mapped.layout());
+        if ours.buffers().len() != mapped.layout().buffers().len() {
+            return Err("the decode's pools differ from ours in buffer count".into());
         }
+        tracing::debug!(agent, same_lens, "decode pools mapped");
         self.peers.insert(agent.to_owned(), mapped);
         Ok(())
     }
@@ -133,8 +138,8 @@ impl PrefillGpu {
         }
     }
 
-    /// Launches the direct copy of `src` pages into the mapped pools of `peer` (`dst`, pair
-    /// by pair), in launches of at most one slot's worth of pages; `notif` is sent once the
+    /// Launches the direct copy of `src` pages (or of `slice` of each of their tokens) into the
+    /// mapped pools of `peer` (`dst`, pair by pair), in launches of at most one slot's worth of pages; `notif` is sent once the
     /// last one is done ([`PrefillGpu::progress`]).
     pub(crate) fn direct(
         &mut self,
@@ -142,6 +147,7 @@ impl PrefillGpu {
         peer: &str,
         src: &[u32],
         dst: &[u32],
+        slice: Option<TokenSlice>,
         notif: Vec<u8>,
     ) -> Result<(), String> {
         let pools = self
@@ -158,10 +164,11 @@ impl PrefillGpu {
         let per = self.staging.max_pages();
         let mut last = None;
         for (s, d) in src.chunks(per).zip(dst.chunks(per)) {
-            let ev = self
-                .staging
-                .copy_direct(s, pools, d)
-                .map_err(|e| format!("direct copy: {e}"))?;
+            let ev = match &slice {
+                None => self.staging.copy_direct(s, pools, d),
+                Some(t) => self.staging.copy_sliced(s, pools, d, t),
+            }
+            .map_err(|e| format!("direct copy: {e}"))?;
             last = Some(ev);
         }
         if let Some(ev) = last {

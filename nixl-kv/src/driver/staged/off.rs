@@ -55,6 +55,7 @@ impl PrefillGpu {
         _: &str,
         _: &[u32],
         _: &[u32],
+        _: Option<nixl_core::staging::TokenSlice>,
         _: Vec<u8>,
     ) -> Result<(), String> {
         match self.0 {}

@@ -1,8 +1,9 @@
 //! The prefill's direct path (docs/protocol.md §3.5): a decode of ours on the same node
 //! exports its KV pools as CUDA IPC handles; once we have mapped them, every KV chunk to it is
 //! one kernel launch copying our pages straight into its pages, followed by the chunk's usual
-//! notification. Aux rows still go by NIXL. Anything that does not fit (another node, head
-//! slices, other item lengths, a handle that does not open) keeps the staged or plain path.
+//! notification; a decode of another TP size gets its head slices the same way. Aux rows still
+//! go by NIXL. Anything that does not fit (another node, other page lengths, slices that cannot
+//! be cut, a handle that does not open) keeps the staged or plain path.
 
 use super::*;
 
@@ -17,8 +18,8 @@ impl PrefillCore {
     }
 
     /// Queues the mapping of `peer`'s pools if the direct path applies to it: it exported them
-    /// on our node, on GPU memory like ours, with one page length for all its buffers equal to
-    /// each of ours, and takes whole pages (no head slices).
+    /// on our node, on GPU memory like ours, with as many buffers as ours, and either takes
+    /// whole pages of our page length or head slices we can cut (docs/protocol.md §5.6).
     pub(super) fn open_direct(&mut self, agent: &AgentName, peer: &Peer) {
         let (Some(node), Some(ipc)) = (&self.node, &peer.ipc) else {
             return;
@@ -29,12 +30,18 @@ impl PrefillCore {
             .map(|t| t.dst_kv_item_len)
             .or_else(|| self.layout.kv_item_lens.first().copied())
             .unwrap_or(0);
+        // Whole pages need our page length on every buffer; head slices one page length for
+        // all our buffers (the kernel checks each slice against both sides' pages).
+        let lens = match self.head_slice(peer) {
+            None => self.layout.kv_item_lens.iter().all(|&l| l == item),
+            Some(Ok(s)) => self.layout.kv_item_lens.iter().all(|&l| l == s.src_item),
+            Some(Err(_)) => false,
+        };
         let fits = ipc.host == *node
             && ipc.gpu == peer.gpu_id.get()
             && self.layout.kv_mem == MemType::Vram
             && peer.kv_ptrs.len() == self.layout.kv_ptrs.len()
-            && self.layout.kv_item_lens.iter().all(|&l| l == item)
-            && self.head_slice(peer).is_none();
+            && lens;
         if !fits {
             tracing::debug!(%agent, "decode pools not mapped (another node or another layout)");
             return;

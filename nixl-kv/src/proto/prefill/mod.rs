@@ -628,8 +628,14 @@ impl PrefillCore {
                 None if direct => Coords::Direct {
                     src: self.src_idx.clone(),
                     dst: self.dst_idx.clone(),
+                    slice: None,
                 },
                 None => self.lower_kv(&info.agent, &peer),
+                Some(Ok(slice)) if direct => Coords::Direct {
+                    src: self.src_idx.clone(),
+                    dst: self.dst_idx.clone(),
+                    slice: Some(slice.token_slice()),
+                },
                 Some(slice) => self.lower_sliced(&slice?, &peer)?,
             };
             out.push(Post {

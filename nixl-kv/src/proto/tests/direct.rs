@@ -62,7 +62,8 @@ fn a_mapped_same_node_decode_gets_page_pairs_and_the_usual_notifications() {
             post.coords,
             Coords::Direct {
                 src: src[range.clone()].to_vec(),
-                dst: dst[range].to_vec()
+                dst: dst[range].to_vec(),
+                slice: None,
             }
         );
         let want = Notification::Kv {
@@ -179,7 +180,8 @@ fn both_cores_end_a_direct_room_in_success_from_the_usual_notifications() {
         posts[0].coords,
         Coords::Direct {
             src: vec![30, 31, 32],
-            dst: vec![4, 5, 6]
+            dst: vec![4, 5, 6],
+            slice: None,
         }
     );
     for post in &posts {

@@ -184,3 +184,67 @@ fn without_sliced_tp_a_smaller_decode_still_fails() {
             .is_some_and(|f| f.to_string().contains("only supported for MLA"))
     );
 }
+
+#[test]
+fn a_mapped_same_node_decode_rank_gets_its_heads_by_the_direct_path() {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    drv.open_ok = Some(true);
+    let mut l = prefill_layout(0x1000_0000, Some((HEADS, TOKENS)));
+    l.kv_mem = MemType::Vram;
+    let mut p = PrefillCore::new(l.clone(), Duration::from_secs(300))
+        .with_staging(1 << 20, 2)
+        .with_direct("node-a");
+    let PrefillInbound::Register(mut r) = sliced_register("d1", 1, 0xa000_0000) else {
+        unreachable!()
+    };
+    let pools = nixl_wire::ext::IpcPools {
+        host: "node-a".into(),
+        gpu: 1,
+        allocs: vec![nixl_wire::ext::IpcAlloc {
+            base: 0xa000_0000,
+            len: 0x20_0000,
+            handle: [1; 64],
+        }],
+    };
+    r.trailing = vec![nixl_wire::ext::caps_frame(&["direct"]), pools.frame()];
+    p.handle_inbound(PrefillInbound::Register(r), now);
+    drv.run(&mut p);
+    assert_eq!(
+        drv.opened,
+        vec![agent("d1")],
+        "sliced decodes are mapped too"
+    );
+    p.handle_inbound(info(1, "d1", &[0, 1, 2], 1), now);
+    let room = RoomId::new(1);
+    p.sender_new(room, now);
+    p.sender_init(room, 3, 0).unwrap();
+    p.sender_send(room, &[3, 4, 10], now).unwrap();
+    drv.run(&mut p);
+    let posts = drv.take_posts();
+    let want = HeadSlice::new(&SliceParams {
+        prefill_tp: 1,
+        decode_tp: 2,
+        prefill_rank: 0,
+        decode_rank: 1,
+        kv_heads: HEADS,
+        page_tokens: TOKENS,
+        src_item: l.kv_item_lens[0],
+        dst_item: u64::from(TOKENS) * 2 * HEAD_BYTES,
+    })
+    .unwrap();
+    assert_eq!(
+        posts[0].coords,
+        Coords::Direct {
+            src: vec![3, 4, 10],
+            dst: vec![0, 1, 2],
+            slice: Some(want.token_slice()),
+        }
+    );
+    // Decode rank 1 owns heads 2 and 3: the second half of every prefill token slot.
+    let t = want.token_slice();
+    assert_eq!(
+        (t.src_offset, t.dst_offset, t.len),
+        (2 * HEAD_BYTES, 0, 2 * HEAD_BYTES)
+    );
+}
