@@ -111,6 +111,22 @@ agents() {
   done
   ps aux | grep -i "[m]ps" | head -3; nvidia-smi -q | grep -i -E "compute mode|MIG Mode" -A1 | head -6
 }
+sliced() {
+  # Heterogeneous TP (1 prefill rank of TP 1, 2 decode ranks of TP 2) next to same-TP rows, all
+  # through the full pd flow with 32-page requests, rounds alternating.
+  echo "== gpubench staging --pd-sizes 32 --no-cases --sliced, GPU 0"
+  timeout "${STAGING_SECONDS:-400}" "$B/bin/gpubench" staging --gpu 0 --rounds "${ROUNDS:-2}" --pd "$B/bin/nixl-pd" \
+    --pd-sizes 32 --no-cases --sliced --out "$OUT/sliced" 2>&1 | grep -v "^\[" > "$OUT/gpubench-sliced.log"
+  tail -3 "$OUT/gpubench-sliced.log"
+  cat "$OUT/sliced/staging.md" 2>/dev/null
+  cp "$OUT/sliced/staging.md" "$OUT/sliced.md" 2>/dev/null
+  cp "$OUT/sliced/staging.json" "$OUT/sliced.json" 2>/dev/null
+  (cd "$OUT" && tar -czf sliced.tgz sliced && rm -rf sliced)
+}
+if [ "${1:-all}" = sliced ]; then
+  sliced
+  exit 0
+fi
 if [ "${1:-all}" = agents ]; then
   agents
   exit 0

@@ -413,7 +413,20 @@ pub(crate) struct StagingArgs {
     /// so that one device call also fits the pd flow).
     #[arg(long)]
     pub(crate) full_grid: bool,
+    /// Pages per request of the pd flow rows (default: 1, 32 and 256).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) pd_sizes: Vec<u32>,
+    /// Skip the raw cases (NIXL-only settings and raw staged): only anchors, kernels and pd rows.
+    #[arg(long)]
+    pub(crate) no_cases: bool,
+    /// Add heterogeneous-TP rows (one prefill rank of TP 1, two decode ranks of TP 2), plain
+    /// and direct, for each pd size.
+    #[arg(long)]
+    pub(crate) sliced: bool,
 }
+
+/// Paths of the heterogeneous-TP rows.
+const SLICED_PATHS: [&str; 2] = ["plain", "direct"];
 
 /// NIXL-only settings tried on the pd descriptors: (label, num_threads, split_batch_size, sgl).
 const GRID: [(&str, u32, u32, bool); 7] = [
@@ -503,8 +516,16 @@ pub(crate) fn staging(a: &StagingArgs) -> anyhow::Result<()> {
             },
         ));
     }
+    if a.no_cases {
+        plans.clear();
+    }
+    let sizes: Vec<(u32, u32)> = crate::pdflow::SIZES
+        .into_iter()
+        .filter(|(ppr, _)| a.pd_sizes.is_empty() || a.pd_sizes.contains(ppr))
+        .collect();
+    let per_size = crate::pdflow::PATHS.len() + if a.sliced { SLICED_PATHS.len() } else { 0 };
     let pd_runs = if a.pd.is_some() {
-        crate::pdflow::PATHS.len() * crate::pdflow::SIZES.len()
+        per_size * sizes.len()
     } else {
         0
     };
@@ -524,7 +545,28 @@ pub(crate) fn staging(a: &StagingArgs) -> anyhow::Result<()> {
             bar.inc(1);
         }
         let Some(pd) = &a.pd else { continue };
-        for (ppr, n) in crate::pdflow::SIZES {
+        for &(ppr, n) in &sizes {
+            if a.sliced {
+                for what in SLICED_PATHS {
+                    bar.set_message(format!(
+                        "pd flow, TP 1:2, {ppr} pages, {what}, round {round}"
+                    ));
+                    let log = a.out.join(format!("pd-sliced-{ppr}-{what}-{round}.log"));
+                    // Per-token descriptors are slow: fewer timed requests on the plain path.
+                    let n = if what == "plain" { n.min(30) } else { n };
+                    match crate::pdflow::run_sliced(pd, a.gpu, ppr, n, what, &log) {
+                        Ok(rows) => pd_rows.extend(rows.into_iter().map(|mut v| {
+                            v["round"] = json!(round);
+                            v
+                        })),
+                        Err(e) => pd_rows.push(json!({
+                            "pages_per_request": ppr, "path": what, "sliced": "1:2",
+                            "round": round, "failed": format!("{e:#}"),
+                        })),
+                    }
+                    bar.inc(1);
+                }
+            }
             for what in crate::pdflow::PATHS {
                 bar.set_message(format!("pd flow, {ppr} pages, {what}, round {round}"));
                 let log = a.out.join(format!("pd-{ppr}-{what}-{round}.log"));

@@ -138,3 +138,95 @@ pub(crate) fn run_one(
     std::thread::sleep(Duration::from_millis(200));
     Ok(rows)
 }
+
+/// Heterogeneous TP through the full flow: one prefill rank of TP 1 (8 KV heads of 256 bytes,
+/// 16 tokens: 32 KiB pages, as above) and two decode ranks of TP 2 (4 heads each: 16 KiB
+/// pages) as three processes on one GPU, every request going to both ranks (one seed). Each
+/// decode rank takes its heads by `path`: `plain` (one descriptor per token slot, SGLang's
+/// wire-compatible way) or `direct` (one sliced kernel in the prefill). Rows per decode rank:
+/// a verified run, then a timed one.
+pub(crate) fn run_sliced(
+    pd: &Path,
+    gpu: u32,
+    ppr: u32,
+    requests: u32,
+    path: &str,
+    log: &Path,
+) -> anyhow::Result<Vec<Value>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let side = |heads: u32, tp: u32, rank: u32| -> Vec<String> {
+        let mut v = pool(gpu, path);
+        // pool() sets 32 KiB pages; a decode rank holds half the heads.
+        let at = v.iter().position(|a| a == "--page-bytes").unwrap_or(0) + 1;
+        v[at] = (16 * u64::from(heads) * 256).to_string();
+        for a in [
+            "--heads".to_owned(),
+            heads.to_string(),
+            "--page-tokens".to_owned(),
+            "16".to_owned(),
+            "--tp-size".to_owned(),
+            tp.to_string(),
+            "--tp-rank".to_owned(),
+            rank.to_string(),
+        ] {
+            v.push(a);
+        }
+        v
+    };
+    let (mut prefill, drain) = start_prefill(pd, port, &side(8, 1, 0))?;
+    let run = |verify: bool, n: u32| -> anyhow::Result<Vec<Value>> {
+        let mut children = Vec::new();
+        for rank in 0..2u32 {
+            let mut cmd = Command::new(pd);
+            cmd.arg("decode")
+                .args(["--bootstrap", &format!("127.0.0.1:{port}")])
+                .args(side(4, 2, rank))
+                .args(["--sliced-tp", "--seed", "4242", "--prefill-pages", "600"])
+                .args(["--requests", &n.to_string()])
+                .args(["--pages-per-request", &ppr.to_string()])
+                .args(["--concurrency", "1", "--json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            if !verify {
+                cmd.arg("--no-verify");
+            }
+            children.push(cmd.spawn().context("starting nixl-pd decode")?);
+        }
+        let mut rows = Vec::new();
+        for (rank, child) in children.into_iter().enumerate() {
+            let out = child.wait_with_output()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let mut v: Value = match text.lines().rev().find(|l| l.starts_with('{')) {
+                Some(l) => serde_json::from_str(l)?,
+                None => {
+                    json!({"failed": crate::driver::tail(&String::from_utf8_lossy(&out.stderr))})
+                }
+            };
+            v["pages_per_request"] = json!(ppr);
+            v["path"] = json!(path);
+            v["sliced"] = json!("1:2");
+            v["decode_rank"] = json!(rank);
+            v["verified"] = json!(verify && out.status.success());
+            v["exit"] = json!(out.status.code());
+            rows.push(v);
+        }
+        Ok(rows)
+    };
+    let mut rows = run(true, requests.min(30))?;
+    rows.extend(run(false, requests)?);
+    let _ = prefill.kill();
+    let _ = prefill.wait();
+    let text = drain.join().unwrap_or_default();
+    let paths = text
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("requests so far: ").map(|(_, p)| p.to_owned()));
+    for r in &mut rows {
+        r["prefill_paths"] = json!(paths);
+    }
+    std::fs::write(log, text)?;
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(rows)
+}

@@ -416,7 +416,7 @@ fn pd_flow_section(s: &mut String, all: &Value, cases: &[Value]) {
             };
             let rows: Vec<&Value> = pd
                 .iter()
-                .filter(|r| r["pages_per_request"] == ppr && of_path(r))
+                .filter(|r| r["pages_per_request"] == ppr && of_path(r) && r["sliced"].is_null())
                 .collect();
             let staged = path != "plain";
             if rows.is_empty() {
@@ -477,5 +477,65 @@ fn pd_flow_section(s: &mut String, all: &Value, cases: &[Value]) {
         for p in paths_seen {
             let _ = writeln!(s, "- {p}");
         }
+    }
+    sliced_section(s, &pd);
+}
+
+/// The heterogeneous-TP rows: per size and path, each decode rank's verified runs and the
+/// median over rounds of its timed p50 (the slower rank's figure is the request's).
+fn sliced_section(s: &mut String, pd: &[Value]) {
+    let rows: Vec<&Value> = pd.iter().filter(|r| !r["sliced"].is_null()).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n#### Heterogeneous TP through the full pd flow (prefill TP 1 with 8 heads, two decode ranks of TP 2 with 4 each; 64 × 16-token pages, 32 KiB on the prefill, 16 KiB per decode rank)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| pages/request | path | decode rank | verified runs | p50 ms | p99 ms | rounds |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for ppr in [1u64, 32, 256] {
+        for path in ["plain", "direct"] {
+            for rank in [0u64, 1] {
+                let of: Vec<&&Value> = rows
+                    .iter()
+                    .filter(|r| {
+                        r["pages_per_request"] == ppr
+                            && r["path"] == path
+                            && r["decode_rank"] == rank
+                    })
+                    .collect();
+                if of.is_empty() {
+                    continue;
+                }
+                let verified = of.iter().filter(|r| r["verified"] == true).count();
+                let ok: u64 = of
+                    .iter()
+                    .filter(|r| r["verified"] == true)
+                    .map(|r| r["ok"].as_u64().unwrap_or(0))
+                    .sum();
+                let timed: Vec<&&&Value> = of
+                    .iter()
+                    .filter(|r| {
+                        r["verified"] == false && !r["failed"].is_string() && r["exit"] == 0
+                    })
+                    .collect();
+                let med = |k: &str| median(timed.iter().map(|r| f(&r[k])).collect());
+                let _ = writeln!(
+                    s,
+                    "| {ppr} | {path} | {rank} | {verified} of {} runs, {ok} requests | {:.3} | {:.3} | {} |",
+                    of.len() / 2,
+                    med("p50_ms"),
+                    med("p99_ms"),
+                    timed.len(),
+                );
+            }
+        }
+    }
+    for r in rows.iter().filter(|r| r["failed"].is_string()) {
+        let _ = writeln!(s, "\nfailed: {}", r["failed"]);
     }
 }
