@@ -187,3 +187,129 @@ fn without_sliced_tp_a_larger_decode_fails_with_a_reason() {
     let why = rx.failure().unwrap().to_string();
     assert!(why.contains("only supported for MLA"), "{why}");
 }
+
+/// A golden frame of SGLang's captured registration (`nixl-wire/tests/data`), as bytes.
+fn golden_register_frame(i: usize) -> Vec<u8> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../nixl-wire/tests/data/register_kv_args.json"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let hex = v["frames_hex"][i].as_str().unwrap();
+    (0..hex.len())
+        .step_by(2)
+        .map(|k| u8::from_str_radix(&hex[k..k + 2], 16).unwrap())
+        .collect()
+}
+
+/// The mixed case: our prefill rank of TP 1 and a Python-style decode rank of TP 2 that is
+/// nothing but a NIXL agent and a PUSH socket. It registers with the 12-frame form (SGLang's
+/// captured frames 0–8 with its own name, metadata and pointers, then decode TP size, rank and
+/// item length as #9960 sends them) and asks for a room with a plain 8-frame TransferInfo; it
+/// then waits for the usual `_kv_` and `_aux` notifications and must hold exactly its heads.
+#[test]
+fn a_python_style_twelve_frame_decode_rank_gets_its_heads() {
+    let bs = common::server();
+    let addr = bs.addr().to_string();
+    let prefill = side(Some(&addr), HEADS, 0, 1, ManagerConfig::default());
+    let endpoint = format!("tcp://127.0.0.1:{}", prefill.mgr.rank_port());
+    // Decode rank 1 of TP 2 owns global heads 2 and 3.
+    let (rank, hd) = (1u64, HEADS / 2);
+    let item = TOKENS * hd * HEAD_BYTES;
+    let agent = common::agent();
+    let kv: Vec<Registered<HostBuffer>> = (0..BUFFERS)
+        .map(|_| {
+            agent
+                .register(HostBuffer::new((PAGES * item) as usize).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let aux = agent
+        .register(HostBuffer::new((AUX_ROW * 4) as usize).unwrap())
+        .unwrap();
+    let ptrs = |bufs: &[&Registered<HostBuffer>]| -> Vec<u8> {
+        bufs.iter()
+            .flat_map(|b| b.region().addr.to_le_bytes())
+            .collect()
+    };
+    let name = agent.name().to_owned();
+    let register = vec![
+        golden_register_frame(0), // NixlMsgGuard
+        golden_register_frame(1), // None: a registration, not a room
+        b"127.0.0.1".to_vec(),
+        b"1".to_vec(),
+        name.as_bytes().to_vec(),
+        agent.local_metadata().unwrap().into_bytes(),
+        ptrs(&kv.iter().collect::<Vec<_>>()),
+        ptrs(&[&aux]),
+        golden_register_frame(8), // gpu id 0
+        b"2".to_vec(),
+        rank.to_string().into_bytes(),
+        item.to_string().into_bytes(),
+    ];
+    assert_eq!(register.len(), 12);
+    common::send_raw(&endpoint, register);
+    let room = RoomId::new(4242);
+    let dst: Vec<u32> = vec![7, 0, 3];
+    let info = vec![
+        golden_register_frame(0),
+        room.get().to_string().into_bytes(),
+        b"127.0.0.1".to_vec(),
+        b"1".to_vec(),
+        name.as_bytes().to_vec(),
+        dst.iter().flat_map(|p| (*p as i32).to_le_bytes()).collect(),
+        b"2".to_vec(),
+        b"1".to_vec(),
+    ];
+    common::send_raw(&endpoint, info);
+    let src: Vec<u32> = vec![5, 2, 6];
+    let mut tx = KvSender::new(&prefill.mgr, room).unwrap();
+    assert_eq!(
+        common::reach(Duration::from_secs(30), KvPoll::WaitingForInput, || tx
+            .poll()),
+        KvPoll::WaitingForInput,
+        "the info arrives: {:?}",
+        tx.failure()
+    );
+    tx.init(src.len() as u32, 1);
+    tx.send(&src);
+    // The decode side is passive: it progresses its agent (UCX over TCP moves bytes only then)
+    // and watches for the notifications.
+    let (kv_done, aux_done) = (
+        format!("{}_kv_0_1", room.get()),
+        format!("{}_aux", room.get()),
+    );
+    let mut seen: Vec<String> = Vec::new();
+    let start = Instant::now();
+    loop {
+        let state = tx.poll();
+        assert_ne!(state, KvPoll::Failed, "{:?}", tx.failure());
+        let mut n = Vec::new();
+        agent.drain_notifications(&mut n).unwrap();
+        seen.extend(
+            n.into_iter()
+                .map(|x| String::from_utf8_lossy(&x.payload).into_owned()),
+        );
+        if state == KvPoll::Success && seen.contains(&kv_done) && seen.contains(&aux_done) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{state:?}, notifications: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    for (b, buf) in kv.iter().enumerate() {
+        for (i, &v) in buf.buffer().as_slice().iter().enumerate() {
+            let i = i as u64;
+            let (page, o) = (i / item, i % item);
+            let (t, o) = (o / (hd * HEAD_BYTES), o % (hd * HEAD_BYTES));
+            let (head, j) = (o / HEAD_BYTES, o % HEAD_BYTES);
+            let want = match dst.iter().position(|&x| u64::from(x) == page) {
+                Some(k) => model(b, u64::from(src[k]), t, rank * hd + head, j),
+                None => 0,
+            };
+            assert_eq!(v, want, "buffer {b} byte {i}");
+        }
+    }
+}
