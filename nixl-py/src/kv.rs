@@ -94,7 +94,9 @@ impl PyManager {
         if mode == Mode::Prefill && bootstrap.is_none() {
             return Err(PyValueError::new_err("a prefill manager needs `bootstrap`"));
         }
-        let config = ManagerConfig::default().local_ip(local_ip);
+        let config = ManagerConfig::default()
+            .local_ip(local_ip)
+            .staging(staging_from_env()?);
         let name = name.to_owned();
         py.detach(move || {
             let agent = Agent::new(&name, &AgentConfig::default()).map_err(runtime_err)?;
@@ -366,4 +368,36 @@ impl PyBootstrapServer {
         let s = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
         py.detach(|| drop(s));
     }
+}
+
+/// The variable that turns on the GPU paths between two nixl-rs engines: `1` (8 slots of 64 MiB
+/// per side), `SLOTS:MIB`, or unset, empty or `0` (off, SGLang's per-page path only).
+pub(crate) const STAGING_ENV: &str = "NIXL_RS_STAGING";
+/// `0` keeps same-node pairs off the direct path (they stage instead).
+pub(crate) const DIRECT_ENV: &str = "NIXL_RS_DIRECT";
+
+/// The staging configuration [`STAGING_ENV`] and [`DIRECT_ENV`] ask for.
+fn staging_from_env() -> PyResult<Option<nixl_kv::StagingConfig>> {
+    let text = std::env::var(STAGING_ENV).unwrap_or_default();
+    let (slots, mib) = match text.trim() {
+        "" | "0" | "off" => return Ok(None),
+        "1" | "on" => (8u32, 64u64),
+        t => {
+            let parsed = t
+                .split_once(':')
+                .and_then(|(s, m)| Some((s.trim().parse().ok()?, m.trim().parse().ok()?)));
+            parsed.ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "{STAGING_ENV}={t:?}: expected 1, 0 or SLOTS:MIB (for example 8:64)"
+                ))
+            })?
+        }
+    };
+    let cfg = nixl_kv::StagingConfig::new(mib.saturating_mul(1 << 20), slots).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "{STAGING_ENV}: {slots} slots of {mib} MiB (1 to 1024 slots of at least 1 MiB)"
+        ))
+    })?;
+    let direct = std::env::var(DIRECT_ENV).map_or(true, |v| v.trim() != "0");
+    Ok(Some(cfg.direct(direct)))
 }

@@ -7,7 +7,8 @@ wheel, and with it `nixl_rs_sglang.pth`, is installed):
 2. without the variable nothing changes: SGLang's classes, and `nixl_rs` is never imported;
 3. an SGLang of another wire format (0.5.2, 0.6.0; the installed version is monkeypatched in the
    child, before SGLang's NIXL modules are imported) is refused with the message saying why, by
-   the hook's import and by `install()`; 0.5.1 and its post releases are accepted.
+   the hook's import and by `install()`; 0.5.1 and its post releases are accepted;
+4. `NIXL_RS_STAGING`: refused when malformed, and with host-memory pools.
 """
 
 import json
@@ -159,6 +160,34 @@ def test_versions_accepted():
     print("  check_version: 0.5.1 and 0.5.1.postN accepted; 0.5.0, 0.5.2, 0.5.2rc0, dev, 1.0.0 refused")
 
 
+def test_staging_env():
+    """NIXL_RS_STAGING: a malformed value is refused naming the variable; with host-memory pools
+    the GPU paths cannot run, and the manager refuses to start saying so."""
+    import ctypes
+
+    from nixl_rs import _native, load_runtime
+
+    load_runtime()
+    kv = (ctypes.c_uint8 * (4 * 4096))()
+    aux = (ctypes.c_uint8 * (4 * 64))()
+    args = ([(ctypes.addressof(kv), len(kv), 4096)], [(ctypes.addressof(aux), len(aux), 64)])
+    cases = (("8:zero", ValueError, "NIXL_RS_STAGING"), ("1", RuntimeError, "GPU memory"))
+    try:
+        for value, error, says in cases:
+            os.environ["NIXL_RS_STAGING"] = value
+            try:
+                _native.KvManager("decode", f"staging-{value}", *args, kv_mem="DRAM")
+            except error as e:
+                assert says in str(e), f"{value}: {e}"
+                continue
+            raise AssertionError(f"NIXL_RS_STAGING={value} with host pools accepted")
+    finally:
+        os.environ.pop("NIXL_RS_STAGING", None)
+    # Unset, the same manager starts.
+    _native.KvManager("decode", "staging-off", *args, kv_mem="DRAM")
+    print("  NIXL_RS_STAGING: malformed refused; host pools refused with a reason; unset starts")
+
+
 if __name__ == "__main__":
     t0 = time.time()
     # The children import SGLang (torch): start them all at once, then check each.
@@ -166,8 +195,9 @@ if __name__ == "__main__":
     ref_on = start(REFUSE, True, *REFUSED, ACCEPTED)
     ref_off = start(REFUSE, False, *REFUSED, ACCEPTED)
     test_versions_accepted()
+    test_staging_env()
     test_hook_on(on)
     test_hook_off(off)
     test_version_refused(ref_on, ref_off)
     shutil.rmtree(_TMP, ignore_errors=True)
-    print(f"activation: 4 of 4 passed ({time.time() - t0:.1f}s)")
+    print(f"activation: 5 of 5 passed ({time.time() - t0:.1f}s)")
