@@ -190,11 +190,7 @@ impl StagingLayout {
             words.push(off);
             off += b.item_len * u64::from(np);
         }
-        for pair in pages.chunks(2) {
-            let lo = u64::from(pair[0]);
-            let hi = pair.get(1).map_or(0, |&p| u64::from(p));
-            words.push(lo | (hi << 32));
-        }
+        pack_pages(&mut words, pages);
         let max_item = self.buffers.iter().map(|b| b.item_len).max().unwrap_or(0);
         Ok(CopyTable {
             words,
@@ -203,6 +199,25 @@ impl StagingLayout {
             staged,
             slices: u32::try_from(max_item.div_ceil(SLICE_BYTES)).unwrap_or(u32::MAX),
         })
+    }
+}
+
+/// Appends `pages` as 32-bit indices, two per word (low half first), as the kernels read them.
+fn pack_pages(words: &mut Vec<u64>, pages: &[u32]) {
+    for pair in pages.chunks(2) {
+        let lo = u64::from(pair[0]);
+        let hi = pair.get(1).map_or(0, |&p| u64::from(p));
+        words.push(lo | (hi << 32));
+    }
+}
+
+/// Page `i` of a list packed by [`pack_pages`] starting at `words[0]`.
+fn packed_page(words: &[u64], i: usize) -> u64 {
+    let word = words[i / 2];
+    if i.is_multiple_of(2) {
+        word & 0xffff_ffff
+    } else {
+        word >> 32
     }
 }
 
@@ -250,12 +265,7 @@ impl CopyTable {
         let np = self.pages as usize;
         (0..nb * np).map(move |s| {
             let (b, i) = (s / np, s % np);
-            let word = self.words[3 * nb + i / 2];
-            let page = if i % 2 == 0 {
-                word & 0xffff_ffff
-            } else {
-                word >> 32
-            };
+            let page = packed_page(&self.words[3 * nb..], i);
             let len = self.words[nb + b];
             (
                 self.words[b] + page * len,
@@ -312,13 +322,8 @@ impl StagingLayout {
         words.extend(self.buffers.iter().map(|b| b.addr));
         words.extend(self.buffers.iter().map(|b| b.item_len));
         words.extend(dst.buffers.iter().map(|b| b.addr));
-        for list in [src_pages, dst_pages] {
-            for pair in list.chunks(2) {
-                let lo = u64::from(pair[0]);
-                let hi = pair.get(1).map_or(0, |&p| u64::from(p));
-                words.push(lo | (hi << 32));
-            }
-        }
+        pack_pages(&mut words, src_pages);
+        pack_pages(&mut words, dst_pages);
         Ok(DirectTable {
             words,
             buffers: src.buffers,
@@ -355,12 +360,7 @@ impl DirectTable {
         let nb = self.buffers as usize;
         let np = self.pages as usize;
         let page = move |list: usize, i: usize| {
-            let word = self.words[3 * nb + list * np.div_ceil(2) + i / 2];
-            if i.is_multiple_of(2) {
-                word & 0xffff_ffff
-            } else {
-                word >> 32
-            }
+            packed_page(&self.words[3 * nb + list * np.div_ceil(2)..], i)
         };
         (0..nb * np).map(move |s| {
             let (b, i) = (s / np, s % np);
@@ -454,13 +454,8 @@ impl StagingLayout {
         words.extend(self.buffers.iter().map(|b| b.item_len));
         words.extend(dst.buffers.iter().map(|b| b.addr));
         words.extend(dst.buffers.iter().map(|b| b.item_len));
-        for list in [src_pages, dst_pages] {
-            for pair in list.chunks(2) {
-                let lo = u64::from(pair[0]);
-                let hi = pair.get(1).map_or(0, |&p| u64::from(p));
-                words.push(lo | (hi << 32));
-            }
-        }
+        pack_pages(&mut words, src_pages);
+        pack_pages(&mut words, dst_pages);
         let per_page = slice.len.saturating_mul(t);
         Ok(SlicedTable {
             words,
@@ -504,12 +499,7 @@ impl SlicedTable {
         let nb = self.buffers as usize;
         let np = self.pages as usize;
         let page = move |list: usize, i: usize| {
-            let word = self.words[4 * nb + list * np.div_ceil(2) + i / 2];
-            if i.is_multiple_of(2) {
-                word & 0xffff_ffff
-            } else {
-                word >> 32
-            }
+            packed_page(&self.words[4 * nb + list * np.div_ceil(2)..], i)
         };
         let s = self.slice;
         (0..nb * np * s.tokens as usize).map(move |k| {

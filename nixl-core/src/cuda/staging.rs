@@ -101,16 +101,7 @@ impl Staging {
         peer: &PeerPools,
         dst_pages: &[u32],
     ) -> Result<StagingEvent, Error> {
-        if src_pages.len() > self.max_pages {
-            return Err(Error::InvalidArgument {
-                what: "staging pages",
-                reason: format!(
-                    "{} pages in one launch (at most {})",
-                    src_pages.len(),
-                    self.max_pages
-                ),
-            });
-        }
+        self.check_pages(src_pages.len())?;
         let table = self
             .layout
             .direct_table(src_pages, peer.layout(), dst_pages)?;
@@ -122,9 +113,7 @@ impl Staging {
             table.grid(),
             (table.buffers(), table.pages()),
         )?;
-        let event = self.ctx.new_event(None).map_err(cuda_err)?;
-        event.record(&self.stream).map_err(cuda_err)?;
-        Ok(StagingEvent(event))
+        self.record()
     }
 
     /// Copies `slice` of every token of `src_pages` of every buffer straight into `dst_pages`
@@ -137,16 +126,7 @@ impl Staging {
         dst_pages: &[u32],
         slice: &TokenSlice,
     ) -> Result<StagingEvent, Error> {
-        if src_pages.len() > self.max_pages {
-            return Err(Error::InvalidArgument {
-                what: "staging pages",
-                reason: format!(
-                    "{} pages in one launch (at most {})",
-                    src_pages.len(),
-                    self.max_pages
-                ),
-            });
-        }
+        self.check_pages(src_pages.len())?;
         let table = self
             .layout
             .sliced_table(src_pages, peer.layout(), dst_pages, slice)?;
@@ -159,6 +139,22 @@ impl Staging {
             (table.buffers(), table.pages()),
             table.slice(),
         )?;
+        self.record()
+    }
+
+    /// Refuses a launch of more than `max_pages` pages (the device table's size).
+    fn check_pages(&self, n: usize) -> Result<(), Error> {
+        if n > self.max_pages {
+            return Err(Error::InvalidArgument {
+                what: "staging pages",
+                reason: format!("{n} pages in one launch (at most {})", self.max_pages),
+            });
+        }
+        Ok(())
+    }
+
+    /// An event recorded on the stream after the launches so far.
+    fn record(&self) -> Result<StagingEvent, Error> {
         let event = self.ctx.new_event(None).map_err(cuda_err)?;
         event.record(&self.stream).map_err(cuda_err)?;
         Ok(StagingEvent(event))
@@ -176,16 +172,7 @@ impl Staging {
         staging: &DeviceBuffer,
         offset: u64,
     ) -> Result<StagingEvent, Error> {
-        if pages.len() > self.max_pages {
-            return Err(Error::InvalidArgument {
-                what: "staging pages",
-                reason: format!(
-                    "{} pages in one launch (at most {})",
-                    pages.len(),
-                    self.max_pages
-                ),
-            });
-        }
+        self.check_pages(pages.len())?;
         if staging.ordinal() != self.ordinal {
             return Err(Error::InvalidArgument {
                 what: "staging buffer",
@@ -208,9 +195,7 @@ impl Staging {
             table.grid(),
             (table.buffers(), table.pages()),
         )?;
-        let event = self.ctx.new_event(None).map_err(cuda_err)?;
-        event.record(&self.stream).map_err(cuda_err)?;
-        Ok(StagingEvent(event))
+        self.record()
     }
 }
 

@@ -125,16 +125,7 @@ pub(crate) fn run_one(
     let mut rows = vec![decode(true, requests.min(30))?, decode(false, requests)?];
     let _ = prefill.kill();
     let _ = prefill.wait();
-    let text = drain.join().unwrap_or_default();
-    // The prefill's last count of how its requests went (prepared, explicit, staged, direct).
-    let paths = text
-        .lines()
-        .rev()
-        .find_map(|l| l.split_once("requests so far: ").map(|(_, p)| p.to_owned()));
-    for r in &mut rows {
-        r["prefill_paths"] = json!(paths);
-    }
-    std::fs::write(log, text)?;
+    finish_prefill_log(drain, &mut rows, log)?;
     std::thread::sleep(Duration::from_millis(200));
     Ok(rows)
 }
@@ -218,15 +209,26 @@ pub(crate) fn run_sliced(
     rows.extend(run(false, requests)?);
     let _ = prefill.kill();
     let _ = prefill.wait();
+    finish_prefill_log(drain, &mut rows, log)?;
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(rows)
+}
+
+/// Writes the prefill's stderr to `log` and gives every row its last count of how its requests
+/// went (prepared, explicit, staged, direct).
+fn finish_prefill_log(
+    drain: JoinHandle<String>,
+    rows: &mut [Value],
+    log: &Path,
+) -> anyhow::Result<()> {
     let text = drain.join().unwrap_or_default();
     let paths = text
         .lines()
         .rev()
         .find_map(|l| l.split_once("requests so far: ").map(|(_, p)| p.to_owned()));
-    for r in &mut rows {
+    for r in rows.iter_mut() {
         r["prefill_paths"] = json!(paths);
     }
     std::fs::write(log, text)?;
-    std::thread::sleep(Duration::from_millis(200));
-    Ok(rows)
+    Ok(())
 }
