@@ -307,16 +307,7 @@ impl StagingLayout {
                 "the two pools differ in buffers or item lengths".into(),
             ));
         }
-        if src_pages.len() != dst_pages.len() {
-            return Err(invalid(format!(
-                "{} source pages for {} destination pages",
-                src_pages.len(),
-                dst_pages.len()
-            )));
-        }
-        // Bounds, counts and the segment limit, once per side.
-        let src = self.table(src_pages, u64::MAX)?;
-        dst.table(dst_pages, u64::MAX)?;
+        let src = self.check_pairs(src_pages, dst, dst_pages)?;
         let nb = self.buffers.len();
         let mut words = Vec::with_capacity(3 * nb + src_pages.len() + 2);
         words.extend(self.buffers.iter().map(|b| b.addr));
@@ -330,6 +321,36 @@ impl StagingLayout {
             pages: src.pages,
             slices: src.slices,
         })
+    }
+}
+
+impl StagingLayout {
+    /// The checks both direct tables share: as many buffers on both sides, lists of one
+    /// length, every page inside every buffer of its side, the segment limit. Returns our
+    /// side's gather table (for its counts and grid).
+    fn check_pairs(
+        &self,
+        src_pages: &[u32],
+        dst: &Self,
+        dst_pages: &[u32],
+    ) -> Result<CopyTable, Error> {
+        let invalid = |reason: String| Error::InvalidArgument {
+            what: "direct copy pages",
+            reason,
+        };
+        if self.buffers.len() != dst.buffers.len() {
+            return Err(invalid("the two pools differ in buffer count".into()));
+        }
+        if src_pages.len() != dst_pages.len() {
+            return Err(invalid(format!(
+                "{} source pages for {} destination pages",
+                src_pages.len(),
+                dst_pages.len()
+            )));
+        }
+        let src = self.table(src_pages, u64::MAX)?;
+        dst.table(dst_pages, u64::MAX)?;
+        Ok(src)
     }
 }
 
@@ -422,16 +443,6 @@ impl StagingLayout {
             what: "sliced copy",
             reason,
         };
-        if self.buffers.len() != dst.buffers.len() {
-            return Err(invalid("the two pools differ in buffer count".into()));
-        }
-        if src_pages.len() != dst_pages.len() {
-            return Err(invalid(format!(
-                "{} source pages for {} destination pages",
-                src_pages.len(),
-                dst_pages.len()
-            )));
-        }
         let t = u64::from(slice.tokens);
         let fits = |token: u64, offset: u64, bufs: &[PoolBuffer]| {
             slice.len > 0
@@ -446,8 +457,7 @@ impl StagingLayout {
         {
             return Err(invalid(format!("{slice:?} does not fit the pages")));
         }
-        let src = self.table(src_pages, u64::MAX)?;
-        dst.table(dst_pages, u64::MAX)?;
+        let src = self.check_pairs(src_pages, dst, dst_pages)?;
         let nb = self.buffers.len();
         let mut words = Vec::with_capacity(4 * nb + src_pages.len() + 2);
         words.extend(self.buffers.iter().map(|b| b.addr));

@@ -110,16 +110,8 @@ pub(crate) fn run_one(
             cmd.arg("--no-verify");
         }
         let out = cmd.output()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let mut v: Value = match text.lines().rev().find(|l| l.starts_with('{')) {
-            Some(l) => serde_json::from_str(l)?,
-            None => json!({"failed": crate::driver::tail(&String::from_utf8_lossy(&out.stderr))}),
-        };
-        v["pages_per_request"] = json!(ppr);
-        v["path"] = json!(path);
+        let mut v = decode_row(&out, ppr, path, verify)?;
         v["staged"] = json!(path == "staged");
-        v["verified"] = json!(verify && out.status.success());
-        v["exit"] = json!(out.status.code());
         Ok(v)
     };
     let mut rows = vec![decode(true, requests.min(30))?, decode(false, requests)?];
@@ -188,19 +180,9 @@ pub(crate) fn run_sliced(
         let mut rows = Vec::new();
         for (rank, child) in children.into_iter().enumerate() {
             let out = child.wait_with_output()?;
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let mut v: Value = match text.lines().rev().find(|l| l.starts_with('{')) {
-                Some(l) => serde_json::from_str(l)?,
-                None => {
-                    json!({"failed": crate::driver::tail(&String::from_utf8_lossy(&out.stderr))})
-                }
-            };
-            v["pages_per_request"] = json!(ppr);
-            v["path"] = json!(path);
+            let mut v = decode_row(&out, ppr, path, verify)?;
             v["sliced"] = json!("1:2");
             v["decode_rank"] = json!(rank);
-            v["verified"] = json!(verify && out.status.success());
-            v["exit"] = json!(out.status.code());
             rows.push(v);
         }
         Ok(rows)
@@ -231,4 +213,24 @@ fn finish_prefill_log(
     }
     std::fs::write(log, text)?;
     Ok(())
+}
+
+/// A `nixl-pd decode --json` run as a row: its summary (or why there is none), the size, the
+/// path, whether it was a verified run that passed, and its exit code.
+fn decode_row(
+    out: &std::process::Output,
+    ppr: u32,
+    path: &str,
+    verify: bool,
+) -> anyhow::Result<Value> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut v: Value = match text.lines().rev().find(|l| l.starts_with('{')) {
+        Some(l) => serde_json::from_str(l)?,
+        None => json!({"failed": crate::driver::tail(&String::from_utf8_lossy(&out.stderr))}),
+    };
+    v["pages_per_request"] = json!(ppr);
+    v["path"] = json!(path);
+    v["verified"] = json!(verify && out.status.success());
+    v["exit"] = json!(out.status.code());
+    Ok(v)
 }

@@ -24,12 +24,7 @@ impl PrefillCore {
         let (Some(node), Some(ipc)) = (&self.node, &peer.ipc) else {
             return;
         };
-        let item = peer
-            .tp_info
-            .as_ref()
-            .map(|t| t.dst_kv_item_len)
-            .or_else(|| self.layout.kv_item_lens.first().copied())
-            .unwrap_or(0);
+        let item = self.peer_item_len(peer);
         // Whole pages need our page length on every buffer; head slices one page length for
         // all our buffers (the kernel checks each slice against both sides' pages).
         let lens = match self.head_slice(peer) {
@@ -52,6 +47,16 @@ impl PrefillCore {
             kv_ptrs: peer.kv_ptrs.clone(),
             item_len: item,
         });
+    }
+
+    /// The page length of every KV buffer of `peer`: a decode registers one for all its
+    /// buffers (SGLang's rule), in frame 12; without it, ours.
+    pub(super) fn peer_item_len(&self, peer: &Peer) -> u64 {
+        peer.tp_info
+            .as_ref()
+            .map(|t| t.dst_kv_item_len)
+            .or_else(|| self.layout.kv_item_lens.first().copied())
+            .unwrap_or(0)
     }
 
     /// The outcome of a [`Command::OpenDirect`]: from now on KV chunks to `agent` go direct, or,

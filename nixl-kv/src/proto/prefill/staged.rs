@@ -23,14 +23,8 @@ impl PrefillCore {
         let Some(granted) = ext::slots(&info.trailing, ring.slots) else {
             return;
         };
-        // The decode registers one item length for all its buffers (SGLang's rule); its
-        // announced ring is GPU memory, and so are its pools.
-        let item = peer
-            .tp_info
-            .as_ref()
-            .map(|t| t.dst_kv_item_len)
-            .or_else(|| self.layout.kv_item_lens.first().copied())
-            .unwrap_or(0);
+        // Its announced ring is GPU memory, and so are its pools.
+        let item = self.peer_item_len(&peer);
         let remote = Layout {
             kv_mem: MemType::Vram,
             kv_ptrs: peer.kv_ptrs.clone(),
