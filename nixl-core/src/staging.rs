@@ -477,6 +477,39 @@ impl StagingLayout {
     }
 }
 
+impl StagingLayout {
+    /// A contiguous area at `base` seen as `buffers` pool buffers of `pages` pages of
+    /// `item_len` bytes each, buffer-major: page `i` of buffer `b` at `base + (b·pages + i)·
+    /// item_len`. The packed path gathers head slices into such an area (pages `0..pages`), so
+    /// that every destination page is one contiguous run for its WRITE.
+    pub fn packed(base: u64, buffers: usize, pages: usize, item_len: u64) -> Result<Self, Error> {
+        let len = item_len.checked_mul(pages as u64);
+        let total = len.and_then(|l| l.checked_mul(buffers as u64));
+        let (Some(len), Some(_)) = (len, total) else {
+            return Err(Error::InvalidArgument {
+                what: "packed area",
+                reason: format!("{buffers} buffers of {pages} pages of {item_len} bytes overflow"),
+            });
+        };
+        let bufs = (0..buffers as u64)
+            .map(|b| PoolBuffer {
+                addr: base.wrapping_add(b.wrapping_mul(len)),
+                len,
+                item_len,
+            })
+            .collect();
+        Self::new(bufs)
+    }
+
+    /// Bytes of the packed area of [`StagingLayout::packed`] for `pages` pages of `item_len`
+    /// bytes in each of our buffers (`None` on overflow).
+    pub fn packed_bytes(&self, pages: usize, item_len: u64) -> Option<u64> {
+        item_len
+            .checked_mul(pages as u64)?
+            .checked_mul(self.buffers.len() as u64)
+    }
+}
+
 impl SlicedTable {
     /// The table's 64-bit words, as the kernel reads them.
     pub fn words(&self) -> &[u64] {
@@ -780,5 +813,43 @@ mod tests {
         let long = TokenSlice { tokens: 5, ..slice };
         assert!(src.sliced_table(&[5], &dst, &[3], &long).is_err());
         assert!(src.sliced_table(&[5], &dst, &[4], &slice).is_err());
+    }
+
+    #[test]
+    fn a_packed_area_holds_each_decode_page_contiguously_buffer_major() {
+        // Two buffers of pages of 4 tokens × 4 heads × 16 bytes; the packed pages hold 2 heads.
+        let src = layout(&[256, 256], 8);
+        assert_eq!(src.packed_bytes(3, 128), Some(2 * 3 * 128));
+        let area = StagingLayout::packed(0x7000_0000, 2, 3, 128).unwrap();
+        let slice = TokenSlice {
+            tokens: 4,
+            src_token: 64,
+            dst_token: 32,
+            src_offset: 32,
+            dst_offset: 0,
+            len: 32,
+        };
+        let t = src
+            .sliced_table(&[5, 2, 7], &area, &[0, 1, 2], &slice)
+            .unwrap();
+        // Every byte of the area written exactly once, page i of buffer b at (b·3 + i)·128.
+        let mut covered = vec![0u8; 2 * 3 * 128];
+        for (s, d, len) in t.copies() {
+            let off = (d - 0x7000_0000) as usize;
+            let (b, i) = (off / (3 * 128), off % (3 * 128) / 128);
+            let page = [5u64, 2, 7][i];
+            let token = (off % 128 / 32) as u64;
+            assert_eq!(
+                s,
+                0x1000_0000 * (b as u64 + 1) + page * 256 + token * 64 + 32
+            );
+            for c in &mut covered[off..off + len as usize] {
+                *c += 1;
+            }
+        }
+        assert!(covered.iter().all(|&c| c == 1));
+        assert!(StagingLayout::packed(u64::MAX - 10, 2, 3, 128).is_err());
+        assert!(StagingLayout::packed(0, 2, usize::MAX, 128).is_err());
+        assert!(src.packed_bytes(usize::MAX, 128).is_none());
     }
 }

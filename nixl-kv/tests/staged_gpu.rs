@@ -174,4 +174,125 @@ mod gpu {
         let paths = run(false, 3, 10);
         assert_eq!(paths.staged, 0, "{paths:?}");
     }
+
+    /// Tokens per page and KV heads per token of the prefill's pages in the sliced test
+    /// (16 × 8 heads × 256 bytes = `PAGE`); a decode rank of TP 2 holds 4 of the heads.
+    const TOKENS: u64 = 16;
+    const HEADS: u64 = 8;
+    const HEAD_BYTES: u64 = PAGE / TOKENS / HEADS;
+
+    /// GPU pools of `item`-byte pages at TP place `rank` of `tp`, filled with [`byte`] on a
+    /// prefill (`bootstrap` given).
+    fn sliced_side(bootstrap: Option<&str>, rank: u32, tp: u32, config: ManagerConfig) -> GpuSide {
+        let agent = common::agent();
+        let heads = HEADS / u64::from(tp);
+        let item = TOKENS * heads * HEAD_BYTES;
+        let mut kv = Vec::new();
+        for b in 0..BUFFERS {
+            let mut buf = DeviceBuffer::new(0, (u64::from(PAGES) * item) as usize).unwrap();
+            if bootstrap.is_some() {
+                let host: Vec<u8> = (0..buf.len())
+                    .map(|i| byte(b, (i as u64 / PAGE) as u32, i % PAGE as usize))
+                    .collect();
+                buf.copy_from_host(&host).unwrap();
+            }
+            kv.push(agent.register(buf).unwrap());
+        }
+        let aux = agent
+            .register(HostBuffer::new((AUX_ROW * 16) as usize).unwrap())
+            .unwrap();
+        let args = KvArgs::new(
+            kv.iter().map(|b| (b.region(), item)),
+            [(aux.region(), AUX_ROW)],
+        )
+        .unwrap()
+        .parallel(rank, tp, 1)
+        .unwrap()
+        .heads(heads as u32, TOKENS as u32);
+        let mgr = match bootstrap {
+            Some(addr) => KvManager::prefill(agent, args, addr, config).unwrap(),
+            None => KvManager::decode(agent, args, config).unwrap(),
+        };
+        GpuSide { mgr, kv, _aux: aux }
+    }
+
+    #[test]
+    fn packed_head_slices_land_byte_for_byte_in_plain_decodes() {
+        // A prefill of TP 1 that can gather; two decode ranks of TP 2 without staging (passive
+        // targets, as SGLang's decodes are). Chunks of 5 pages in pieces of at most 4.
+        let bs = BootstrapServer::start("127.0.0.1:0").unwrap();
+        let addr = bs.addr().to_string();
+        let slot = BUFFERS as u64 * PAGE * 4;
+        let staging = StagingConfig::new(slot, 4).unwrap();
+        let p = sliced_side(
+            Some(&addr),
+            0,
+            1,
+            ManagerConfig::default().staging(Some(staging)),
+        );
+        let sliced = || ManagerConfig::default().sliced_tp(true);
+        let d: Vec<GpuSide> = (0..2).map(|r| sliced_side(None, r, 2, sliced())).collect();
+        let src: Vec<u32> = (0..10).map(|i| (7 * i + 3) % PAGES).collect();
+        let dst: Vec<Vec<u32>> = vec![(20..30).collect(), (0..10).map(|i| 63 - 2 * i).collect()];
+        let room = RoomId::new(4242);
+        let mut rx: Vec<KvReceiver> = d
+            .iter()
+            .zip(&dst)
+            .map(|(side, pages)| {
+                let mut r = KvReceiver::new(&side.mgr, &addr, room, None).unwrap();
+                r.init(pages, 3);
+                r
+            })
+            .collect();
+        let mut tx = KvSender::new(&p.mgr, room).unwrap();
+        let start = Instant::now();
+        let mut started = false;
+        loop {
+            if !started && tx.poll() == KvPoll::WaitingForInput {
+                tx.init(src.len() as u32, 0);
+                tx.send(&src[..5]);
+                tx.send(&src[5..]);
+                started = true;
+            }
+            let s = tx.poll();
+            let r: Vec<KvPoll> = rx.iter_mut().map(KvReceiver::poll).collect();
+            assert_ne!(s, KvPoll::Failed, "sender: {:?}", tx.failure());
+            assert!(
+                r.iter().all(|&x| x != KvPoll::Failed),
+                "{:?}",
+                rx.iter().map(KvReceiver::failure).collect::<Vec<_>>()
+            );
+            if s == KvPoll::Success && r.iter().all(|&x| x == KvPoll::Success) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "room stuck");
+        }
+        let paths = p.mgr.request_paths();
+        assert_eq!(
+            paths.packed, 4,
+            "two chunks to each of two ranks: {paths:?}"
+        );
+        let item = PAGE / 2;
+        let heads = HEADS / 2;
+        for (rank, side) in d.iter().enumerate() {
+            for (b, buf) in side.kv.iter().enumerate() {
+                let host = buf.buffer().to_host().unwrap();
+                for (&s, &t) in src.iter().zip(&dst[rank]) {
+                    let at = (u64::from(t) * item) as usize;
+                    let bad = host[at..at + item as usize]
+                        .iter()
+                        .enumerate()
+                        .filter(|&(o, &v)| {
+                            let o = o as u64;
+                            let (tok, o) = (o / (heads * HEAD_BYTES), o % (heads * HEAD_BYTES));
+                            let g = rank as u64 * heads + o / HEAD_BYTES;
+                            let j = tok * HEADS * HEAD_BYTES + g * HEAD_BYTES + o % HEAD_BYTES;
+                            v != byte(b, s, j as usize)
+                        })
+                        .count();
+                    assert_eq!(bad, 0, "rank {rank}, buffer {b}, page {s} -> {t}");
+                }
+            }
+        }
+    }
 }

@@ -126,10 +126,60 @@ impl Staging {
         dst_pages: &[u32],
         slice: &TokenSlice,
     ) -> Result<StagingEvent, Error> {
+        self.sliced_into(src_pages, peer.layout(), dst_pages, slice)
+    }
+
+    /// Copies `slice` of every token of `src_pages` of every buffer into `out` from byte
+    /// `offset` on, as pages of `item_len` bytes packed buffer-major
+    /// ([`StagingLayout::packed`]), in one launch: the packed path's gather, after which every
+    /// destination page is one contiguous run. The slice must fill those pages' token slots.
+    pub fn pack_sliced(
+        &mut self,
+        src_pages: &[u32],
+        out: &mut DeviceBuffer,
+        offset: u64,
+        item_len: u64,
+        slice: &TokenSlice,
+    ) -> Result<StagingEvent, Error> {
+        self.check_on_gpu(out)?;
+        // Every byte of a packed page must come from the slice: a gap would carry stale
+        // staging bytes into the decode's page.
+        let fills = slice.dst_offset == 0
+            && slice.len == slice.dst_token
+            && slice.dst_token.checked_mul(u64::from(slice.tokens)) == Some(item_len);
+        if !fills {
+            return Err(Error::InvalidArgument {
+                what: "packed slice",
+                reason: format!("{slice:?} does not fill pages of {item_len} bytes"),
+            });
+        }
+        let nb = self.layout.buffers().len();
+        let need = self.layout.packed_bytes(src_pages.len(), item_len);
+        let room = (out.len() as u64).checked_sub(offset);
+        if need.zip(room).is_none_or(|(n, r)| n > r) {
+            return Err(Error::InvalidArgument {
+                what: "packed area",
+                reason: format!(
+                    "{} pages of {item_len} bytes in {nb} buffers from byte {offset} of a {}-byte buffer",
+                    src_pages.len(),
+                    out.len()
+                ),
+            });
+        }
+        let area = StagingLayout::packed(out.addr() + offset, nb, src_pages.len(), item_len)?;
+        let dst: Vec<u32> = (0..u32::try_from(src_pages.len()).unwrap_or(u32::MAX)).collect();
+        self.sliced_into(src_pages, &area, &dst, slice)
+    }
+
+    fn sliced_into(
+        &mut self,
+        src_pages: &[u32],
+        dst: &StagingLayout,
+        dst_pages: &[u32],
+        slice: &TokenSlice,
+    ) -> Result<StagingEvent, Error> {
         self.check_pages(src_pages.len())?;
-        let table = self
-            .layout
-            .sliced_table(src_pages, peer.layout(), dst_pages, slice)?;
+        let table = self.layout.sliced_table(src_pages, dst, dst_pages, slice)?;
         self.ctx.bind_to_thread().map_err(cuda_err)?;
         self.table.upload(&self.stream, table.words())?;
         self.kernels.launch_sliced(
@@ -148,6 +198,21 @@ impl Staging {
             return Err(Error::InvalidArgument {
                 what: "staging pages",
                 reason: format!("{n} pages in one launch (at most {})", self.max_pages),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses a staging buffer on another GPU than the pools.
+    fn check_on_gpu(&self, staging: &DeviceBuffer) -> Result<(), Error> {
+        if staging.ordinal() != self.ordinal {
+            return Err(Error::InvalidArgument {
+                what: "staging buffer",
+                reason: format!(
+                    "on GPU {}, pools on GPU {}",
+                    staging.ordinal(),
+                    self.ordinal
+                ),
             });
         }
         Ok(())
@@ -173,16 +238,7 @@ impl Staging {
         offset: u64,
     ) -> Result<StagingEvent, Error> {
         self.check_pages(pages.len())?;
-        if staging.ordinal() != self.ordinal {
-            return Err(Error::InvalidArgument {
-                what: "staging buffer",
-                reason: format!(
-                    "on GPU {}, pools on GPU {}",
-                    staging.ordinal(),
-                    self.ordinal
-                ),
-            });
-        }
+        self.check_on_gpu(staging)?;
         let room = (staging.len() as u64).saturating_sub(offset);
         let table: CopyTable = self.layout.table(pages, room)?;
         self.ctx.bind_to_thread().map_err(cuda_err)?;

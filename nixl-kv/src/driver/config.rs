@@ -43,7 +43,9 @@ pub struct ManagerConfig {
 
 /// The staged path's buffer: `slots` slots of `slot_bytes` in GPU memory, allocated and
 /// registered by the manager. On a decode it is the ring that prefills write into, with up to
-/// `per_room` slots granted to one room; on a prefill, the slots its gathers fill.
+/// `per_room` slots granted to one room; on a prefill, the slots its gathers fill, plus, once a
+/// decode of another TP size takes packed head slices (docs/protocol.md §5.6), a packing area
+/// of one more slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StagingConfig {

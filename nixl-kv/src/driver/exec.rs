@@ -155,6 +155,33 @@ fn run(
                 }
             }
         }
+        Command::Post(post) if matches!(post.coords, Coords::Packed { .. }) => {
+            // Only a core told `with_staging` packs, and only a prefill with a staging buffer
+            // (and its kernels) tells it so.
+            let res = match &p.gpu {
+                Some(gpu) => lock(gpu).pack(
+                    agent,
+                    post.room,
+                    post.peer.as_str(),
+                    &post.coords,
+                    post.notif.clone(),
+                ),
+                None => Err("this prefill cannot pack head slices".into()),
+            };
+            match res {
+                Ok(()) => {
+                    p.made_packed.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(reason) => {
+                    tracing::warn!(room = %post.room, peer = %post.peer, %reason, "packed chunk not queued");
+                    let reason = FailureReason::Transfer {
+                        peer: post.peer.as_str().to_owned(),
+                        reason,
+                    };
+                    outcomes.push(Outcome::Done(post.room, Err(reason)));
+                }
+            }
+        }
         Command::OpenDirect {
             agent: name,
             pools,
@@ -258,6 +285,7 @@ fn make(agent: &Agent, p: &PrefillIo, lists: &Lists, post: &Post) -> Result<Xfer
                 .map_err(|e| e.to_string())
         }
         Coords::Direct { .. } => Err("a direct copy is not a NIXL request".into()),
+        Coords::Packed { .. } => Err("a packed chunk is not one NIXL request".into()),
     }
 }
 

@@ -61,6 +61,9 @@ pub struct RequestPaths {
     pub staged: u64,
     /// KV chunks copied by the direct path (one kernel each, no NIXL request).
     pub direct: u64,
+    /// KV chunks of head slices sent by the packed path (gathered as whole decode pages, then
+    /// WRITTEN as pages).
+    pub packed: u64,
 }
 
 /// Entries a manager holds, for leak checks.
@@ -111,6 +114,7 @@ pub(crate) struct PrefillIo {
     pub(crate) made_explicit: AtomicU64,
     pub(crate) made_staged: AtomicU64,
     pub(crate) made_direct: AtomicU64,
+    pub(crate) made_packed: AtomicU64,
     /// The staging buffer, when the staged path is on.
     pub(crate) gpu: Option<Mutex<staged::PrefillGpu>>,
 }
@@ -124,6 +128,7 @@ pub(crate) struct DecodeIo {
     pub(crate) gpu: Option<Mutex<staged::DecodeGpu>>,
 }
 
+#[allow(clippy::large_enum_variant, reason = "one per manager, never moved")]
 pub(crate) enum Role {
     Prefill(PrefillIo),
     Decode(DecodeIo),
@@ -229,6 +234,7 @@ impl KvManager {
                 made_explicit: AtomicU64::new(0),
                 made_staged: AtomicU64::new(0),
                 made_direct: AtomicU64::new(0),
+                made_packed: AtomicU64::new(0),
                 gpu: gpu.map(Mutex::new),
             }),
             agent,
@@ -375,6 +381,7 @@ impl KvManager {
                 explicit: p.made_explicit.load(Ordering::Relaxed),
                 staged: p.made_staged.load(Ordering::Relaxed),
                 direct: p.made_direct.load(Ordering::Relaxed),
+                packed: p.made_packed.load(Ordering::Relaxed),
             })
     }
 

@@ -99,6 +99,32 @@ pub enum Coords {
         /// Heterogeneous TP: only this slice of every token slot (`None`: whole pages).
         slice: Option<nixl_core::staging::TokenSlice>,
     },
+    /// The packed path (heterogeneous TP, a decode rank whose token slots our slices fill,
+    /// docs/protocol.md §5.6): each piece's slices gathered by one kernel into our packing
+    /// area as whole decode pages, then one NIXL WRITE of those pages, the pieces in order,
+    /// the notification on the last one's WRITE.
+    Packed {
+        /// The slice of every token slot.
+        slice: nixl_core::staging::TokenSlice,
+        /// Bytes of one decode page of one buffer.
+        item: u64,
+        /// The peer's memory type and device.
+        remote_mem: MemType,
+        /// The peer's device id.
+        remote_gpu: u32,
+        /// The pieces, each at most one packing area.
+        pieces: Vec<PackedPiece>,
+    },
+}
+
+/// One piece of a [`Coords::Packed`] chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PackedPiece {
+    /// Our pages, gathered in order into the packing area.
+    pub src: Vec<u32>,
+    /// The WRITE: (offset in the packing area, the peer's address, bytes).
+    pub copies: Vec<(u64, u64, u64)>,
 }
 
 impl Coords {
@@ -108,6 +134,7 @@ impl Coords {
             Self::Indexed { local_idx, .. } => local_idx.len(),
             Self::Explicit { local, .. } => local.len(),
             Self::Direct { src, .. } => src.len(),
+            Self::Packed { pieces, .. } => pieces.iter().map(|p| p.copies.len()).sum(),
         }
     }
 

@@ -216,6 +216,39 @@ impl HeadSlice {
         }
     }
 
+    /// Whether the slice fills the decode's token slots: this prefill rank holds every head a
+    /// decode rank owns (`P < D`), so whole decode pages can be packed and written as pages.
+    pub fn fills_decode_slots(&self) -> bool {
+        self.dst_offset == 0 && self.len == self.dst_token
+    }
+
+    /// The packed path's WRITE of `dst_pages` pages (in order) for `buffers` buffers: the
+    /// slices were gathered into an area packed buffer-major (page `i` of buffer `b` at
+    /// `(b·n + i)·dst_item`); each yields `(area offset, decode address, dst_item)`, merged where
+    /// a page continues the previous one on both sides. `None` if an address overflows.
+    pub fn packed_copies(&self, dst: &[u64], dst_pages: &[u32]) -> Option<Vec<(u64, u64, u64)>> {
+        let mut out: Vec<(u64, u64, u64)> = Vec::new();
+        let n = dst_pages.len() as u64;
+        for (b, &db) in dst.iter().enumerate() {
+            for (i, &dp) in dst_pages.iter().enumerate() {
+                let off = (b as u64)
+                    .checked_mul(n)?
+                    .checked_add(i as u64)?
+                    .checked_mul(self.dst_item)?;
+                let d = db.checked_add(u64::from(dp).checked_mul(self.dst_item)?)?;
+                match out.last_mut() {
+                    Some(last)
+                        if last.0 + last.2 == off && last.1.checked_add(last.2) == Some(d) =>
+                    {
+                        last.2 += self.dst_item;
+                    }
+                    _ => out.push((off, d, self.dst_item)),
+                }
+            }
+        }
+        Some(out)
+    }
+
     /// The copies of a chunk: for every buffer (prefill base `src[b]`, decode base `dst[b]`),
     /// every page pair `(prefill page, decode page)` and every token, `(src, dst, len)`;
     /// copies that continue the previous one on both sides are merged (whole-token slices of

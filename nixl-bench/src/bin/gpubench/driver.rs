@@ -426,7 +426,7 @@ pub(crate) struct StagingArgs {
 }
 
 /// Paths of the heterogeneous-TP rows.
-const SLICED_PATHS: [&str; 2] = ["plain", "direct"];
+const SLICED_PATHS: [&str; 3] = ["plain", "packed", "direct"];
 
 /// NIXL-only settings tried on the pd descriptors: (label, num_threads, split_batch_size, sgl).
 const GRID: [(&str, u32, u32, bool); 7] = [

@@ -126,8 +126,10 @@ pub(crate) fn run_one(
 /// 16 tokens: 32 KiB pages, as above) and two decode ranks of TP 2 (4 heads each: 16 KiB
 /// pages) as three processes on one GPU, every request going to both ranks (one seed). Each
 /// decode rank takes its heads by `path`: `plain` (one descriptor per token slot, SGLang's
-/// wire-compatible way) or `direct` (one sliced kernel in the prefill). Rows per decode rank:
-/// a verified run, then a timed one.
+/// wire-compatible way), `packed` (a prefill that can gather, decodes that do not stage, as
+/// SGLang's: the slices gathered into whole decode pages, then WRITTEN as pages; the same wire)
+/// or `direct` (one sliced kernel in the prefill). Rows per decode rank: a verified run, then a
+/// timed one.
 pub(crate) fn run_sliced(
     pd: &Path,
     gpu: u32,
@@ -140,7 +142,9 @@ pub(crate) fn run_sliced(
         .local_addr()?
         .port();
     let side = |heads: u32, tp: u32, rank: u32| -> Vec<String> {
-        let mut v = pool(gpu, path);
+        // Packed: only the prefill stages; its decodes are passive targets.
+        let decode_plain = path == "packed" && tp > 1;
+        let mut v = pool(gpu, if decode_plain { "plain" } else { path });
         // pool() sets 32 KiB pages; a decode rank holds half the heads.
         let at = v.iter().position(|a| a == "--page-bytes").unwrap_or(0) + 1;
         v[at] = (16 * u64::from(heads) * 256).to_string();

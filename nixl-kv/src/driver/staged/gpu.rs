@@ -11,10 +11,12 @@ use nixl_core::{
 use nixl_wire::RoomId;
 use nixl_wire::ext::{IpcAlloc, IpcPools, Ring};
 
+use super::packed::Packer;
 use super::{DirectEnd, ScatterEnd, StageEnd};
 use crate::driver::config::StagingConfig;
 use crate::error::Error;
 use crate::proto::decode::DecodeStaging;
+use crate::proto::lower::Coords;
 use crate::proto::prefill::StagedWrite;
 use crate::proto::staging::staging_layout;
 use crate::proto::{FailureReason, Layout};
@@ -66,6 +68,7 @@ struct Piece {
 /// decode's ring slot once its gather is done.
 pub(crate) struct PrefillGpu {
     // Field order: requests end before the buffer they read is deregistered and freed.
+    packer: Packer,
     pieces: Vec<Piece>,
     buf: Registered<DeviceBuffer>,
     /// Direct copies whose kernels have not finished yet: (room, peer, notification, the
@@ -89,6 +92,7 @@ impl PrefillGpu {
             "prefill staging buffer registered"
         );
         Ok(Self {
+            packer: Packer::new(layout.gpu_id, cfg.slot_bytes),
             pieces: Vec::new(),
             buf,
             direct: Vec::new(),
@@ -177,6 +181,19 @@ impl PrefillGpu {
         Ok(())
     }
 
+    /// Queues a packed chunk ([`Coords::Packed`]); its first gather is launched, and it ends,
+    /// in [`PrefillGpu::progress`].
+    pub(crate) fn pack(
+        &mut self,
+        agent: &Agent,
+        room: RoomId,
+        peer: &str,
+        coords: &Coords,
+        notif: Vec<u8>,
+    ) -> Result<(), String> {
+        self.packer.push(agent, room, peer, coords, notif)
+    }
+
     /// Launches the gather of `w`; its WRITE is posted by [`PrefillGpu::progress`] once the
     /// gather is done. A launch that fails ends the piece at once.
     pub(crate) fn stage(&mut self, w: StagedWrite) -> Result<(), StageEnd> {
@@ -230,6 +247,7 @@ impl PrefillGpu {
             ));
             false
         });
+        self.packer.progress(agent, &mut self.staging, direct);
         let region = self.buf.region();
         let slot_bytes = self.slot_bytes;
         self.pieces.retain_mut(|p| {

@@ -9,6 +9,8 @@
 mod gpu;
 #[cfg(not(feature = "cuda"))]
 mod off;
+#[cfg(feature = "cuda")]
+mod packed;
 
 #[cfg(feature = "cuda")]
 pub(crate) use gpu::{DecodeGpu, PrefillGpu};
@@ -25,8 +27,8 @@ pub(crate) type StageEnd = (RoomId, u32, Result<(), FailureReason>);
 /// A scatter that ended: the room, the ring slot, and how.
 pub(crate) type ScatterEnd = (RoomId, u32, Result<(), String>);
 
-/// A direct copy that ended (its kernels done and its notification sent, or not): the room
-/// and how.
+/// A direct copy that ended (its kernels done and its notification sent, or not), or a packed
+/// chunk (its last WRITE done, or not): the room and how.
 pub(crate) type DirectEnd = (RoomId, Result<(), FailureReason>);
 
 /// This node's identity for the direct path: its boot id (the same for every process of one

@@ -45,6 +45,17 @@ impl PrefillGpu {
         match self.0 {}
     }
 
+    pub(crate) fn pack(
+        &mut self,
+        _: &Agent,
+        _: RoomId,
+        _: &str,
+        _: &crate::proto::lower::Coords,
+        _: Vec<u8>,
+    ) -> Result<(), String> {
+        match self.0 {}
+    }
+
     pub(crate) fn forget(&mut self, _: &str) {
         match self.0 {}
     }

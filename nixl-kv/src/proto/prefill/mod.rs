@@ -16,7 +16,9 @@ use nixl_wire::{
 };
 
 use super::lists::{ListTrack, peer_cap};
-use super::lower::{Coords, ListId, ListKind, ListSpec, list_spec, lower_explicit, lower_indexed};
+use super::lower::{
+    Coords, ListId, ListKind, ListSpec, PackedPiece, list_spec, lower_explicit, lower_indexed,
+};
 use super::plan::{CopyOp, Run, aux_buffers, group_runs, plan_aux, plan_kv};
 use super::slicing::{HeadSlice, SliceParams};
 use super::staging::{LocalSlots, Pushed, SlotSchedule, pages_per_piece, staging_layout};
@@ -636,7 +638,13 @@ impl PrefillCore {
                     dst: self.dst_idx.clone(),
                     slice: Some(slice.token_slice()),
                 },
-                Some(slice) => self.lower_sliced(&slice?, &peer)?,
+                Some(slice) => {
+                    let slice = slice?;
+                    match self.lower_packed(&slice, &peer) {
+                        Some(packed) => packed,
+                        None => self.lower_sliced(&slice, &peer)?,
+                    }
+                }
             };
             out.push(Post {
                 room,
@@ -711,6 +719,45 @@ impl PrefillCore {
             l.kv_mem,
             peer.gpu_id.get(),
         ))
+    }
+
+    /// Lowers the KV pages in `src_idx`/`dst_idx` as packed pieces when we can gather (a
+    /// staging buffer on GPU pools, so also a packing area of one slot) and the slice fills the
+    /// decode's token slots; `None` otherwise (the explicit per-token path then).
+    fn lower_packed(&self, slice: &HeadSlice, peer: &Peer) -> Option<Coords> {
+        let l = &self.layout;
+        let area = self.staging.as_ref()?.slot_bytes;
+        if l.kv_mem != MemType::Vram
+            || !slice.fills_decode_slots()
+            || l.kv_item_lens.iter().any(|&i| i != slice.src_item)
+        {
+            return None;
+        }
+        // A piece fits the area as decode pages, and one gather launch as our pages (the
+        // staging kernels' table holds one slot's worth of our pages).
+        let per_page = (slice.dst_item.max(slice.src_item)).checked_mul(l.kv_ptrs.len() as u64)?;
+        let per = usize::try_from(area / per_page.max(1)).ok()?;
+        if per == 0 {
+            return None;
+        }
+        let pieces = self
+            .src_idx
+            .chunks(per)
+            .zip(self.dst_idx.chunks(per))
+            .map(|(src, dst)| {
+                Some(PackedPiece {
+                    src: src.to_vec(),
+                    copies: slice.packed_copies(&peer.kv_ptrs, dst)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Coords::Packed {
+            slice: slice.token_slice(),
+            item: slice.dst_item,
+            remote_mem: l.kv_mem,
+            remote_gpu: peer.gpu_id.get(),
+            pieces,
+        })
     }
 
     /// The chunk's (prefill page, decode page) pairs, from `src_idx`/`dst_idx`.

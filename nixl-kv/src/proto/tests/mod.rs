@@ -165,6 +165,7 @@ impl FakeDriver {
                 }
             }
             Coords::Direct { .. } => panic!("a direct post has no descriptors: {post:?}"),
+            Coords::Packed { .. } => panic!("a packed post has no plain descriptors: {post:?}"),
         }
         merged(out)
     }

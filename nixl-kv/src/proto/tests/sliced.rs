@@ -248,3 +248,141 @@ fn a_mapped_same_node_decode_rank_gets_its_heads_by_the_direct_path() {
         (2 * HEAD_BYTES, 0, 2 * HEAD_BYTES)
     );
 }
+
+/// The bytes a packed post leaves in the decode's pools, run as the driver runs it: each
+/// piece's gather (the kernel's table over our packing area) then its WRITE, with the source
+/// byte at address `a` being `a`'s low byte mixed.
+fn run_packed(post: &Post, prefill: &Layout) -> std::collections::BTreeMap<u64, u8> {
+    use nixl_core::staging::StagingLayout;
+    let byte = |a: u64| (a ^ (a >> 8) ^ (a >> 16)) as u8;
+    let Coords::Packed {
+        slice,
+        item,
+        pieces,
+        ..
+    } = &post.coords
+    else {
+        panic!("not packed: {post:?}");
+    };
+    let ours = crate::proto::staging::staging_layout(prefill).unwrap();
+    let nb = prefill.kv_ptrs.len();
+    let mut out = std::collections::BTreeMap::new();
+    for piece in pieces {
+        const AREA: u64 = 0x7000_0000;
+        let n = piece.src.len();
+        let area = StagingLayout::packed(AREA, nb, n, *item).unwrap();
+        let dst: Vec<u32> = (0..n as u32).collect();
+        let table = ours.sliced_table(&piece.src, &area, &dst, slice).unwrap();
+        let mut packed = vec![None; nb * n * *item as usize];
+        for (s, d, len) in table.copies() {
+            for k in 0..len {
+                packed[(d - AREA + k) as usize] = Some(byte(s + k));
+            }
+        }
+        for &(off, dst, len) in &piece.copies {
+            for k in 0..len {
+                let b = packed[(off + k) as usize].expect("a packed byte the gather never wrote");
+                assert!(out.insert(dst + k, b).is_none(), "a byte written twice");
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_prefill_that_can_gather_packs_each_decode_rank_whole_pages() {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let mut l = prefill_layout(0x1000_0000, Some((HEADS, TOKENS)));
+    l.kv_mem = MemType::Vram;
+    // A slot of two of our pages (of both buffers): the 3-page chunk goes in two pieces.
+    let mut p = PrefillCore::new(l.clone(), Duration::from_secs(300)).with_staging(2 * 2 * 64, 2);
+    p.handle_inbound(sliced_register("d0", 0, 0x9000_0000), now);
+    p.handle_inbound(sliced_register("d1", 1, 0xa000_0000), now);
+    drv.run(&mut p);
+    p.handle_inbound(info(1, "d0", &[5, 6, 9], 2), now);
+    p.handle_inbound(info(1, "d1", &[0, 1, 2], 2), now);
+    let room = RoomId::new(1);
+    p.sender_new(room, now);
+    p.sender_init(room, 3, 0).unwrap();
+    p.sender_send(room, &[3, 4, 10], now).unwrap();
+    drv.run(&mut p);
+    let posts = drv.take_posts();
+    let kv: Vec<&Post> = posts.iter().filter(|q| q.kind == ListKind::Kv).collect();
+    assert_eq!(kv.len(), 2);
+    for post in kv {
+        let (rank, dst, base) = match post.peer.as_str() {
+            "d0" => (0u64, [5u32, 6, 9], 0x9000_0000u64),
+            _ => (1, [0, 1, 2], 0xa000_0000),
+        };
+        let Coords::Packed { pieces, item, .. } = &post.coords else {
+            panic!("not packed: {post:?}");
+        };
+        assert_eq!(*item, 32);
+        assert_eq!(
+            pieces.iter().map(|q| q.src.clone()).collect::<Vec<_>>(),
+            vec![vec![3, 4], vec![10]]
+        );
+        // Naive: decode rank r owns heads 2r..2r+2 of every prefill token.
+        let decode = layout(base);
+        let mut want = std::collections::BTreeMap::new();
+        let byte = |a: u64| (a ^ (a >> 8) ^ (a >> 16)) as u8;
+        for b in 0..2 {
+            for (&sp, &dp) in [3u64, 4, 10].iter().zip(&dst) {
+                for t in 0..u64::from(TOKENS) {
+                    for k in 0..2 * HEAD_BYTES {
+                        let s = l.kv_ptrs[b] + sp * 64 + t * 32 + rank * 16 + k;
+                        let d = decode.kv_ptrs[b] + u64::from(dp) * 32 + t * 16 + k;
+                        want.insert(d, byte(s));
+                    }
+                }
+            }
+        }
+        assert_eq!(run_packed(post, &l), want, "decode rank {rank}");
+        if rank == 1 {
+            // Decode pages 0 and 1 continue each other: one WRITE descriptor per buffer.
+            assert_eq!(pieces[0].copies.len(), 2);
+        }
+    }
+    for post in posts {
+        p.transfer_done(post.room, Ok(()));
+    }
+    assert_eq!(p.sender_poll(room), KvPoll::Success);
+}
+
+#[test]
+fn slices_that_share_a_decode_token_slot_are_never_packed() {
+    // Two prefill ranks of TP 2 feed one decode rank of TP 1: each writes half of every decode
+    // token slot, so a packed page would carry bytes it does not own.
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let mut l = prefill_layout(0x1000_0000, Some((HEADS, TOKENS)));
+    l.kv_mem = MemType::Vram;
+    l.tp.tp = 2;
+    l.tp.rank = 1;
+    let mut p = PrefillCore::new(l, Duration::from_secs(300)).with_staging(1 << 20, 2);
+    let PrefillInbound::Register(mut r) = register_with("d0", &layout(0x9000_0000)) else {
+        unreachable!()
+    };
+    r.tp_info = Some(DecodeTpInfo {
+        decode_tp_size: 1,
+        decode_tp_rank: 0,
+        dst_kv_item_len: u64::from(TOKENS) * 2 * u64::from(HEADS) * HEAD_BYTES,
+    });
+    p.handle_inbound(PrefillInbound::Register(r), now);
+    drv.run(&mut p);
+    p.handle_inbound(info(1, "d0", &[5, 6], 1), now);
+    let room = RoomId::new(1);
+    p.sender_new(room, now);
+    p.sender_init(room, 2, 0).unwrap();
+    p.sender_send(room, &[3, 4], now).unwrap();
+    drv.run(&mut p);
+    let posts = drv.take_posts();
+    assert!(matches!(posts[0].coords, Coords::Explicit { .. }));
+    // Rank 1's heads land in the second half of each decode token slot.
+    assert!(
+        drv.copies(&posts[0])
+            .iter()
+            .all(|&(_, d, len)| len == 32 && (d - 0x9000_0000) % 64 == 32)
+    );
+}

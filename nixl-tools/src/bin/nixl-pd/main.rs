@@ -43,7 +43,8 @@
 //! With `--staging` on both sides (GPU pools), each chunk moves as gather, one WRITE per staging
 //! slot and scatter (docs/runtime.md §12), or, when both run on one node, as one kernel copying
 //! straight into the decode's pages (the direct path; `--no-direct` turns it off); the
-//! prefill's stats line counts the staged pieces and the direct chunks.
+//! prefill's stats line counts the staged pieces, the direct chunks and the packed chunks (head
+//! slices gathered into whole decode pages, for decodes of another TP size that do not stage).
 //!
 //! Unless `--spin`, the prefill's loop sleeps (prefill.rs): it polls its active senders every 100 µs, looks for
 //! new rooms every 1 ms while any are active, and when idle backs off to a scan every 16 ms; a

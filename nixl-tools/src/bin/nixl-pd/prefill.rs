@@ -203,14 +203,15 @@ pub(crate) fn prefill(
             served.sort();
             let paths = mgr.request_paths();
             eprintln!(
-                "prefill: last {} rooms, claim to transfers done: p50 {:.2} ms, p99 {:.2} ms; requests so far: {} prepared, {} explicit, {} staged pieces, {} direct chunks",
+                "prefill: last {} rooms, claim to transfers done: p50 {:.2} ms, p99 {:.2} ms; requests so far: {} prepared, {} explicit, {} staged pieces, {} direct chunks, {} packed chunks",
                 served.len(),
                 served[served.len() / 2].as_secs_f64() * 1e3,
                 served[served.len() * 99 / 100].as_secs_f64() * 1e3,
                 paths.prepared,
                 paths.explicit,
                 paths.staged,
-                paths.direct
+                paths.direct,
+                paths.packed
             );
             served.clear();
         }
