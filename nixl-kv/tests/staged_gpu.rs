@@ -223,7 +223,7 @@ mod gpu {
         let bs = BootstrapServer::start("127.0.0.1:0").unwrap();
         let addr = bs.addr().to_string();
         let slot = BUFFERS as u64 * PAGE * 4;
-        let staging = StagingConfig::new(slot, 4).unwrap();
+        let staging = StagingConfig::new(slot, 4).unwrap().packed(true);
         let p = sliced_side(
             Some(&addr),
             0,

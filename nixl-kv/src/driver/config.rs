@@ -43,9 +43,9 @@ pub struct ManagerConfig {
 
 /// The staged path's buffer: `slots` slots of `slot_bytes` in GPU memory, allocated and
 /// registered by the manager. On a decode it is the ring that prefills write into, with up to
-/// `per_room` slots granted to one room; on a prefill, the slots its gathers fill, plus, once a
-/// decode of another TP size takes packed head slices (docs/protocol.md §5.6), a packing area
-/// of one more slot.
+/// `per_room` slots granted to one room; on a prefill, the slots its gathers fill, plus, with
+/// [`StagingConfig::packed`] and once a decode of another TP size takes packed head slices
+/// (docs/protocol.md §5.6), a packing area of one more slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StagingConfig {
@@ -59,6 +59,11 @@ pub struct StagingConfig {
     /// pages straight into them with one kernel, with no staging slot and no NIXL WRITE
     /// (docs/protocol.md §3.5). On by default; off, same-node pairs stage as other pairs do.
     pub direct: bool,
+    /// Prefill: head slices for a decode of a larger TP size that does not go direct are
+    /// gathered into whole decode pages and written as pages (the packed path, docs/protocol.md
+    /// §5.6) instead of one descriptor per token slot. Off by default until it has run on a GPU
+    /// (its lowering is tested against the byte model on CPU).
+    pub packed: bool,
 }
 
 impl StagingConfig {
@@ -70,6 +75,7 @@ impl StagingConfig {
             slots,
             per_room: (slots / 2).max(1),
             direct: true,
+            packed: false,
         })
     }
 
@@ -77,6 +83,13 @@ impl StagingConfig {
     #[must_use]
     pub fn direct(mut self, on: bool) -> Self {
         self.direct = on;
+        self
+    }
+
+    /// Turns the packed path for head slices on or off (see [`StagingConfig::packed`]).
+    #[must_use]
+    pub fn packed(mut self, on: bool) -> Self {
+        self.packed = on;
         self
     }
 

@@ -220,6 +220,9 @@ impl KvManager {
             });
         if let Some(cfg) = config.staging {
             core = core.with_staging(cfg.slot_bytes, cfg.slots);
+            if cfg.packed {
+                core = core.with_packing();
+            }
             if let (true, Some(node)) = (cfg.direct, staged::node_id()) {
                 core = core.with_direct(&node);
             }

@@ -281,6 +281,8 @@ pub struct PrefillCore {
     staging: Option<PrefillStaging>,
     /// Our node's identity, when the direct path is on (see [`PrefillCore::with_direct`]).
     node: Option<String>,
+    /// Whether head slices may go packed (see [`PrefillCore::with_packing`]).
+    packing: bool,
 }
 
 impl PrefillCore {
@@ -322,6 +324,7 @@ impl PrefillCore {
             dst_idx: Vec::new(),
             staging: None,
             node: None,
+            packing: false,
         }
     }
 
@@ -333,6 +336,15 @@ impl PrefillCore {
             slot_bytes,
             local: LocalSlots::new(slots),
         });
+        self
+    }
+
+    /// Sends head slices by the packed path (docs/protocol.md §5.6) when the staging buffer
+    /// allows it (see [`PrefillCore::with_staging`]): the driver gathers them into whole decode
+    /// pages in a packing area of one slot.
+    #[must_use]
+    pub fn with_packing(mut self) -> Self {
+        self.packing = true;
         self
     }
 
@@ -721,13 +733,14 @@ impl PrefillCore {
         ))
     }
 
-    /// Lowers the KV pages in `src_idx`/`dst_idx` as packed pieces when we can gather (a
-    /// staging buffer on GPU pools, so also a packing area of one slot) and the slice fills the
-    /// decode's token slots; `None` otherwise (the explicit per-token path then).
+    /// Lowers the KV pages in `src_idx`/`dst_idx` as packed pieces when packing is on and we
+    /// can gather (a staging buffer on GPU pools, so also a packing area of one slot) and the
+    /// slice fills the decode's token slots; `None` otherwise (the explicit per-token path then).
     fn lower_packed(&self, slice: &HeadSlice, peer: &Peer) -> Option<Coords> {
         let l = &self.layout;
         let area = self.staging.as_ref()?.slot_bytes;
-        if l.kv_mem != MemType::Vram
+        if !self.packing
+            || l.kv_mem != MemType::Vram
             || !slice.fills_decode_slots()
             || l.kv_item_lens.iter().any(|&i| i != slice.src_item)
         {

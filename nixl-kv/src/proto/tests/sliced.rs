@@ -296,7 +296,9 @@ fn a_prefill_that_can_gather_packs_each_decode_rank_whole_pages() {
     let mut l = prefill_layout(0x1000_0000, Some((HEADS, TOKENS)));
     l.kv_mem = MemType::Vram;
     // A slot of two of our pages (of both buffers): the 3-page chunk goes in two pieces.
-    let mut p = PrefillCore::new(l.clone(), Duration::from_secs(300)).with_staging(2 * 2 * 64, 2);
+    let mut p = PrefillCore::new(l.clone(), Duration::from_secs(300))
+        .with_staging(2 * 2 * 64, 2)
+        .with_packing();
     p.handle_inbound(sliced_register("d0", 0, 0x9000_0000), now);
     p.handle_inbound(sliced_register("d1", 1, 0xa000_0000), now);
     drv.run(&mut p);
@@ -360,7 +362,9 @@ fn slices_that_share_a_decode_token_slot_are_never_packed() {
     l.kv_mem = MemType::Vram;
     l.tp.tp = 2;
     l.tp.rank = 1;
-    let mut p = PrefillCore::new(l, Duration::from_secs(300)).with_staging(1 << 20, 2);
+    let mut p = PrefillCore::new(l, Duration::from_secs(300))
+        .with_staging(1 << 20, 2)
+        .with_packing();
     let PrefillInbound::Register(mut r) = register_with("d0", &layout(0x9000_0000)) else {
         unreachable!()
     };
@@ -385,4 +389,23 @@ fn slices_that_share_a_decode_token_slot_are_never_packed() {
             .iter()
             .all(|&(_, d, len)| len == 32 && (d - 0x9000_0000) % 64 == 32)
     );
+}
+
+#[test]
+fn without_packing_a_staging_prefill_keeps_per_token_descriptors() {
+    let now = Instant::now();
+    let mut drv = FakeDriver::new();
+    let mut l = prefill_layout(0x1000_0000, Some((HEADS, TOKENS)));
+    l.kv_mem = MemType::Vram;
+    let mut p = PrefillCore::new(l, Duration::from_secs(300)).with_staging(1 << 20, 2);
+    p.handle_inbound(sliced_register("d1", 1, 0xa000_0000), now);
+    drv.run(&mut p);
+    p.handle_inbound(info(1, "d1", &[0, 1, 2], 1), now);
+    let room = RoomId::new(1);
+    p.sender_new(room, now);
+    p.sender_init(room, 3, 0).unwrap();
+    p.sender_send(room, &[3, 4, 10], now).unwrap();
+    drv.run(&mut p);
+    let posts = drv.take_posts();
+    assert!(matches!(posts[0].coords, Coords::Explicit { .. }));
 }

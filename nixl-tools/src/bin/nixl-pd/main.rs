@@ -158,6 +158,11 @@ struct Pool {
     /// prefill maps none), so that same-node pairs stage as pairs on two nodes do.
     #[arg(long)]
     no_direct: bool,
+    /// With `--staging`, on a prefill: send head slices to decodes of a larger TP size that do
+    /// not go direct as whole decode pages gathered by one kernel (the packed path; not yet
+    /// run on a GPU) instead of one descriptor per token slot.
+    #[arg(long)]
+    packed: bool,
     /// Poll without sleeping while requests are active (lowest latency; a core stays busy
     /// while working, none while idle).
     #[arg(long)]
@@ -196,7 +201,8 @@ impl Pool {
                             self.staging_slot_mib
                         )
                     })?
-                    .direct(!self.no_direct),
+                    .direct(!self.no_direct)
+                    .packed(self.packed),
             )
         } else {
             None
