@@ -34,9 +34,15 @@ fn sliced_register(name: &str, rank: u32, base: u64) -> PrefillInbound {
 }
 
 fn room_with_two_sliced_decodes(heads: Option<(u32, u32)>) -> (PrefillCore, FakeDriver) {
+    let p = PrefillCore::new(prefill_layout(0x1000_0000, heads), Duration::from_secs(300));
+    two_sliced_decodes_on(p)
+}
+
+/// Room 1 of 3 pages ([3, 4, 10]) sent by `p` to decode ranks d0 (pages 5, 6, 9) and d1
+/// (pages 0, 1, 2) of TP 2, the commands run.
+fn two_sliced_decodes_on(mut p: PrefillCore) -> (PrefillCore, FakeDriver) {
     let now = Instant::now();
     let mut drv = FakeDriver::new();
-    let mut p = PrefillCore::new(prefill_layout(0x1000_0000, heads), Duration::from_secs(300));
     p.handle_inbound(sliced_register("d0", 0, 0x9000_0000), now);
     p.handle_inbound(sliced_register("d1", 1, 0xa000_0000), now);
     drv.run(&mut p);
@@ -291,24 +297,15 @@ fn run_packed(post: &Post, prefill: &Layout) -> std::collections::BTreeMap<u64, 
 
 #[test]
 fn a_prefill_that_can_gather_packs_each_decode_rank_whole_pages() {
-    let now = Instant::now();
-    let mut drv = FakeDriver::new();
     let mut l = prefill_layout(0x1000_0000, Some((HEADS, TOKENS)));
     l.kv_mem = MemType::Vram;
     // A slot of two of our pages (of both buffers): the 3-page chunk goes in two pieces.
-    let mut p = PrefillCore::new(l.clone(), Duration::from_secs(300))
+    let p = PrefillCore::new(l.clone(), Duration::from_secs(300))
         .with_staging(2 * 2 * 64, 2)
         .with_packing();
-    p.handle_inbound(sliced_register("d0", 0, 0x9000_0000), now);
-    p.handle_inbound(sliced_register("d1", 1, 0xa000_0000), now);
-    drv.run(&mut p);
-    p.handle_inbound(info(1, "d0", &[5, 6, 9], 2), now);
-    p.handle_inbound(info(1, "d1", &[0, 1, 2], 2), now);
+    let (mut p, mut drv) = two_sliced_decodes_on(p);
     let room = RoomId::new(1);
-    p.sender_new(room, now);
-    p.sender_init(room, 3, 0).unwrap();
-    p.sender_send(room, &[3, 4, 10], now).unwrap();
-    drv.run(&mut p);
+    assert_eq!(p.failure(room), None);
     let posts = drv.take_posts();
     let kv: Vec<&Post> = posts.iter().filter(|q| q.kind == ListKind::Kv).collect();
     assert_eq!(kv.len(), 2);
