@@ -223,7 +223,8 @@ mod gpu {
         let bs = BootstrapServer::start("127.0.0.1:0").unwrap();
         let addr = bs.addr().to_string();
         let slot = BUFFERS as u64 * PAGE * 4;
-        let staging = StagingConfig::new(slot, 4).unwrap().packed(true);
+        // The packed path is the default of a prefill with staging.
+        let staging = StagingConfig::new(slot, 4).unwrap();
         let p = sliced_side(
             Some(&addr),
             0,

@@ -61,8 +61,9 @@ pub struct StagingConfig {
     pub direct: bool,
     /// Prefill: head slices for a decode of a larger TP size that does not go direct are
     /// gathered into whole decode pages and written as pages (the packed path, docs/protocol.md
-    /// §5.6) instead of one descriptor per token slot. Off by default until it has run on a GPU
-    /// (its lowering is tested against the byte model on CPU).
+    /// §5.6) instead of one descriptor per token slot. On by default (on the H200, 47× faster
+    /// than the per-token descriptors for a 32-page request of TP 1 → 2); off, such decodes get
+    /// SGLang's per-token descriptors.
     pub packed: bool,
 }
 
@@ -75,7 +76,7 @@ impl StagingConfig {
             slots,
             per_room: (slots / 2).max(1),
             direct: true,
-            packed: false,
+            packed: true,
         })
     }
 

@@ -47,9 +47,6 @@ fn pool(gpu: u32, path: &str) -> Vec<String> {
     if path == "staged" {
         v.push("--no-direct".into());
     }
-    if path == "packed" {
-        v.push("--packed".into());
-    }
     v
 }
 

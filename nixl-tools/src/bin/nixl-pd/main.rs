@@ -159,10 +159,10 @@ struct Pool {
     #[arg(long)]
     no_direct: bool,
     /// With `--staging`, on a prefill: send head slices to decodes of a larger TP size that do
-    /// not go direct as whole decode pages gathered by one kernel (the packed path; not yet
-    /// run on a GPU) instead of one descriptor per token slot.
+    /// not go direct as SGLang does, one descriptor per token slot, instead of whole decode
+    /// pages gathered by one kernel (the packed path, the default).
     #[arg(long)]
-    packed: bool,
+    no_packed: bool,
     /// Poll without sleeping while requests are active (lowest latency; a core stays busy
     /// while working, none while idle).
     #[arg(long)]
@@ -202,7 +202,7 @@ impl Pool {
                         )
                     })?
                     .direct(!self.no_direct)
-                    .packed(self.packed),
+                    .packed(!self.no_packed),
             )
         } else {
             None
