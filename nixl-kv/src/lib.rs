@@ -24,6 +24,7 @@
 
 pub mod bootstrap;
 pub mod driver;
+mod busy;
 mod error;
 pub mod proto;
 mod runtime_thread;

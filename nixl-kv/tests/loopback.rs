@@ -470,3 +470,28 @@ fn a_prefill_can_wait_for_rooms_instead_of_polling() {
         "a decode has none, at once"
     );
 }
+
+#[test]
+fn busy_polling_managers_serve_rooms_back_to_back_and_still_time_out_when_idle() {
+    let bs = server();
+    let addr = bs.addr().to_string();
+    let cfg = ManagerConfig::default().busy_poll(Duration::from_millis(20));
+    let p = prefill(&addr, 2, 16, 1024, cfg.clone());
+    let d = decode(2, 16, 1024, cfg);
+    for room in 1..=20u32 {
+        let (states, tx_err, rx_err) =
+            exchange(&p.mgr, &d.mgr, &addr, u64::from(room), &[room % 16], &[(room + 5) % 16], 1);
+        assert_eq!(
+            states,
+            (KvPoll::Success, KvPoll::Success),
+            "room {room}: {tx_err:?} {rx_err:?}"
+        );
+    }
+    // Nothing to claim: a wait inside the last message's window and one past it both end.
+    assert!(!p.mgr.wait_unclaimed(Duration::from_millis(5)));
+    assert!(!p.mgr.wait_unclaimed(Duration::from_millis(50)));
+    let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(99), None).unwrap();
+    rx.init(&[3], 0);
+    assert!(p.mgr.wait_unclaimed(T), "a room after the window is found");
+    assert_eq!(p.mgr.unclaimed_rooms()[0].room, RoomId::new(99));
+}

@@ -46,11 +46,11 @@ staging() {
 }
 protocol() {
   # The protocol's own cost: 1-page requests of 4 x 4 KiB in host memory (ZeroMQ hop, claim,
-  # post, notifications, poll loops), sleeping and spinning loops alternating; then the idle
-  # prefill's CPU over 5 s.
+  # post, notifications, poll loops), sleeping loops, spinning loops, and spinning loops with
+  # the managers' busy polling alternating; then the idle prefill's CPU over 5 s.
   echo "== protocol cost: nixl-pd, host-memory pools, 1 page of 4 buffers x 4 KiB, concurrency 1"
   for round in 1 2 3; do
-    for spin in "" "--spin"; do
+    for spin in "" "--spin" "--spin --busy-poll-us ${BUSY_US:-2000}"; do
       port=$((19000 + round))
       "$B/bin/nixl-pd" prefill --bootstrap-port $port --layers 2 --page-bytes 4096 --pages 64 $spin 2>/dev/null &
       P=$!

@@ -39,6 +39,12 @@ pub struct ManagerConfig {
     /// later, or ours given `KvArgs::heads`) may be asked: an older one would write whole
     /// pages. Off by default: such pairs fail with a reason, as in SGLang 0.5.1.
     pub sliced_tp: bool,
+    /// How long the manager's own waits poll without sleeping before they block: the
+    /// prefill's inbound thread after each message, a decode waiting for its send to reach the
+    /// socket. Zero (the default) always blocks; a window of a millisecond or two saves the
+    /// thread wake-ups of a request that follows another closely, at the cost of a core while
+    /// traffic flows (none once the window has passed).
+    pub busy_poll: Duration,
 }
 
 /// The staged path's buffer: `slots` slots of `slot_bytes` in GPU memory, allocated and
@@ -130,6 +136,7 @@ impl Default for ManagerConfig {
             peer_idle_timeout: crate::proto::prefill::DEFAULT_PEER_IDLE_TIMEOUT,
             staging: None,
             sliced_tp: false,
+            busy_poll: Duration::ZERO,
         }
     }
 }
@@ -184,6 +191,13 @@ impl ManagerConfig {
     #[must_use]
     pub fn sliced_tp(mut self, on: bool) -> Self {
         self.sliced_tp = on;
+        self
+    }
+
+    /// Sets [`ManagerConfig::busy_poll`].
+    #[must_use]
+    pub fn busy_poll(mut self, window: Duration) -> Self {
+        self.busy_poll = window;
         self
     }
 

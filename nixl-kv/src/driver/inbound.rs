@@ -7,10 +7,11 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use nixl_wire::PrefillInbound;
 
 use super::{Shared, exec, lock};
+use crate::busy;
 use crate::error::Error;
 
 /// Frame sets waiting for the inbound thread; past this a message is dropped (and logged), so
@@ -43,9 +44,10 @@ pub(crate) fn start(shared: &Arc<Shared>, rx: Receiver<Vec<Bytes>>) -> Result<()
     let tick = TICK
         .min(shared.config.orphan_timeout / 2)
         .max(Duration::from_millis(10));
+    let busy = shared.config.busy_poll;
     let handle = std::thread::Builder::new()
         .name("kv-inbound".into())
-        .spawn(move || run(&weak, &rx, tick))
+        .spawn(move || run(&weak, &rx, tick, busy))
         .map_err(|source| Error::Thread {
             name: "kv-inbound",
             source,
@@ -54,11 +56,30 @@ pub(crate) fn start(shared: &Arc<Shared>, rx: Receiver<Vec<Bytes>>) -> Result<()
     Ok(())
 }
 
-fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, tick: Duration) {
+/// The next frame set within `wait`: polled without sleeping while the busy window that the
+/// last message opened lasts, then waited for.
+fn next(
+    rx: &Receiver<Vec<Bytes>>,
+    wait: Duration,
+    spin: Duration,
+) -> Result<Vec<Bytes>, RecvTimeoutError> {
+    let polled = busy::poll_for(spin.min(wait), || match rx.try_recv() {
+        Ok(frames) => Some(Ok(frames)),
+        Err(TryRecvError::Disconnected) => Some(Err(RecvTimeoutError::Disconnected)),
+        Err(TryRecvError::Empty) => None,
+    });
+    polled.unwrap_or_else(|| rx.recv_timeout(wait.saturating_sub(spin)))
+}
+
+fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, tick: Duration, busy: Duration) {
     let mut next_tick = Instant::now() + tick;
+    let mut last_message: Option<Instant> = None;
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
-        let got = rx.recv_timeout(wait);
+        let spin = last_message.map_or(Duration::ZERO, |t| {
+            (t + busy).saturating_duration_since(Instant::now())
+        });
+        let got = next(rx, wait, spin);
         let Some(s) = weak.upgrade() else { return };
         if s.stop.load(std::sync::atomic::Ordering::Relaxed) {
             return;
@@ -66,7 +87,12 @@ fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, tick: Duration) {
         let Some(p) = s.prefill() else { return };
         match got {
             Ok(frames) => match PrefillInbound::decode(&frames) {
-                Ok(msg) => lock(&p.core).handle_inbound(msg, Instant::now()),
+                Ok(msg) => {
+                    let now = Instant::now();
+                    last_message = Some(now);
+                    p.activity.touch();
+                    lock(&p.core).handle_inbound(msg, now);
+                }
                 Err(e) => tracing::warn!(error = %e, "malformed message from a decode; dropped"),
             },
             Err(RecvTimeoutError::Timeout) => {}

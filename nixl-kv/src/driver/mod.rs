@@ -106,6 +106,8 @@ pub(crate) struct PrefillIo {
     pub(crate) core: Mutex<PrefillCore>,
     /// Signalled (with `core`) whenever a decode's message was applied.
     pub(crate) arrivals: Condvar,
+    /// When the last decode message arrived (the busy-poll window of `wait_unclaimed`).
+    pub(crate) activity: crate::busy::Activity,
     /// Prepared lists; held while commands run, so they run in queue order.
     pub(crate) exec: Mutex<exec::Lists>,
     /// Posted requests per room, until their sender sees them end.
@@ -198,7 +200,11 @@ impl KvManager {
         let (inbound_tx, inbound_rx) = inbound::queue();
         let on_message = Box::new(move |frames| inbound::offer(&inbound_tx, frames));
         let (zmq, port) =
-            zmq::ZmqThread::start(Some(format!("tcp://{}:0", config.local_ip)), on_message)
+            zmq::ZmqThread::start(
+                Some(format!("tcp://{}:0", config.local_ip)),
+                on_message,
+                config.busy_poll,
+            )
                 .map_err(Error::Zmq)?;
         let rank_port = port.ok_or_else(|| Error::Zmq("the PULL socket has no port".into()))?;
         let endpoint = if config.local_ip.contains(':') {
@@ -231,6 +237,7 @@ impl KvManager {
             role: Role::Prefill(PrefillIo {
                 core: Mutex::new(core),
                 arrivals: Condvar::new(),
+                activity: crate::busy::Activity::new(),
                 exec: Mutex::default(),
                 in_flight: Mutex::default(),
                 made_prepared: AtomicU64::new(0),
@@ -266,7 +273,8 @@ impl KvManager {
     /// A decode manager. `agent` must have a UCX backend and the memory of `args` registered
     /// (the registration carries the agent's metadata as it is now).
     pub fn decode(agent: Agent, args: KvArgs, config: ManagerConfig) -> Result<Self, Error> {
-        let (zmq, _) = zmq::ZmqThread::start(None, Box::new(|_| {})).map_err(Error::Zmq)?;
+        let (zmq, _) = zmq::ZmqThread::start(None, Box::new(|_| {}), config.busy_poll)
+            .map_err(Error::Zmq)?;
         // SGLang advertises a port it never binds; so do we (a free one, for fidelity).
         let rank_port = std::net::TcpListener::bind((config.local_ip.as_str(), 0))
             .and_then(|l| l.local_addr())
@@ -358,6 +366,10 @@ impl KvManager {
             return false;
         };
         let deadline = Instant::now() + timeout;
+        let spin = p.activity.left(self.shared.config.busy_poll).min(timeout);
+        if crate::busy::poll_for(spin, || lock(&p.core).has_unclaimed().then_some(())).is_some() {
+            return true;
+        }
         let mut core = lock(&p.core);
         loop {
             if core.has_unclaimed() {

@@ -8,6 +8,7 @@
 //! ([`PushLimits`]). A failed send drops that connection and returns why; the next send to
 //! that endpoint reconnects.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -23,12 +24,17 @@ pub(crate) struct ZmqThread {
 
 impl ZmqThread {
     /// Starts the thread. With `pull`, binds a PULL socket at that endpoint (port 0: any) and
-    /// hands every message to `on_message`; returns the bound port.
+    /// hands every message to `on_message`; returns the bound port. A send polls for its
+    /// outcome without sleeping for up to `busy_poll` before it blocks, and the thread polls
+    /// its sockets without sleeping for `busy_poll` after each message sent or received.
     pub(crate) fn start(
         pull: Option<String>,
         on_message: Box<dyn Fn(Vec<Bytes>) + Send>,
+        busy_poll: std::time::Duration,
     ) -> Result<(Self, Option<u16>), String> {
+        let hot = Arc::new(crate::busy::Hot::new(busy_poll));
         let (pusher, jobs) = Pusher::new(PushLimits::default());
+        let pusher = pusher.busy_poll(busy_poll, Arc::clone(&hot));
         let limits = pusher.limits();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Option<u16>, String>>();
         let thread = crate::runtime_thread::spawn(
@@ -40,6 +46,10 @@ impl ZmqThread {
                 }
             },
             move || async move {
+                if !busy_poll.is_zero() {
+                    let hot = Arc::clone(&hot);
+                    tokio::spawn(async move { hot.keep_polling().await });
+                }
                 let mut port = None;
                 if let Some(ep) = pull {
                     let listener = match zmtp::bind(&ep).await {
@@ -58,7 +68,11 @@ impl ZmqThread {
                     }
                     let (tx, rx) = mpsc::channel(zmtp::QUEUE);
                     tokio::spawn(zmtp::serve(listener, PullLimits::default(), tx));
-                    tokio::spawn(zmtp::deliver(rx, on_message));
+                    let hot = Arc::clone(&hot);
+                    tokio::spawn(zmtp::deliver(rx, move |frames| {
+                        hot.touch();
+                        on_message(frames);
+                    }));
                 }
                 let _ = ready_tx.send(Ok(port));
                 zmtp::route(jobs, limits).await;
@@ -145,10 +159,11 @@ mod tests {
             Box::new(move |m| {
                 let _ = tx.send(m);
             }),
+            Duration::ZERO,
         )
         .unwrap();
         let port = port.unwrap();
-        let (push, _) = ZmqThread::start(None, Box::new(|_| {})).unwrap();
+        let (push, _) = ZmqThread::start(None, Box::new(|_| {}), Duration::ZERO).unwrap();
         let endpoint = format!("tcp://127.0.0.1:{port}");
 
         let mut huge = handshaken(port);
@@ -196,6 +211,7 @@ mod tests {
             Box::new(move |m| {
                 let _ = tx.send(m);
             }),
+            Duration::ZERO,
         )
         .unwrap();
         (pull, format!("tcp://127.0.0.1:{}", port.unwrap()), rx)
@@ -203,7 +219,7 @@ mod tests {
 
     /// A decode's send to a "prefill" that answers the greeting with a header announcing a
     /// 2^62-byte frame fails (zeromq's codec aborted the process), and the next send, to a
-    /// real PULL, arrives.
+    /// real PULL, arrives; the same with sends polling for their outcome.
     #[test]
     fn a_prefill_announcing_a_huge_frame_fails_only_its_send() {
         let hostile = hostile_prefill(|mut s| {
@@ -217,7 +233,9 @@ mod tests {
             std::thread::sleep(Duration::from_secs(30));
         });
         let (_pull, good, rx) = pull_thread();
-        let (push, _) = ZmqThread::start(None, Box::new(|_| {})).unwrap();
+        // Busy polling for the outcome changes neither the failure nor the success.
+        let (push, _) =
+            ZmqThread::start(None, Box::new(|_| {}), Duration::from_millis(50)).unwrap();
         let t = std::time::Instant::now();
         let err = push
             .send(&hostile, vec![Bytes::from_static(b"x")])
@@ -238,7 +256,7 @@ mod tests {
             drop(s);
         });
         let (_pull, good, rx) = pull_thread();
-        let (push, _) = ZmqThread::start(None, Box::new(|_| {})).unwrap();
+        let (push, _) = ZmqThread::start(None, Box::new(|_| {}), Duration::ZERO).unwrap();
         let push = std::sync::Arc::new(push);
         let stuck = {
             let push = std::sync::Arc::clone(&push);

@@ -64,6 +64,10 @@ pub(crate) struct Job {
 pub(crate) struct Pusher {
     tx: mpsc::UnboundedSender<Job>,
     limits: Arc<PushLimits>,
+    /// How long a send polls for its outcome before it blocks.
+    busy: Duration,
+    /// Told of every send, to keep the runtime hot.
+    hot: Option<Arc<crate::busy::Hot>>,
 }
 
 impl Pusher {
@@ -72,7 +76,23 @@ impl Pusher {
     pub(crate) fn new(limits: PushLimits) -> (Self, mpsc::UnboundedReceiver<Job>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let limits = Arc::new(limits);
-        (Self { tx, limits }, rx)
+        (
+            Self {
+                tx,
+                limits,
+                busy: Duration::ZERO,
+                hot: None,
+            },
+            rx,
+        )
+    }
+
+    /// Sends poll for their outcome without sleeping for up to `window` before they block, and
+    /// touch `hot`.
+    pub(crate) fn busy_poll(mut self, window: Duration, hot: Arc<crate::busy::Hot>) -> Self {
+        self.busy = window;
+        self.hot = Some(hot);
+        self
     }
 
     pub(crate) fn limits(&self) -> Arc<PushLimits> {
@@ -84,6 +104,9 @@ impl Pusher {
     pub(crate) fn send(&self, endpoint: &str, frames: Vec<Bytes>) -> Result<(), String> {
         let budget = self.limits.connect_timeout + self.limits.send_timeout;
         let (done, rx) = std_mpsc::channel();
+        if let Some(hot) = &self.hot {
+            hot.touch();
+        }
         self.tx
             .send(Job {
                 endpoint: endpoint.to_owned(),
@@ -92,6 +115,14 @@ impl Pusher {
                 done,
             })
             .map_err(|_| "zmq thread stopped")?;
+        let polled = crate::busy::poll_for(self.busy, || match rx.try_recv() {
+            Ok(res) => Some(res),
+            Err(std_mpsc::TryRecvError::Disconnected) => Some(Err("zmq thread stopped".into())),
+            Err(std_mpsc::TryRecvError::Empty) => None,
+        });
+        if let Some(res) = polled {
+            return res;
+        }
         match rx.recv_timeout(budget + GRACE) {
             Ok(res) => res,
             Err(std_mpsc::RecvTimeoutError::Timeout) => {

@@ -254,7 +254,7 @@ pub(crate) fn decode(pool: &Pool, bootstrap: &str, o: &DecodeOpts) -> anyhow::Re
     let gbps = bytes as f64 / seconds / 1e9;
     let failures = out.failed + out.no_reason + out.corrupt;
     println!(
-        "{started} requests x {per_request} pages x {} buffers x {} B: {:.1} req/s, {gbps:.2} GB/s, p50 {p50:.2} ms, p99 {p99:.2} ms, {failures} failed{}{}",
+        "{started} requests x {per_request} pages x {} buffers x {} B: {:.1} req/s, {gbps:.2} GB/s, p50 {p50:.3} ms, p99 {p99:.3} ms, {failures} failed{}{}",
         m.kv.len(),
         pool.page_bytes,
         started as f64 / seconds,

@@ -4,7 +4,7 @@
 //! nixl-pd prefill --bootstrap-port P --layers L [--mla] --page-bytes B --pages N [--aux-slots S]
 //!                 [--hidden-size H] [--aux-layout sglang|legacy] [--chunk-pages K]
 //!                 [--stats-every SECS] [--abort-one-in K] [--device cpu|gpu:N]
-//!                 [--staging [--staging-slots S] [--staging-slot-mib M]] [--spin]
+//!                 [--staging [--staging-slots S] [--staging-slot-mib M]] [--spin] [--busy-poll-us U]
 //!                 [--tp-size P --tp-rank R --heads H [--page-tokens T]] [--join HOST:PORT]
 //! nixl-pd decode  --bootstrap HOST:P --layers L [--mla] --page-bytes B --pages N
 //!                 [--prefill-pages NP] [--hidden-size H] [--aux-layout sglang|legacy]
@@ -12,7 +12,7 @@
 //!                 [--aux-verify all|first] [--json] [--no-verify] [--seconds S]
 //!                 [--abort-one-in K] [--allow-failures] [--sentinel auto|on|off]
 //!                 [--quarantine-seconds Q] [--allow-stray] [--device cpu|gpu:N]
-//!                 [--staging [--staging-slots S] [--staging-slot-mib M]] [--spin]
+//!                 [--staging [--staging-slots S] [--staging-slot-mib M]] [--spin] [--busy-poll-us U]
 //!                 [--tp-size D --tp-rank R --heads H [--page-tokens T] --sliced-tp]
 //! nixl-pd doctor  [--device cpu|gpu:N] [--peer-device cpu|gpu:N]
 //! ```
@@ -167,6 +167,10 @@ struct Pool {
     /// while working, none while idle).
     #[arg(long)]
     spin: bool,
+    /// Microseconds the manager's own waits (the prefill's inbound thread and room waits, the
+    /// decode's sends) poll without sleeping after traffic before they block; 0: never.
+    #[arg(long, default_value_t = 0)]
+    busy_poll_us: u64,
     /// This side's attention-TP size (prefill: ranks registering with one bootstrap server;
     /// decode: ranks sharing each room, all run with the same `--seed`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -209,7 +213,8 @@ impl Pool {
         };
         Ok(nixl_kv::ManagerConfig::default()
             .staging(staging)
-            .sliced_tp(self.sliced_tp))
+            .sliced_tp(self.sliced_tp)
+            .busy_poll(Duration::from_micros(self.busy_poll_us)))
     }
 
     /// The head layout of a page, when `--heads` is given: (heads, bytes per head), checked.
