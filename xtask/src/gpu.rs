@@ -25,7 +25,8 @@ const RUN_SH: &str = r#"#!/bin/bash
 # against raw NIXL on the same descriptors), on one GPU and, where there are two, across them.
 # Logs and reports go to $OUT.
 # `run.sh staging` runs only the staged-path table (gpubench staging); `run.sh protocol` only the
-# protocol-cost rows (host memory, 1 page).
+# protocol-cost rows (host memory, 1 page); `run.sh busy` the pd flow on GPU 0 without and with
+# busy polling.
 set -u
 B=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp}
@@ -111,6 +112,37 @@ agents() {
   done
   ps aux | grep -i "[m]ps" | head -3; nvidia-smi -q | grep -i -E "compute mode|MIG Mode" -A1 | head -6
 }
+busy() {
+  # Busy polling through the full pd flow on GPU 0 (64 x 32 KiB pages, spinning loops): per
+  # round, path and size a prefill, a verified decode run of 30 requests, then a timed one of
+  # 300, without and with the managers' busy polling (--busy-poll-us).
+  echo "== pd flow on GPU 0, spinning loops, without and with busy polling"
+  for round in 1 2; do
+    for path in plain staged direct; do
+      for n in 1 32; do
+        for busy in "" "--busy-poll-us ${BUSY_US:-2000}"; do
+          flags="--layers 32 --page-bytes 32768 --pages 600 --device gpu:0 --spin $busy"
+          case $path in
+            staged) flags="$flags --staging --no-direct" ;;
+            direct) flags="$flags --staging" ;;
+          esac
+          port=$((19600 + RANDOM % 1000))
+          "$B/bin/nixl-pd" prefill --bootstrap-port $port $flags 2> "$OUT/busy-prefill.log" &
+          P=$!
+          for _ in $(seq 300); do grep -q "bootstrap on" "$OUT/busy-prefill.log" && break; sleep 0.1; done
+          echo "round $round, $path, $n pages, ${busy:-no busy polling}:"
+          "$B/bin/nixl-pd" decode --bootstrap 127.0.0.1:$port $flags --requests 30 --pages-per-request $n \
+            --concurrency 1 2>&1 | grep "requests x" | sed 's/^/  verified: /'
+          "$B/bin/nixl-pd" decode --bootstrap 127.0.0.1:$port $flags --requests 300 --pages-per-request $n \
+            --concurrency 1 --no-verify 2>&1 | grep -m4 "requests x\|rror\|failed:" | sed 's/^/  timed: /'
+          kill $P
+          wait $P 2>/dev/null
+          grep -m2 "failed:" "$OUT/busy-prefill.log" | sed 's/^/  prefill: /'
+        done
+      done
+    done
+  done
+}
 sliced() {
   # Heterogeneous TP (1 prefill rank of TP 1, 2 decode ranks of TP 2) next to same-TP rows, all
   # through the full pd flow with 32-page requests, rounds alternating.
@@ -125,6 +157,10 @@ sliced() {
 }
 if [ "${1:-all}" = sliced ]; then
   sliced
+  exit 0
+fi
+if [ "${1:-all}" = busy ]; then
+  busy
   exit 0
 fi
 if [ "${1:-all}" = agents ]; then
