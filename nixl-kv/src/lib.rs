@@ -23,8 +23,8 @@
 #![forbid(unsafe_code)]
 
 pub mod bootstrap;
-pub mod driver;
 mod busy;
+pub mod driver;
 mod error;
 pub mod proto;
 mod runtime_thread;

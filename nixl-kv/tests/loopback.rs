@@ -479,8 +479,15 @@ fn busy_polling_managers_serve_rooms_back_to_back_and_still_time_out_when_idle()
     let p = prefill(&addr, 2, 16, 1024, cfg.clone());
     let d = decode(2, 16, 1024, cfg);
     for room in 1..=20u32 {
-        let (states, tx_err, rx_err) =
-            exchange(&p.mgr, &d.mgr, &addr, u64::from(room), &[room % 16], &[(room + 5) % 16], 1);
+        let (states, tx_err, rx_err) = exchange(
+            &p.mgr,
+            &d.mgr,
+            &addr,
+            u64::from(room),
+            &[room % 16],
+            &[(room + 5) % 16],
+            1,
+        );
         assert_eq!(
             states,
             (KvPoll::Success, KvPoll::Success),

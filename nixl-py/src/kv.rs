@@ -96,7 +96,8 @@ impl PyManager {
         }
         let config = ManagerConfig::default()
             .local_ip(local_ip)
-            .staging(staging_from_env()?);
+            .staging(staging_from_env()?)
+            .busy_poll(busy_poll_from_env()?);
         let name = name.to_owned();
         py.detach(move || {
             let agent = Agent::new(&name, &AgentConfig::default()).map_err(runtime_err)?;
@@ -375,6 +376,29 @@ impl PyBootstrapServer {
 pub(crate) const STAGING_ENV: &str = "NIXL_RS_STAGING";
 /// `0` keeps same-node pairs off the direct path (they stage instead).
 pub(crate) const DIRECT_ENV: &str = "NIXL_RS_DIRECT";
+/// `0` sends head slices to decodes of a larger TP size as SGLang does, one descriptor per
+/// token slot, instead of packing them into whole decode pages.
+pub(crate) const PACKED_ENV: &str = "NIXL_RS_PACKED";
+/// Microseconds the manager's waits poll without sleeping after traffic (unset or 0: never).
+pub(crate) const BUSY_POLL_ENV: &str = "NIXL_RS_BUSY_POLL_US";
+
+/// The busy-poll window [`BUSY_POLL_ENV`] asks for.
+fn busy_poll_from_env() -> PyResult<std::time::Duration> {
+    let text = std::env::var(BUSY_POLL_ENV).unwrap_or_default();
+    match text.trim() {
+        "" => Ok(std::time::Duration::ZERO),
+        t => t
+            .parse::<u64>()
+            .ok()
+            .filter(|&us| us <= 1_000_000)
+            .map(std::time::Duration::from_micros)
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "{BUSY_POLL_ENV}={t:?}: expected microseconds, 0 to 1000000"
+                ))
+            }),
+    }
+}
 
 /// The staging configuration [`STAGING_ENV`] and [`DIRECT_ENV`] ask for.
 fn staging_from_env() -> PyResult<Option<nixl_kv::StagingConfig>> {
@@ -399,5 +423,6 @@ fn staging_from_env() -> PyResult<Option<nixl_kv::StagingConfig>> {
         ))
     })?;
     let direct = std::env::var(DIRECT_ENV).map_or(true, |v| v.trim() != "0");
-    Ok(Some(cfg.direct(direct)))
+    let packed = std::env::var(PACKED_ENV).map_or(true, |v| v.trim() != "0");
+    Ok(Some(cfg.direct(direct).packed(packed)))
 }

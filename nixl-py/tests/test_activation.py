@@ -8,7 +8,8 @@ wheel, and with it `nixl_rs_sglang.pth`, is installed):
 3. an SGLang of another wire format (0.5.2, 0.6.0; the installed version is monkeypatched in the
    child, before SGLang's NIXL modules are imported) is refused with the message saying why, by
    the hook's import and by `install()`; 0.5.1 and its post releases are accepted;
-4. `NIXL_RS_STAGING`: refused when malformed, and with host-memory pools.
+4. `NIXL_RS_STAGING`: refused when malformed, and with host-memory pools;
+5. `NIXL_RS_BUSY_POLL_US`: refused when malformed; a busy-polling manager starts.
 """
 
 import json
@@ -32,6 +33,33 @@ def probe():
 
 def spawned(q):
     q.put(probe())
+
+def test_busy_poll_env():
+    """NIXL_RS_BUSY_POLL_US: not a number of microseconds (or over a second) is refused naming
+    the variable; a window of 2 ms is taken."""
+    import ctypes
+
+    from nixl_rs import _native, load_runtime
+
+    load_runtime()
+    kv = (ctypes.c_uint8 * (4 * 4096))()
+    aux = (ctypes.c_uint8 * (4 * 64))()
+    args = ([(ctypes.addressof(kv), len(kv), 4096)], [(ctypes.addressof(aux), len(aux), 64)])
+    try:
+        for value in ("2ms", "-1", "5000000"):
+            os.environ["NIXL_RS_BUSY_POLL_US"] = value
+            try:
+                _native.KvManager("decode", f"busy-{value}", *args, kv_mem="DRAM")
+            except ValueError as e:
+                assert "NIXL_RS_BUSY_POLL_US" in str(e), f"{value}: {e}"
+                continue
+            raise AssertionError(f"NIXL_RS_BUSY_POLL_US={value} accepted")
+        os.environ["NIXL_RS_BUSY_POLL_US"] = "2000"
+        _native.KvManager("decode", "busy-2000", *args, kv_mem="DRAM")
+    finally:
+        os.environ.pop("NIXL_RS_BUSY_POLL_US", None)
+    print("  NIXL_RS_BUSY_POLL_US: malformed refused; 2000 starts")
+
 
 if __name__ == "__main__":
     out = {"nixl_rs_at_start": "nixl_rs" in sys.modules,
@@ -196,8 +224,9 @@ if __name__ == "__main__":
     ref_off = start(REFUSE, False, *REFUSED, ACCEPTED)
     test_versions_accepted()
     test_staging_env()
+    test_busy_poll_env()
     test_hook_on(on)
     test_hook_off(off)
     test_version_refused(ref_on, ref_off)
     shutil.rmtree(_TMP, ignore_errors=True)
-    print(f"activation: 5 of 5 passed ({time.time() - t0:.1f}s)")
+    print(f"activation: 6 of 6 passed ({time.time() - t0:.1f}s)")

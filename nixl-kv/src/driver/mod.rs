@@ -199,13 +199,12 @@ impl KvManager {
     ) -> Result<Self, Error> {
         let (inbound_tx, inbound_rx) = inbound::queue();
         let on_message = Box::new(move |frames| inbound::offer(&inbound_tx, frames));
-        let (zmq, port) =
-            zmq::ZmqThread::start(
-                Some(format!("tcp://{}:0", config.local_ip)),
-                on_message,
-                config.busy_poll,
-            )
-                .map_err(Error::Zmq)?;
+        let (zmq, port) = zmq::ZmqThread::start(
+            Some(format!("tcp://{}:0", config.local_ip)),
+            on_message,
+            config.busy_poll,
+        )
+        .map_err(Error::Zmq)?;
         let rank_port = port.ok_or_else(|| Error::Zmq("the PULL socket has no port".into()))?;
         let endpoint = if config.local_ip.contains(':') {
             format!("tcp://[{}]:{rank_port}", config.local_ip)
@@ -273,8 +272,8 @@ impl KvManager {
     /// A decode manager. `agent` must have a UCX backend and the memory of `args` registered
     /// (the registration carries the agent's metadata as it is now).
     pub fn decode(agent: Agent, args: KvArgs, config: ManagerConfig) -> Result<Self, Error> {
-        let (zmq, _) = zmq::ZmqThread::start(None, Box::new(|_| {}), config.busy_poll)
-            .map_err(Error::Zmq)?;
+        let (zmq, _) =
+            zmq::ZmqThread::start(None, Box::new(|_| {}), config.busy_poll).map_err(Error::Zmq)?;
         // SGLang advertises a port it never binds; so do we (a free one, for fidelity).
         let rank_port = std::net::TcpListener::bind((config.local_ip.as_str(), 0))
             .and_then(|l| l.local_addr())
