@@ -34,33 +34,6 @@ def probe():
 def spawned(q):
     q.put(probe())
 
-def test_busy_poll_env():
-    """NIXL_RS_BUSY_POLL_US: not a number of microseconds (or over a second) is refused naming
-    the variable; a window of 2 ms is taken."""
-    import ctypes
-
-    from nixl_rs import _native, load_runtime
-
-    load_runtime()
-    kv = (ctypes.c_uint8 * (4 * 4096))()
-    aux = (ctypes.c_uint8 * (4 * 64))()
-    args = ([(ctypes.addressof(kv), len(kv), 4096)], [(ctypes.addressof(aux), len(aux), 64)])
-    try:
-        for value in ("2ms", "-1", "5000000"):
-            os.environ["NIXL_RS_BUSY_POLL_US"] = value
-            try:
-                _native.KvManager("decode", f"busy-{value}", *args, kv_mem="DRAM")
-            except ValueError as e:
-                assert "NIXL_RS_BUSY_POLL_US" in str(e), f"{value}: {e}"
-                continue
-            raise AssertionError(f"NIXL_RS_BUSY_POLL_US={value} accepted")
-        os.environ["NIXL_RS_BUSY_POLL_US"] = "2000"
-        _native.KvManager("decode", "busy-2000", *args, kv_mem="DRAM")
-    finally:
-        os.environ.pop("NIXL_RS_BUSY_POLL_US", None)
-    print("  NIXL_RS_BUSY_POLL_US: malformed refused; 2000 starts")
-
-
 if __name__ == "__main__":
     out = {"nixl_rs_at_start": "nixl_rs" in sys.modules,
            "heavy_at_start": [m for m in ("torch", "sglang", "nixl") if m in sys.modules]}
@@ -214,6 +187,33 @@ def test_staging_env():
     # Unset, the same manager starts.
     _native.KvManager("decode", "staging-off", *args, kv_mem="DRAM")
     print("  NIXL_RS_STAGING: malformed refused; host pools refused with a reason; unset starts")
+
+
+def test_busy_poll_env():
+    """NIXL_RS_BUSY_POLL_US: not a number of microseconds (or over a second) is refused naming
+    the variable; a window of 2 ms is taken."""
+    import ctypes
+
+    from nixl_rs import _native, load_runtime
+
+    load_runtime()
+    kv = (ctypes.c_uint8 * (4 * 4096))()
+    aux = (ctypes.c_uint8 * (4 * 64))()
+    args = ([(ctypes.addressof(kv), len(kv), 4096)], [(ctypes.addressof(aux), len(aux), 64)])
+    try:
+        for value in ("2ms", "-1", "5000000"):
+            os.environ["NIXL_RS_BUSY_POLL_US"] = value
+            try:
+                _native.KvManager("decode", f"busy-{value}", *args, kv_mem="DRAM")
+            except ValueError as e:
+                assert "NIXL_RS_BUSY_POLL_US" in str(e), f"{value}: {e}"
+                continue
+            raise AssertionError(f"NIXL_RS_BUSY_POLL_US={value} accepted")
+        os.environ["NIXL_RS_BUSY_POLL_US"] = "2000"
+        _native.KvManager("decode", "busy-2000", *args, kv_mem="DRAM")
+    finally:
+        os.environ.pop("NIXL_RS_BUSY_POLL_US", None)
+    print("  NIXL_RS_BUSY_POLL_US: malformed refused; 2000 starts")
 
 
 if __name__ == "__main__":
