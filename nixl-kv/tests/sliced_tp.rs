@@ -69,7 +69,9 @@ fn side(bootstrap: Option<&str>, heads: u64, rank: u32, tp: u32, config: Manager
     Side { mgr, kv, _aux: aux }
 }
 
-/// One room between `pt` prefill ranks and `dt` decode ranks, every decode byte checked.
+/// Two rooms between `pt` prefill ranks and `dt` decode ranks, every decode byte checked after
+/// each; the second goes by the token lists prepared during the first (no explicit
+/// descriptors).
 fn sliced_room(pt: u32, dt: u32) {
     let bs = common::server();
     let addr = bs.addr().to_string();
@@ -79,16 +81,59 @@ fn sliced_room(pt: u32, dt: u32) {
     let hd = HEADS * u64::from(pt) / u64::from(dt);
     let sliced = || ManagerConfig::default().sliced_tp(true);
     let decodes: Vec<Side> = (0..dt).map(|r| side(None, hd, r, dt, sliced())).collect();
-    let room = RoomId::new(77);
-    let src: Vec<u32> = vec![6, 1, 2];
     let dst: Vec<Vec<u32>> = (0..dt)
         .map(|d| (0..3).map(|i| (d + 3 * i) % PAGES as u32).collect())
         .collect();
+    let explicit = || -> Vec<u64> {
+        prefills
+            .iter()
+            .map(|p| p.mgr.request_paths().explicit)
+            .collect()
+    };
+    run_room(
+        &addr,
+        RoomId::new(77),
+        &[6, 1, 2],
+        &prefills,
+        &decodes,
+        &dst,
+    );
+    check_decodes(pt, dt, &decodes, &[6, 1, 2], &dst);
+    let after_first = explicit();
+    assert!(
+        after_first.iter().all(|&n| n > 0),
+        "{pt} -> {dt}: the first room's slices went explicit while the lists were prepared: {after_first:?}"
+    );
+    run_room(
+        &addr,
+        RoomId::new(78),
+        &[3, 0, 7],
+        &prefills,
+        &decodes,
+        &dst,
+    );
+    check_decodes(pt, dt, &decodes, &[3, 0, 7], &dst);
+    assert_eq!(
+        explicit(),
+        after_first,
+        "{pt} -> {dt}: the second room is indexed"
+    );
+}
+
+/// One room: prefill pages `src` to each decode rank's pages `dst[d]`, until all succeed.
+fn run_room(
+    addr: &str,
+    room: RoomId,
+    src: &[u32],
+    prefills: &[Side],
+    decodes: &[Side],
+    dst: &[Vec<u32>],
+) {
     let mut rx: Vec<KvReceiver> = decodes
         .iter()
-        .zip(&dst)
+        .zip(dst)
         .map(|(d, pages)| {
-            let mut r = KvReceiver::new(&d.mgr, &addr, room, None).unwrap();
+            let mut r = KvReceiver::new(&d.mgr, addr, room, None).unwrap();
             r.init(pages, 1);
             r
         })
@@ -106,7 +151,7 @@ fn sliced_room(pt: u32, dt: u32) {
             t.failure()
         );
         t.init(src.len() as u32, 0);
-        t.send(&src);
+        t.send(src);
     }
     let start = Instant::now();
     loop {
@@ -127,6 +172,12 @@ fn sliced_room(pt: u32, dt: u32) {
         );
         std::thread::sleep(Duration::from_micros(200));
     }
+}
+
+/// Every byte of every decode rank: the model's heads of `src[k]` in page `dst[d][k]`, zero
+/// in every other page.
+fn check_decodes(pt: u32, dt: u32, decodes: &[Side], src: &[u32], dst: &[Vec<u32>]) {
+    let hd = HEADS * u64::from(pt) / u64::from(dt);
     let item = TOKENS * hd * HEAD_BYTES;
     for (d, side) in decodes.iter().enumerate() {
         for (b, buf) in side.kv.iter().enumerate() {

@@ -18,6 +18,9 @@ pub enum ListKind {
     Kv,
     /// Aux rows.
     Aux,
+    /// Head slices: one entry per token slot of every page, `(buffer, page, token)` at entry
+    /// `b·count + p·tokens + t` (heterogeneous TP's per-token descriptors, docs/protocol.md §5.6).
+    Tokens,
 }
 
 /// Names a prepared descriptor list. A peer's list is re-prepared larger under a new
@@ -27,6 +30,13 @@ pub enum ListKind {
 pub enum ListId {
     /// Our own pool.
     Local(ListKind),
+    /// Our own pool's head slices: `len` bytes at `offset` of every token slot.
+    LocalTokens {
+        /// Offset of the slice in a token slot.
+        offset: u64,
+        /// Bytes per token.
+        len: u64,
+    },
     /// A decode agent's pool.
     Peer {
         /// The agent.
@@ -65,6 +75,46 @@ pub fn list_spec(
         }
     }
     ListSpec { id, descs, count }
+}
+
+/// The geometry of a [`ListKind::Tokens`] list: pages of `item` bytes holding `tokens` token
+/// slots of `token` bytes, of which each entry takes `len` bytes at `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenGeometry {
+    /// Bytes of one page of one buffer.
+    pub item: u64,
+    /// Token slots per page.
+    pub tokens: u32,
+    /// Bytes of one token slot.
+    pub token: u64,
+    /// Offset of the slice in a token slot.
+    pub offset: u64,
+    /// Bytes per entry.
+    pub len: u64,
+}
+
+/// Builds the token list of `pages` pages for each buffer (`pages · tokens` entries per buffer);
+/// `None` when an address overflows.
+pub fn token_list_spec(
+    id: ListId,
+    mem: MemType,
+    ptrs: &[u64],
+    g: TokenGeometry,
+    pages: u32,
+    dev: u32,
+) -> Option<ListSpec> {
+    let count = pages.checked_mul(g.tokens)?;
+    let mut descs = XferDescs::with_capacity(mem, ptrs.len() * count as usize);
+    for &base in ptrs {
+        for p in 0..u64::from(pages) {
+            let page = base.checked_add(p.checked_mul(g.item)?)?;
+            for t in 0..u64::from(g.tokens) {
+                let at = page.checked_add(t.checked_mul(g.token)?.checked_add(g.offset)?)?;
+                descs.push(at, g.len, u64::from(dev));
+            }
+        }
+    }
+    Some(ListSpec { id, descs, count })
 }
 
 /// Where a transfer's bytes come from and go to.

@@ -213,6 +213,9 @@ struct PeerState {
     peer: Arc<Peer>,
     kv: ListTrack,
     aux: ListTrack,
+    /// Its token list for head slices, and the slice shape it was prepared for.
+    tokens: ListTrack,
+    tokens_geometry: Option<super::lower::TokenGeometry>,
     /// Its last registration or transfer info.
     last_seen: Instant,
     /// It advertised that it echoes proofs (our decodes do).
@@ -274,6 +277,8 @@ pub struct PrefillCore {
     proofs: Option<Proofs>,
     local_kv: Local,
     local_aux: Local,
+    /// Our token lists for head slices, by (offset, length) of the slice.
+    local_tokens: HashMap<(u64, u64), Local>,
     commands: VecDeque<Command>,
     runs: Vec<Run>,
     src_idx: Vec<u32>,
@@ -318,6 +323,7 @@ impl PrefillCore {
             proofs: None,
             local_kv: Local::Pending,
             local_aux: Local::Pending,
+            local_tokens: HashMap::new(),
             commands,
             runs: Vec::new(),
             src_idx: Vec::new(),
@@ -654,7 +660,7 @@ impl PrefillCore {
                     let slice = slice?;
                     match self.lower_packed(&slice, &peer) {
                         Some(packed) => packed,
-                        None => self.lower_sliced(&slice, &peer)?,
+                        None => self.lower_sliced(&slice, &info.agent, &peer)?,
                     }
                 }
             };
@@ -707,15 +713,29 @@ impl PrefillCore {
         Some(HeadSlice::new(&params).map_err(|e| FailureReason::Slicing(e.to_string())))
     }
 
-    /// Lowers the KV pages in `src_idx`/`dst_idx` as head slices: one explicit descriptor per
-    /// token slot of every page of every buffer, merged where they continue each other.
-    fn lower_sliced(&self, slice: &HeadSlice, peer: &Peer) -> Result<Coords, FailureReason> {
-        let l = &self.layout;
-        if l.kv_item_lens.iter().any(|&i| i != slice.src_item) {
+    /// Lowers the KV pages in `src_idx`/`dst_idx` as head slices: one descriptor per token slot
+    /// of every page of every buffer, as indices into prepared token lists (tokens.rs) once
+    /// they are ready, else explicit, merged where they continue each other.
+    fn lower_sliced(
+        &mut self,
+        slice: &HeadSlice,
+        agent: &AgentName,
+        peer: &Peer,
+    ) -> Result<Coords, FailureReason> {
+        if self
+            .layout
+            .kv_item_lens
+            .iter()
+            .any(|&i| i != slice.src_item)
+        {
             return Err(FailureReason::Slicing(
                 "the prefill's KV buffers differ in item length".into(),
             ));
         }
+        if let Some(c) = self.lower_tokens_prepared(slice, agent) {
+            return Ok(c);
+        }
+        let l = &self.layout;
         let pairs = self.page_pairs();
         let copies = slice
             .copies(&l.kv_ptrs, &peer.kv_ptrs, &pairs)
@@ -835,18 +855,20 @@ impl PrefillCore {
         let (local_ready, local_count) = match kind {
             ListKind::Kv => (self.local_kv, self.layout.kv_pages),
             ListKind::Aux => (self.local_aux, self.layout.aux_slots),
+            ListKind::Tokens => return None,
         };
         let mut state = self.peers.remove(agent)?;
         let track = match kind {
             ListKind::Kv => &state.kv,
             ListKind::Aux => &state.aux,
+            ListKind::Tokens => &state.tokens,
         };
         let covering = track.covering(need);
         if covering.is_none() {
             self.prepare_peer_list(agent, &mut state, kind, need);
         }
         let buffers = match kind {
-            ListKind::Kv => self.layout.kv_ptrs.len(),
+            ListKind::Kv | ListKind::Tokens => self.layout.kv_ptrs.len(),
             ListKind::Aux => aux_buffers(self.layout.aux_ptrs.len(), state.peer.aux_ptrs.len()),
         };
         self.peers.insert(agent.clone(), state);
@@ -1037,3 +1059,4 @@ impl PrefillCore {
 mod direct;
 mod peers;
 mod staged;
+mod tokens;

@@ -63,6 +63,8 @@ impl PrefillCore {
                     peer: Arc::new(peer),
                     kv: ListTrack::default(),
                     aux: ListTrack::default(),
+                    tokens: ListTrack::default(),
+                    tokens_geometry: None,
                     last_seen: seen,
                     proves,
                     proven: false,
@@ -140,6 +142,8 @@ impl PrefillCore {
                     0,
                 )
             }
+            // Token lists have their own shapes (tokens.rs).
+            ListKind::Tokens => return,
         };
         if buffers == 0 {
             return;
@@ -170,8 +174,10 @@ impl PrefillCore {
                 match kind {
                     ListKind::Kv => self.local_kv = state,
                     ListKind::Aux => self.local_aux = state,
+                    ListKind::Tokens => {}
                 }
             }
+            ListId::LocalTokens { offset, len } => self.local_tokens_prepared(*offset, *len, ok),
             ListId::Peer {
                 agent,
                 kind,
@@ -184,6 +190,7 @@ impl PrefillCore {
                 let track = match kind {
                     ListKind::Kv => &mut state.kv,
                     ListKind::Aux => &mut state.aux,
+                    ListKind::Tokens => &mut state.tokens,
                 };
                 if !ok {
                     tracing::info!(peer = %agent, ?kind, "peer descriptor list not prepared");

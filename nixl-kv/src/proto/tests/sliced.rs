@@ -57,6 +57,27 @@ fn two_sliced_decodes_on(mut p: PrefillCore) -> (PrefillCore, FakeDriver) {
     (p, drv)
 }
 
+/// The byte model's copies of prefill pages `src` to decode rank `rank` (of TP 2, pool at
+/// `base`) pages `dst`.
+fn rank_copies(rank: u32, base: u64, src: &[u32], dst: &[u32]) -> Vec<(u64, u64, u64)> {
+    let l = prefill_layout(0x1000_0000, None);
+    let slice = HeadSlice::new(&SliceParams {
+        prefill_tp: 1,
+        decode_tp: 2,
+        prefill_rank: 0,
+        decode_rank: rank,
+        kv_heads: HEADS,
+        page_tokens: TOKENS,
+        src_item: l.kv_item_lens[0],
+        dst_item: u64::from(TOKENS) * 2 * HEAD_BYTES,
+    })
+    .unwrap();
+    let pairs: Vec<(u32, u32)> = src.iter().copied().zip(dst.iter().copied()).collect();
+    slice
+        .copies(&l.kv_ptrs, &layout(base).kv_ptrs, &pairs)
+        .unwrap()
+}
+
 #[test]
 fn a_smaller_prefill_writes_each_decode_rank_its_heads() {
     let (mut p, mut drv) = room_with_two_sliced_decodes(Some((HEADS, TOKENS)));
@@ -68,21 +89,8 @@ fn a_smaller_prefill_writes_each_decode_rank_its_heads() {
             "d0" => (0, [5u32, 6, 9], 0x9000_0000u64),
             _ => (1, [0u32, 1, 2], 0xa000_0000u64),
         };
-        let l = prefill_layout(0x1000_0000, None);
-        let slice = HeadSlice::new(&SliceParams {
-            prefill_tp: 1,
-            decode_tp: 2,
-            prefill_rank: 0,
-            decode_rank: rank,
-            kv_heads: HEADS,
-            page_tokens: TOKENS,
-            src_item: l.kv_item_lens[0],
-            dst_item: u64::from(TOKENS) * 2 * HEAD_BYTES,
-        })
-        .unwrap();
-        let pairs: Vec<(u32, u32)> = [3u32, 4, 10].into_iter().zip(dst).collect();
-        let decode = layout(base);
-        let want = slice.copies(&l.kv_ptrs, &decode.kv_ptrs, &pairs).unwrap();
+        let want = rank_copies(rank, base, &[3, 4, 10], &dst);
+        // The first chunk to a decode: explicit, while the token lists are prepared.
         assert!(matches!(post.coords, Coords::Explicit { .. }));
         assert_eq!(drv.copies(post), want, "decode rank {rank}");
         // Rank 1 reads heads 2..4 of every prefill token: 16 bytes from offset 16.
@@ -94,6 +102,57 @@ fn a_smaller_prefill_writes_each_decode_rank_its_heads() {
         p.transfer_done(post.room, Ok(()));
     }
     assert_eq!(p.sender_poll(RoomId::new(1)), KvPoll::Success);
+}
+
+#[test]
+fn later_chunks_take_their_head_slices_from_token_lists_prepared_once() {
+    let (mut p, mut drv) = room_with_two_sliced_decodes(Some((HEADS, TOKENS)));
+    for post in drv.take_posts() {
+        p.transfer_done(post.room, Ok(()));
+    }
+    assert_eq!(p.sender_poll(RoomId::new(1)), KvPoll::Success);
+    // Our token lists (one per rank's slice offset) and each rank's were prepared meanwhile.
+    let tokens = |id: &ListId| {
+        matches!(
+            id,
+            ListId::LocalTokens { .. }
+                | ListId::Peer {
+                    kind: ListKind::Tokens,
+                    ..
+                }
+        )
+    };
+    assert_eq!(drv.lists.keys().filter(|id| tokens(id)).count(), 4);
+    let now = Instant::now();
+    p.handle_inbound(info(2, "d0", &[7, 8, 63], 2), now);
+    p.handle_inbound(info(2, "d1", &[3, 12, 13], 2), now);
+    let room = RoomId::new(2);
+    p.sender_new(room, now);
+    p.sender_init(room, 3, 1).unwrap();
+    p.sender_send(room, &[0, 5, 63], now).unwrap();
+    drv.run(&mut p);
+    let posts = drv.take_posts();
+    let kv: Vec<&Post> = posts.iter().filter(|q| q.kind == ListKind::Kv).collect();
+    assert_eq!(kv.len(), 2, "one KV post per decode rank");
+    for post in kv {
+        let (rank, dst, base) = match post.peer.as_str() {
+            "d0" => (0, [7u32, 8, 63], 0x9000_0000u64),
+            _ => (1, [3u32, 12, 13], 0xa000_0000u64),
+        };
+        let Coords::Indexed { local, remote, .. } = &post.coords else {
+            panic!("not indexed: {:?}", post.coords)
+        };
+        assert!(tokens(local) && tokens(remote), "{local:?} {remote:?}");
+        assert_eq!(
+            drv.copies(post),
+            rank_copies(rank, base, &[0, 5, 63], &dst),
+            "decode rank {rank}"
+        );
+    }
+    for post in posts {
+        p.transfer_done(post.room, Ok(()));
+    }
+    assert_eq!(p.sender_poll(room), KvPoll::Success);
 }
 
 #[test]
