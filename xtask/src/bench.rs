@@ -9,8 +9,9 @@ use crate::{cmd, runtime};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct BenchArgs {
-    /// Which suite: core, wire, kv, hicache or py (SGLang 0.5.1.post3's Python classes
-    /// against the nixl-rs wheel under their names).
+    /// Which suite: core, wire, kv, hicache, sliced (head slicing 1 → 2 against the same TP,
+    /// host memory) or py (SGLang 0.5.1.post3's Python classes against the nixl-rs wheel under
+    /// their names).
     suite: String,
     /// Extra arguments for the benchmark binary (after `--`).
     #[arg(last = true)]
@@ -20,6 +21,9 @@ pub(crate) struct BenchArgs {
 pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     if args.suite == "py" {
         return crate::wheel::bench(root, &args.rest);
+    }
+    if args.suite == "sliced" {
+        return sliced(root);
     }
     let (package, bench, features) = match args.suite.as_str() {
         "core" => {
@@ -36,7 +40,7 @@ pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             crate::demo::build_pd(root)?;
             ("nixl-bench", "kv", "")
         }
-        other => bail!("unknown suite `{other}`; choose core, wire, kv, hicache or py"),
+        other => bail!("unknown suite `{other}`; choose core, wire, kv, hicache, sliced or py"),
     };
     cmd::run(
         Command::new("cargo")
@@ -54,4 +58,45 @@ pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             ])
             .args(&args.rest),
     )
+}
+
+/// Rounds of the sliced suite, and requests of pages per decode rank in each run.
+const SLICED_ROUNDS: usize = 2;
+const SLICED_REQUESTS: usize = 300;
+const SLICED_PAGES: usize = 16;
+
+/// `bench sliced`: one prefill rank of 8 heads with one decode rank of the same TP, then with
+/// two decode ranks of TP 2 (4 heads each, every request to both), the same bytes leaving the
+/// prefill; `nixl-pd` processes with host pools, not verified, rounds alternating. Prints the
+/// GB/s of each (the ranks' sum when sliced) and their ratio.
+fn sliced(root: &Path) -> anyhow::Result<()> {
+    runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
+    let pd = crate::demo::build_pd(root)?;
+    let gbps = |lines: &[String]| -> anyhow::Result<f64> {
+        lines
+            .iter()
+            .map(|l| {
+                l.split(", ")
+                    .find_map(|f| f.strip_suffix(" GB/s"))
+                    .and_then(|g| g.trim().parse::<f64>().ok())
+                    .ok_or_else(|| anyhow::anyhow!("no GB/s in {l:?}"))
+            })
+            .sum()
+    };
+    let mut rows = Vec::new();
+    for round in 1..=SLICED_ROUNDS {
+        let same = crate::demo_tp::serve(&pd, (1, 1), SLICED_REQUESTS, SLICED_PAGES, false)?;
+        let cut = crate::demo_tp::serve(&pd, (1, 2), SLICED_REQUESTS, SLICED_PAGES, false)?;
+        rows.push((round, gbps(&same)?, gbps(&cut)?, same, cut));
+    }
+    println!("\n| round | same TP GB/s | sliced 1 -> 2 GB/s (both ranks) | sliced / same |");
+    println!("|---|---|---|---|");
+    for (round, same, cut, ..) in &rows {
+        println!("| {round} | {same:.2} | {cut:.2} | {:.2} |", cut / same);
+    }
+    for (round, _, _, same, cut) in &rows {
+        println!("round {round}, same TP: {}", same.join(" / "));
+        println!("round {round}, sliced: {}", cut.join(" / "));
+    }
+    Ok(())
 }

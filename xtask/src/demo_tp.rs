@@ -67,6 +67,23 @@ pub(crate) fn run(
     requests: usize,
     pages: usize,
 ) -> anyhow::Result<()> {
+    serve(pd, (p, d), requests, pages, true)?;
+    println!(
+        "demo --tp {p}:{d}: every decode rank got its heads of every request, every byte verified"
+    );
+    Ok(())
+}
+
+/// Runs the ranks until every decode rank has made `requests` requests of `pages` pages
+/// (checking every byte when `verify`); returns each decode rank's summary line ("N requests x
+/// ...: R req/s, G GB/s, ...").
+pub(crate) fn serve(
+    pd: &Path,
+    (p, d): (u32, u32),
+    requests: usize,
+    pages: usize,
+    verify: bool,
+) -> anyhow::Result<Vec<String>> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let bootstrap = format!("127.0.0.1:{port}");
     let decode_heads = PREFILL_HEADS * p / d;
@@ -116,10 +133,14 @@ pub(crate) fn run(
         .args(["--pages-per-request", &pages.to_string()])
         .args(["--prefill-pages", &pool.to_string(), "--concurrency", "2"])
         .stdout(Stdio::piped());
+        if !verify {
+            c.arg("--no-verify");
+        }
         side(&mut c, decode_heads, d, rank);
         decodes.push((rank, c.spawn().context("starting nixl-pd decode")?));
     }
     let mut failed = Vec::new();
+    let mut summaries = Vec::new();
     for (rank, child) in decodes {
         let out = child.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -128,6 +149,9 @@ pub(crate) fn run(
             .filter(|l| l.contains("requests x") || l.starts_with("sentinel"))
         {
             println!("decode {rank}: {line}");
+            if line.contains("requests x") {
+                summaries.push(line.to_owned());
+            }
         }
         if !out.status.success() {
             failed.push(rank);
@@ -137,10 +161,7 @@ pub(crate) fn run(
     if !failed.is_empty() {
         bail!("decode ranks {failed:?} reported failures");
     }
-    println!(
-        "demo --tp {p}:{d}: every decode rank got its heads of every request, every byte verified"
-    );
-    Ok(())
+    Ok(summaries)
 }
 
 fn stop(children: &mut Vec<Child>) {
