@@ -90,29 +90,17 @@ fn sliced_room(pt: u32, dt: u32) {
             .map(|p| p.mgr.request_paths().explicit)
             .collect()
     };
-    run_room(
-        &addr,
-        RoomId::new(77),
-        &[6, 1, 2],
-        &prefills,
-        &decodes,
-        &dst,
-    );
-    check_decodes(pt, dt, &decodes, &[6, 1, 2], &dst);
+    let room = |id: u64, src: &[u32]| {
+        run_room(&addr, RoomId::new(id), src, &prefills, &decodes, &dst);
+        check_decodes(pt, dt, &decodes, src, &dst);
+    };
+    room(77, &[6, 1, 2]);
     let after_first = explicit();
     assert!(
         after_first.iter().all(|&n| n > 0),
         "{pt} -> {dt}: the first room's slices went explicit while the lists were prepared: {after_first:?}"
     );
-    run_room(
-        &addr,
-        RoomId::new(78),
-        &[3, 0, 7],
-        &prefills,
-        &decodes,
-        &dst,
-    );
-    check_decodes(pt, dt, &decodes, &[3, 0, 7], &dst);
+    room(78, &[3, 0, 7]);
     assert_eq!(
         explicit(),
         after_first,

@@ -78,6 +78,27 @@ fn rank_copies(rank: u32, base: u64, src: &[u32], dst: &[u32]) -> Vec<(u64, u64,
         .unwrap()
 }
 
+/// Room `room` from decode infos `infos` (agent, its pages), our pages `src` sent in one chunk
+/// with aux slot 0; returns the posts once the commands ran.
+fn send_room(
+    p: &mut PrefillCore,
+    drv: &mut FakeDriver,
+    room: u64,
+    infos: &[(&str, &[u32])],
+    src: &[u32],
+) -> Vec<Post> {
+    let now = Instant::now();
+    for (name, pages) in infos {
+        p.handle_inbound(info(room, name, pages, infos.len() as u32), now);
+    }
+    let id = RoomId::new(room);
+    p.sender_new(id, now);
+    p.sender_init(id, src.len() as u32, 0).unwrap();
+    p.sender_send(id, src, now).unwrap();
+    drv.run(p);
+    drv.take_posts()
+}
+
 #[test]
 fn a_smaller_prefill_writes_each_decode_rank_its_heads() {
     let (mut p, mut drv) = room_with_two_sliced_decodes(Some((HEADS, TOKENS)));
@@ -123,15 +144,8 @@ fn later_chunks_take_their_head_slices_from_token_lists_prepared_once() {
         )
     };
     assert_eq!(drv.lists.keys().filter(|id| tokens(id)).count(), 4);
-    let now = Instant::now();
-    p.handle_inbound(info(2, "d0", &[7, 8, 63], 2), now);
-    p.handle_inbound(info(2, "d1", &[3, 12, 13], 2), now);
-    let room = RoomId::new(2);
-    p.sender_new(room, now);
-    p.sender_init(room, 3, 1).unwrap();
-    p.sender_send(room, &[0, 5, 63], now).unwrap();
-    drv.run(&mut p);
-    let posts = drv.take_posts();
+    let infos: [(&str, &[u32]); 2] = [("d0", &[7, 8, 63]), ("d1", &[3, 12, 13])];
+    let posts = send_room(&mut p, &mut drv, 2, &infos, &[0, 5, 63]);
     let kv: Vec<&Post> = posts.iter().filter(|q| q.kind == ListKind::Kv).collect();
     assert_eq!(kv.len(), 2, "one KV post per decode rank");
     for post in kv {
@@ -152,7 +166,7 @@ fn later_chunks_take_their_head_slices_from_token_lists_prepared_once() {
     for post in posts {
         p.transfer_done(post.room, Ok(()));
     }
-    assert_eq!(p.sender_poll(room), KvPoll::Success);
+    assert_eq!(p.sender_poll(RoomId::new(2)), KvPoll::Success);
 }
 
 #[test]
@@ -280,13 +294,7 @@ fn a_mapped_same_node_decode_rank_gets_its_heads_by_the_direct_path() {
         vec![agent("d1")],
         "sliced decodes are mapped too"
     );
-    p.handle_inbound(info(1, "d1", &[0, 1, 2], 1), now);
-    let room = RoomId::new(1);
-    p.sender_new(room, now);
-    p.sender_init(room, 3, 0).unwrap();
-    p.sender_send(room, &[3, 4, 10], now).unwrap();
-    drv.run(&mut p);
-    let posts = drv.take_posts();
+    let posts = send_room(&mut p, &mut drv, 1, &[("d1", &[0, 1, 2])], &[3, 4, 10]);
     let want = HeadSlice::new(&SliceParams {
         prefill_tp: 1,
         decode_tp: 2,
@@ -431,13 +439,7 @@ fn slices_that_share_a_decode_token_slot_are_never_packed() {
     });
     p.handle_inbound(PrefillInbound::Register(r), now);
     drv.run(&mut p);
-    p.handle_inbound(info(1, "d0", &[5, 6], 1), now);
-    let room = RoomId::new(1);
-    p.sender_new(room, now);
-    p.sender_init(room, 2, 0).unwrap();
-    p.sender_send(room, &[3, 4], now).unwrap();
-    drv.run(&mut p);
-    let posts = drv.take_posts();
+    let posts = send_room(&mut p, &mut drv, 1, &[("d0", &[5, 6])], &[3, 4]);
     assert!(matches!(posts[0].coords, Coords::Explicit { .. }));
     // Rank 1's heads land in the second half of each decode token slot.
     assert!(
@@ -456,12 +458,6 @@ fn without_packing_a_staging_prefill_keeps_per_token_descriptors() {
     let mut p = PrefillCore::new(l, Duration::from_secs(300)).with_staging(1 << 20, 2);
     p.handle_inbound(sliced_register("d1", 1, 0xa000_0000), now);
     drv.run(&mut p);
-    p.handle_inbound(info(1, "d1", &[0, 1, 2], 1), now);
-    let room = RoomId::new(1);
-    p.sender_new(room, now);
-    p.sender_init(room, 3, 0).unwrap();
-    p.sender_send(room, &[3, 4, 10], now).unwrap();
-    drv.run(&mut p);
-    let posts = drv.take_posts();
+    let posts = send_room(&mut p, &mut drv, 1, &[("d1", &[0, 1, 2])], &[3, 4, 10]);
     assert!(matches!(posts[0].coords, Coords::Explicit { .. }));
 }
