@@ -74,6 +74,11 @@ impl Hot {
         }
     }
 
+    /// The window.
+    pub(crate) fn window(&self) -> Duration {
+        self.window
+    }
+
     /// Traffic now: the window (re)opens.
     pub(crate) fn touch(&self) {
         if !self.window.is_zero() {

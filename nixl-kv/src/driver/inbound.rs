@@ -73,12 +73,10 @@ fn next(
 
 fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, tick: Duration, busy: Duration) {
     let mut next_tick = Instant::now() + tick;
-    let mut last_message: Option<Instant> = None;
+    // What is left of the busy window the last message opened.
+    let mut spin = Duration::ZERO;
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
-        let spin = last_message.map_or(Duration::ZERO, |t| {
-            (t + busy).saturating_duration_since(Instant::now())
-        });
         let got = next(rx, wait, spin);
         let Some(s) = weak.upgrade() else { return };
         if s.stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -88,10 +86,8 @@ fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, tick: Duration, busy: Dur
         match got {
             Ok(frames) => match PrefillInbound::decode(&frames) {
                 Ok(msg) => {
-                    let now = Instant::now();
-                    last_message = Some(now);
                     p.activity.touch();
-                    lock(&p.core).handle_inbound(msg, now);
+                    lock(&p.core).handle_inbound(msg, Instant::now());
                 }
                 Err(e) => tracing::warn!(error = %e, "malformed message from a decode; dropped"),
             },
@@ -110,5 +106,6 @@ fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, tick: Duration, busy: Dur
         exec::drive_prefill(&s);
         // After the commands ran: a room naming a decode whose metadata just loaded counts.
         p.arrivals.notify_all();
+        spin = p.activity.left(busy);
     }
 }

@@ -34,7 +34,7 @@ impl ZmqThread {
     ) -> Result<(Self, Option<u16>), String> {
         let hot = Arc::new(crate::busy::Hot::new(busy_poll));
         let (pusher, jobs) = Pusher::new(PushLimits::default());
-        let pusher = pusher.busy_poll(busy_poll, Arc::clone(&hot));
+        let pusher = pusher.busy_poll(Arc::clone(&hot));
         let limits = pusher.limits();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Option<u16>, String>>();
         let thread = crate::runtime_thread::spawn(

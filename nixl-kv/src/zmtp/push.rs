@@ -64,9 +64,8 @@ pub(crate) struct Job {
 pub(crate) struct Pusher {
     tx: mpsc::UnboundedSender<Job>,
     limits: Arc<PushLimits>,
-    /// How long a send polls for its outcome before it blocks.
-    busy: Duration,
-    /// Told of every send, to keep the runtime hot.
+    /// Told of every send, to keep the runtime hot; a send polls for its outcome for the
+    /// window before it blocks.
     hot: Option<Arc<crate::busy::Hot>>,
 }
 
@@ -80,17 +79,15 @@ impl Pusher {
             Self {
                 tx,
                 limits,
-                busy: Duration::ZERO,
                 hot: None,
             },
             rx,
         )
     }
 
-    /// Sends poll for their outcome without sleeping for up to `window` before they block, and
-    /// touch `hot`.
-    pub(crate) fn busy_poll(mut self, window: Duration, hot: Arc<crate::busy::Hot>) -> Self {
-        self.busy = window;
+    /// Sends touch `hot` and poll for their outcome without sleeping for up to its window
+    /// before they block.
+    pub(crate) fn busy_poll(mut self, hot: Arc<crate::busy::Hot>) -> Self {
         self.hot = Some(hot);
         self
     }
@@ -104,9 +101,10 @@ impl Pusher {
     pub(crate) fn send(&self, endpoint: &str, frames: Vec<Bytes>) -> Result<(), String> {
         let budget = self.limits.connect_timeout + self.limits.send_timeout;
         let (done, rx) = std_mpsc::channel();
-        if let Some(hot) = &self.hot {
+        let window = self.hot.as_ref().map_or(Duration::ZERO, |hot| {
             hot.touch();
-        }
+            hot.window()
+        });
         self.tx
             .send(Job {
                 endpoint: endpoint.to_owned(),
@@ -115,7 +113,7 @@ impl Pusher {
                 done,
             })
             .map_err(|_| "zmq thread stopped")?;
-        let polled = crate::busy::poll_for(self.busy, || match rx.try_recv() {
+        let polled = crate::busy::poll_for(window, || match rx.try_recv() {
             Ok(res) => Some(res),
             Err(std_mpsc::TryRecvError::Disconnected) => Some(Err("zmq thread stopped".into())),
             Err(std_mpsc::TryRecvError::Empty) => None,

@@ -168,7 +168,8 @@ struct Pool {
     #[arg(long)]
     spin: bool,
     /// Microseconds the manager's own waits (the prefill's inbound thread and room waits, the
-    /// decode's sends) poll without sleeping after traffic before they block; 0: never.
+    /// decode's sends, the ZMQ thread) poll without sleeping after traffic before they block;
+    /// 0: never.
     #[arg(long, default_value_t = 0)]
     busy_poll_us: u64,
     /// This side's attention-TP size (prefill: ranks registering with one bootstrap server;
