@@ -66,6 +66,7 @@ mod mem;
 mod metadata;
 mod notif;
 pub mod runtime;
+mod shared;
 pub mod staging;
 /// Benchmark support (feature `__bench`, not covered by semver).
 #[cfg(feature = "__bench")]
@@ -86,5 +87,6 @@ pub use mem::{
 };
 pub use metadata::AgentMetadata;
 pub use notif::Notification;
+pub use shared::SharedHostBuffer;
 pub use storage::{FileRegion, ObjectRegion};
 pub use xfer::{PreparedDescs, XferOp, XferRequest, XferStatus};

@@ -19,6 +19,8 @@ fn public_handles_are_send_and_sync() {
     send_sync::<Registered<FileRegion>>();
     send_sync::<Registered<ObjectRegion>>();
     send_sync::<HostBuffer>();
+    send_sync::<nixl_core::SharedHostBuffer>();
+    send_sync::<Registered<nixl_core::SharedHostBuffer>>();
     send_sync::<XferDescs>();
     send_sync::<AgentMetadata>();
     send_sync::<Notification>();

@@ -42,6 +42,10 @@ pub enum Error {
     /// slot too small for a page, or a build without the `cuda` feature).
     #[error("staging: {0}")]
     Staging(String),
+    /// Host packing was asked for but cannot run (pools not on the host, a KV buffer outside
+    /// the pools given, areas of no or too many bytes).
+    #[error("host packing: {0}")]
+    HostPacking(String),
     /// A sender needs a prefill manager, a receiver a decode manager.
     #[error("this is a {actual:?} manager; a {wanted:?} manager is needed")]
     WrongMode {

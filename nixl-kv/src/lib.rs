@@ -31,8 +31,8 @@ mod runtime_thread;
 pub mod zmtp;
 
 pub use driver::{
-    KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode, RequestPaths, StagingConfig,
-    TableSizes,
+    HostPacking, KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode, RequestPaths,
+    StagingConfig, TableSizes,
 };
 pub use error::{ArgsError, Error};
 pub use nixl_wire::RoomId;

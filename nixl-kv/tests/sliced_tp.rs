@@ -1,7 +1,9 @@
 //! Heterogeneous TP over real NIXL (host memory, one process): P prefill ranks and D decode
 //! ranks share one room (1 → 2, 1 → 4, 2 → 4, 3 → 6, 2 → 1, 4 → 2); each decode rank gets
 //! exactly the KV heads it owns, from one prefill rank or several, every byte checked against a
-//! model of the prefill ranks' heads (docs/protocol.md §5.6). Needs the runtime.
+//! model of the prefill ranks' heads (docs/protocol.md §5.6); the same rooms again with the
+//! prefills' pools shared for host packing (whole decode pages gathered on the CPU, one WRITE
+//! of pages). Needs the runtime.
 #![cfg(feature = "nixl-runtime-tests")]
 #![allow(clippy::unwrap_used, reason = "test code")]
 
@@ -9,8 +11,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use nixl_core::{HostBuffer, Registered};
-use nixl_kv::{KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig, RoomId};
+use nixl_core::{HostBuffer, Registered, SharedHostBuffer};
+use nixl_kv::{
+    HostPacking, KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig, RoomId,
+};
 
 const BUFFERS: usize = 2;
 const PAGES: u64 = 8;
@@ -24,38 +28,93 @@ fn model(b: usize, p: u64, t: u64, g: u64, j: u64) -> u8 {
     (1 + (b as u64 * 31 + p * 17 + t * 7 + g * 5 + j) % 250) as u8
 }
 
+/// A side's KV buffers: plain registered host buffers, or (a packing prefill's) shared ones.
+enum Kv {
+    Plain(Vec<Registered<HostBuffer>>),
+    Shared(Vec<Registered<SharedHostBuffer>>),
+}
+
+impl Kv {
+    /// Buffer `b`'s bytes.
+    fn bytes(&self, b: usize) -> Vec<u8> {
+        match self {
+            Self::Plain(v) => v[b].buffer().as_slice().to_vec(),
+            Self::Shared(v) => {
+                let mut out = vec![0; v[b].buffer().len()];
+                v[b].buffer().read_at(0, &mut out).unwrap();
+                out
+            }
+        }
+    }
+}
+
 struct Side {
     mgr: KvManager,
-    kv: Vec<Registered<HostBuffer>>,
+    kv: Kv,
     _aux: Registered<HostBuffer>,
 }
 
+/// Host packing areas of 128 bytes, two of them: a chunk of 3 pages to a decode rank of 2
+/// buffers × 32-byte pages goes in two pieces.
+fn packing(pools: Vec<SharedHostBuffer>) -> HostPacking {
+    HostPacking::new(pools).areas(128, 2)
+}
+
 /// A side whose pages hold `heads` heads per token; `rank`/`tp` its place. A prefill's pages
-/// hold the global heads `rank·heads ..`.
-fn side(bootstrap: Option<&str>, heads: u64, rank: u32, tp: u32, config: ManagerConfig) -> Side {
+/// hold the global heads `rank·heads ..`; with `packed`, in shared buffers given to the
+/// manager for host packing.
+fn side(
+    bootstrap: Option<&str>,
+    heads: u64,
+    rank: u32,
+    tp: u32,
+    config: ManagerConfig,
+    packed: bool,
+) -> Side {
     let agent = common::agent();
     let item = TOKENS * heads * HEAD_BYTES;
     let first = u64::from(rank) * heads;
-    let mut kv = Vec::new();
-    for b in 0..BUFFERS {
-        let mut buf = agent
-            .register(HostBuffer::new((PAGES * item) as usize).unwrap())
-            .unwrap();
-        if bootstrap.is_some() {
-            for (i, v) in buf.buffer_mut().as_mut_slice().iter_mut().enumerate() {
-                let i = i as u64;
+    let len = (PAGES * item) as usize;
+    let pattern = |b: usize| -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| {
+                if bootstrap.is_none() {
+                    return 0;
+                }
                 let (p, o) = (i / item, i % item);
                 let (t, o) = (o / (heads * HEAD_BYTES), o % (heads * HEAD_BYTES));
-                *v = model(b, p, t, first + o / HEAD_BYTES, o % HEAD_BYTES);
-            }
-        }
-        kv.push(buf);
-    }
+                model(b, p, t, first + o / HEAD_BYTES, o % HEAD_BYTES)
+            })
+            .collect()
+    };
+    let (kv, regions, config) = if packed {
+        let pools: Vec<SharedHostBuffer> = (0..BUFFERS)
+            .map(|b| {
+                let buf = SharedHostBuffer::new(len).unwrap();
+                buf.write_at(0, &pattern(b)).unwrap();
+                buf
+            })
+            .collect();
+        let regions: Vec<_> = pools.iter().map(SharedHostBuffer::region).collect();
+        let config = config.host_packing(Some(packing(pools.clone())));
+        let kv = pools.into_iter().map(|b| agent.register(b).unwrap());
+        (Kv::Shared(kv.collect()), regions, config)
+    } else {
+        let kv: Vec<_> = (0..BUFFERS)
+            .map(|b| {
+                let mut buf = agent.register(HostBuffer::new(len).unwrap()).unwrap();
+                buf.buffer_mut().as_mut_slice().copy_from_slice(&pattern(b));
+                buf
+            })
+            .collect();
+        let regions = kv.iter().map(Registered::region).collect();
+        (Kv::Plain(kv), regions, config)
+    };
     let aux = agent
         .register(HostBuffer::new((AUX_ROW * 4) as usize).unwrap())
         .unwrap();
     let args = KvArgs::new(
-        kv.iter().map(|b| (b.region(), item)),
+        regions.into_iter().map(|r| (r, item)),
         [(aux.region(), AUX_ROW)],
     )
     .unwrap()
@@ -71,40 +130,49 @@ fn side(bootstrap: Option<&str>, heads: u64, rank: u32, tp: u32, config: Manager
 
 /// Two rooms between `pt` prefill ranks and `dt` decode ranks, every decode byte checked after
 /// each; the second goes by the token lists prepared during the first (no explicit
-/// descriptors).
-fn sliced_room(pt: u32, dt: u32) {
+/// descriptors). With `packed`, prefill ranks whose slices fill a decode rank's token slots
+/// (`pt < dt`) pack every chunk instead, with no per-token descriptor at all.
+fn sliced_room(pt: u32, dt: u32, packed: bool) {
     let bs = common::server();
     let addr = bs.addr().to_string();
     let prefills: Vec<Side> = (0..pt)
-        .map(|r| side(Some(&addr), HEADS, r, pt, ManagerConfig::default()))
+        .map(|r| side(Some(&addr), HEADS, r, pt, ManagerConfig::default(), packed))
         .collect();
     let hd = HEADS * u64::from(pt) / u64::from(dt);
     let sliced = || ManagerConfig::default().sliced_tp(true);
-    let decodes: Vec<Side> = (0..dt).map(|r| side(None, hd, r, dt, sliced())).collect();
+    let decodes: Vec<Side> = (0..dt)
+        .map(|r| side(None, hd, r, dt, sliced(), false))
+        .collect();
     let dst: Vec<Vec<u32>> = (0..dt)
         .map(|d| (0..3).map(|i| (d + 3 * i) % PAGES as u32).collect())
         .collect();
-    let explicit = || -> Vec<u64> {
-        prefills
-            .iter()
-            .map(|p| p.mgr.request_paths().explicit)
-            .collect()
+    let paths = |f: fn(&nixl_kv::RequestPaths) -> u64| -> Vec<u64> {
+        prefills.iter().map(|p| f(&p.mgr.request_paths())).collect()
     };
     let room = |id: u64, src: &[u32]| {
         run_room(&addr, RoomId::new(id), src, &prefills, &decodes, &dst);
         check_decodes(pt, dt, &decodes, src, &dst);
     };
     room(77, &[6, 1, 2]);
-    let after_first = explicit();
-    assert!(
-        after_first.iter().all(|&n| n > 0),
-        "{pt} -> {dt}: the first room's slices went explicit while the lists were prepared: {after_first:?}"
-    );
+    let after_first = paths(|p| p.explicit);
+    if packed && pt < dt {
+        // Every KV chunk to every decode rank went packed: one per decode rank a prefill
+        // rank feeds.
+        let per = u64::from(dt / pt);
+        assert_eq!(paths(|p| p.packed), vec![per; pt as usize], "{pt} -> {dt}");
+        assert_eq!(after_first, vec![0; pt as usize], "{pt} -> {dt}");
+    } else {
+        assert_eq!(paths(|p| p.packed), vec![0; pt as usize], "{pt} -> {dt}");
+        assert!(
+            after_first.iter().all(|&n| n > 0),
+            "{pt} -> {dt}: the first room's slices went explicit while the lists were prepared: {after_first:?}"
+        );
+    }
     room(78, &[3, 0, 7]);
     assert_eq!(
-        explicit(),
+        paths(|p| p.explicit),
         after_first,
-        "{pt} -> {dt}: the second room is indexed"
+        "{pt} -> {dt}: the second room is indexed or packed"
     );
 }
 
@@ -168,8 +236,8 @@ fn check_decodes(pt: u32, dt: u32, decodes: &[Side], src: &[u32], dst: &[Vec<u32
     let hd = HEADS * u64::from(pt) / u64::from(dt);
     let item = TOKENS * hd * HEAD_BYTES;
     for (d, side) in decodes.iter().enumerate() {
-        for (b, buf) in side.kv.iter().enumerate() {
-            for (i, &v) in buf.buffer().as_slice().iter().enumerate() {
+        for b in 0..BUFFERS {
+            for (i, &v) in side.kv.bytes(b).iter().enumerate() {
                 let i = i as u64;
                 let (page, o) = (i / item, i % item);
                 let (t, o) = (o / (hd * HEAD_BYTES), o % (hd * HEAD_BYTES));
@@ -186,40 +254,62 @@ fn check_decodes(pt: u32, dt: u32, decodes: &[Side], src: &[u32], dst: &[Vec<u32
 
 #[test]
 fn one_prefill_rank_feeds_two_decode_ranks() {
-    sliced_room(1, 2);
+    sliced_room(1, 2, false);
 }
 
 #[test]
 fn one_prefill_rank_feeds_four_decode_ranks() {
-    sliced_room(1, 4);
+    sliced_room(1, 4, false);
 }
 
 #[test]
 fn two_prefill_ranks_feed_four_decode_ranks() {
-    sliced_room(2, 4);
+    sliced_room(2, 4, false);
 }
 
 #[test]
 fn three_prefill_ranks_feed_six_decode_ranks() {
-    sliced_room(3, 6);
+    sliced_room(3, 6, false);
 }
 
 #[test]
 fn two_prefill_ranks_feed_one_decode_rank() {
-    sliced_room(2, 1);
+    sliced_room(2, 1, false);
 }
 
 #[test]
 fn four_prefill_ranks_feed_two_decode_ranks() {
-    sliced_room(4, 2);
+    sliced_room(4, 2, false);
+}
+
+#[test]
+fn packed_one_prefill_rank_feeds_two_decode_ranks() {
+    sliced_room(1, 2, true);
+}
+
+#[test]
+fn packed_one_prefill_rank_feeds_four_decode_ranks() {
+    sliced_room(1, 4, true);
+}
+
+#[test]
+fn packed_two_prefill_ranks_feed_four_decode_ranks() {
+    sliced_room(2, 4, true);
+}
+
+/// Prefill ranks that share a decode token slot never pack (a packed page would carry bytes
+/// they do not own): the per-token descriptors still go.
+#[test]
+fn packing_prefill_ranks_that_share_a_decode_slot_keep_per_token_descriptors() {
+    sliced_room(4, 2, true);
 }
 
 #[test]
 fn without_sliced_tp_a_larger_decode_fails_with_a_reason() {
     let bs = common::server();
     let addr = bs.addr().to_string();
-    let _p = side(Some(&addr), HEADS, 0, 1, ManagerConfig::default());
-    let d = side(None, HEADS / 2, 0, 2, ManagerConfig::default());
+    let _p = side(Some(&addr), HEADS, 0, 1, ManagerConfig::default(), false);
+    let d = side(None, HEADS / 2, 0, 2, ManagerConfig::default(), false);
     let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(5), None).unwrap();
     rx.init(&[0], 0);
     assert_eq!(rx.poll(), KvPoll::Failed);
@@ -248,9 +338,20 @@ fn golden_register_frame(i: usize) -> Vec<u8> {
 /// then waits for the usual `_kv_` and `_aux` notifications and must hold exactly its heads.
 #[test]
 fn a_python_style_twelve_frame_decode_rank_gets_its_heads() {
+    python_style_decode_rank(false);
+}
+
+/// The same decode, passive as SGLang's: a packing prefill's whole-page WRITEs need nothing of
+/// it either.
+#[test]
+fn a_python_style_twelve_frame_decode_rank_gets_packed_heads() {
+    python_style_decode_rank(true);
+}
+
+fn python_style_decode_rank(packed: bool) {
     let bs = common::server();
     let addr = bs.addr().to_string();
-    let prefill = side(Some(&addr), HEADS, 0, 1, ManagerConfig::default());
+    let prefill = side(Some(&addr), HEADS, 0, 1, ManagerConfig::default(), packed);
     let endpoint = format!("tcp://127.0.0.1:{}", prefill.mgr.rank_port());
     // Decode rank 1 of TP 2 owns global heads 2 and 3.
     let (rank, hd) = (1u64, HEADS / 2);
@@ -351,4 +452,5 @@ fn a_python_style_twelve_frame_decode_rank_gets_its_heads() {
             assert_eq!(v, want, "buffer {b} byte {i}");
         }
     }
+    assert_eq!(prefill.mgr.request_paths().packed, u64::from(packed));
 }

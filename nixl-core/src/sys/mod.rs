@@ -129,7 +129,9 @@ impl Drop for HostAlloc {
 // SAFETY: HostAlloc uniquely owns its allocation (like Box<[u8]>); moving it to another thread
 // moves that ownership, and shared references only allow reads.
 unsafe impl Send for HostAlloc {}
-// SAFETY: &HostAlloc only exposes `&[u8]` and the address; no interior mutability.
+// SAFETY: &HostAlloc only exposes `&[u8]` and the address; no interior mutability. The one
+// wrapper that writes through a shared HostAlloc, `shared::SharedAlloc`, never calls
+// `as_slice`/`as_mut_slice`, so no reference to its bytes exists to be invalidated.
 unsafe impl Sync for HostAlloc {}
 
 /// Asks the kernel for transparent huge pages on large buffers (docs/runtime.md §4: 64 MiB
@@ -273,6 +275,8 @@ unsafe impl NixlBuffer for crate::HostBuffer {
         MemRegion::dram(self.addr(), self.len() as u64)
     }
 }
+
+pub(crate) mod shared;
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;

@@ -50,6 +50,45 @@ pub struct ManagerConfig {
     ///
     /// [`KvManager::wait_unclaimed`]: crate::KvManager::wait_unclaimed
     pub busy_poll: Duration,
+    /// Prefill with host KV pools: head slices for a decode of a larger attention-TP size are
+    /// gathered on the CPU into whole decode pages and written as pages (the packed path on
+    /// host memory, docs/protocol.md §5.6), instead of one descriptor per token slot. The
+    /// decode side is passive (SGLang's decodes included). `None` (the default): per-token
+    /// descriptors.
+    pub host_packing: Option<HostPacking>,
+}
+
+/// The packed path on host pools: the KV pools themselves, as the engine shares them with the
+/// manager, and the registered areas the slices are gathered into.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HostPacking {
+    /// Buffers that hold every KV buffer of the manager's `KvArgs` (each KV buffer's pages
+    /// inside one of them), read by copies while the engine keeps writing other pages.
+    pub pools: Vec<nixl_core::SharedHostBuffer>,
+    /// Bytes of one packing area: a piece is as many whole decode pages of every buffer as fit.
+    pub area_bytes: u64,
+    /// Areas, allocated and registered on first use: how many pieces can be in flight at once.
+    pub areas: u32,
+}
+
+impl HostPacking {
+    /// Packing out of `pools`, in 4 areas of 4 MiB.
+    pub fn new(pools: Vec<nixl_core::SharedHostBuffer>) -> Self {
+        Self {
+            pools,
+            area_bytes: 4 << 20,
+            areas: 4,
+        }
+    }
+
+    /// Sets the areas' size and count (a count of at least 1).
+    #[must_use]
+    pub fn areas(mut self, area_bytes: u64, areas: u32) -> Self {
+        self.area_bytes = area_bytes;
+        self.areas = areas.max(1);
+        self
+    }
 }
 
 /// The staged path's buffer: `slots` slots of `slot_bytes` in GPU memory, allocated and
@@ -142,6 +181,7 @@ impl Default for ManagerConfig {
             staging: None,
             sliced_tp: false,
             busy_poll: Duration::ZERO,
+            host_packing: None,
         }
     }
 }
@@ -189,6 +229,13 @@ impl ManagerConfig {
     #[must_use]
     pub fn staging(mut self, staging: Option<StagingConfig>) -> Self {
         self.staging = staging;
+        self
+    }
+
+    /// Prefill: gathers head slices out of host pools (see [`ManagerConfig::host_packing`]).
+    #[must_use]
+    pub fn host_packing(mut self, packing: Option<HostPacking>) -> Self {
+        self.host_packing = packing;
         self
     }
 

@@ -56,6 +56,10 @@ pub(crate) fn drive_prefill(s: &Shared) {
             );
             outcomes.extend(direct.drain(..).map(|(room, res)| Outcome::Done(room, res)));
         }
+        if let Some(hp) = &p.host_pack {
+            lock(hp).progress(&s.agent, &mut direct);
+            outcomes.extend(direct.drain(..).map(|(room, res)| Outcome::Done(room, res)));
+        }
         if outcomes.is_empty() && posted.is_empty() {
             return;
         }
@@ -156,17 +160,23 @@ fn run(
             }
         }
         Command::Post(post) if matches!(post.coords, Coords::Packed { .. }) => {
-            // Only a core told `with_staging` packs, and only a prefill with a staging buffer
-            // (and its kernels) tells it so.
-            let res = match &p.gpu {
-                Some(gpu) => lock(gpu).pack(
+            // Only a core told `with_host_packing` (host pools) or `with_staging` and
+            // `with_packing` (GPU pools, with the kernels) packs.
+            let res = match (&p.host_pack, &p.gpu) {
+                (Some(hp), _) => lock(hp).push(
+                    post.room,
+                    post.peer.as_str(),
+                    &post.coords,
+                    post.notif.clone(),
+                ),
+                (None, Some(gpu)) => lock(gpu).pack(
                     agent,
                     post.room,
                     post.peer.as_str(),
                     &post.coords,
                     post.notif.clone(),
                 ),
-                None => Err("this prefill cannot pack head slices".into()),
+                (None, None) => Err("this prefill cannot pack head slices".into()),
             };
             match res {
                 Ok(()) => {

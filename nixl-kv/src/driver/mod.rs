@@ -11,7 +11,9 @@ mod args;
 mod config;
 mod exec;
 mod heartbeat;
+mod host_pack;
 mod inbound;
+mod packed_write;
 mod probe;
 mod receiver;
 mod sender;
@@ -29,7 +31,7 @@ use nixl_wire::http::PrefillRegistration;
 use nixl_wire::{AgentName, GpuId, RoomId};
 
 pub use args::KvArgs;
-pub use config::{ManagerConfig, StagingConfig};
+pub use config::{HostPacking, ManagerConfig, StagingConfig};
 pub use receiver::KvReceiver;
 pub use sender::KvSender;
 
@@ -119,6 +121,8 @@ pub(crate) struct PrefillIo {
     pub(crate) made_packed: AtomicU64,
     /// The staging buffer, when the staged path is on.
     pub(crate) gpu: Option<Mutex<staged::PrefillGpu>>,
+    /// The host packing areas, when head slices out of host pools go packed.
+    pub(crate) host_pack: Option<Mutex<host_pack::HostPacker>>,
 }
 
 /// The decode's IO state.
@@ -216,6 +220,10 @@ impl KvManager {
             Some(cfg) => Some(staged::PrefillGpu::new(&agent, &layout, cfg)?),
             None => None,
         };
+        let host_pack = match &config.host_packing {
+            Some(cfg) => Some(host_pack::HostPacker::new(&layout, cfg)?),
+            None => None,
+        };
         let mut core = PrefillCore::new(layout, config.orphan_timeout)
             .with_peer_idle_timeout(config.peer_idle_timeout)
             .with_proofs(Proofs {
@@ -223,6 +231,9 @@ impl KvManager {
                 endpoint,
                 strict: config.strict_peers,
             });
+        if let Some(cfg) = &config.host_packing {
+            core = core.with_host_packing(cfg.area_bytes);
+        }
         if let Some(cfg) = config.staging {
             core = core.with_staging(cfg.slot_bytes, cfg.slots);
             if cfg.packed {
@@ -245,6 +256,7 @@ impl KvManager {
                 made_direct: AtomicU64::new(0),
                 made_packed: AtomicU64::new(0),
                 gpu: gpu.map(Mutex::new),
+                host_pack: host_pack.map(Mutex::new),
             }),
             agent,
             config,

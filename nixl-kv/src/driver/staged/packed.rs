@@ -12,10 +12,11 @@ use std::collections::VecDeque;
 
 use nixl_core::cuda::{DeviceBuffer, Staging, StagingEvent};
 use nixl_core::staging::TokenSlice;
-use nixl_core::{Agent, MemType, Registered, XferDescs, XferOp, XferRequest, XferStatus};
+use nixl_core::{Agent, MemType, Registered, XferRequest, XferStatus};
 use nixl_wire::RoomId;
 
 use super::DirectEnd;
+use crate::driver::packed_write::{PieceTarget, write_piece};
 use crate::proto::FailureReason;
 use crate::proto::lower::{Coords, PackedPiece};
 
@@ -167,7 +168,13 @@ fn step(
                     return Ok(false);
                 }
                 let last = job.next + 1 == job.pieces.len();
-                let req = write(agent, area, job, piece, last)?;
+                let to = PieceTarget {
+                    peer: &job.peer,
+                    mem: job.remote_mem,
+                    gpu: job.remote_gpu,
+                };
+                let notif = last.then_some(job.notif.as_slice());
+                let req = write_piece(agent, &area.region(), 0, &piece.copies, &to, notif)?;
                 job.phase = Phase::Writing(req);
             }
             Phase::Writing(req) => match req.status().map_err(|e| e.to_string())? {
@@ -180,34 +187,4 @@ fn step(
             },
         }
     }
-}
-
-/// The WRITE of one gathered piece: its pages, area → the decode's pages; the chunk's
-/// notification on the last piece's.
-fn write(
-    agent: &Agent,
-    area: &Registered<DeviceBuffer>,
-    job: &Job,
-    piece: &PackedPiece,
-    last: bool,
-) -> Result<XferRequest, String> {
-    let region = area.region();
-    let mut local = XferDescs::with_capacity(MemType::Vram, piece.copies.len());
-    let mut remote = XferDescs::with_capacity(job.remote_mem, piece.copies.len());
-    for &(off, dst, len) in &piece.copies {
-        if off.checked_add(len).is_none_or(|e| e > region.len) {
-            return Err(format!(
-                "{len} bytes at {off} of a {}-byte packing area",
-                region.len
-            ));
-        }
-        local.push_in(&region, off, len);
-        remote.push(dst, len, u64::from(job.remote_gpu));
-    }
-    let notif = last.then_some(job.notif.as_slice());
-    let req = agent
-        .create_request(XferOp::Write, &local, &remote, &job.peer, notif)
-        .map_err(|e| e.to_string())?;
-    req.post().map_err(|e| e.to_string())?;
-    Ok(req)
 }

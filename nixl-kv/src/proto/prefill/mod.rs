@@ -288,6 +288,9 @@ pub struct PrefillCore {
     node: Option<String>,
     /// Whether head slices may go packed (see [`PrefillCore::with_packing`]).
     packing: bool,
+    /// Bytes of one host packing area, when head slices on host pools go packed (see
+    /// [`PrefillCore::with_host_packing`]).
+    host_area: Option<u64>,
 }
 
 impl PrefillCore {
@@ -331,6 +334,7 @@ impl PrefillCore {
             staging: None,
             node: None,
             packing: false,
+            host_area: None,
         }
     }
 
@@ -351,6 +355,15 @@ impl PrefillCore {
     #[must_use]
     pub fn with_packing(mut self) -> Self {
         self.packing = true;
+        self
+    }
+
+    /// Sends head slices out of host KV pools by the packed path: the driver gathers them on the
+    /// CPU into whole decode pages, in packing areas of `area_bytes` (a piece is as many pages of
+    /// every buffer as fit one area).
+    #[must_use]
+    pub fn with_host_packing(mut self, area_bytes: u64) -> Self {
+        self.host_area = (area_bytes > 0).then_some(area_bytes);
         self
     }
 
@@ -754,21 +767,26 @@ impl PrefillCore {
     }
 
     /// Lowers the KV pages in `src_idx`/`dst_idx` as packed pieces when packing is on and we
-    /// can gather (a staging buffer on GPU pools, so also a packing area of one slot) and the
-    /// slice fills the decode's token slots; `None` otherwise (the explicit per-token path then).
+    /// can gather (on GPU pools a staging buffer, so also a packing area of one slot; on host
+    /// pools host packing areas) and the slice fills the decode's token slots; `None` otherwise
+    /// (the explicit per-token path then).
     fn lower_packed(&self, slice: &HeadSlice, peer: &Peer) -> Option<Coords> {
         let l = &self.layout;
-        let area = self.staging.as_ref()?.slot_bytes;
-        if !self.packing
-            || l.kv_mem != MemType::Vram
-            || !slice.fills_decode_slots()
-            || l.kv_item_lens.iter().any(|&i| i != slice.src_item)
-        {
+        if !slice.fills_decode_slots() || l.kv_item_lens.iter().any(|&i| i != slice.src_item) {
             return None;
         }
-        // A piece fits the area as decode pages, and one gather launch as our pages (the
-        // staging kernels' table holds one slot's worth of our pages).
-        let per_page = (slice.dst_item.max(slice.src_item)).checked_mul(l.kv_ptrs.len() as u64)?;
+        let nb = l.kv_ptrs.len() as u64;
+        let (area, per_page) = match l.kv_mem {
+            // A piece fits the area as decode pages, and one gather launch as our pages (the
+            // staging kernels' table holds one slot's worth of our pages).
+            MemType::Vram if self.packing => (
+                self.staging.as_ref()?.slot_bytes,
+                slice.dst_item.max(slice.src_item).checked_mul(nb)?,
+            ),
+            // The CPU gathers any number of pages: a piece fills the area as decode pages.
+            MemType::Dram => (self.host_area?, slice.dst_item.checked_mul(nb)?),
+            _ => return None,
+        };
         let per = usize::try_from(area / per_page.max(1)).ok()?;
         if per == 0 {
             return None;
