@@ -67,8 +67,10 @@ const SLICED_PAGES: usize = 16;
 
 /// `bench sliced`: one prefill rank of 8 heads with one decode rank of the same TP, then with
 /// two decode ranks of TP 2 (4 heads each, every request to both), the same bytes leaving the
-/// prefill; `nixl-pd` processes with host pools, not verified, rounds alternating. Prints the
-/// GB/s of each (the ranks' sum when sliced) and their ratio.
+/// prefill, first as SGLang's per-token descriptors (`--no-packed`), then packed (whole decode
+/// pages gathered on the CPU, one WRITE of pages); `nixl-pd` processes with host pools, not
+/// verified, rounds alternating. Prints the GB/s of each (the ranks' sum when sliced) and their
+/// ratios to the same TP.
 fn sliced(root: &Path) -> anyhow::Result<()> {
     runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
     let pd = crate::demo::build_pd(root)?;
@@ -85,18 +87,33 @@ fn sliced(root: &Path) -> anyhow::Result<()> {
     };
     let mut rows = Vec::new();
     for round in 1..=SLICED_ROUNDS {
-        let same = crate::demo_tp::serve(&pd, (1, 1), SLICED_REQUESTS, SLICED_PAGES, false)?;
-        let cut = crate::demo_tp::serve(&pd, (1, 2), SLICED_REQUESTS, SLICED_PAGES, false)?;
-        rows.push((round, gbps(&same)?, gbps(&cut)?, same, cut));
+        let run = |tp, args: &[&str]| {
+            crate::demo_tp::serve(&pd, tp, SLICED_REQUESTS, SLICED_PAGES, false, args)
+        };
+        let same = run((1, 1), &[])?;
+        let tokens = run((1, 2), &["--no-packed"])?;
+        let packed = run((1, 2), &[])?;
+        rows.push((round, [same, tokens, packed]));
     }
-    println!("\n| round | same TP GB/s | sliced 1 -> 2 GB/s (both ranks) | sliced / same |");
-    println!("|---|---|---|---|");
-    for (round, same, cut, ..) in &rows {
-        println!("| {round} | {same:.2} | {cut:.2} | {:.2} |", cut / same);
+    println!(
+        "\n| round | same TP GB/s | sliced 1 -> 2, per-token GB/s (both ranks) | per-token / same | sliced 1 -> 2, packed GB/s (both ranks) | packed / same |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (round, runs) in &rows {
+        let [same, tokens, packed] = [gbps(&runs[0])?, gbps(&runs[1])?, gbps(&runs[2])?];
+        println!(
+            "| {round} | {same:.2} | {tokens:.2} | {:.2} | {packed:.2} | {:.2} |",
+            tokens / same,
+            packed / same
+        );
     }
-    for (round, _, _, same, cut) in &rows {
-        println!("round {round}, same TP: {}", same.join(" / "));
-        println!("round {round}, sliced: {}", cut.join(" / "));
+    for (round, runs) in &rows {
+        for (name, lines) in ["same TP", "sliced per-token", "sliced packed"]
+            .iter()
+            .zip(runs)
+        {
+            println!("round {round}, {name}: {}", lines.join(" / "));
+        }
     }
     Ok(())
 }

@@ -67,15 +67,15 @@ pub(crate) fn run(
     requests: usize,
     pages: usize,
 ) -> anyhow::Result<()> {
-    serve(pd, (p, d), requests, pages, true)?;
+    serve(pd, (p, d), requests, pages, true, &[])?;
     println!(
         "demo --tp {p}:{d}: every decode rank got its heads of every request, every byte verified"
     );
     Ok(())
 }
 
-/// Runs the ranks until every decode rank has made `requests` requests of `pages` pages
-/// (checking every byte when `verify`); returns each decode rank's summary line ("N requests x
+/// Runs the ranks (the prefills with `prefill_args` added) until every decode rank has made
+/// `requests` requests of `pages` pages (checking every byte when `verify`); returns each decode rank's summary line ("N requests x
 /// ...: R req/s, G GB/s, ...").
 pub(crate) fn serve(
     pd: &Path,
@@ -83,6 +83,7 @@ pub(crate) fn serve(
     requests: usize,
     pages: usize,
     verify: bool,
+    prefill_args: &[&str],
 ) -> anyhow::Result<Vec<String>> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let bootstrap = format!("127.0.0.1:{port}");
@@ -109,6 +110,7 @@ pub(crate) fn serve(
             c.args(["--join", &bootstrap]);
         }
         side(&mut c, PREFILL_HEADS, p, rank);
+        c.args(prefill_args);
         match start(c, format!("prefill {rank}"), "prefill: bootstrap on") {
             Ok(child) => prefills.push(child),
             Err(e) => {

@@ -44,7 +44,9 @@
 //! slot and scatter (docs/runtime.md §12), or, when both run on one node, as one kernel copying
 //! straight into the decode's pages (the direct path; `--no-direct` turns it off); the
 //! prefill's stats line counts the staged pieces, the direct chunks and the packed chunks (head
-//! slices gathered into whole decode pages, for decodes of another TP size that do not stage).
+//! slices gathered into whole decode pages for decodes of another TP size: out of host pools
+//! by the CPU, out of GPU pools with `--staging` by a kernel for decodes that do not go direct;
+//! `--no-packed` sends SGLang's per-token descriptors instead).
 //!
 //! Unless `--spin`, the prefill's loop sleeps (prefill.rs): it polls its active senders every 100 µs, looks for
 //! new rooms every 1 ms while any are active, and when idle backs off to a scan every 16 ms; a
@@ -158,9 +160,10 @@ struct Pool {
     /// prefill maps none), so that same-node pairs stage as pairs on two nodes do.
     #[arg(long)]
     no_direct: bool,
-    /// With `--staging`, on a prefill: send head slices to decodes of a larger TP size that do
-    /// not go direct as SGLang does, one descriptor per token slot, instead of whole decode
-    /// pages gathered by one kernel (the packed path, the default).
+    /// On a prefill: send head slices to decodes of a larger TP size as SGLang does, one
+    /// descriptor per token slot, instead of whole decode pages gathered first (the packed
+    /// path, the default: on host pools by the CPU, on GPU pools with `--staging` by one kernel
+    /// for decodes that do not go direct).
     #[arg(long)]
     no_packed: bool,
     /// Poll without sleeping while requests are active (lowest latency; a core stays busy

@@ -1,14 +1,18 @@
 //! The pools: host or GPU KV buffers and host aux buffers, registered with one agent.
 
 use anyhow::{Context, bail};
-use nixl_core::{Agent, AgentConfig, BackendKind, BackendParams, HostBuffer, Registered};
+use nixl_core::{
+    Agent, AgentConfig, BackendKind, BackendParams, HostBuffer, Registered, SharedHostBuffer,
+};
 use nixl_kv::KvArgs;
 use rand::RngCore;
 
 use crate::Pool;
 
 pub(crate) enum Kv {
-    Host(Vec<Registered<HostBuffer>>),
+    /// Host pools, shared with the manager for host packing (a prefill gathers head slices out
+    /// of them while this process reads and writes other pages).
+    Host(Vec<Registered<SharedHostBuffer>>),
     Gpu(Vec<Registered<nixl_core::cuda::DeviceBuffer>>),
 }
 
@@ -27,6 +31,14 @@ impl Kv {
         }
     }
 
+    /// The host pools, as the manager's host packing takes them (`None` for GPU pools).
+    pub(crate) fn host_pools(&self) -> Option<Vec<SharedHostBuffer>> {
+        match self {
+            Self::Host(v) => Some(v.iter().map(|b| b.buffer().clone()).collect()),
+            Self::Gpu(_) => None,
+        }
+    }
+
     /// Fills buffer `b` page by page with `page_fill(page, bytes)`.
     pub(crate) fn fill(
         &mut self,
@@ -34,24 +46,22 @@ impl Kv {
         page: usize,
         page_fill: impl Fn(u64, &mut [u8]),
     ) -> anyhow::Result<()> {
+        let len = match self {
+            Self::Host(v) => v[b].buffer().len(),
+            Self::Gpu(v) => v[b].buffer().len(),
+        };
+        let mut host = vec![0u8; len];
+        for (p, chunk) in host.chunks_mut(page).enumerate() {
+            page_fill(p as u64, chunk);
+        }
+        self.write_at(b, 0, &host)
+    }
+
+    /// Writes `bytes` at byte `at` of buffer `b`.
+    pub(crate) fn write_at(&mut self, b: usize, at: usize, bytes: &[u8]) -> anyhow::Result<()> {
         match self {
-            Self::Host(v) => {
-                for (p, chunk) in v[b]
-                    .buffer_mut()
-                    .as_mut_slice()
-                    .chunks_mut(page)
-                    .enumerate()
-                {
-                    page_fill(p as u64, chunk);
-                }
-            }
-            Self::Gpu(v) => {
-                let mut host = vec![0u8; v[b].buffer().len()];
-                for (p, chunk) in host.chunks_mut(page).enumerate() {
-                    page_fill(p as u64, chunk);
-                }
-                v[b].buffer_mut().write_at(0, &host)?;
-            }
+            Self::Host(v) => v[b].buffer().write_at(at, bytes)?,
+            Self::Gpu(v) => v[b].buffer_mut().write_at(at, bytes)?,
         }
         Ok(())
     }
@@ -66,9 +76,7 @@ impl Kv {
     ) -> anyhow::Result<()> {
         out.resize(page, 0);
         match self {
-            Self::Host(v) => {
-                out.copy_from_slice(&v[b].buffer().as_slice()[p * page..(p + 1) * page])
-            }
+            Self::Host(v) => v[b].buffer().read_at(p * page, out)?,
             Self::Gpu(v) => v[b].buffer().read_at(p * page, out)?,
         }
         Ok(())
@@ -136,7 +144,7 @@ pub(crate) fn memory(pool: &Pool, role: &str) -> anyhow::Result<Memory> {
         }
         None if pool.device == "cpu" => Kv::Host(
             (0..buffers)
-                .map(|_| Ok(agent.register(HostBuffer::new(len)?)?))
+                .map(|_| Ok(agent.register(SharedHostBuffer::new(len)?)?))
                 .collect::<anyhow::Result<Vec<_>>>()?,
         ),
         None => bail!("--device is cpu or gpu:N, not {}", pool.device),
@@ -191,11 +199,7 @@ impl crate::sentinel::Target for Memory {
 
     fn fill_kv_page(&mut self, b: usize, p: u32, byte: u8) -> anyhow::Result<()> {
         let (page, at) = (self.page, p as usize * self.page);
-        match &mut self.kv {
-            Kv::Host(v) => v[b].buffer_mut().as_mut_slice()[at..at + page].fill(byte),
-            Kv::Gpu(v) => v[b].buffer_mut().write_at(at, &vec![byte; page])?,
-        }
-        Ok(())
+        self.kv.write_at(b, at, &vec![byte; page])
     }
 
     fn kv_page_differs(
@@ -205,15 +209,11 @@ impl crate::sentinel::Target for Memory {
         byte: u8,
         scratch: &mut Vec<u8>,
     ) -> anyhow::Result<Option<(usize, u8)>> {
-        let (page, at) = (self.page, p as usize * self.page);
-        let bytes = match &self.kv {
-            Kv::Host(v) => &v[b].buffer().as_slice()[at..at + page],
-            Kv::Gpu(_) => {
-                self.kv.read_page(b, p as usize, page, scratch)?;
-                &scratch[..]
-            }
-        };
-        Ok(bytes.iter().position(|&x| x != byte).map(|j| (j, bytes[j])))
+        self.kv.read_page(b, p as usize, self.page, scratch)?;
+        Ok(scratch
+            .iter()
+            .position(|&x| x != byte)
+            .map(|j| (j, scratch[j])))
     }
 
     fn aux_row(&self, k: usize, slot: u32) -> &[u8] {

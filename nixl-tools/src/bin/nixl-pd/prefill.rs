@@ -83,12 +83,13 @@ pub(crate) fn prefill(
         }
     };
     let a = args(&m, pool)?;
-    let mgr = KvManager::prefill(
-        m.agent.clone(),
-        a,
-        &addr,
-        pool.manager_config()?.local_ip(host),
-    )?;
+    // Host pools go to the manager too: head slices for larger decodes are packed out of them.
+    let packing = match m.kv.host_pools() {
+        Some(pools) if !pool.no_packed => Some(nixl_kv::HostPacking::new(pools)),
+        _ => None,
+    };
+    let config = pool.manager_config()?.local_ip(host).host_packing(packing);
+    let mgr = KvManager::prefill(m.agent.clone(), a, &addr, config)?;
     eprintln!(
         "prefill: bootstrap on {addr}, zmq port {}, {} KV buffers of {} pages",
         mgr.rank_port(),
