@@ -26,7 +26,8 @@ const RUN_SH: &str = r#"#!/bin/bash
 # Logs and reports go to $OUT.
 # `run.sh staging` runs only the staged-path table (gpubench staging); `run.sh protocol` only the
 # protocol-cost rows (host memory, 1 page); `run.sh busy` the pd flow on GPU 0 without and with
-# busy polling.
+# busy polling; `run.sh hostsliced` head slicing on host-memory pools (same TP, per-token,
+# packed).
 set -u
 B=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp}
@@ -155,6 +156,53 @@ sliced() {
   cp "$OUT/sliced/staging.json" "$OUT/sliced.json" 2>/dev/null
   (cd "$OUT" && tar -czf sliced.tgz sliced && rm -rf sliced)
 }
+hostsliced() {
+  # Head slicing on host-memory pools (what `cargo xtask bench sliced` runs, on this host's
+  # cores): a prefill rank of 8 heads of 256 B, 4 tokens per page (8 KiB pages), 4 layers of 64
+  # pages; per round the same TP (one decode of 8 heads), then 1 -> 2 (two decode ranks of 4
+  # heads, every request to both) with SGLang's per-token descriptors (--no-packed), then packed.
+  # Sleeping loops, concurrency 2 per decode rank, not verified; a verified run of 30 requests
+  # before each sliced timed one.
+  echo "== head slicing on host pools: same TP, sliced per-token, sliced packed"
+  for round in 1 2 3; do
+    for run in same tokens packed; do
+      for n in ${HOST_PAGES:-16 32}; do
+        port=$((19700 + RANDOM % 1000))
+        common="--layers 4 --pages 128 --page-tokens 4"
+        pflags="--bootstrap-port $port $common --page-bytes 8192 --heads 8 --tp-size 1 --tp-rank 0"
+        [ $run = tokens ] && pflags="$pflags --no-packed"
+        "$B/bin/nixl-pd" prefill $pflags 2> "$OUT/hostsliced-prefill.log" &
+        P=$!
+        for _ in $(seq 300); do grep -q "bootstrap on" "$OUT/hostsliced-prefill.log" && break; sleep 0.1; done
+        dflags="--bootstrap 127.0.0.1:$port $common --sliced-tp --prefill-pages 128 --pages-per-request $n --concurrency 2"
+        if [ $run = same ]; then
+          ranks="0"; dflags="$dflags --page-bytes 8192 --heads 8 --tp-size 1"
+        else
+          ranks="0 1"; dflags="$dflags --page-bytes 4096 --heads 4 --tp-size 2"
+        fi
+        if [ $run != same ]; then
+          for r in $ranks; do
+            "$B/bin/nixl-pd" decode $dflags --tp-rank $r --requests 30 --seed 77 > "$OUT/hostsliced-v$r.log" 2>&1 &
+          done
+          wait $(jobs -p | grep -v "^$P$") 2>/dev/null
+          for r in $ranks; do echo "round $round, $run, $n pages, rank $r verified: $(grep "requests x" "$OUT/hostsliced-v$r.log")"; done
+        fi
+        for r in $ranks; do
+          "$B/bin/nixl-pd" decode $dflags --tp-rank $r --requests 300 --seed 4242 --no-verify > "$OUT/hostsliced-$r.log" 2>&1 &
+        done
+        wait $(jobs -p | grep -v "^$P$") 2>/dev/null
+        for r in $ranks; do echo "round $round, $run, $n pages, rank $r: $(grep "requests x" "$OUT/hostsliced-$r.log")"; done
+        kill $P
+        wait $P 2>/dev/null
+        grep "requests so far" "$OUT/hostsliced-prefill.log" | tail -1 | sed 's/^.*requests so far/  prefill, requests so far/'
+      done
+    done
+  done
+}
+if [ "${1:-all}" = hostsliced ]; then
+  hostsliced
+  exit 0
+fi
 if [ "${1:-all}" = sliced ]; then
   sliced
   exit 0
