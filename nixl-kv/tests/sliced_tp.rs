@@ -454,3 +454,33 @@ fn python_style_decode_rank(packed: bool) {
     }
     assert_eq!(prefill.mgr.request_paths().packed, u64::from(packed));
 }
+
+/// A prefill given host packing with pools that do not hold its KV buffers refuses to start,
+/// with a reason that names the buffer; nothing is read from memory it was not given.
+#[test]
+fn host_packing_refuses_kv_buffers_outside_its_pools() {
+    let bs = common::server();
+    let addr = bs.addr().to_string();
+    let agent = common::agent();
+    let item = TOKENS * HEADS * HEAD_BYTES;
+    let len = (PAGES * item) as usize;
+    let kv: Vec<_> = (0..BUFFERS)
+        .map(|_| agent.register(HostBuffer::new(len).unwrap()).unwrap())
+        .collect();
+    let aux = agent
+        .register(HostBuffer::new((AUX_ROW * 4) as usize).unwrap())
+        .unwrap();
+    // The pools given: the first KV buffer's own memory is not among them.
+    let elsewhere = SharedHostBuffer::new(len).unwrap();
+    let args = KvArgs::new(
+        kv.iter().map(|b| (b.region(), item)),
+        [(aux.region(), AUX_ROW)],
+    )
+    .unwrap()
+    .heads(HEADS as u32, TOKENS as u32);
+    let config = ManagerConfig::default().host_packing(Some(packing(vec![elsewhere])));
+    let err = KvManager::prefill(agent, args, &addr, config).unwrap_err();
+    assert!(matches!(err, nixl_kv::Error::HostPacking(_)), "{err}");
+    let first = format!("{:#x}", kv[0].region().addr);
+    assert!(err.to_string().contains(&first), "{err}");
+}

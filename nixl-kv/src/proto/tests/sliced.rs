@@ -370,6 +370,44 @@ fn a_prefill_that_can_gather_packs_each_decode_rank_whole_pages() {
     let p = PrefillCore::new(l.clone(), Duration::from_secs(300))
         .with_staging(2 * 2 * 64, 2)
         .with_packing();
+    packs_each_decode_rank_whole_pages(p, &l);
+}
+
+#[test]
+fn a_prefill_with_host_packing_packs_host_pools_the_same_way() {
+    let l = prefill_layout(0x1000_0000, Some((HEADS, TOKENS)));
+    assert_eq!(l.kv_mem, MemType::Dram);
+    // An area of two decode pages (of both buffers): the 3-page chunk goes in two pieces.
+    let p = PrefillCore::new(l.clone(), Duration::from_secs(300)).with_host_packing(2 * 2 * 32);
+    packs_each_decode_rank_whole_pages(p, &l);
+}
+
+#[test]
+fn packing_needs_the_areas_of_the_pools_memory() {
+    let now = Instant::now();
+    let dram = prefill_layout(0x1000_0000, Some((HEADS, TOKENS)));
+    let mut vram = dram.clone();
+    vram.kv_mem = MemType::Vram;
+    let cores = [
+        // GPU pools with only host areas, host pools with only a GPU staging buffer.
+        PrefillCore::new(vram, Duration::from_secs(300)).with_host_packing(1 << 20),
+        PrefillCore::new(dram.clone(), Duration::from_secs(300))
+            .with_staging(1 << 20, 2)
+            .with_packing(),
+        PrefillCore::new(dram, Duration::from_secs(300)).with_host_packing(0),
+    ];
+    for mut p in cores {
+        let mut drv = FakeDriver::new();
+        p.handle_inbound(sliced_register("d1", 1, 0xa000_0000), now);
+        drv.run(&mut p);
+        let posts = send_room(&mut p, &mut drv, 1, &[("d1", &[0, 1, 2])], &[3, 4, 10]);
+        assert!(matches!(posts[0].coords, Coords::Explicit { .. }));
+    }
+}
+
+/// Two sliced decode ranks on `p` (a prefill of `l`, able to pack two pages per piece) get one
+/// room's chunk each as packed pieces, whose gathered and written bytes are exactly their heads.
+fn packs_each_decode_rank_whole_pages(p: PrefillCore, l: &Layout) {
     let (mut p, mut drv) = two_sliced_decodes_on(p);
     let room = RoomId::new(1);
     assert_eq!(p.failure(room), None);
@@ -404,7 +442,7 @@ fn a_prefill_that_can_gather_packs_each_decode_rank_whole_pages() {
                 }
             }
         }
-        assert_eq!(run_packed(post, &l), want, "decode rank {rank}");
+        assert_eq!(run_packed(post, l), want, "decode rank {rank}");
         if rank == 1 {
             // Decode pages 0 and 1 continue each other: one WRITE descriptor per buffer.
             assert_eq!(pieces[0].copies.len(), 2);
