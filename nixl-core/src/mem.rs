@@ -144,6 +144,14 @@ impl BorrowedRegistration<'_> {
 /// The alignment of every [`HostBuffer`].
 pub const HOST_ALIGN: usize = 4096;
 
+/// The layout of a host allocation of `len` usable bytes: page-aligned, at least one byte.
+pub(crate) fn host_layout(len: usize) -> Result<Layout, Error> {
+    Layout::from_size_align(len.max(1), HOST_ALIGN).map_err(|e| Error::InvalidArgument {
+        what: "host buffer length",
+        reason: e.to_string(),
+    })
+}
+
 /// An owned, zero-initialised, page-aligned host allocation.
 ///
 /// Page alignment keeps NIXL and UCX on their fast paths and lets the kernel back large buffers
@@ -156,12 +164,7 @@ impl HostBuffer {
     /// Allocates `len` zeroed bytes aligned to 4096. A zero length allocates one page, so that
     /// every buffer has a distinct, registrable address.
     pub fn new(len: usize) -> Result<Self, Error> {
-        let layout = Layout::from_size_align(len.max(1), HOST_ALIGN).map_err(|e| {
-            Error::InvalidArgument {
-                what: "host buffer length",
-                reason: e.to_string(),
-            }
-        })?;
+        let layout = host_layout(len)?;
         let alloc = sys::HostAlloc::zeroed(layout, len).ok_or_else(|| Error::OutOfMemory {
             bytes: layout.size(),
         })?;

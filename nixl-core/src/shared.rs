@@ -1,10 +1,9 @@
 //! Host memory shared between an engine and the transfer code that reads it.
 
-use std::alloc::Layout;
 use std::sync::Arc;
 
 use crate::error::Error;
-use crate::mem::{HOST_ALIGN, MemRegion};
+use crate::mem::{MemRegion, host_layout};
 use crate::sys::shared::SharedAlloc;
 
 /// A zero-initialised, page-aligned host allocation that several handles share, read and written
@@ -24,12 +23,7 @@ pub struct SharedHostBuffer {
 impl SharedHostBuffer {
     /// Allocates `len` zeroed bytes aligned to 4096 (a zero length allocates one page).
     pub fn new(len: usize) -> Result<Self, Error> {
-        let layout = Layout::from_size_align(len.max(1), HOST_ALIGN).map_err(|e| {
-            Error::InvalidArgument {
-                what: "host buffer length",
-                reason: e.to_string(),
-            }
-        })?;
+        let layout = host_layout(len)?;
         let alloc = SharedAlloc::zeroed(layout, len).ok_or_else(|| Error::OutOfMemory {
             bytes: layout.size(),
         })?;
@@ -119,6 +113,7 @@ impl std::fmt::Debug for SharedHostBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mem::HOST_ALIGN;
 
     #[test]
     fn handles_share_bytes_and_refuse_ranges_outside() {

@@ -10,34 +10,20 @@
 
 use std::collections::VecDeque;
 
-use nixl_core::staging::{StagingLayout, TokenSlice};
+use nixl_core::staging::StagingLayout;
 use nixl_core::{Agent, MemType, Registered, SharedHostBuffer, XferRequest, XferStatus};
 use nixl_wire::RoomId;
 
 use super::config::HostPacking;
-use super::packed_write::{PieceTarget, write_piece};
+use super::packed_chunk::PackedChunk;
 use super::staged::DirectEnd;
 use crate::error::Error;
-use crate::proto::FailureReason;
 use crate::proto::Layout;
-use crate::proto::lower::{Coords, PackedPiece};
-
-/// One packed chunk.
-struct Job {
-    room: RoomId,
-    peer: String,
-    notif: Vec<u8>,
-    slice: TokenSlice,
-    item: u64,
-    remote_mem: MemType,
-    remote_gpu: u32,
-    pieces: Vec<PackedPiece>,
-    next: usize,
-}
+use crate::proto::lower::Coords;
 
 /// A chunk whose current piece is being written out of area `area`.
 struct Writing {
-    job: Job,
+    job: PackedChunk,
     area: u32,
     req: XferRequest,
 }
@@ -55,7 +41,7 @@ struct Source {
 pub(crate) struct HostPacker {
     // Field order: requests end before the areas they read are deregistered and freed.
     writing: Vec<Writing>,
-    waiting: VecDeque<Job>,
+    waiting: VecDeque<PackedChunk>,
     free: Vec<u32>,
     areas: Option<Registered<SharedHostBuffer>>,
     area_bytes: u64,
@@ -128,38 +114,8 @@ impl HostPacker {
         coords: &Coords,
         notif: Vec<u8>,
     ) -> Result<(), String> {
-        let Coords::Packed {
-            slice,
-            item,
-            remote_mem,
-            remote_gpu,
-            pieces,
-        } = coords
-        else {
-            return Err("not a packed chunk".into());
-        };
-        if pieces.is_empty() {
-            return Err("a packed chunk without pieces".into());
-        }
-        // Every byte of a packed page must come from the slice: a gap would carry stale area
-        // bytes into the decode's page.
-        let fills = slice.dst_offset == 0
-            && slice.len == slice.dst_token
-            && slice.dst_token.checked_mul(u64::from(slice.tokens)) == Some(*item);
-        if !fills {
-            return Err(format!("{slice:?} does not fill pages of {item} bytes"));
-        }
-        self.waiting.push_back(Job {
-            room,
-            peer: peer.to_owned(),
-            notif,
-            slice: *slice,
-            item: *item,
-            remote_mem: *remote_mem,
-            remote_gpu: *remote_gpu,
-            pieces: pieces.clone(),
-            next: 0,
-        });
+        self.waiting
+            .push_back(PackedChunk::new(room, peer, coords, notif)?);
         Ok(())
     }
 
@@ -177,13 +133,10 @@ impl HostPacker {
             let Writing { mut job, area, .. } = self.writing.swap_remove(i);
             self.free.push(area);
             match status {
-                Ok(_) if job.next + 1 < job.pieces.len() => {
-                    job.next += 1;
-                    // The chunk's next piece goes before chunks that have not started.
-                    self.waiting.push_front(job);
-                }
+                // The chunk's next piece goes before chunks that have not started.
+                Ok(_) if job.advance() => self.waiting.push_front(job),
                 Ok(_) => ended.push((job.room, Ok(()))),
-                Err(e) => ended.push(fail(&job, e.to_string())),
+                Err(e) => ended.push(job.failed(e.to_string())),
             }
         }
         while !self.free.is_empty() {
@@ -197,14 +150,19 @@ impl HostPacker {
                 Ok(req) => self.writing.push(Writing { job, area, req }),
                 Err(reason) => {
                     self.free.push(area);
-                    ended.push(fail(&job, reason));
+                    ended.push(job.failed(reason));
                 }
             }
         }
     }
 
     /// Gathers `job`'s current piece into area `area` and posts its WRITE.
-    fn start(&mut self, agent: &Agent, job: &Job, area: u32) -> Result<XferRequest, String> {
+    fn start(
+        &mut self,
+        agent: &Agent,
+        job: &PackedChunk,
+        area: u32,
+    ) -> Result<XferRequest, String> {
         if self.areas.is_none() {
             let len = usize::try_from(self.area_bytes * u64::from(self.area_count))
                 .map_err(|_| "a packing area too large for this host".to_owned())?;
@@ -221,10 +179,7 @@ impl HostPacker {
         let Some(areas) = self.areas.as_ref() else {
             return Err("no packing area".into());
         };
-        let piece = job
-            .pieces
-            .get(job.next)
-            .ok_or_else(|| "a packed piece past its chunk".to_owned())?;
+        let piece = job.piece()?;
         let base = u64::from(area) * self.area_bytes;
         let buf = areas.buffer();
         let n = piece.src.len();
@@ -254,14 +209,7 @@ impl HostPacker {
             buf.copy_from(to, pool, off, len)
                 .map_err(|e| format!("packing gather: {e}"))?;
         }
-        let to = PieceTarget {
-            peer: &job.peer,
-            mem: job.remote_mem,
-            gpu: job.remote_gpu,
-        };
-        let last = job.next + 1 == job.pieces.len();
-        let notif = last.then_some(job.notif.as_slice());
-        write_piece(agent, &areas.region(), base, &piece.copies, &to, notif)
+        job.write(agent, &areas.region(), base)
     }
 
     /// The pool and offset holding `[addr, addr + len)`; `hint` is the source the previous
@@ -283,15 +231,4 @@ impl HostPacker {
         let off = usize::try_from(s.offset + (addr - s.addr)).ok()?;
         Some((self.pools.get(s.pool)?, off))
     }
-}
-
-/// A chunk that failed for `reason`.
-fn fail(job: &Job, reason: String) -> DirectEnd {
-    (
-        job.room,
-        Err(FailureReason::Transfer {
-            peer: job.peer.clone(),
-            reason,
-        }),
-    )
 }

@@ -13,7 +13,7 @@ mod exec;
 mod heartbeat;
 mod host_pack;
 mod inbound;
-mod packed_write;
+mod packed_chunk;
 mod probe;
 mod receiver;
 mod sender;

@@ -11,14 +11,12 @@
 use std::collections::VecDeque;
 
 use nixl_core::cuda::{DeviceBuffer, Staging, StagingEvent};
-use nixl_core::staging::TokenSlice;
-use nixl_core::{Agent, MemType, Registered, XferRequest, XferStatus};
+use nixl_core::{Agent, Registered, XferRequest, XferStatus};
 use nixl_wire::RoomId;
 
 use super::DirectEnd;
-use crate::driver::packed_write::{PieceTarget, write_piece};
-use crate::proto::FailureReason;
-use crate::proto::lower::{Coords, PackedPiece};
+use crate::driver::packed_chunk::PackedChunk;
+use crate::proto::lower::Coords;
 
 /// What the chunk at the front waits for.
 enum Phase {
@@ -30,17 +28,9 @@ enum Phase {
     Writing(XferRequest),
 }
 
-/// One chunk of the packed path.
+/// One chunk of the packed path and what it waits for.
 struct Job {
-    room: RoomId,
-    peer: String,
-    notif: Vec<u8>,
-    slice: TokenSlice,
-    item: u64,
-    remote_mem: MemType,
-    remote_gpu: u32,
-    pieces: Vec<PackedPiece>,
-    next: usize,
+    chunk: PackedChunk,
     phase: Phase,
 }
 
@@ -73,19 +63,7 @@ impl Packer {
         coords: &Coords,
         notif: Vec<u8>,
     ) -> Result<(), String> {
-        let Coords::Packed {
-            slice,
-            item,
-            remote_mem,
-            remote_gpu,
-            pieces,
-        } = coords
-        else {
-            return Err("not a packed chunk".into());
-        };
-        if pieces.is_empty() {
-            return Err("a packed chunk without pieces".into());
-        }
+        let chunk = PackedChunk::new(room, peer, coords, notif)?;
         if self.area.is_none() {
             let len = usize::try_from(self.area_bytes)
                 .map_err(|_| format!("a packing area of {} bytes", self.area_bytes))?;
@@ -96,15 +74,7 @@ impl Packer {
             self.area = Some(buf);
         }
         self.jobs.push_back(Job {
-            room,
-            peer: peer.to_owned(),
-            notif,
-            slice: *slice,
-            item: *item,
-            remote_mem: *remote_mem,
-            remote_gpu: *remote_gpu,
-            pieces: pieces.clone(),
-            next: 0,
+            chunk,
             phase: Phase::Ready,
         });
         Ok(())
@@ -123,66 +93,54 @@ impl Packer {
         };
         while let Some(job) = self.jobs.front_mut() {
             match step(agent, staging, area, job) {
-                Ok(false) => return,
-                Ok(true) => {
-                    if job.next < job.pieces.len() {
-                        continue;
-                    }
-                    ended.push((job.room, Ok(())));
-                }
-                Err(reason) => ended.push((
-                    job.room,
-                    Err(FailureReason::Transfer {
-                        peer: job.peer.clone(),
-                        reason,
-                    }),
-                )),
+                Ok(Step::Waiting) => return,
+                Ok(Step::PieceDone) => continue,
+                Ok(Step::ChunkDone) => ended.push((job.chunk.room, Ok(()))),
+                Err(reason) => ended.push(job.chunk.failed(reason)),
             }
             self.jobs.pop_front();
         }
     }
 }
 
-/// One step of `job`'s current piece: `Ok(true)` when the piece is done (`job.next` moved on),
-/// `Ok(false)` while it waits.
+/// What one step of a chunk came to.
+enum Step {
+    Waiting,
+    PieceDone,
+    ChunkDone,
+}
+
+/// One step of `job`'s current piece.
 fn step(
     agent: &Agent,
     staging: &mut Staging,
     area: &mut Registered<DeviceBuffer>,
     job: &mut Job,
-) -> Result<bool, String> {
+) -> Result<Step, String> {
     loop {
-        let piece = job
-            .pieces
-            .get(job.next)
-            .ok_or_else(|| "a packed piece past its chunk".to_owned())?;
         match &job.phase {
             Phase::Ready => {
+                let c = &job.chunk;
                 let ev = staging
-                    .pack_sliced(&piece.src, area.buffer_mut(), 0, job.item, &job.slice)
+                    .pack_sliced(&c.piece()?.src, area.buffer_mut(), 0, c.item, &c.slice)
                     .map_err(|e| format!("packing gather: {e}"))?;
                 job.phase = Phase::Gathering(ev);
             }
             Phase::Gathering(ev) => {
                 if !ev.is_done().map_err(|e| format!("packing gather: {e}"))? {
-                    return Ok(false);
+                    return Ok(Step::Waiting);
                 }
-                let last = job.next + 1 == job.pieces.len();
-                let to = PieceTarget {
-                    peer: &job.peer,
-                    mem: job.remote_mem,
-                    gpu: job.remote_gpu,
-                };
-                let notif = last.then_some(job.notif.as_slice());
-                let req = write_piece(agent, &area.region(), 0, &piece.copies, &to, notif)?;
-                job.phase = Phase::Writing(req);
+                job.phase = Phase::Writing(job.chunk.write(agent, &area.region(), 0)?);
             }
             Phase::Writing(req) => match req.status().map_err(|e| e.to_string())? {
-                XferStatus::InProgress => return Ok(false),
+                XferStatus::InProgress => return Ok(Step::Waiting),
                 XferStatus::Done => {
-                    job.next += 1;
                     job.phase = Phase::Ready;
-                    return Ok(true);
+                    return Ok(if job.chunk.advance() {
+                        Step::PieceDone
+                    } else {
+                        Step::ChunkDone
+                    });
                 }
             },
         }
