@@ -218,20 +218,52 @@ mod gpu {
 
     #[test]
     fn packed_head_slices_land_byte_for_byte_in_plain_decodes() {
-        // A prefill of TP 1 that can gather; two decode ranks of TP 2 without staging (passive
-        // targets, as SGLang's decodes are). Chunks of 5 pages in pieces of at most 4.
+        // Two decode ranks of TP 2 without staging (passive targets, as SGLang's decodes are).
+        let paths = head_slices_land_byte_for_byte(None);
+        assert_eq!(
+            (paths.packed, paths.staged),
+            (4, 0),
+            "two chunks to each of two ranks: {paths:?}"
+        );
+    }
+
+    #[test]
+    fn staged_head_slices_land_byte_for_byte_in_staging_decodes() {
+        // Two decode ranks of TP 2 with rings of 8 of their pages a slot, 2 slots a room: each
+        // 5-page chunk goes as pieces of 4 and 1 pages (our slot holds 4 of our pages), each
+        // packed into our slot, one WRITE into the decode's slot, then its scatter.
+        let ring = StagingConfig::new(BUFFERS as u64 * PAGE * 4, 4)
+            .unwrap()
+            .per_room(2)
+            .direct(false);
+        let paths = head_slices_land_byte_for_byte(Some(ring));
+        assert_eq!(
+            (paths.staged, paths.packed, paths.prepared + paths.explicit),
+            (8, 0, 2),
+            "four pieces to each of two ranks, then its aux WRITE: {paths:?}"
+        );
+    }
+
+    /// A prefill of TP 1 that can gather (staging, packing on, direct off) sends one room of
+    /// 10 pages in chunks of 5 to two decode ranks of TP 2 (with `decode_staging`'s ring, or
+    /// none); every byte of every head slice is checked. Returns the prefill's paths.
+    fn head_slices_land_byte_for_byte(decode_staging: Option<StagingConfig>) -> RequestPaths {
         let bs = BootstrapServer::start("127.0.0.1:0").unwrap();
         let addr = bs.addr().to_string();
         let slot = BUFFERS as u64 * PAGE * 4;
         // The packed path is the default of a prefill with staging.
-        let staging = StagingConfig::new(slot, 4).unwrap();
+        let staging = StagingConfig::new(slot, 4).unwrap().direct(false);
         let p = sliced_side(
             Some(&addr),
             0,
             1,
             ManagerConfig::default().staging(Some(staging)),
         );
-        let sliced = || ManagerConfig::default().sliced_tp(true);
+        let sliced = || {
+            ManagerConfig::default()
+                .sliced_tp(true)
+                .staging(decode_staging)
+        };
         let d: Vec<GpuSide> = (0..2).map(|r| sliced_side(None, r, 2, sliced())).collect();
         let src: Vec<u32> = (0..10).map(|i| (7 * i + 3) % PAGES).collect();
         let dst: Vec<Vec<u32>> = vec![(20..30).collect(), (0..10).map(|i| 63 - 2 * i).collect()];
@@ -268,11 +300,6 @@ mod gpu {
             }
             assert!(start.elapsed() < Duration::from_secs(30), "room stuck");
         }
-        let paths = p.mgr.request_paths();
-        assert_eq!(
-            paths.packed, 4,
-            "two chunks to each of two ranks: {paths:?}"
-        );
         let item = PAGE / 2;
         let heads = HEADS / 2;
         for (rank, side) in d.iter().enumerate() {
@@ -295,5 +322,6 @@ mod gpu {
                 }
             }
         }
+        p.mgr.request_paths()
     }
 }

@@ -419,14 +419,14 @@ pub(crate) struct StagingArgs {
     /// Skip the raw cases (NIXL-only settings and raw staged): only anchors, kernels and pd rows.
     #[arg(long)]
     pub(crate) no_cases: bool,
-    /// Add heterogeneous-TP rows (one prefill rank of TP 1, two decode ranks of TP 2), plain
-    /// and direct, for each pd size.
+    /// Add heterogeneous-TP rows (one prefill rank of TP 1, two decode ranks of TP 2): plain,
+    /// packed, staged and direct, for each pd size.
     #[arg(long)]
     pub(crate) sliced: bool,
 }
 
 /// Paths of the heterogeneous-TP rows.
-const SLICED_PATHS: [&str; 3] = ["plain", "packed", "direct"];
+const SLICED_PATHS: [&str; 4] = ["plain", "packed", "staged", "direct"];
 
 /// NIXL-only settings tried on the pd descriptors: (label, num_threads, split_batch_size, sgl).
 const GRID: [(&str, u32, u32, bool); 7] = [

@@ -127,8 +127,10 @@ pub(crate) fn run_one(
 /// pages) as three processes on one GPU, every request going to both ranks (one seed). Each
 /// decode rank takes its heads by `path`: `plain` (one descriptor per token slot, SGLang's
 /// wire-compatible way), `packed` (a prefill that can gather, decodes that do not stage, as
-/// SGLang's: the slices gathered into whole decode pages, then WRITTEN as pages; the same wire)
-/// or `direct` (one sliced kernel in the prefill). Rows per decode rank: a verified run, then a
+/// SGLang's: the slices gathered into whole decode pages, then WRITTEN as pages; the same wire),
+/// `staged` (decodes with staging rings, the direct path off: the slices packed into our slot,
+/// one WRITE into the decode's ring slot, its scatter) or `direct` (one sliced kernel in the
+/// prefill). Rows per decode rank: a verified run, then a
 /// timed one.
 pub(crate) fn run_sliced(
     pd: &Path,

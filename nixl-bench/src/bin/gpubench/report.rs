@@ -498,7 +498,7 @@ fn sliced_section(s: &mut String, pd: &[Value]) {
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for ppr in [1u64, 32, 256] {
-        for path in ["plain", "packed", "direct"] {
+        for path in ["plain", "packed", "staged", "direct"] {
             for rank in [0u64, 1] {
                 let of: Vec<&&Value> = rows
                     .iter()

@@ -194,7 +194,8 @@ impl PrefillGpu {
         self.packer.push(agent, room, peer, coords, notif)
     }
 
-    /// Launches the gather of `w`; its WRITE is posted by [`PrefillGpu::progress`] once the
+    /// Launches the gather of `w` (of head slices packed as decode pages when `w.pack` says
+    /// so); its WRITE is posted by [`PrefillGpu::progress`] once the
     /// gather is done. A launch that fails ends the piece at once.
     pub(crate) fn stage(&mut self, w: StagedWrite) -> Result<(), StageEnd> {
         let end =
@@ -207,10 +208,19 @@ impl PrefillGpu {
             return Err(end(&w, why));
         }
         let offset = u64::from(w.local_slot).saturating_mul(self.slot_bytes);
-        match self
-            .staging
-            .gather(&w.src_pages, self.buf.buffer_mut(), offset)
-        {
+        let gathered = match &w.pack {
+            None => self
+                .staging
+                .gather(&w.src_pages, self.buf.buffer_mut(), offset),
+            Some(p) => self.staging.pack_sliced(
+                &w.src_pages,
+                self.buf.buffer_mut(),
+                offset,
+                p.item,
+                &p.slice,
+            ),
+        };
+        match gathered {
             Ok(ev) => {
                 self.pieces.push(Piece {
                     w,

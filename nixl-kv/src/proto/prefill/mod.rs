@@ -43,31 +43,6 @@ pub struct Peer {
     pub ipc: Option<IpcPools>,
 }
 
-/// One staged WRITE (docs/runtime.md §12): gather `src_pages` of our pool into our staging
-/// slot `local_slot`; only once that gather completed, WRITE its `bytes` from the slot into the
-/// decode's ring at `remote_addr` with `notif`. Report its end with
-/// [`PrefillCore::staged_done`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct StagedWrite {
-    /// The room it belongs to.
-    pub room: RoomId,
-    /// The decode agent.
-    pub peer: AgentName,
-    /// Our staging slot (at `local_slot * slot_bytes` in our staging buffer).
-    pub local_slot: u32,
-    /// Our pages, in order.
-    pub src_pages: Vec<u32>,
-    /// Staged bytes (pages × bytes per page).
-    pub bytes: u64,
-    /// The decode's ring slot address.
-    pub remote_addr: u64,
-    /// The decode ring's GPU.
-    pub remote_gpu: u32,
-    /// The `nixl-rs:staged:` notification.
-    pub notif: Vec<u8>,
-}
-
 /// One WRITE to post, lowered: where the bytes go and the notification NIXL delivers after.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Post {
@@ -127,32 +102,6 @@ pub enum Command {
     },
 }
 
-/// A prefill's staged path: the slot size of its staging buffer and which slots are free.
-#[derive(Debug, Clone)]
-struct PrefillStaging {
-    slot_bytes: u64,
-    local: LocalSlots,
-}
-
-/// A room on the staged path.
-#[derive(Debug)]
-struct StagedRoom {
-    peer: AgentName,
-    ring: Ring,
-    sched: SlotSchedule,
-    bytes_per_page: u64,
-    /// The sender's pages so far (pieces index into them).
-    src: Vec<u32>,
-    /// The aux WRITE, queued once the last piece is posted.
-    aux: Option<Post>,
-    /// The last time a piece was posted, completed or had its slot freed.
-    progress: Instant,
-}
-
-/// A staged room whose next piece waits this long without any progress (no slot freed, no
-/// WRITE completed) fails: its decode is gone or stuck.
-pub const STAGED_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// A room whose decode infos are complete but that no sender claims yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -181,7 +130,8 @@ struct Room {
     pushed: bool,
     in_flight: usize,
     touched: Instant,
-    staged: Option<StagedRoom>,
+    /// The staged path, one per real decode (empty: the room is not staged).
+    staged: Vec<StagedRoom>,
 }
 
 impl Room {
@@ -194,7 +144,7 @@ impl Room {
             pushed: false,
             in_flight: 0,
             touched: now,
-            staged: None,
+            staged: Vec::new(),
         }
     }
 
@@ -620,7 +570,7 @@ impl PrefillCore {
         if start == 0 {
             self.choose_staging(room, &infos, now);
         }
-        if self.rooms.get(&room).is_some_and(|r| r.staged.is_some()) {
+        if self.rooms.get(&room).is_some_and(|r| !r.staged.is_empty()) {
             return self.stage_chunk(room, &infos, pages, last, aux_index);
         }
 
@@ -929,8 +879,8 @@ impl PrefillCore {
         }
         let staged_done = r
             .staged
-            .as_ref()
-            .is_none_or(|s| s.sched.all_posted() && s.aux.is_none());
+            .iter()
+            .all(|s| s.sched.all_posted() && s.aux.is_none());
         match &r.sender {
             Some(s) if s.finished_sending => {
                 if r.in_flight == 0 && staged_done {
@@ -990,7 +940,7 @@ impl PrefillCore {
             .iter()
             .filter(|(_, r)| r.failure.is_none())
             .filter(|(_, r)| {
-                r.staged.as_ref().is_some_and(|s| {
+                r.staged.iter().any(|s| {
                     s.sched.waiting() > 0
                         && now.saturating_duration_since(s.progress) >= STAGED_STALL_TIMEOUT
                 })
@@ -1077,4 +1027,6 @@ impl PrefillCore {
 mod direct;
 mod peers;
 mod staged;
+use staged::{PrefillStaging, StagedRoom};
+pub use staged::{STAGED_STALL_TIMEOUT, StagedPack, StagedWrite};
 mod tokens;

@@ -215,8 +215,8 @@ impl PrefillCore {
             .iter()
             .filter(|(_, r)| {
                 r.staged
-                    .as_ref()
-                    .is_some_and(|s| &s.peer == agent && !(s.sched.all_posted() && s.aux.is_none()))
+                    .iter()
+                    .any(|s| &s.peer == agent && !(s.sched.all_posted() && s.aux.is_none()))
             })
             .map(|(id, _)| *id)
             .collect();

@@ -499,3 +499,229 @@ fn without_packing_a_staging_prefill_keeps_per_token_descriptors() {
     let posts = send_room(&mut p, &mut drv, 1, &[("d1", &[0, 1, 2])], &[3, 4, 10]);
     assert!(matches!(posts[0].coords, Coords::Explicit { .. }));
 }
+
+/// A decode rank's ring in the staged tests: two slots of four of its 32-byte pages.
+fn sliced_ring(addr: u64) -> nixl_wire::ext::Ring {
+    nixl_wire::ext::Ring {
+        addr,
+        slot_bytes: 4 * 2 * 32,
+        slots: 2,
+        gpu: 0,
+    }
+}
+
+/// The bytes a staged piece of head slices leaves in the decode's pools, run as both drivers
+/// run it: our packing gather into our slot, the WRITE of the slot into the decode's ring slot,
+/// then the decode's own scatter of that slot into the pages the notice names (the decode's
+/// staging layout, pages of `decode.kv_item_lens`).
+fn run_staged_piece(
+    w: &crate::proto::prefill::StagedWrite,
+    prefill: &Layout,
+    decode: &Layout,
+    dst_pages: &[u32],
+    out: &mut std::collections::BTreeMap<u64, u8>,
+) {
+    use nixl_core::staging::StagingLayout;
+    const SLOT: u64 = 0x7000_0000;
+    let byte = |a: u64| (a ^ (a >> 8) ^ (a >> 16)) as u8;
+    let pack = w.pack.expect("head slices are packed");
+    let n = w.src_pages.len();
+    let nb = prefill.kv_ptrs.len();
+    assert_eq!(
+        w.bytes,
+        nb as u64 * n as u64 * pack.item,
+        "the WRITE is the packed pages"
+    );
+    let ours = crate::proto::staging::staging_layout(prefill).unwrap();
+    let area = StagingLayout::packed(SLOT, nb, n, pack.item).unwrap();
+    let idx: Vec<u32> = (0..n as u32).collect();
+    let mut slot = vec![None; w.bytes as usize];
+    for (s, d, len) in ours
+        .sliced_table(&w.src_pages, &area, &idx, &pack.slice)
+        .unwrap()
+        .copies()
+    {
+        for k in 0..len {
+            slot[(d - SLOT + k) as usize] = Some(byte(s + k));
+        }
+    }
+    let notice = nixl_wire::ext::StagedNotice::decode(&w.notif).unwrap();
+    let from = notice.first_page_offset as usize;
+    let pages = &dst_pages[from..from + notice.pages as usize];
+    let theirs = crate::proto::staging::staging_layout(decode).unwrap();
+    for (pool, off, len) in theirs.table(pages, w.bytes).unwrap().segments() {
+        for k in 0..len {
+            let b = slot[(off + k) as usize].expect("a scattered byte the gather never wrote");
+            assert!(out.insert(pool + k, b).is_none(), "a byte written twice");
+        }
+    }
+}
+
+#[test]
+fn a_staging_prefill_stages_each_decode_rank_its_heads_as_the_pages_its_scatter_takes() {
+    let now = Instant::now();
+    let mut l = prefill_layout(0x1000_0000, Some((HEADS, TOKENS)));
+    l.kv_mem = MemType::Vram;
+    // Our slots hold two of our pages of both buffers: the 3-page chunk goes in two pieces.
+    let mut p = PrefillCore::new(l.clone(), Duration::from_secs(300))
+        .with_staging(2 * 2 * 64, 4)
+        .with_packing();
+    let mut drv = FakeDriver::new();
+    let ranks = [
+        ("d0", 0u64, 0x9000_0000u64, [5u32, 6, 9], 0x7100_0000u64),
+        ("d1", 1, 0xa000_0000, [0, 1, 2], 0x7200_0000),
+    ];
+    for (name, rank, base, _, ring) in ranks {
+        let PrefillInbound::Register(mut r) = sliced_register(name, rank as u32, base) else {
+            unreachable!()
+        };
+        r.trailing = vec![
+            nixl_wire::ext::caps_frame(&["proof", "staging"]),
+            sliced_ring(ring).frame(),
+        ];
+        p.handle_inbound(PrefillInbound::Register(r), now);
+    }
+    drv.run(&mut p);
+    let room = RoomId::new(1);
+    for (name, _, _, dst, _) in ranks {
+        // d0 grants one slot: its second piece waits for the first's slot to be freed.
+        let slots: &[u32] = if name == "d0" { &[1] } else { &[0, 1] };
+        let PrefillInbound::Transfer(mut t) = info(1, name, &dst, 2) else {
+            unreachable!()
+        };
+        t.trailing = vec![nixl_wire::ext::slots_frame(slots)];
+        p.handle_inbound(PrefillInbound::Transfer(t), now);
+    }
+    p.sender_new(room, now);
+    p.sender_init(room, 3, 0).unwrap();
+    p.sender_send(room, &[3, 4, 10], now).unwrap();
+    drv.run(&mut p);
+    // d1's pieces are all posted: its aux WRITE follows them; d0's waits.
+    let mut aux = drv.take_posts();
+    assert_eq!(aux.len(), 1);
+    assert_eq!((aux[0].kind, aux[0].peer.as_str()), (ListKind::Aux, "d1"));
+    let mut stages = std::mem::take(&mut drv.stages);
+    let of = |s: &[crate::proto::prefill::StagedWrite], name: &str| {
+        s.iter()
+            .filter(|w| w.peer.as_str() == name)
+            .map(|w| w.src_pages.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of(&stages, "d0"), vec![vec![3, 4]]);
+    assert_eq!(of(&stages, "d1"), vec![vec![3, 4], vec![10]]);
+    // Each piece goes to a slot its decode granted: d0's slot 1, d1's slots 0 and 1.
+    let addrs: Vec<u64> = stages.iter().map(|w| w.remote_addr).collect();
+    let slot = sliced_ring(0).slot_bytes;
+    assert_eq!(
+        addrs,
+        vec![0x7100_0000 + slot, 0x7200_0000, 0x7200_0000 + slot]
+    );
+    for w in &stages {
+        p.staged_done(room, w.local_slot, Ok(()), now);
+    }
+    drv.run(&mut p);
+    assert!(drv.stages.is_empty(), "a WRITE done is not its slot freed");
+    p.handle_inbound(
+        PrefillInbound::Freed(nixl_wire::ext::FreedMessage {
+            notice: nixl_wire::ext::FreedNotice { room, slot: 1 },
+            agent: agent("d0"),
+            trailing: Vec::new(),
+        }),
+        now,
+    );
+    drv.run(&mut p);
+    let last = std::mem::take(&mut drv.stages);
+    assert_eq!(of(&last, "d0"), vec![vec![10]]);
+    p.staged_done(room, last[0].local_slot, Ok(()), now);
+    stages.extend(last);
+
+    // Every byte each decode rank's scatters leave is exactly its heads (the naive model).
+    let byte = |a: u64| (a ^ (a >> 8) ^ (a >> 16)) as u8;
+    for (name, rank, base, dst, _) in ranks {
+        let mut decode = layout(base);
+        decode.kv_mem = MemType::Vram;
+        decode.kv_item_lens = vec![32; decode.kv_ptrs.len()];
+        let mut got = std::collections::BTreeMap::new();
+        for w in stages.iter().filter(|w| w.peer.as_str() == name) {
+            run_staged_piece(w, &l, &decode, &dst, &mut got);
+        }
+        let mut want = std::collections::BTreeMap::new();
+        for b in 0..2 {
+            for (&sp, &dp) in [3u64, 4, 10].iter().zip(&dst) {
+                for t in 0..u64::from(TOKENS) {
+                    for k in 0..2 * HEAD_BYTES {
+                        let s = l.kv_ptrs[b] + sp * 64 + t * 32 + rank * 16 + k;
+                        let d = decode.kv_ptrs[b] + u64::from(dp) * 32 + t * 16 + k;
+                        want.insert(d, byte(s));
+                    }
+                }
+            }
+        }
+        assert_eq!(got, want, "decode rank {rank}");
+    }
+    // Each decode's aux WRITE went after its last piece; then the room succeeds.
+    aux.extend(drv.take_posts());
+    assert_eq!(aux.len(), 2);
+    assert_eq!(aux[1].peer.as_str(), "d0");
+    assert!(aux.iter().all(|a| a.kind == ListKind::Aux));
+    assert_eq!(p.sender_poll(room), KvPoll::WaitingForInput);
+    for a in aux {
+        p.transfer_done(a.room, Ok(()));
+    }
+    assert_eq!(p.sender_poll(room), KvPoll::Success);
+    assert_eq!(p.free_staging_slots(), Some(4));
+}
+
+#[test]
+fn head_slices_are_staged_only_when_packed_and_every_decode_stages() {
+    let now = Instant::now();
+    let mut l = prefill_layout(0x1000_0000, Some((HEADS, TOKENS)));
+    l.kv_mem = MemType::Vram;
+    let staged_posts = |packing: bool, ringed: &[&str]| {
+        let mut p = PrefillCore::new(l.clone(), Duration::from_secs(300)).with_staging(1 << 20, 4);
+        if packing {
+            p = p.with_packing();
+        }
+        let mut drv = FakeDriver::new();
+        for (name, rank, base) in [("d0", 0, 0x9000_0000u64), ("d1", 1, 0xa000_0000)] {
+            let PrefillInbound::Register(mut r) = sliced_register(name, rank, base) else {
+                unreachable!()
+            };
+            if ringed.contains(&name) {
+                r.trailing = vec![
+                    nixl_wire::ext::caps_frame(&["proof", "staging"]),
+                    sliced_ring(base + 0x100_0000).frame(),
+                ];
+            }
+            p.handle_inbound(PrefillInbound::Register(r), now);
+        }
+        drv.run(&mut p);
+        for (name, dst) in [("d0", [5u32, 6, 9]), ("d1", [0, 1, 2])] {
+            let PrefillInbound::Transfer(mut t) = info(1, name, &dst, 2) else {
+                unreachable!()
+            };
+            t.trailing = vec![nixl_wire::ext::slots_frame(&[0])];
+            p.handle_inbound(PrefillInbound::Transfer(t), now);
+        }
+        let room = RoomId::new(1);
+        p.sender_new(room, now);
+        p.sender_init(room, 3, 0).unwrap();
+        p.sender_send(room, &[3, 4, 10], now).unwrap();
+        drv.run(&mut p);
+        let posts = drv.take_posts();
+        let packed = posts
+            .iter()
+            .filter(|q| matches!(q.coords, Coords::Packed { .. }))
+            .count();
+        (drv.stages.len(), packed)
+    };
+    assert_eq!(
+        staged_posts(true, &["d0", "d1"]),
+        (2, 0),
+        "one piece each, staged"
+    );
+    // A decode without a ring: the whole room goes packed (the wire SGLang decodes take).
+    assert_eq!(staged_posts(true, &["d1"]), (0, 2));
+    // Without packing the slices are per-token descriptors, never staged.
+    assert_eq!(staged_posts(false, &["d0", "d1"]), (0, 0));
+}
