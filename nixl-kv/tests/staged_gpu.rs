@@ -181,8 +181,8 @@ mod gpu {
     const HEADS: u64 = 8;
     const HEAD_BYTES: u64 = PAGE / TOKENS / HEADS;
 
-    /// GPU pools of `item`-byte pages at TP place `rank` of `tp`, filled with [`byte`] on a
-    /// prefill (`bootstrap` given).
+    /// GPU pools of `item`-byte pages at TP place `rank` of `tp`, filled on a prefill
+    /// (`bootstrap` given) with [`byte`] of buffer `b + 3·rank`, page and offset in the page.
     fn sliced_side(bootstrap: Option<&str>, rank: u32, tp: u32, config: ManagerConfig) -> GpuSide {
         let agent = common::agent();
         let heads = HEADS / u64::from(tp);
@@ -191,8 +191,14 @@ mod gpu {
         for b in 0..BUFFERS {
             let mut buf = DeviceBuffer::new(0, (u64::from(PAGES) * item) as usize).unwrap();
             if bootstrap.is_some() {
-                let host: Vec<u8> = (0..buf.len())
-                    .map(|i| byte(b, (i as u64 / PAGE) as u32, i % PAGE as usize))
+                let host: Vec<u8> = (0..buf.len() as u64)
+                    .map(|i| {
+                        byte(
+                            b + 3 * rank as usize,
+                            (i / item) as u32,
+                            (i % item) as usize,
+                        )
+                    })
                     .collect();
                 buf.copy_from_host(&host).unwrap();
             }
@@ -323,5 +329,88 @@ mod gpu {
             }
         }
         p.mgr.request_paths()
+    }
+
+    #[test]
+    fn two_prefill_ranks_stage_their_heads_into_one_decode() {
+        // Prefill ranks of TP 2 (4 heads each, 16 KiB pages) and one decode of TP 1 (8 heads,
+        // 32 KiB pages) with a ring of 4 of its pages a slot: each rank's 5-page chunks go as
+        // pieces of 4 and 1 of its whole pages, which the decode scatters by slice, each
+        // rank's heads to its half of every token slot.
+        let bs = BootstrapServer::start("127.0.0.1:0").unwrap();
+        let addr = bs.addr().to_string();
+        let slot = BUFFERS as u64 * PAGE * 4;
+        let staging = StagingConfig::new(slot, 4).unwrap().direct(false);
+        let prefill = || ManagerConfig::default().staging(Some(staging));
+        let p: Vec<GpuSide> = (0..2)
+            .map(|r| sliced_side(Some(&addr), r, 2, prefill()))
+            .collect();
+        let ring = StagingConfig::new(slot, 4)
+            .unwrap()
+            .per_room(2)
+            .direct(false);
+        let decode = ManagerConfig::default().sliced_tp(true).staging(Some(ring));
+        let d = sliced_side(None, 0, 1, decode);
+        let src: [Vec<u32>; 2] = [
+            (0..10).map(|i| (7 * i + 3) % PAGES).collect(),
+            (0..10).map(|i| (5 * i + 1) % PAGES).collect(),
+        ];
+        let dst: Vec<u32> = (20..30).collect();
+        let room = RoomId::new(77);
+        let mut rx = KvReceiver::new(&d.mgr, &addr, room, None).unwrap();
+        rx.init(&dst, 3);
+        let mut tx: Vec<(KvSender, bool)> = p
+            .iter()
+            .map(|side| (KvSender::new(&side.mgr, room).unwrap(), false))
+            .collect();
+        let start = Instant::now();
+        loop {
+            for ((t, started), src) in tx.iter_mut().zip(&src) {
+                if !*started && t.poll() == KvPoll::WaitingForInput {
+                    t.init(src.len() as u32, 0);
+                    t.send(&src[..5]);
+                    t.send(&src[5..]);
+                    *started = true;
+                }
+                assert_ne!(t.poll(), KvPoll::Failed, "sender: {:?}", t.failure());
+            }
+            let r = rx.poll();
+            assert_ne!(r, KvPoll::Failed, "receiver: {:?}", rx.failure());
+            if r == KvPoll::Success && tx.iter_mut().all(|(t, _)| t.poll() == KvPoll::Success) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "room stuck");
+        }
+        for side in &p {
+            let paths = side.mgr.request_paths();
+            assert_eq!(
+                (paths.staged, paths.packed, paths.prepared + paths.explicit),
+                (4, 0, 1),
+                "four pieces, then the aux WRITE: {paths:?}"
+            );
+        }
+        // Decode token slot: 8 heads of HEAD_BYTES; heads 4r..4r+4 are prefill rank r's.
+        let token = HEADS * HEAD_BYTES;
+        let ours = PAGE / 2;
+        for (b, buf) in d.kv.iter().enumerate() {
+            let host = buf.buffer().to_host().unwrap();
+            for (i, &t) in dst.iter().enumerate() {
+                let at = (u64::from(t) * PAGE) as usize;
+                let bad = host[at..at + PAGE as usize]
+                    .iter()
+                    .enumerate()
+                    .filter(|&(o, &v)| {
+                        let o = o as u64;
+                        let (tok, g, within) = (o / token, o % token / HEAD_BYTES, o % HEAD_BYTES);
+                        let r = (g / (HEADS / 2)) as usize;
+                        let h = g % (HEADS / 2);
+                        let j = tok * (token / 2) + h * HEAD_BYTES + within;
+                        debug_assert!(j < ours);
+                        v != byte(b + 3 * r, src[r][i], j as usize)
+                    })
+                    .count();
+                assert_eq!(bad, 0, "buffer {b}, decode page {t}");
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use super::ipc::PeerPools;
 use super::{DeviceBuffer, cuda_err, require_driver};
 use crate::error::Error;
-use crate::staging::{CopyTable, StagingLayout, TokenSlice};
+use crate::staging::{CopyTable, SlicedTable, StagingLayout, TokenSlice};
 use crate::sys::staging::{DeviceTable, StagingKernels, check_device_range};
 
 /// Gathers and scatters pages of one side's pools on one GPU, on a stream of its own.
@@ -153,22 +153,54 @@ impl Staging {
                 reason: format!("{slice:?} does not fill pages of {item_len} bytes"),
             });
         }
+        let area = self.packed_area(out, offset, src_pages.len(), item_len)?;
+        let dst: Vec<u32> = (0..u32::try_from(src_pages.len()).unwrap_or(u32::MAX)).collect();
+        self.sliced_into(src_pages, &area, &dst, slice)
+    }
+
+    /// The reverse of a packed gather by a larger peer: `staging` from byte `offset` on holds
+    /// `dst_pages.len()` of the peer's pages of `item_len` bytes per buffer, packed
+    /// buffer-major ([`StagingLayout::packed`]); `slice` of each of their tokens goes into
+    /// `dst_pages` of our buffers, in one launch (heterogeneous TP with several prefill ranks
+    /// per decode token slot, on the staged path).
+    pub fn unpack_sliced(
+        &mut self,
+        staging: &DeviceBuffer,
+        offset: u64,
+        item_len: u64,
+        dst_pages: &[u32],
+        slice: &TokenSlice,
+    ) -> Result<StagingEvent, Error> {
+        self.check_pages(dst_pages.len())?;
+        let area = self.packed_area(staging, offset, dst_pages.len(), item_len)?;
+        let src: Vec<u32> = (0..u32::try_from(dst_pages.len()).unwrap_or(u32::MAX)).collect();
+        let table = area.sliced_table(&src, &self.layout, dst_pages, slice)?;
+        self.launch_sliced(&table)
+    }
+
+    /// `pages` pages of `item_len` bytes in each of our buffers, packed buffer-major in `buf`
+    /// from byte `offset` on: refused unless it lies inside `buf`, on our GPU.
+    fn packed_area(
+        &self,
+        buf: &DeviceBuffer,
+        offset: u64,
+        pages: usize,
+        item_len: u64,
+    ) -> Result<StagingLayout, Error> {
+        self.check_on_gpu(buf)?;
         let nb = self.layout.buffers().len();
-        let need = self.layout.packed_bytes(src_pages.len(), item_len);
-        let room = (out.len() as u64).checked_sub(offset);
+        let need = self.layout.packed_bytes(pages, item_len);
+        let room = (buf.len() as u64).checked_sub(offset);
         if need.zip(room).is_none_or(|(n, r)| n > r) {
             return Err(Error::InvalidArgument {
                 what: "packed area",
                 reason: format!(
-                    "{} pages of {item_len} bytes in {nb} buffers from byte {offset} of a {}-byte buffer",
-                    src_pages.len(),
-                    out.len()
+                    "{pages} pages of {item_len} bytes in {nb} buffers from byte {offset} of a {}-byte buffer",
+                    buf.len()
                 ),
             });
         }
-        let area = StagingLayout::packed(out.addr() + offset, nb, src_pages.len(), item_len)?;
-        let dst: Vec<u32> = (0..u32::try_from(src_pages.len()).unwrap_or(u32::MAX)).collect();
-        self.sliced_into(src_pages, &area, &dst, slice)
+        StagingLayout::packed(buf.addr() + offset, nb, pages, item_len)
     }
 
     fn sliced_into(
@@ -180,6 +212,10 @@ impl Staging {
     ) -> Result<StagingEvent, Error> {
         self.check_pages(src_pages.len())?;
         let table = self.layout.sliced_table(src_pages, dst, dst_pages, slice)?;
+        self.launch_sliced(&table)
+    }
+
+    fn launch_sliced(&mut self, table: &SlicedTable) -> Result<StagingEvent, Error> {
         self.ctx.bind_to_thread().map_err(cuda_err)?;
         self.table.upload(&self.stream, table.words())?;
         self.kernels.launch_sliced(

@@ -369,10 +369,15 @@ fn send(s: &Shared, d: &DecodeIo, cmd: DecodeCommand) {
                 lock(&d.core).send_failed(room, &endpoint, reason);
             }
         }
-        DecodeCommand::Scatter { room, slot, pages } => {
+        DecodeCommand::Scatter {
+            room,
+            slot,
+            pages,
+            slice,
+        } => {
             // Only a decode that announced a ring is sent staged pieces.
             let res = match &d.gpu {
-                Some(gpu) => lock(gpu).scatter(room, slot, &pages),
+                Some(gpu) => lock(gpu).scatter(room, slot, &pages, slice.as_ref()),
                 None => Err((
                     room,
                     slot,

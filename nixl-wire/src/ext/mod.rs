@@ -203,10 +203,14 @@ pub fn slots(trailing: &[Bytes], ring_slots: u32) -> Option<Vec<u32>> {
 }
 
 /// A staged chunk landed in a decode's ring slot (prefill → decode, with the WRITE):
-/// `nixl-rs:staged:{room}:{chunk}:{last}:{slot}:{first_page_offset}:{pages}`. The slot holds
-/// the chunk's pages `first_page_offset..first_page_offset + pages` of the room's page list,
-/// in the staging layout both sides share.
+/// `nixl-rs:staged:{room}:{chunk}:{last}:{slot}:{first_page_offset}:{pages}`, optionally
+/// followed by `:{tokens}:{src_token}:{dst_token}:{src_offset}:{dst_offset}:{len}` (a
+/// [`StagedSlice`]). The slot holds the chunk's pages `first_page_offset..first_page_offset +
+/// pages` of the room's page list, in the staging layout both sides share; with a slice, it
+/// holds the writer's own pages (buffer-major, `tokens · src_token` bytes each), of which the
+/// decode scatters `len` bytes of every token into its token slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::exhaustive_structs)] // plain data by design
 pub struct StagedNotice {
     /// The room.
     pub room: RoomId,
@@ -220,6 +224,28 @@ pub struct StagedNotice {
     pub first_page_offset: u32,
     /// Pages it carries (at least one).
     pub pages: u32,
+    /// Head slices of a larger prefill (heterogeneous TP): how the decode scatters the slot.
+    pub slice: Option<StagedSlice>,
+}
+
+/// How a decode scatters a staged slot of a larger prefill's pages: for every token `t <
+/// tokens` of every page, `len` bytes from `src_offset + t·src_token` of the slot's page to
+/// `dst_offset + t·dst_token` of the decode's page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::exhaustive_structs)] // plain data by design
+pub struct StagedSlice {
+    /// Tokens per page.
+    pub tokens: u32,
+    /// Bytes of one token slot in the slot's pages.
+    pub src_token: u64,
+    /// Bytes of one token slot in the decode's pages.
+    pub dst_token: u64,
+    /// Offset of the slice in a slot token slot.
+    pub src_offset: u64,
+    /// Offset of the slice in a decode token slot.
+    pub dst_offset: u64,
+    /// Bytes per token.
+    pub len: u64,
 }
 
 impl StagedNotice {
@@ -238,12 +264,32 @@ impl StagedNotice {
             )
             .as_bytes(),
         );
+        if let Some(t) = &self.slice {
+            p.extend_from_slice(
+                format!(
+                    ":{}:{}:{}:{}:{}:{}",
+                    t.tokens, t.src_token, t.dst_token, t.src_offset, t.dst_offset, t.len
+                )
+                .as_bytes(),
+            );
+        }
         p
     }
 
     /// Reads a notification payload; `None` for anything else.
     pub fn decode(payload: &[u8]) -> Option<Self> {
-        let p = fields(payload, STAGED, ':', 6)?;
+        let p = fields(payload, STAGED, ':', 12).or_else(|| fields(payload, STAGED, ':', 6))?;
+        let slice = match p.get(6..12) {
+            Some(t) => Some(StagedSlice {
+                tokens: decimal(t[0])?,
+                src_token: decimal(t[1])?,
+                dst_token: decimal(t[2])?,
+                src_offset: decimal(t[3])?,
+                dst_offset: decimal(t[4])?,
+                len: decimal(t[5])?,
+            }),
+            None => None,
+        };
         let last = match p[2] {
             "0" => false,
             "1" => true,
@@ -256,6 +302,7 @@ impl StagedNotice {
             slot: decimal(p[3])?,
             first_page_offset: decimal(p[4])?,
             pages: decimal(p[5])?,
+            slice,
         };
         (n.pages > 0 && n.first_page_offset.checked_add(n.pages).is_some()).then_some(n)
     }
@@ -446,18 +493,37 @@ mod tests {
             slot: 1,
             first_page_offset: 96,
             pages: 32,
+            slice: None,
         };
         assert_eq!(
             n.encode(),
             b"nixl-rs:staged:8181933191833708945:3:1:1:96:32".to_vec()
         );
         assert_eq!(StagedNotice::decode(&n.encode()), Some(n));
+        let sliced = StagedNotice {
+            slice: Some(StagedSlice {
+                tokens: 16,
+                src_token: 1024,
+                dst_token: 2048,
+                src_offset: 0,
+                dst_offset: 1024,
+                len: 1024,
+            }),
+            ..n
+        };
+        assert_eq!(
+            sliced.encode(),
+            b"nixl-rs:staged:8181933191833708945:3:1:1:96:32:16:1024:2048:0:1024:1024".to_vec()
+        );
+        assert_eq!(StagedNotice::decode(&sliced.encode()), Some(sliced));
         for bad in [
             &b"nixl-rs:staged:1:0:2:0:0:1"[..],
             b"nixl-rs:staged:1:0:1:0:0:0",
             b"nixl-rs:staged:1:0:1:0:4294967295:2",
             b"nixl-rs:staged:1:0:1:0:0",
             b"nixl-rs:staged:1:0:1:0:0:1:9",
+            b"nixl-rs:staged:1:0:1:0:0:1:16:1024:2048:0:1024",
+            b"nixl-rs:staged:1:0:1:0:0:1:16:1024:2048:0:1024:x",
             b"1_kv_0_1",
         ] {
             assert_eq!(StagedNotice::decode(bad), None, "{bad:?}");

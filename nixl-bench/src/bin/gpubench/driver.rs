@@ -425,8 +425,12 @@ pub(crate) struct StagingArgs {
     pub(crate) sliced: bool,
 }
 
-/// Paths of the heterogeneous-TP rows.
-const SLICED_PATHS: [&str; 4] = ["plain", "packed", "staged", "direct"];
+/// The heterogeneous-TP rows: (prefill ranks, decode ranks) and the paths run for them (with
+/// `P > D` head slices are never packed).
+const SLICED: [((u32, u32), &[&str]); 2] = [
+    ((1, 2), &["plain", "packed", "staged", "direct"]),
+    ((2, 1), &["plain", "staged", "direct"]),
+];
 
 /// NIXL-only settings tried on the pd descriptors: (label, num_threads, split_batch_size, sgl).
 const GRID: [(&str, u32, u32, bool); 7] = [
@@ -523,7 +527,8 @@ pub(crate) fn staging(a: &StagingArgs) -> anyhow::Result<()> {
         .into_iter()
         .filter(|(ppr, _)| a.pd_sizes.is_empty() || a.pd_sizes.contains(ppr))
         .collect();
-    let per_size = crate::pdflow::PATHS.len() + if a.sliced { SLICED_PATHS.len() } else { 0 };
+    let sliced_rows: usize = SLICED.iter().map(|(_, paths)| paths.len()).sum();
+    let per_size = crate::pdflow::PATHS.len() + if a.sliced { sliced_rows } else { 0 };
     let pd_runs = if a.pd.is_some() {
         per_size * sizes.len()
     } else {
@@ -547,24 +552,28 @@ pub(crate) fn staging(a: &StagingArgs) -> anyhow::Result<()> {
         let Some(pd) = &a.pd else { continue };
         for &(ppr, n) in &sizes {
             if a.sliced {
-                for what in SLICED_PATHS {
-                    bar.set_message(format!(
-                        "pd flow, TP 1:2, {ppr} pages, {what}, round {round}"
-                    ));
-                    let log = a.out.join(format!("pd-sliced-{ppr}-{what}-{round}.log"));
-                    // Per-token descriptors are slow: fewer timed requests on the plain path.
-                    let n = if what == "plain" { n.min(30) } else { n };
-                    match crate::pdflow::run_sliced(pd, a.gpu, ppr, n, what, &log) {
-                        Ok(rows) => pd_rows.extend(rows.into_iter().map(|mut v| {
-                            v["round"] = json!(round);
-                            v
-                        })),
-                        Err(e) => pd_rows.push(json!({
-                            "pages_per_request": ppr, "path": what, "sliced": "1:2",
-                            "round": round, "failed": format!("{e:#}"),
-                        })),
+                for &((p, d), paths) in &SLICED {
+                    for &what in paths {
+                        bar.set_message(format!(
+                            "pd flow, TP {p}:{d}, {ppr} pages, {what}, round {round}"
+                        ));
+                        let log = a
+                            .out
+                            .join(format!("pd-sliced-{p}-{d}-{ppr}-{what}-{round}.log"));
+                        // Per-token descriptors are slow: fewer timed requests on that path.
+                        let n = if what == "plain" { n.min(30) } else { n };
+                        match crate::pdflow::run_sliced(pd, a.gpu, ppr, n, what, (p, d), &log) {
+                            Ok(rows) => pd_rows.extend(rows.into_iter().map(|mut v| {
+                                v["round"] = json!(round);
+                                v
+                            })),
+                            Err(e) => pd_rows.push(json!({
+                                "pages_per_request": ppr, "path": what, "sliced": format!("{p}:{d}"),
+                                "round": round, "failed": format!("{e:#}"),
+                            })),
+                        }
+                        bar.inc(1);
                     }
-                    bar.inc(1);
                 }
             }
             for what in crate::pdflow::PATHS {

@@ -57,9 +57,19 @@ pub(crate) fn start_prefill(
     port: u16,
     pool: &[String],
 ) -> anyhow::Result<(Child, JoinHandle<String>)> {
+    start_prefill_rank(pd, &["--bootstrap-port".into(), port.to_string()], pool)
+}
+
+/// A `nixl-pd prefill` with `how` (its own bootstrap server, or `--join` another's) and `pool`,
+/// once it is up; the thread returns the rest of its stderr when it exits.
+fn start_prefill_rank(
+    pd: &Path,
+    how: &[String],
+    pool: &[String],
+) -> anyhow::Result<(Child, JoinHandle<String>)> {
     let mut prefill = Command::new(pd)
         .arg("prefill")
-        .args(["--bootstrap-port", &port.to_string()])
+        .args(how)
         .args(pool)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -122,32 +132,36 @@ pub(crate) fn run_one(
     Ok(rows)
 }
 
-/// Heterogeneous TP through the full flow: one prefill rank of TP 1 (8 KV heads of 256 bytes,
-/// 16 tokens: 32 KiB pages, as above) and two decode ranks of TP 2 (4 heads each: 16 KiB
-/// pages) as three processes on one GPU, every request going to both ranks (one seed). Each
-/// decode rank takes its heads by `path`: `plain` (one descriptor per token slot, SGLang's
-/// wire-compatible way), `packed` (a prefill that can gather, decodes that do not stage, as
-/// SGLang's: the slices gathered into whole decode pages, then WRITTEN as pages; the same wire),
-/// `staged` (decodes with staging rings, the direct path off: the slices packed into our slot,
-/// one WRITE into the decode's ring slot, its scatter) or `direct` (one sliced kernel in the
-/// prefill). Rows per decode rank: a verified run, then a
-/// timed one.
+/// Heterogeneous TP through the full flow, on one GPU: `p` prefill ranks and `d` decode
+/// ranks as processes (`(1, 2)`: one prefill rank of TP 1 with 8 KV heads of 256 bytes, 16
+/// tokens a page (32 KiB pages, as above), and two decode ranks of TP 2 with 4 heads each (16
+/// KiB pages); `(2, 1)` the reverse), every request going to every decode rank (one seed).
+/// Each decode rank takes its heads by `path`: `plain` (one descriptor per token slot, SGLang's
+/// wire-compatible way), `packed` (`P < D`: a prefill that can gather, decodes that do not
+/// stage, as SGLang's: the slices gathered into whole decode pages, then WRITTEN as pages; the
+/// same wire), `staged` (decodes with staging rings, the direct path off: `P < D` the slices
+/// packed into our slot, `P > D` our whole pages, one WRITE into the decode's ring slot, its
+/// scatter) or `direct` (one sliced kernel in each prefill). Rows per decode rank: a verified
+/// run, then a timed one.
 pub(crate) fn run_sliced(
     pd: &Path,
     gpu: u32,
     ppr: u32,
     requests: u32,
     path: &str,
+    (p, d): (u32, u32),
     log: &Path,
 ) -> anyhow::Result<Vec<Value>> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let side = |heads: u32, tp: u32, rank: u32| -> Vec<String> {
+    let ratio = format!("{p}:{d}");
+    let side = |tp: u32, rank: u32, decode: bool| -> Vec<String> {
         // Packed: only the prefill stages; its decodes are passive targets.
-        let decode_plain = path == "packed" && tp > 1;
+        let decode_plain = path == "packed" && decode;
+        let heads = 8 / tp;
         let mut v = pool(gpu, if decode_plain { "plain" } else { path });
-        // pool() sets 32 KiB pages; a decode rank holds half the heads.
+        // pool() sets 32 KiB pages; a rank of TP 2 holds half the heads.
         let at = v.iter().position(|a| a == "--page-bytes").unwrap_or(0) + 1;
         v[at] = (16 * u64::from(heads) * 256).to_string();
         for a in [
@@ -164,14 +178,32 @@ pub(crate) fn run_sliced(
         }
         v
     };
-    let (mut prefill, drain) = start_prefill(pd, port, &side(8, 1, 0))?;
+    let bootstrap = format!("127.0.0.1:{port}");
+    let mut prefills = Vec::new();
+    for rank in 0..p {
+        let how = if rank == 0 {
+            vec!["--bootstrap-port".to_owned(), port.to_string()]
+        } else {
+            vec!["--join".to_owned(), bootstrap.clone()]
+        };
+        match start_prefill_rank(pd, &how, &side(p, rank, false)) {
+            Ok(started) => prefills.push(started),
+            Err(e) => {
+                for (mut c, _) in prefills {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                return Err(e);
+            }
+        }
+    }
     let run = |verify: bool, n: u32| -> anyhow::Result<Vec<Value>> {
         let mut children = Vec::new();
-        for rank in 0..2u32 {
+        for rank in 0..d {
             let mut cmd = Command::new(pd);
             cmd.arg("decode")
-                .args(["--bootstrap", &format!("127.0.0.1:{port}")])
-                .args(side(4, 2, rank))
+                .args(["--bootstrap", &bootstrap])
+                .args(side(d, rank, true))
                 .args(["--sliced-tp", "--seed", "4242", "--prefill-pages", "600"])
                 .args(["--requests", &n.to_string()])
                 .args(["--pages-per-request", &ppr.to_string()])
@@ -187,17 +219,31 @@ pub(crate) fn run_sliced(
         for (rank, child) in children.into_iter().enumerate() {
             let out = child.wait_with_output()?;
             let mut v = decode_row(&out, ppr, path, verify)?;
-            v["sliced"] = json!("1:2");
+            v["sliced"] = json!(ratio);
             v["decode_rank"] = json!(rank);
             rows.push(v);
         }
         Ok(rows)
     };
-    let mut rows = run(true, requests.min(30))?;
-    rows.extend(run(false, requests)?);
-    let _ = prefill.kill();
-    let _ = prefill.wait();
-    finish_prefill_log(drain, &mut rows, log)?;
+    let rows = run(true, requests.min(30)).and_then(|mut rows| {
+        rows.extend(run(false, requests)?);
+        Ok(rows)
+    });
+    let mut drains = Vec::new();
+    for (mut c, drain) in prefills {
+        let _ = c.kill();
+        let _ = c.wait();
+        drains.push(drain);
+    }
+    let mut rows = rows?;
+    // The first prefill rank's log and counts (every rank moves the same requests).
+    let mut drains = drains.into_iter();
+    if let Some(first) = drains.next() {
+        finish_prefill_log(first, &mut rows, log)?;
+    }
+    for d in drains {
+        let _ = d.join();
+    }
     std::thread::sleep(Duration::from_millis(200));
     Ok(rows)
 }

@@ -481,8 +481,8 @@ fn pd_flow_section(s: &mut String, all: &Value, cases: &[Value]) {
     sliced_section(s, &pd);
 }
 
-/// The heterogeneous-TP rows: per size and path, each decode rank's verified runs and the
-/// median over rounds of its timed p50 (the slower rank's figure is the request's).
+/// The heterogeneous-TP rows: per ratio, size and path, each decode rank's verified runs and
+/// the median over rounds of its timed p50 (the slower rank's figure is the request's).
 fn sliced_section(s: &mut String, pd: &[Value]) {
     let rows: Vec<&Value> = pd.iter().filter(|r| !r["sliced"].is_null()).collect();
     if rows.is_empty() {
@@ -490,48 +490,51 @@ fn sliced_section(s: &mut String, pd: &[Value]) {
     }
     let _ = writeln!(
         s,
-        "\n#### Heterogeneous TP through the full pd flow (prefill TP 1 with 8 heads, two decode ranks of TP 2 with 4 each; 64 × 16-token pages, 32 KiB on the prefill, 16 KiB per decode rank)\n"
+        "\n#### Heterogeneous TP through the full pd flow (P:D prefill and decode ranks; 8 KV heads of 256 bytes over a TP group, 16-token pages: 32 KiB on a rank of TP 1, 16 KiB on a rank of TP 2; 64 buffers)\n"
     );
     let _ = writeln!(
         s,
-        "| pages/request | path | decode rank | verified runs | p50 ms | p99 ms | rounds |"
+        "| P:D | pages/request | path | decode rank | verified runs | p50 ms | p99 ms | rounds |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
-    for ppr in [1u64, 32, 256] {
-        for path in ["plain", "packed", "staged", "direct"] {
-            for rank in [0u64, 1] {
-                let of: Vec<&&Value> = rows
-                    .iter()
-                    .filter(|r| {
-                        r["pages_per_request"] == ppr
-                            && r["path"] == path
-                            && r["decode_rank"] == rank
-                    })
-                    .collect();
-                if of.is_empty() {
-                    continue;
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for ratio in ["1:2", "2:1"] {
+        for ppr in [1u64, 32, 256] {
+            for path in ["plain", "packed", "staged", "direct"] {
+                for rank in [0u64, 1] {
+                    let of: Vec<&&Value> = rows
+                        .iter()
+                        .filter(|r| {
+                            r["sliced"] == ratio
+                                && r["pages_per_request"] == ppr
+                                && r["path"] == path
+                                && r["decode_rank"] == rank
+                        })
+                        .collect();
+                    if of.is_empty() {
+                        continue;
+                    }
+                    let verified = of.iter().filter(|r| r["verified"] == true).count();
+                    let ok: u64 = of
+                        .iter()
+                        .filter(|r| r["verified"] == true)
+                        .map(|r| r["ok"].as_u64().unwrap_or(0))
+                        .sum();
+                    let timed: Vec<&&&Value> = of
+                        .iter()
+                        .filter(|r| {
+                            r["verified"] == false && !r["failed"].is_string() && r["exit"] == 0
+                        })
+                        .collect();
+                    let med = |k: &str| median(timed.iter().map(|r| f(&r[k])).collect());
+                    let _ = writeln!(
+                        s,
+                        "| {ratio} | {ppr} | {path} | {rank} | {verified} of {} runs, {ok} requests | {:.3} | {:.3} | {} |",
+                        of.len() / 2,
+                        med("p50_ms"),
+                        med("p99_ms"),
+                        timed.len(),
+                    );
                 }
-                let verified = of.iter().filter(|r| r["verified"] == true).count();
-                let ok: u64 = of
-                    .iter()
-                    .filter(|r| r["verified"] == true)
-                    .map(|r| r["ok"].as_u64().unwrap_or(0))
-                    .sum();
-                let timed: Vec<&&&Value> = of
-                    .iter()
-                    .filter(|r| {
-                        r["verified"] == false && !r["failed"].is_string() && r["exit"] == 0
-                    })
-                    .collect();
-                let med = |k: &str| median(timed.iter().map(|r| f(&r[k])).collect());
-                let _ = writeln!(
-                    s,
-                    "| {ppr} | {path} | {rank} | {verified} of {} runs, {ok} requests | {:.3} | {:.3} | {} |",
-                    of.len() / 2,
-                    med("p50_ms"),
-                    med("p99_ms"),
-                    timed.len(),
-                );
             }
         }
     }

@@ -9,7 +9,7 @@ use nixl_core::{
     Agent, MemRegion, MemType, Registered, XferDescs, XferOp, XferRequest, XferStatus,
 };
 use nixl_wire::RoomId;
-use nixl_wire::ext::{IpcAlloc, IpcPools, Ring};
+use nixl_wire::ext::{IpcAlloc, IpcPools, Ring, StagedSlice};
 
 use super::packed::Packer;
 use super::{DirectEnd, ScatterEnd, StageEnd};
@@ -380,15 +380,33 @@ impl DecodeGpu {
         Ok((gpu, DecodeStaging::new(announced, cfg.per_room), ipc))
     }
 
-    /// Launches the scatter of ring `slot` into `pages`.
+    /// Launches the scatter of ring `slot` into `pages` (of `slice` of every token of the
+    /// writer's pages the slot holds, when given).
     pub(crate) fn scatter(
         &mut self,
         room: RoomId,
         slot: u32,
         pages: &[u32],
+        slice: Option<&StagedSlice>,
     ) -> Result<(), ScatterEnd> {
         let offset = u64::from(slot).saturating_mul(self.slot_bytes);
-        match self.staging.scatter(pages, self.ring.buffer(), offset) {
+        let launched = match slice {
+            None => self.staging.scatter(pages, self.ring.buffer(), offset),
+            Some(t) => {
+                let slice = TokenSlice {
+                    tokens: t.tokens,
+                    src_token: t.src_token,
+                    dst_token: t.dst_token,
+                    src_offset: t.src_offset,
+                    dst_offset: t.dst_offset,
+                    len: t.len,
+                };
+                let item = t.src_token.saturating_mul(u64::from(t.tokens));
+                self.staging
+                    .unpack_sliced(self.ring.buffer(), offset, item, pages, &slice)
+            }
+        };
+        match launched {
             Ok(ev) => {
                 self.scattering.push((room, slot, ev));
                 Ok(())

@@ -85,7 +85,13 @@ impl DecodeGpu {
         Err(refused())
     }
 
-    pub(crate) fn scatter(&mut self, _: RoomId, _: u32, _: &[u32]) -> Result<(), ScatterEnd> {
+    pub(crate) fn scatter(
+        &mut self,
+        _: RoomId,
+        _: u32,
+        _: &[u32],
+        _: Option<&nixl_wire::ext::StagedSlice>,
+    ) -> Result<(), ScatterEnd> {
         match self.0 {}
     }
 

@@ -2,6 +2,8 @@
 //! scheduled into the decode's granted ring slots and our own staging slots, and the freed-slot
 //! messages that let the next piece go.
 
+use nixl_wire::ext::StagedSlice;
+
 use super::*;
 
 /// One staged WRITE (docs/runtime.md §12): gather `src_pages` of our pool into our staging
@@ -51,6 +53,15 @@ pub(super) struct PrefillStaging {
     pub(super) local: LocalSlots,
 }
 
+/// How the pieces of head slices to one decode are staged (see
+/// [`PrefillCore::sliced_pieces`]).
+struct SlicedPieces {
+    per: u32,
+    bytes_per_page: u64,
+    pack: Option<StagedPack>,
+    notice: Option<StagedSlice>,
+}
+
 /// A room's staged path to one of its decodes.
 #[derive(Debug)]
 pub(super) struct StagedRoom {
@@ -59,8 +70,10 @@ pub(super) struct StagedRoom {
     pub(super) sched: SlotSchedule,
     /// Staged bytes per page (the decode's page of every buffer when head slices are packed).
     bytes_per_page: u64,
-    /// Head slices packed into the decode's pages (`None`: whole pages).
+    /// Head slices packed into the decode's pages (`None`: our pages gathered whole).
     pack: Option<StagedPack>,
+    /// Head slices the decode scatters out of our whole pages (its notices say how).
+    notice: Option<StagedSlice>,
     /// The sender's pages so far (pieces index into them).
     src: Vec<u32>,
     /// The aux WRITE, queued once the last piece is posted.
@@ -111,7 +124,7 @@ impl PrefillCore {
         let granted =
             ext::slots(&info.trailing, ring.slots).ok_or("the decode granted no slots")?;
         let ours = staging_layout(&self.layout)?;
-        let (per, bytes_per_page, pack) = match self.head_slice(&peer) {
+        let (per, bytes_per_page, pack, notice) = match self.head_slice(&peer) {
             None => {
                 // Its announced ring is GPU memory, and so are its pools.
                 let item = self.peer_item_len(&peer);
@@ -127,9 +140,12 @@ impl PrefillCore {
                     tp: crate::proto::TpPlace::default(),
                 };
                 let per = pages_per_piece(&self.layout, st.slot_bytes, &remote, &ring)?;
-                (per, ours.bytes_per_page(), None)
+                (per, ours.bytes_per_page(), None, None)
             }
-            Some(Ok(slice)) => self.packed_pieces(&slice, &peer, st.slot_bytes, &ring)?,
+            Some(Ok(slice)) => {
+                let p = self.sliced_pieces(&slice, &peer, st.slot_bytes, &ring)?;
+                (p.per, p.bytes_per_page, p.pack, p.notice)
+            }
             Some(Err(why)) => return Err(why.to_string()),
         };
         let sched = SlotSchedule::new(&granted, per).ok_or("no slot holds a page")?;
@@ -139,44 +155,76 @@ impl PrefillCore {
             sched,
             bytes_per_page,
             pack,
+            notice,
             src: Vec::new(),
             aux: None,
             progress: now,
         })
     }
 
-    /// For head slices to a decode with a ring: pages per piece, staged bytes per page, and how
-    /// the gather packs them. Needs packing on, GPU pools on both sides, our buffers of one item
-    /// length and slices that fill the decode's token slots (a packed page then holds only
-    /// bytes of ours); a piece fits our slot as our pages (the gather's table) and as decode
-    /// pages, and the decode's slot as its pages.
-    fn packed_pieces(
+    /// For head slices to a decode with a ring: pages per piece, staged bytes per page, how
+    /// the gather packs them and how the decode scatters them. GPU pools on both sides and our
+    /// buffers of one item length, then either
+    /// - slices that fill the decode's token slots (`P < D`), with packing on: gathered packed
+    ///   as decode pages (a packed page then holds only bytes of ours), which the decode
+    ///   scatters as its own pages; a piece fits our slot as our pages (the gather's table) and
+    ///   as decode pages, and the decode's slot as its pages; or
+    /// - slices that are our whole token slots (`P > D`: several prefill ranks fill one decode
+    ///   token slot): our pages gathered whole, and the decode scatters each token's slice to
+    ///   its place in its token slots (the notice's [`StagedSlice`]); a piece fits our slot as
+    ///   our pages and the decode's slot as its pages (its scatter's limit).
+    fn sliced_pieces(
         &self,
         slice: &HeadSlice,
         peer: &Peer,
         slot_bytes: u64,
         ring: &Ring,
-    ) -> Result<(u32, u64, Option<StagedPack>), String> {
+    ) -> Result<SlicedPieces, String> {
         let l = &self.layout;
-        if !self.packing {
-            return Err("head slices without packing".into());
-        }
         if l.kv_mem != MemType::Vram {
             return Err("our KV pool is not in GPU memory".into());
         }
-        if !slice.fills_decode_slots() || l.kv_item_lens.iter().any(|&i| i != slice.src_item) {
-            return Err("the head slices do not fill the decode's pages".into());
+        if l.kv_item_lens.iter().any(|&i| i != slice.src_item) {
+            return Err("our KV buffers differ in item length".into());
         }
         let nb = peer.kv_ptrs.len() as u64;
         if nb != l.kv_ptrs.len() as u64 {
             return Err("the decode's KV buffers differ from ours in count".into());
         }
-        let decode_page = slice.dst_item.checked_mul(nb).filter(|&b| b > 0);
-        let widest = slice.dst_item.max(slice.src_item).checked_mul(nb);
-        let (Some(decode_page), Some(widest)) = (decode_page, widest) else {
+        let t = slice.token_slice();
+        let page = |item: u64| item.checked_mul(nb).filter(|&b| b > 0);
+        let (Some(ours), Some(decode_page)) = (page(slice.src_item), page(slice.dst_item)) else {
             return Err("a page of no bytes or of too many".into());
         };
-        let per = (slot_bytes / widest.max(1)).min(ring.slot_bytes / decode_page);
+        let (per, bytes_per_page, pack, notice) = if slice.fills_decode_slots() {
+            if !self.packing {
+                return Err("head slices without packing".into());
+            }
+            let per = (slot_bytes / ours.max(decode_page)).min(ring.slot_bytes / decode_page);
+            let pack = StagedPack {
+                slice: t,
+                item: slice.dst_item,
+            };
+            (per, decode_page, Some(pack), None)
+        } else if t.src_offset == 0 && t.len == t.src_token {
+            let notice = StagedSlice {
+                tokens: t.tokens,
+                src_token: t.src_token,
+                dst_token: t.dst_token,
+                src_offset: t.src_offset,
+                dst_offset: t.dst_offset,
+                len: t.len,
+            };
+            // The decode's scatter takes as many pages as its slot holds of its own (larger)
+            // pages, however few bytes of each we fill.
+            let per = (slot_bytes / ours).min(ring.slot_bytes / decode_page.max(ours));
+            (per, ours, None, Some(notice))
+        } else {
+            return Err(
+                "head slices that are neither whole decode pages nor whole token slots of ours"
+                    .into(),
+            );
+        };
         let per = u32::try_from(per).unwrap_or(u32::MAX);
         if per == 0 {
             return Err(format!(
@@ -184,11 +232,12 @@ impl PrefillCore {
                 ring.slot_bytes
             ));
         }
-        let pack = StagedPack {
-            slice: slice.token_slice(),
-            item: slice.dst_item,
-        };
-        Ok((per, decode_page, Some(pack)))
+        Ok(SlicedPieces {
+            per,
+            bytes_per_page,
+            pack,
+            notice,
+        })
     }
 
     /// Queues a chunk of a staged room to each of its decodes: the pieces wait in each
@@ -286,6 +335,7 @@ impl PrefillCore {
                     slot: post.remote_slot,
                     first_page_offset: p.first_page_offset,
                     pages: p.pages,
+                    slice: sr.notice,
                 }
                 .encode();
                 r.in_flight += 1;

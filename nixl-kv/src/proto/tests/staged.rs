@@ -47,6 +47,7 @@ fn staged(room: u64, chunk: u32, last: bool, slot: u32, off: u32, pages: u32) ->
         slot,
         first_page_offset: off,
         pages,
+        slice: None,
     }
     .encode()
 }
@@ -109,7 +110,8 @@ fn staged_pieces_count_only_after_their_scatter_and_free_their_slot() {
         vec![decode::Command::Scatter {
             room,
             slot: 0,
-            pages: vec![10, 11, 12]
+            pages: vec![10, 11, 12],
+            slice: None,
         }]
     );
     // Landed but not scattered: it does not count.
@@ -299,7 +301,8 @@ fn staged_prefill_splits_chunks_waits_for_freed_slots_and_sends_aux_last() {
             last: false,
             slot: 0,
             first_page_offset: 4,
-            pages: 2
+            pages: 2,
+            slice: None,
         })
     );
     // The last chunk waits: both granted slots hold unscattered pieces.
@@ -512,7 +515,9 @@ fn staged_rooms_between_both_cores_succeed_and_free_every_slot() {
         }
         for c in commands(&mut d) {
             match c {
-                decode::Command::Scatter { room, slot, pages } => {
+                decode::Command::Scatter {
+                    room, slot, pages, ..
+                } => {
                     assert!(!pages.is_empty() && pages.len() <= 4);
                     assert_ne!(d.poll(room, now), KvPoll::Success);
                     d.scatter_done(room, slot, Ok(()));

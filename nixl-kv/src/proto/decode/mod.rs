@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nixl_wire::ext::{self, FreedMessage, FreedNotice, IpcPools, ProofNotice, Ring, StagedNotice};
+use nixl_wire::ext::{self, IpcPools, ProofNotice, Ring, StagedNotice, StagedSlice};
 use nixl_wire::http::{ParallelInfo, RankInfo};
 use nixl_wire::{
     AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PageIndex, RoomId, TransferInfo,
@@ -71,18 +71,18 @@ pub struct Identity {
 }
 
 /// A decode's staging ring (docs/protocol.md §3.5): announced in its registrations, and up to
-/// `per_room` slots of it granted to each room with a single real target.
+/// `per_room` slots of it granted to each real target (writer) of a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DecodeStaging {
     /// The ring, registered with our agent before our metadata was taken.
     pub ring: Ring,
-    /// Slots granted to one room at most (at least 1).
+    /// Slots granted to one writer of a room at most (at least 1).
     pub per_room: u32,
 }
 
 impl DecodeStaging {
-    /// A ring, granting up to `per_room` slots a room (0 is taken as 1).
+    /// A ring, granting up to `per_room` slots to each writer of a room (0 is taken as 1).
     pub fn new(ring: Ring, per_room: u32) -> Self {
         Self {
             ring,
@@ -184,6 +184,9 @@ pub enum Command {
         slot: u32,
         /// Our pages the piece covers, in order.
         pages: Vec<u32>,
+        /// Head slices of one of several prefill ranks: the slot holds that rank's pages, of
+        /// which this slice of every token goes into our token slots (`None`: our own pages).
+        slice: Option<StagedSlice>,
     },
 }
 
@@ -193,6 +196,8 @@ struct Scattering {
     slot: u32,
     chunk: u32,
     last: bool,
+    /// The agent that wrote it.
+    writer: String,
 }
 
 /// `tcp://host:port` of a prefill rank (IPv6 hosts bracketed).
@@ -226,6 +231,8 @@ struct Room {
     pages: Vec<u32>,
     /// Its staged pieces being scattered.
     scattering: Vec<Scattering>,
+    /// Its granted ring slots and the target (index into `targets`) each was granted to.
+    slot_targets: Vec<(u32, usize)>,
     /// Prefill ranks that write the room: more than one when a larger prefill slices heads
     /// for us (docs/protocol.md §5.6); each must then complete on its own.
     writers: u32,
@@ -354,6 +361,7 @@ impl DecodeCore {
                 since: now,
                 pages: Vec::new(),
                 scattering: Vec::new(),
+                slot_targets: Vec::new(),
                 writers: 1,
                 per_writer: Vec::new(),
             },
@@ -576,26 +584,33 @@ impl DecodeCore {
         let Some(r) = self.rooms.get_mut(&room) else {
             return;
         };
-        // Staging slots go to rooms with exactly one real target (the one that writes).
+        // Staging slots go to each real target (a prefill rank that writes), up to the
+        // per-room count each, while the ring has free slots.
         let real = r.targets.iter().filter(|t| !t.dummy).count();
         r.writers = u32::try_from(real).unwrap_or(u32::MAX).max(1);
-        let granted = match (&mut self.ring, self.me.staging) {
-            (Some(ring), Some(st)) if real == 1 && !pages.is_empty() && !r.started => {
-                ring.grant(room, st.per_room, now)
+        let mut granted: Vec<Vec<u32>> = vec![Vec::new(); r.targets.len()];
+        if let (Some(ring), Some(st)) = (&mut self.ring, self.me.staging)
+            && !pages.is_empty()
+            && !r.started
+        {
+            for (i, t) in r.targets.iter().enumerate() {
+                if !t.dummy {
+                    granted[i] = ring.grant(room, st.per_room, now);
+                    r.slot_targets.extend(granted[i].iter().map(|&s| (s, i)));
+                }
             }
-            _ => Vec::new(),
-        };
-        if !granted.is_empty() {
+        }
+        if !r.slot_targets.is_empty() {
             r.pages = pages.to_vec();
         }
-        for t in &r.targets {
+        for (t, granted) in r.targets.iter().zip(&granted) {
             let mut trailing: Vec<Bytes> = self
                 .proofs
                 .get(&t.endpoint)
                 .map(|p| vec![ext::proof_frame(p)])
                 .unwrap_or_default();
             if !t.dummy && !granted.is_empty() {
-                trailing.push(ext::slots_frame(&granted));
+                trailing.push(ext::slots_frame(granted));
             }
             let info = TransferInfo {
                 room,
@@ -690,19 +705,11 @@ impl DecodeCore {
         if r.concluded.is_some() {
             return;
         }
-        if r.writers > 1 && matches!(n, Notification::Kv { .. } | Notification::Aux { .. }) {
-            match r.per_writer.iter().position(|(w, _)| w == peer) {
-                Some(i) => r.per_writer[i].1.note(&n),
-                None if r.per_writer.len() < r.writers as usize => {
-                    let mut p = Progress::default();
-                    p.note(&n);
-                    r.per_writer.push((peer.to_owned(), p));
-                }
-                None => {
-                    tracing::warn!(peer, %room, writers = r.writers, "a writer too many; ignored");
-                    return;
-                }
-            }
+        if r.writers > 1
+            && matches!(n, Notification::Kv { .. } | Notification::Aux { .. })
+            && !note_writer(r, peer, |p| p.note(&n))
+        {
+            return;
         }
         match n {
             Notification::Kv { .. } | Notification::Aux { .. } => r.progress.note(&n),
@@ -775,120 +782,6 @@ impl DecodeCore {
         if let Some(ring) = &mut self.ring {
             ring.release(room, clean);
         }
-    }
-
-    /// A staged piece landed in our ring: its scatter is queued if the slot is the room's and
-    /// idle and the pages are the room's; anything else fails the room (or, for a room we do
-    /// not hold, is dropped).
-    fn staged_landed(&mut self, peer: &str, n: StagedNotice) {
-        let room = n.room;
-        let Some(r) = self.rooms.get_mut(&room) else {
-            tracing::debug!(peer, %room, "staged piece for an unknown room; dropped");
-            return;
-        };
-        if r.concluded.is_some() {
-            return;
-        }
-        let end = n.first_page_offset.saturating_add(n.pages) as usize;
-        // A piece larger than a slot would make the scatter read past it.
-        let page_bytes = self
-            .me
-            .kv_item_len
-            .saturating_mul(self.me.kv_ptrs.len() as u64);
-        let fits = self.me.staging.is_some_and(|st| {
-            page_bytes > 0 && u64::from(n.pages) <= st.ring.slot_bytes / page_bytes
-        });
-        let pages = r
-            .pages
-            .get(n.first_page_offset as usize..end)
-            .filter(|_| fits);
-        let landed = self
-            .ring
-            .as_mut()
-            .is_some_and(|ring| ring.landed(room, n.slot));
-        let refusal = match (pages, landed) {
-            (Some(_), true) => None,
-            (_, false) => Some(format!("slot {} is not this room's or still busy", n.slot)),
-            (None, true) => Some(format!(
-                "pages {}..{end} outside the room's {} or its slot",
-                n.first_page_offset,
-                r.pages.len()
-            )),
-        };
-        if let Some(reason) = refusal {
-            tracing::warn!(peer, %room, %reason, "staged piece refused");
-            // A slot that did start scattering is drained by its (never queued) scatter: give
-            // it back through the release below instead.
-            if landed && let Some(ring) = &mut self.ring {
-                ring.scattered(n.slot);
-            }
-            self.fail(room, FailureReason::Staging(reason));
-            return;
-        }
-        let pages = pages.map(<[u32]>::to_vec).unwrap_or_default();
-        r.scattering.push(Scattering {
-            slot: n.slot,
-            chunk: n.chunk,
-            last: n.last,
-        });
-        self.commands.push_back(Command::Scatter {
-            room,
-            slot: n.slot,
-            pages,
-        });
-    }
-
-    /// The [`Command::Scatter`] of `room` out of `slot` ended: on success the piece counts like
-    /// a `_kv_` chunk and the prefill is told the slot is free; a failed scatter fails the room.
-    pub fn scatter_done(&mut self, room: RoomId, slot: u32, outcome: Result<(), String>) {
-        let back = match &mut self.ring {
-            Some(ring) => ring.scattered(slot),
-            None => Scattered::Stale,
-        };
-        let Some(r) = self.rooms.get_mut(&room) else {
-            return;
-        };
-        let Some(at) = r.scattering.iter().position(|p| p.slot == slot) else {
-            return;
-        };
-        let piece = r.scattering.swap_remove(at);
-        if back != Scattered::Granted(room) || r.concluded.is_some() {
-            return;
-        }
-        if let Err(reason) = outcome {
-            self.fail(room, FailureReason::Staging(format!("scatter: {reason}")));
-            return;
-        }
-        r.progress.chunk(piece.chunk, piece.last);
-        // The piece came from the room's one real target (only such rooms are granted slots).
-        let Some(endpoint) = r
-            .targets
-            .iter()
-            .find(|t| !t.dummy)
-            .map(|t| t.endpoint.clone())
-        else {
-            return;
-        };
-        let trailing = self
-            .proofs
-            .get(&endpoint)
-            .map(|p| vec![ext::proof_frame(p)])
-            .unwrap_or_default();
-        let freed = FreedMessage {
-            notice: FreedNotice { room, slot },
-            agent: self.me.agent.clone(),
-            trailing,
-        };
-        self.commands.push_back(Command::Send {
-            room,
-            endpoint,
-            frames: freed.encode(),
-        });
-    }
-
-    /// Free slots of our staging ring (`None`: the staged path is off).
-    pub fn free_slots(&self) -> Option<u32> {
-        self.ring.as_ref().map(SlotRing::free)
     }
 
     /// The bootstrap servers to check now: every `heartbeat_interval`, those with unfinished
@@ -1012,3 +905,6 @@ impl DecodeCore {
         self.pools.len()
     }
 }
+
+mod staged;
+use staged::note_writer;
