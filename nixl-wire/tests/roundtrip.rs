@@ -263,3 +263,58 @@ fn register_frames() -> Vec<Bytes> {
     }
     .encode()
 }
+
+fn staged_slice() -> impl Strategy<Value = nixl_wire::ext::StagedSlice> {
+    (
+        any::<u32>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(tokens, src_token, dst_token, src_offset, dst_offset, len)| {
+                nixl_wire::ext::StagedSlice {
+                    tokens,
+                    src_token,
+                    dst_token,
+                    src_offset,
+                    dst_offset,
+                    len,
+                }
+            },
+        )
+}
+
+proptest! {
+    #[test]
+    fn staged_notices_round_trip_with_and_without_a_slice(
+        room in any::<u64>(),
+        chunk in any::<u32>(),
+        last in any::<bool>(),
+        slot in any::<u32>(),
+        first in 0u32..1 << 30,
+        pages in 1u32..1 << 30,
+        slice in proptest::option::of(staged_slice()),
+    ) {
+        let n = nixl_wire::ext::StagedNotice {
+            room: RoomId::new(room),
+            chunk,
+            last,
+            slot,
+            first_page_offset: first,
+            pages,
+            slice,
+        };
+        prop_assert_eq!(nixl_wire::ext::StagedNotice::decode(&n.encode()), Some(n));
+    }
+
+    #[test]
+    fn staged_notice_decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..96)) {
+        let mut p = b"nixl-rs:staged:".to_vec();
+        p.extend_from_slice(&bytes);
+        let _ = nixl_wire::ext::StagedNotice::decode(&p);
+        let _ = nixl_wire::ext::StagedNotice::decode(&bytes);
+    }
+}

@@ -301,5 +301,29 @@ pub fn sources(prefill_tp: u32, decode_tp: u32, decode_rank: u32) -> Vec<u32> {
     }
 }
 
+/// A token slice as a staged notice carries it (nixl-wire cannot name nixl-core's type).
+pub fn notice_slice(t: &nixl_core::staging::TokenSlice) -> nixl_wire::ext::StagedSlice {
+    nixl_wire::ext::StagedSlice {
+        tokens: t.tokens,
+        src_token: t.src_token,
+        dst_token: t.dst_token,
+        src_offset: t.src_offset,
+        dst_offset: t.dst_offset,
+        len: t.len,
+    }
+}
+
+/// The token slice a staged notice carries, for the scatter kernel's table.
+pub fn token_slice_of(t: &nixl_wire::ext::StagedSlice) -> nixl_core::staging::TokenSlice {
+    nixl_core::staging::TokenSlice {
+        tokens: t.tokens,
+        src_token: t.src_token,
+        dst_token: t.dst_token,
+        src_offset: t.src_offset,
+        dst_offset: t.dst_offset,
+        len: t.len,
+    }
+}
+
 #[cfg(test)]
 mod tests;

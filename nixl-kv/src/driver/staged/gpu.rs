@@ -393,14 +393,7 @@ impl DecodeGpu {
         let launched = match slice {
             None => self.staging.scatter(pages, self.ring.buffer(), offset),
             Some(t) => {
-                let slice = TokenSlice {
-                    tokens: t.tokens,
-                    src_token: t.src_token,
-                    dst_token: t.dst_token,
-                    src_offset: t.src_offset,
-                    dst_offset: t.dst_offset,
-                    len: t.len,
-                };
+                let slice = crate::proto::slicing::token_slice_of(t);
                 let item = t.src_token.saturating_mul(u64::from(t.tokens));
                 self.staging
                     .unpack_sliced(self.ring.buffer(), offset, item, pages, &slice)

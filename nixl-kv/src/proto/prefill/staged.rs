@@ -207,14 +207,7 @@ impl PrefillCore {
             };
             (per, decode_page, Some(pack), None)
         } else if t.src_offset == 0 && t.len == t.src_token {
-            let notice = StagedSlice {
-                tokens: t.tokens,
-                src_token: t.src_token,
-                dst_token: t.dst_token,
-                src_offset: t.src_offset,
-                dst_offset: t.dst_offset,
-                len: t.len,
-            };
+            let notice = crate::proto::slicing::notice_slice(&t);
             // The decode's scatter takes as many pages as its slot holds of its own (larger)
             // pages, however few bytes of each we fill.
             let per = (slot_bytes / ours).min(ring.slot_bytes / decode_page.max(ours));

@@ -193,7 +193,19 @@ fn heads_that_do_not_split_fail_the_room_with_a_reason() {
 /// A decode of TP 1 with `sliced_tp`, bootstrapped against a prefill of TP 2 (ranks on ports
 /// 5000 and 5001), its room started.
 fn decode_fed_by_two(now: Instant) -> (DecodeCore, RoomId) {
-    let mut me = identity();
+    let (mut d, room) = decode_of(identity(), now);
+    let infos: Vec<String> = sends(&mut d)
+        .into_iter()
+        .filter(|(_, f)| matches!(PrefillInbound::decode(f), Ok(PrefillInbound::Transfer(_))))
+        .map(|(e, _)| e)
+        .collect();
+    assert_eq!(infos, vec!["tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001"]);
+    (d, room)
+}
+
+/// A decode of TP 1 as `me` with `sliced_tp`, its room 9 of pages [3, 4] bootstrapped against
+/// a prefill of TP 2 (ranks on ports 5000 and 5001) and started; its messages not drained.
+fn decode_of(mut me: Identity, now: Instant) -> (DecodeCore, RoomId) {
     me.sliced_tp = true;
     let timers = DecodeTimers::new(Some(Duration::from_secs(5)), Duration::from_secs(5), 2);
     let mut d = DecodeCore::new(me, timers, now);
@@ -210,12 +222,6 @@ fn decode_fed_by_two(now: Instant) -> (DecodeCore, RoomId) {
         }
     }
     d.receiver_init(room, &[3, 4], 1, now);
-    let infos: Vec<String> = sends(&mut d)
-        .into_iter()
-        .filter(|(_, f)| matches!(PrefillInbound::decode(f), Ok(PrefillInbound::Transfer(_))))
-        .map(|(e, _)| e)
-        .collect();
-    assert_eq!(infos, vec!["tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001"]);
     (d, room)
 }
 
@@ -427,21 +433,7 @@ fn packs_each_decode_rank_whole_pages(p: PrefillCore, l: &Layout) {
             pieces.iter().map(|q| q.src.clone()).collect::<Vec<_>>(),
             vec![vec![3, 4], vec![10]]
         );
-        // Naive: decode rank r owns heads 2r..2r+2 of every prefill token.
-        let decode = layout(base);
-        let mut want = std::collections::BTreeMap::new();
-        let byte = |a: u64| (a ^ (a >> 8) ^ (a >> 16)) as u8;
-        for b in 0..2 {
-            for (&sp, &dp) in [3u64, 4, 10].iter().zip(&dst) {
-                for t in 0..u64::from(TOKENS) {
-                    for k in 0..2 * HEAD_BYTES {
-                        let s = l.kv_ptrs[b] + sp * 64 + t * 32 + rank * 16 + k;
-                        let d = decode.kv_ptrs[b] + u64::from(dp) * 32 + t * 16 + k;
-                        want.insert(d, byte(s));
-                    }
-                }
-            }
-        }
+        let want = rank_heads(l, &layout(base), rank, &dst);
         assert_eq!(run_packed(post, l), want, "decode rank {rank}");
         if rank == 1 {
             // Decode pages 0 and 1 continue each other: one WRITE descriptor per buffer.
@@ -452,6 +444,31 @@ fn packs_each_decode_rank_whole_pages(p: PrefillCore, l: &Layout) {
         p.transfer_done(post.room, Ok(()));
     }
     assert_eq!(p.sender_poll(room), KvPoll::Success);
+}
+
+/// The naive model: the bytes decode rank `rank` of TP 2 (pool of `decode`) holds after our
+/// pages [3, 4, 10] went to its pages `dst`: heads 2r..2r+2 of every token of ours (source
+/// byte at address `a` being `a`'s low bytes mixed).
+fn rank_heads(
+    l: &Layout,
+    decode: &Layout,
+    rank: u64,
+    dst: &[u32],
+) -> std::collections::BTreeMap<u64, u8> {
+    let byte = |a: u64| (a ^ (a >> 8) ^ (a >> 16)) as u8;
+    let mut want = std::collections::BTreeMap::new();
+    for b in 0..2 {
+        for (&sp, &dp) in [3u64, 4, 10].iter().zip(dst) {
+            for t in 0..u64::from(TOKENS) {
+                for k in 0..2 * HEAD_BYTES {
+                    let s = l.kv_ptrs[b] + sp * 64 + t * 32 + rank * 16 + k;
+                    let d = decode.kv_ptrs[b] + u64::from(dp) * 32 + t * 16 + k;
+                    want.insert(d, byte(s));
+                }
+            }
+        }
+    }
+    want
 }
 
 #[test]

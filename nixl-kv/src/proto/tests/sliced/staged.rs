@@ -142,7 +142,6 @@ fn a_staging_prefill_stages_each_decode_rank_its_heads_as_the_pages_its_scatter_
     stages.extend(last);
 
     // Every byte each decode rank's scatters leave is exactly its heads (the naive model).
-    let byte = |a: u64| (a ^ (a >> 8) ^ (a >> 16)) as u8;
     for (name, rank, base, dst, _) in ranks {
         let mut decode = layout(base);
         decode.kv_mem = MemType::Vram;
@@ -151,18 +150,7 @@ fn a_staging_prefill_stages_each_decode_rank_its_heads_as_the_pages_its_scatter_
         for w in stages.iter().filter(|w| w.peer.as_str() == name) {
             run_staged_piece(w, &l, &decode, &dst, &mut got);
         }
-        let mut want = std::collections::BTreeMap::new();
-        for b in 0..2 {
-            for (&sp, &dp) in [3u64, 4, 10].iter().zip(&dst) {
-                for t in 0..u64::from(TOKENS) {
-                    for k in 0..2 * HEAD_BYTES {
-                        let s = l.kv_ptrs[b] + sp * 64 + t * 32 + rank * 16 + k;
-                        let d = decode.kv_ptrs[b] + u64::from(dp) * 32 + t * 16 + k;
-                        want.insert(d, byte(s));
-                    }
-                }
-            }
-        }
+        let want = rank_heads(&l, &decode, rank, &dst);
         assert_eq!(got, want, "decode rank {rank}");
     }
     // Each decode's aux WRITE went after its last piece; then the room succeeds.
@@ -292,7 +280,7 @@ const DECODE_ITEM: u64 = 2 * 8 * HEAD_BYTES;
 
 #[test]
 fn a_larger_prefill_stages_whole_pages_that_the_decode_scatters_by_slice() {
-    use nixl_core::staging::{StagingLayout, TokenSlice};
+    use nixl_core::staging::StagingLayout;
     const SLOT: u64 = 0x7000_0000;
     let byte = |a: u64| (a ^ (a >> 8) ^ (a >> 16)) as u8;
     let mut decode = layout(0x9000_0000);
@@ -339,14 +327,7 @@ fn a_larger_prefill_stages_whole_pages_that_the_decode_scatters_by_slice() {
             }
         }
         // The decode's scatter by the notice's slice, as its driver runs it.
-        let t = TokenSlice {
-            tokens: slice.tokens,
-            src_token: slice.src_token,
-            dst_token: slice.dst_token,
-            src_offset: slice.src_offset,
-            dst_offset: slice.dst_offset,
-            len: slice.len,
-        };
+        let t = crate::proto::slicing::token_slice_of(&slice);
         let area = StagingLayout::packed(SLOT, nb, 2, 64).unwrap();
         for (s, d, len) in area
             .sliced_table(&[0, 1], &theirs, &[5, 6], &t)
@@ -382,7 +363,6 @@ fn a_larger_prefill_stages_whole_pages_that_the_decode_scatters_by_slice() {
 /// the decode, its room, and the slots granted to the ranks on ports 5000 and 5001.
 fn staging_decode_fed_by_two(now: Instant) -> (DecodeCore, RoomId, [u32; 2]) {
     let mut me = identity();
-    me.sliced_tp = true;
     let ring = Ring {
         addr: 0x7000_0000,
         slot_bytes: 4 * 2 * 4096,
@@ -390,20 +370,7 @@ fn staging_decode_fed_by_two(now: Instant) -> (DecodeCore, RoomId, [u32; 2]) {
         gpu: 0,
     };
     me.staging = Some(decode::DecodeStaging::new(ring, 1));
-    let timers = DecodeTimers::new(Some(Duration::from_secs(5)), Duration::from_secs(5), 2);
-    let mut d = DecodeCore::new(me, timers, now);
-    let room = RoomId::new(9);
-    d.receiver_new(room, BootstrapAddr::new("b:1"), None, now);
-    loop {
-        match d.next_lookup(room) {
-            Lookup::Parallel(_) => d.parallel_learned(room, Ok(parallel(2, 1))),
-            Lookup::Ranks { key, .. } => {
-                d.ranks_learned(room, key, Ok(vec![rank_info(5000), rank_info(5001)]));
-            }
-            _ => break,
-        }
-    }
-    d.receiver_init(room, &[3, 4], 1, now);
+    let (mut d, room) = decode_of(me, now);
     let mut slots = [u32::MAX; 2];
     for (endpoint, frames) in sends(&mut d) {
         if let Ok(PrefillInbound::Transfer(t)) = PrefillInbound::decode(&frames) {
