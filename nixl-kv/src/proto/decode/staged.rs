@@ -168,3 +168,52 @@ impl DecodeCore {
         self.ring.as_ref().map(SlotRing::free)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slice_fits_both_token_slots_and_our_pages_or_is_refused() {
+        let ok = StagedSlice {
+            tokens: 16,
+            src_token: 1024,
+            dst_token: 2048,
+            src_offset: 0,
+            dst_offset: 1024,
+            len: 1024,
+        };
+        assert_eq!(slice_item(&ok, 32768), Some(16 * 1024), "the writer's page");
+        let bad = [
+            StagedSlice { tokens: 0, ..ok },
+            StagedSlice { len: 0, ..ok },
+            StagedSlice {
+                dst_offset: 1025,
+                ..ok
+            },
+            StagedSlice {
+                src_offset: 1,
+                ..ok
+            },
+            StagedSlice {
+                dst_offset: u64::MAX,
+                ..ok
+            },
+            StagedSlice {
+                tokens: u32::MAX,
+                dst_token: u64::MAX,
+                ..ok
+            },
+            StagedSlice {
+                src_token: u64::MAX,
+                tokens: 2,
+                ..ok
+            },
+        ];
+        for t in bad {
+            assert_eq!(slice_item(&t, 32768), None, "{t:?}");
+        }
+        // Token slots past our pages.
+        assert_eq!(slice_item(&ok, 16 * 2048 - 1), None);
+    }
+}
