@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use nixl_hicache::{
     Error, HiCache, HiCacheConfig, KeySuffix, MAX_KEY_COMPONENT_LEN, Plugin, WriteMode, page_key,
@@ -348,7 +348,18 @@ fn a_writer_killed_mid_overwrite_leaves_the_old_or_the_new_page() {
             .env(CHILD_ENV, d.path())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(400 + 97 * round));
+        // Kill only once the child writes (a temp file of its own exists): on a loaded machine
+        // its start alone can outlast any fixed delay. Then a different delay each round.
+        let before = temps_in(d.path());
+        let writing = Instant::now();
+        while temps_in(d.path()).iter().all(|t| before.contains(t)) {
+            assert!(
+                writing.elapsed() < Duration::from_secs(60),
+                "round {round}: the child never wrote"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(5 + 37 * round));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let c = open(d.path());
