@@ -53,9 +53,9 @@ pub(super) struct PrefillStaging {
     pub(super) local: LocalSlots,
 }
 
-/// How the pieces of head slices to one decode are staged (see
-/// [`PrefillCore::sliced_pieces`]).
-struct SlicedPieces {
+/// How the pieces to one decode are staged: pages per piece, staged bytes per page, and for
+/// head slices how they are gathered or scattered.
+struct PieceShape {
     per: u32,
     bytes_per_page: u64,
     pack: Option<StagedPack>,
@@ -123,8 +123,7 @@ impl PrefillCore {
         let ring = peer.ring.ok_or("the decode announced no ring")?;
         let granted =
             ext::slots(&info.trailing, ring.slots).ok_or("the decode granted no slots")?;
-        let ours = staging_layout(&self.layout)?;
-        let (per, bytes_per_page, pack, notice) = match self.head_slice(&peer) {
+        let shape = match self.head_slice(&peer) {
             None => {
                 // Its announced ring is GPU memory, and so are its pools.
                 let item = self.peer_item_len(&peer);
@@ -139,23 +138,24 @@ impl PrefillCore {
                     gpu_id: peer.gpu_id.get(),
                     tp: crate::proto::TpPlace::default(),
                 };
-                let per = pages_per_piece(&self.layout, st.slot_bytes, &remote, &ring)?;
-                (per, ours.bytes_per_page(), None, None)
+                PieceShape {
+                    per: pages_per_piece(&self.layout, st.slot_bytes, &remote, &ring)?,
+                    bytes_per_page: staging_layout(&self.layout)?.bytes_per_page(),
+                    pack: None,
+                    notice: None,
+                }
             }
-            Some(Ok(slice)) => {
-                let p = self.sliced_pieces(&slice, &peer, st.slot_bytes, &ring)?;
-                (p.per, p.bytes_per_page, p.pack, p.notice)
-            }
+            Some(Ok(slice)) => self.sliced_pieces(&slice, &peer, st.slot_bytes, &ring)?,
             Some(Err(why)) => return Err(why.to_string()),
         };
-        let sched = SlotSchedule::new(&granted, per).ok_or("no slot holds a page")?;
+        let sched = SlotSchedule::new(&granted, shape.per).ok_or("no slot holds a page")?;
         Ok(StagedRoom {
             peer: info.agent.clone(),
             ring,
             sched,
-            bytes_per_page,
-            pack,
-            notice,
+            bytes_per_page: shape.bytes_per_page,
+            pack: shape.pack,
+            notice: shape.notice,
             src: Vec::new(),
             aux: None,
             progress: now,
@@ -179,7 +179,7 @@ impl PrefillCore {
         peer: &Peer,
         slot_bytes: u64,
         ring: &Ring,
-    ) -> Result<SlicedPieces, String> {
+    ) -> Result<PieceShape, String> {
         let l = &self.layout;
         if l.kv_mem != MemType::Vram {
             return Err("our KV pool is not in GPU memory".into());
@@ -225,7 +225,7 @@ impl PrefillCore {
                 ring.slot_bytes
             ));
         }
-        Ok(SlicedPieces {
+        Ok(PieceShape {
             per,
             bytes_per_page,
             pack,
