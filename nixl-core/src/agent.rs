@@ -284,6 +284,10 @@ impl Agent {
     }
 
     /// Loads a peer's metadata; returns the peer's agent name.
+    ///
+    /// The blob is checked by [`crate::inspect_metadata`] first: a blob that would abort the
+    /// process in UCX, or make nixl-sys panic, is refused before NIXL sees it. A panic inside
+    /// nixl-sys is caught and returned as an error.
     pub fn load_remote(&self, metadata: &[u8]) -> Result<String, Error> {
         if metadata.is_empty() {
             return Err(Error::InvalidArgument {
@@ -291,7 +295,21 @@ impl Agent {
                 reason: "empty".into(),
             });
         }
-        check(Op::LoadRemoteMetadata, self.inner.load_remote_md(metadata))
+        let summary = crate::inspect_metadata(metadata)?;
+        let loaded = sys::contain(Op::LoadRemoteMetadata, || {
+            self.inner.load_remote_md(metadata)
+        })?;
+        let name = check(Op::LoadRemoteMetadata, loaded)?;
+        if name != summary.agent {
+            return Err(Error::InvalidArgument {
+                what: "agent metadata",
+                reason: format!(
+                    "NIXL loaded agent {name:?}, the blob names {:?}",
+                    summary.agent
+                ),
+            });
+        }
+        Ok(name)
     }
 
     /// Forgets a peer's metadata (its connection and remote keys).

@@ -85,7 +85,7 @@ pub use mem::{
     BorrowedRegistration, HOST_ALIGN, HostBuffer, MemRegion, MemType, NixlBuffer, Registered,
     Registration,
 };
-pub use metadata::AgentMetadata;
+pub use metadata::{AgentMetadata, MetadataSummary, inspect as inspect_metadata};
 pub use notif::Notification;
 pub use shared::SharedHostBuffer;
 pub use storage::{FileRegion, ObjectRegion};

@@ -207,6 +207,47 @@ fn mismatched_lengths_and_bad_metadata_are_refused() {
     assert!(p.initiator.load_remote(b"nixlSerDes|garbage").is_err());
 }
 
+/// Offset of the UCX worker address inside a live agent's metadata (the first `c` entry).
+fn worker_address_at(blob: &[u8]) -> usize {
+    let tag = b"|t\x03\x00\x00\x00\x00\x00\x00\x00UCX|c";
+    blob.windows(tag.len()).position(|w| w == tag).unwrap() + tag.len() + 8
+}
+
+/// Regression (hostile peers R1): UCX aborts the process (`ucs_assertv_always`) on a worker
+/// address whose version nibble is neither V1 nor V2. Without the check this test's process ends
+/// at the first load; with it, each one is refused and the untouched blob still loads.
+#[test]
+fn metadata_with_an_unknown_worker_address_version_is_refused_and_the_process_lives() {
+    let p = LoopbackPair::new(4 * KIB).unwrap();
+    p.initiator.invalidate_remote(p.target.name()).unwrap();
+    let good = p.target.local_metadata().unwrap().into_bytes();
+    let at = worker_address_at(&good);
+    for version in [2u8, 8, 15] {
+        let mut bad = good.clone();
+        bad[at] = (bad[at] & 0xf0) | version;
+        let err = p.initiator.load_remote(&bad).unwrap_err();
+        assert!(err.to_string().contains("version"), "{err}");
+        assert!(!p.initiator.has_remote(p.target.name()));
+    }
+    assert_eq!(p.initiator.load_remote(&good).unwrap(), p.target.name());
+}
+
+/// Regression (hostile peers R2): nixl-sys unwraps the loaded agent name as UTF-8, so a name with
+/// a byte that is not UTF-8 panicked the loading thread after NIXL had loaded it. The blob is now
+/// refused before NIXL sees it: nothing loads and nothing panics.
+#[test]
+fn metadata_whose_agent_name_is_not_utf8_is_refused_before_nixl_loads_it() {
+    let p = LoopbackPair::new(4 * KIB).unwrap();
+    p.initiator.invalidate_remote(p.target.name()).unwrap();
+    let good = p.target.local_metadata().unwrap().into_bytes();
+    let name_at = b"nixlSerDes|Agent".len() + 8;
+    let mut bad = good.clone();
+    bad[name_at] = 0xff;
+    let err = p.initiator.load_remote(&bad).unwrap_err();
+    assert!(err.to_string().contains("not UTF-8"), "{err}");
+    assert_eq!(p.initiator.load_remote(&good).unwrap(), p.target.name());
+}
+
 #[test]
 fn invalidated_remote_can_no_longer_be_targeted() {
     let p = LoopbackPair::new(4 * KIB).unwrap();

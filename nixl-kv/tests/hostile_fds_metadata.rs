@@ -11,12 +11,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{decode, exchange, prefill, reach, server};
-use nixl_kv::{KvPoll, KvSender, ManagerConfig, RoomId};
-use nixl_wire::{AgentName, GpuId, KvArgsRegister, PageIndex, TransferInfo};
-
-const T: Duration = Duration::from_secs(30);
+use common::{decode, exchange, flood, prefill, server};
+use nixl_kv::{KvPoll, ManagerConfig};
 
 /// Registrations per flood.
 const FLOOD: usize = 200;
@@ -28,67 +24,6 @@ const BOUND: usize = 48;
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn registration(name: &str, metadata: &[u8]) -> Vec<Bytes> {
-    KvArgsRegister {
-        local_ip: "127.0.0.1".into(),
-        rank_port: 1,
-        agent: AgentName::new(name).unwrap(),
-        metadata: Bytes::copy_from_slice(metadata),
-        kv_ptrs: vec![0, 0],
-        aux_ptrs: vec![0; 6],
-        gpu_id: GpuId::new(0),
-        tp_info: None,
-        trailing: Vec::new(),
-    }
-    .encode()
-}
-
-/// Sends `FLOOD` registrations named `{prefix}-{i}` carrying `metadata`, then an info for a
-/// fresh room, all over one connection, so that once the prefill applied the info it has
-/// handled every registration (loaded or refused its metadata).
-fn flood(p: &nixl_kv::KvManager, prefix: &str, metadata: &[u8], room: u64) {
-    use zeromq::{Socket, SocketSend};
-    let room = RoomId::new(room);
-    let mut tx = KvSender::new(p, room).unwrap();
-    let mut msgs: Vec<Vec<Bytes>> = (0..FLOOD)
-        .map(|i| registration(&format!("{prefix}-{i}"), metadata))
-        .collect();
-    msgs.push(
-        TransferInfo {
-            room,
-            local_ip: "127.0.0.1".into(),
-            rank_port: 1,
-            agent: AgentName::new(&format!("{prefix}-marker")).unwrap(),
-            dst_pages: vec![PageIndex::new(0)],
-            dst_aux_index: 0,
-            required_dst_info_num: 1,
-            trailing: Vec::new(),
-        }
-        .encode(),
-    );
-    let endpoint = format!("tcp://127.0.0.1:{}", p.rank_port());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut s = zeromq::PushSocket::new();
-        s.connect(&endpoint).await.unwrap();
-        for m in msgs {
-            s.send(zeromq::ZmqMessage::try_from(m).unwrap())
-                .await
-                .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    });
-    drop(rt);
-    assert_eq!(
-        reach(T, KvPoll::WaitingForInput, || tx.poll()),
-        KvPoll::WaitingForInput,
-        "{prefix}: the prefill never applied the flood"
-    );
 }
 
 #[test]
@@ -112,7 +47,7 @@ fn registrations_with_unloadable_metadata_leave_descriptors_bounded() {
     let other = live.local_metadata().unwrap().into_bytes();
 
     let before = open_fds();
-    flood(&p.mgr, "forged", &gone, 2);
+    flood(&p.mgr, "forged", &gone, 2, FLOOD);
     let after = open_fds();
     assert!(
         after < before + BOUND,
@@ -121,7 +56,7 @@ fn registrations_with_unloadable_metadata_leave_descriptors_bounded() {
 
     // Each of these loads, names `live`, and is refused; the live agent closes its side of the
     // connections once it is progressed and their other ends are closed.
-    flood(&p.mgr, "misnamed", &other, 3);
+    flood(&p.mgr, "misnamed", &other, 3, FLOOD);
     let start = Instant::now();
     let mut notifs = Vec::new();
     let settled = loop {

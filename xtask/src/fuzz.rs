@@ -46,6 +46,12 @@ const TARGETS: &[Target] = &[
         max_len: 20480,
         dict: Some("http.dict"),
     },
+    Target {
+        name: "metadata",
+        // The captured seed is 3.5 KiB; room to grow it.
+        max_len: 8192,
+        dict: None,
+    },
 ];
 
 #[derive(clap::Args, Debug)]
@@ -53,7 +59,7 @@ pub(crate) struct FuzzArgs {
     /// How long to fuzz each target, in seconds.
     #[arg(long, default_value_t = 15)]
     pub(crate) seconds: u32,
-    /// One target (`dispatch`, `zmtp_stream`, `http_stream`); default: each in turn.
+    /// One target (`dispatch`, `zmtp_stream`, `http_stream`, `metadata`); default: each in turn.
     #[arg(long)]
     pub(crate) target: Option<String>,
 }

@@ -80,6 +80,8 @@ fn main() -> anyhow::Result<()> {
         Task::Runtime(args) => runtime::run(&root, &args).map(drop),
         Task::Prereq => {
             prereq::ensure_libclang()?;
+            // the Python peer venv installs NIXL's Python API from the runtime's wheel
+            runtime::run(&root, &runtime::RuntimeArgs::default_ci())?;
             prereq::ensure_moto(&root)?;
             prereq::ensure_python_peer(&root).map(drop)
         }

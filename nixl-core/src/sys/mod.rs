@@ -42,6 +42,25 @@ pub(crate) fn check<T>(op: Op, res: Result<T, nixl_sys::NixlError>) -> Result<T,
     res.map_err(|e| nixl_error(op, e))
 }
 
+/// Runs a nixl-sys call that can panic on what a peer sent (nixl-sys 1.5.2 unwraps C strings as
+/// UTF-8, for one), turning the panic into an error instead of unwinding through our thread.
+/// nixl-sys takes its locks only inside the FFI expression, so none is held, or poisoned, when
+/// such a panic unwinds.
+pub(crate) fn contain<T>(op: Op, f: impl FnOnce() -> T) -> Result<T, Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        tracing::error!(%op, panic = %what, "nixl-sys panicked; contained");
+        Error::Nixl {
+            op,
+            code: NixlCode::Other(format!("nixl-sys panicked: {what}")),
+        }
+    })
+}
+
 /// Serialises [`with_env`]: NIXL reads the variables it sets while `f` runs.
 static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

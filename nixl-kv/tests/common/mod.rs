@@ -190,3 +190,66 @@ pub(crate) fn send_raw(endpoint: &str, frames: Vec<Vec<u8>>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     });
 }
+
+/// A 0.5.1 registration of agent `name` carrying `metadata`, with dummy pools.
+pub(crate) fn registration(name: &str, metadata: &[u8]) -> Vec<bytes::Bytes> {
+    nixl_wire::KvArgsRegister {
+        local_ip: "127.0.0.1".into(),
+        rank_port: 1,
+        agent: nixl_wire::AgentName::new(name).unwrap(),
+        metadata: bytes::Bytes::copy_from_slice(metadata),
+        kv_ptrs: vec![0, 0],
+        aux_ptrs: vec![0; 6],
+        gpu_id: nixl_wire::GpuId::new(0),
+        tp_info: None,
+        trailing: Vec::new(),
+    }
+    .encode()
+}
+
+/// Sends `count` registrations named `{prefix}-{i}` carrying `metadata`, then an info for a
+/// fresh room, all over one connection, so that once the prefill applied the info it has
+/// handled every registration (loaded or refused its metadata).
+pub(crate) fn flood(p: &KvManager, prefix: &str, metadata: &[u8], room: u64, count: usize) {
+    use zeromq::{Socket, SocketSend};
+    let room = RoomId::new(room);
+    let mut tx = nixl_kv::KvSender::new(p, room).unwrap();
+    let mut msgs: Vec<Vec<bytes::Bytes>> = (0..count)
+        .map(|i| registration(&format!("{prefix}-{i}"), metadata))
+        .collect();
+    msgs.push(
+        nixl_wire::TransferInfo {
+            room,
+            local_ip: "127.0.0.1".into(),
+            rank_port: 1,
+            agent: nixl_wire::AgentName::new(&format!("{prefix}-marker")).unwrap(),
+            dst_pages: vec![nixl_wire::PageIndex::new(0)],
+            dst_aux_index: 0,
+            required_dst_info_num: 1,
+            trailing: Vec::new(),
+        }
+        .encode(),
+    );
+    let endpoint = format!("tcp://127.0.0.1:{}", p.rank_port());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = zeromq::PushSocket::new();
+        s.connect(&endpoint).await.unwrap();
+        for m in msgs {
+            s.send(zeromq::ZmqMessage::try_from(m).unwrap())
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    drop(rt);
+    assert_eq!(
+        reach(Duration::from_secs(30), KvPoll::WaitingForInput, || tx
+            .poll()),
+        KvPoll::WaitingForInput,
+        "{prefix}: the prefill never applied the flood"
+    );
+}
