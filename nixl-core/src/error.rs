@@ -11,7 +11,7 @@ use std::path::PathBuf;
 pub enum Error {
     /// No NIXL runtime (`libnixl_capi.so`) was found; nothing was loaded.
     #[error(
-        "no NIXL runtime found (searched: {searched}); run `cargo xtask runtime` or set NIXL_RUNTIME_DIR"
+        "no NIXL runtime found (searched: {searched}); install it with `pip install nixl-cu12==1.5.1` (nixl-cu13 for CUDA 13) into the active virtualenv or with `pip install --user`, or set NIXL_RUNTIME_DIR to a directory holding libnixl_capi.so"
     )]
     RuntimeNotFound {
         /// The places that were searched, in order.

@@ -14,7 +14,9 @@
 //!    the current directory (where `cargo xtask runtime` puts it);
 //! 4. a system install: `$NIXL_PREFIX`, `/opt/nvidia/nvda_nixl`, `/usr/local/nixl`, `/usr/local`,
 //!    `/usr` (`lib/x86_64-linux-gnu`, `lib64` or `lib` under each);
-//! 5. the dynamic loader's own search (`LD_LIBRARY_PATH`, `ldconfig`).
+//! 5. a `pip install nixl-cu12` (or `nixl-cu13`) in the active virtualenv, the user's site or the
+//!    system's (`site-packages/.nixl_cu12.mesonpy.libs`);
+//! 6. the dynamic loader's own search (`LD_LIBRARY_PATH`, `ldconfig`).
 //!
 //! A runtime directory holds `lib/libnixl_capi.so`; NIXL finds its plugins in `lib/plugins`
 //! next to `libnixl.so`, and UCX its modules relative to `libucs`.
@@ -181,12 +183,74 @@ pub(crate) fn candidate_dirs() -> Vec<PathBuf> {
             out.push(prefix.join(lib));
         }
     }
+    out.extend(pip_installed());
+    out
+}
+
+/// Where `pip install nixl-cu12` (or `nixl-cu13`) puts the runtime: `.nixl_cu1N.mesonpy.libs`
+/// in the site-packages of the active virtualenv (`$VIRTUAL_ENV`), of the user (`~/.local`)
+/// and of the system (`/usr/local/lib`, `/usr/lib`), for every Python version found there.
+fn pip_installed() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Some(v) = std::env::var_os("VIRTUAL_ENV") {
+        roots.push(PathBuf::from(v).join("lib"));
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        roots.push(PathBuf::from(h).join(".local/lib"));
+    }
+    roots.extend(["/usr/local/lib", "/usr/lib"].map(PathBuf::from));
+    pip_installed_under(&roots)
+}
+
+/// [`pip_installed`] under `roots` (each a `lib` directory holding `python3.*`).
+fn pip_installed_under(roots: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for root in roots {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            continue;
+        };
+        let mut pythons: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+            .map(|e| e.path())
+            .collect();
+        pythons.sort();
+        for py in pythons {
+            for site in ["site-packages", "dist-packages"] {
+                for wheel in [".nixl_cu12.mesonpy.libs", ".nixl_cu13.mesonpy.libs"] {
+                    out.push(py.join(site).join(wheel));
+                }
+            }
+        }
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pip_installed_runtime_is_a_candidate() {
+        let venv = tempfile_dir();
+        let libs = venv.join("python3.11/site-packages/.nixl_cu12.mesonpy.libs");
+        std::fs::create_dir_all(&libs).unwrap();
+        std::fs::write(libs.join(CAPI), b"").unwrap();
+        let found = pip_installed_under(std::slice::from_ref(&venv));
+        assert!(found.contains(&libs), "{found:?}");
+        assert_eq!(capi_in(&libs), Some(libs.join(CAPI)));
+        std::fs::remove_dir_all(&venv).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "nixl-core-runtime-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
 
     #[test]
     fn candidates_include_target_dir_next_to_workspace() {

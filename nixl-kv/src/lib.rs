@@ -31,8 +31,9 @@ mod runtime_thread;
 pub mod zmtp;
 
 pub use driver::{
-    HostPacking, KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode, RequestPaths,
-    StagingConfig, TableSizes,
+    HostPacking, KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode,
+    RECOMMENDED_BUSY_POLL, RECOMMENDED_SLOT_MIB, RECOMMENDED_SLOTS, RequestPaths, StagingConfig,
+    TableSizes,
 };
 pub use error::{ArgsError, Error};
 pub use nixl_wire::RoomId;

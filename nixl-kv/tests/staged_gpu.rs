@@ -19,7 +19,9 @@ fn staging_on_host_pools_is_refused_with_a_reason() {
         .register(nixl_core::HostBuffer::new(64 * 4).unwrap())
         .unwrap();
     let args = nixl_kv::KvArgs::new([(kv.region(), 4096)], [(aux.region(), 64)]).unwrap();
-    let cfg = ManagerConfig::default().staging(StagingConfig::new(1 << 20, 4));
+    let cfg = ManagerConfig::default()
+        .auto_staging(false)
+        .staging(StagingConfig::new(1 << 20, 4));
     match KvManager::decode(agent, args, cfg) {
         Err(Error::Staging(why)) => {
             assert!(
@@ -90,7 +92,9 @@ mod gpu {
             [(aux.region(), AUX_ROW)],
         )
         .unwrap();
-        let cfg = ManagerConfig::default().staging(staging);
+        let cfg = ManagerConfig::default()
+            .auto_staging(false)
+            .staging(staging);
         let mgr = match prefill {
             Some(bootstrap) => KvManager::prefill(agent, args, bootstrap, cfg).unwrap(),
             None => KvManager::decode(agent, args, cfg).unwrap(),
@@ -263,10 +267,13 @@ mod gpu {
             Some(&addr),
             0,
             1,
-            ManagerConfig::default().staging(Some(staging)),
+            ManagerConfig::default()
+                .auto_staging(false)
+                .staging(Some(staging)),
         );
         let sliced = || {
             ManagerConfig::default()
+                .auto_staging(false)
                 .sliced_tp(true)
                 .staging(decode_staging)
         };
@@ -341,7 +348,11 @@ mod gpu {
         let addr = bs.addr().to_string();
         let slot = BUFFERS as u64 * PAGE * 4;
         let staging = StagingConfig::new(slot, 4).unwrap().direct(false);
-        let prefill = || ManagerConfig::default().staging(Some(staging));
+        let prefill = || {
+            ManagerConfig::default()
+                .auto_staging(false)
+                .staging(Some(staging))
+        };
         let p: Vec<GpuSide> = (0..2)
             .map(|r| sliced_side(Some(&addr), r, 2, prefill()))
             .collect();
@@ -349,7 +360,10 @@ mod gpu {
             .unwrap()
             .per_room(2)
             .direct(false);
-        let decode = ManagerConfig::default().sliced_tp(true).staging(Some(ring));
+        let decode = ManagerConfig::default()
+            .auto_staging(false)
+            .sliced_tp(true)
+            .staging(Some(ring));
         let d = sliced_side(None, 0, 1, decode);
         let src: [Vec<u32>; 2] = [
             (0..10).map(|i| (7 * i + 3) % PAGES).collect(),

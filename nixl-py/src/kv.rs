@@ -97,7 +97,9 @@ impl PyManager {
         let config = ManagerConfig::default()
             .local_ip(local_ip)
             .staging(staging_from_env()?)
-            .busy_poll(busy_poll_from_env()?);
+            .auto_staging(!off_in_env(STAGING_ENV))
+            .busy_poll(busy_poll_from_env()?)
+            .auto_busy_poll(!off_in_env(BUSY_POLL_ENV));
         let name = name.to_owned();
         py.detach(move || {
             let agent = Agent::new(&name, &AgentConfig::default()).map_err(runtime_err)?;
@@ -371,16 +373,23 @@ impl PyBootstrapServer {
     }
 }
 
-/// The variable that turns on the GPU paths between two nixl-rs engines: `1` (8 slots of 64 MiB
-/// per side), `SLOTS:MIB`, or unset, empty or `0` (off, SGLang's per-page path only).
+/// The GPU paths between two nixl-rs engines (direct on one node, staged on two): unset or empty
+/// (on for GPU KV pools, with nixl-kv's recommended ring), `1` (the same, asked for), `SLOTS:MIB`
+/// (a ring of that size), `0` or `off` (SGLang's per-page path only).
 pub(crate) const STAGING_ENV: &str = "NIXL_RS_STAGING";
 /// `0` keeps same-node pairs off the direct path (they stage instead).
 pub(crate) const DIRECT_ENV: &str = "NIXL_RS_DIRECT";
 /// `0` sends head slices to decodes of a larger TP size as SGLang does, one descriptor per
 /// token slot, instead of packing them into whole decode pages.
 pub(crate) const PACKED_ENV: &str = "NIXL_RS_PACKED";
-/// Microseconds the manager's waits poll without sleeping after traffic (unset or 0: never).
+/// Microseconds the manager's waits poll without sleeping after traffic (unset: 2000 on GPU KV
+/// pools, none on host pools; `0`: never).
 pub(crate) const BUSY_POLL_ENV: &str = "NIXL_RS_BUSY_POLL_US";
+
+/// Whether `var` turns its default off (`0` or `off`).
+fn off_in_env(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| matches!(v.trim(), "0" | "off"))
+}
 
 /// The busy-poll window [`BUSY_POLL_ENV`] asks for.
 fn busy_poll_from_env() -> PyResult<std::time::Duration> {
@@ -405,7 +414,7 @@ fn staging_from_env() -> PyResult<Option<nixl_kv::StagingConfig>> {
     let text = std::env::var(STAGING_ENV).unwrap_or_default();
     let (slots, mib) = match text.trim() {
         "" | "0" | "off" => return Ok(None),
-        "1" | "on" => (8u32, 64u64),
+        "1" | "on" => (nixl_kv::RECOMMENDED_SLOTS, nixl_kv::RECOMMENDED_SLOT_MIB),
         t => {
             let parsed = t
                 .split_once(':')

@@ -199,6 +199,53 @@ hostsliced() {
     done
   done
 }
+defaults() {
+  # What a user gets without flags (issue: the fastest safe path by default): the GPU tests,
+  # then the pd flow on GPU 0 (64 x 32 KiB pages) per round and size with only --device gpu:0
+  # (same node: direct), with --no-direct (staged, the default ring and a smaller one), and with
+  # the old defaults (--no-staging --no-spin --busy-poll-us 0: SGLang's per-page path).
+  echo "== nixl-kv GPU tests (VRAM metadata through the metadata check, staged and direct paths)"
+  UCX_CUDA_IPC_ENABLE_SAME_PROCESS=y timeout 150 "$B/bin/kv-gpu-test" --test-threads=1 2>&1 | grep -E -A3 "^test |test result|panicked"
+  UCX_CUDA_IPC_ENABLE_SAME_PROCESS=y timeout 60 "$B/bin/gpu-test" --test-threads=1 2>&1 | grep -E "test result|panicked"
+  echo "== pd flow on GPU 0: defaults against flags"
+  for round in ${DEFAULT_ROUNDS:-1 2}; do
+    for run in default no-direct ring-4x16 old; do
+      for n in ${DEFAULT_SIZES:-32 256}; do
+        flags="--layers 32 --page-bytes 32768 --pages 600 --device gpu:0"
+        case $run in
+          no-direct) flags="$flags --no-direct" ;;
+          ring-4x16) flags="$flags --no-direct --staging-slots 4 --staging-slot-mib 16" ;;
+          old) flags="$flags --no-staging --no-spin --busy-poll-us 0" ;;
+        esac
+        port=$((19600 + RANDOM % 1000))
+        "$B/bin/nixl-pd" prefill --bootstrap-port $port $flags 2> "$OUT/defaults-prefill.log" &
+        P=$!
+        for _ in $(seq 300); do grep -q "bootstrap on" "$OUT/defaults-prefill.log" && break; sleep 0.1; done
+        echo "round $round, $run, $n pages:"
+        "$B/bin/nixl-pd" decode --bootstrap 127.0.0.1:$port $flags --requests 10 --pages-per-request $n \
+          --concurrency 1 2>&1 | grep "requests x\|rror" | head -3 | sed 's/^/  verified: /'
+        "$B/bin/nixl-pd" decode --bootstrap 127.0.0.1:$port $flags --requests ${DEFAULT_REQUESTS:-200} --pages-per-request $n \
+          --concurrency 1 --no-verify 2>&1 | grep -m4 "requests x\|rror\|failed:" | sed 's/^/  timed: /'
+        kill $P
+        wait $P 2>/dev/null
+        grep "requests so far" "$OUT/defaults-prefill.log" | tail -1 | sed 's/^.*requests so far/  prefill, requests so far/'
+      done
+    done
+  done
+  echo "== idle CPU of a default GPU prefill over 5 s (after one request)"
+  "$B/bin/nixl-pd" prefill --bootstrap-port 19590 --layers 32 --page-bytes 32768 --pages 600 --device gpu:0 2> "$OUT/idle-prefill.log" &
+  P=$!
+  for _ in $(seq 300); do grep -q "bootstrap on" "$OUT/idle-prefill.log" && break; sleep 0.1; done
+  "$B/bin/nixl-pd" decode --bootstrap 127.0.0.1:19590 --layers 32 --page-bytes 32768 --pages 600 --device gpu:0 --requests 5 --pages-per-request 32 2>&1 | grep "requests x"
+  sleep 1
+  t0=$(awk '{print $14+$15}' /proc/$P/stat); sleep 5; t1=$(awk '{print $14+$15}' /proc/$P/stat)
+  echo "idle prefill: $((t1 - t0)) ticks of $(getconf CLK_TCK)/s in 5 s"
+  kill $P; wait $P 2>/dev/null
+}
+if [ "${1:-all}" = defaults ]; then
+  defaults
+  exit 0
+fi
 if [ "${1:-all}" = hostsliced ]; then
   hostsliced
   exit 0

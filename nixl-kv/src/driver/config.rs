@@ -30,10 +30,18 @@ pub struct ManagerConfig {
     /// Prefill: refuse transfer infos from decodes that cannot prove they are the agent they
     /// name (SGLang's Python decodes cannot); off by default, as SGLang accepts them.
     pub strict_peers: bool,
-    /// The staged GPU path between two of our peers (docs/runtime.md §12): `None` (the
-    /// default) moves pages as SGLang does, one descriptor per page and buffer. Needs GPU KV
-    /// pools and nixl-kv's `cuda` feature.
+    /// The staged GPU path between two of our peers (docs/runtime.md §12), with the same-node
+    /// direct path: `None` (the default) leaves the choice to [`ManagerConfig::auto_staging`];
+    /// without either, pages move as SGLang moves them, one descriptor per page and buffer.
+    /// Needs GPU KV pools and nixl-kv's `cuda` feature.
     pub staging: Option<StagingConfig>,
+    /// With GPU KV pools, the `cuda` feature and no [`ManagerConfig::staging`] given, stage with
+    /// [`StagingConfig::recommended`] (direct between our peers on one node, staged between
+    /// ours on two, SGLang's per-page path to every other peer). On by default.
+    pub auto_staging: bool,
+    /// With GPU KV pools and a [`ManagerConfig::busy_poll`] of zero, poll for
+    /// [`RECOMMENDED_BUSY_POLL`] after traffic. On by default; host pools never get it.
+    pub auto_busy_poll: bool,
     /// Decode: for a model that is not MLA, ask a prefill of a smaller attention-TP size for
     /// head slices (docs/protocol.md §5.6). Only prefills that slice heads (SGLang 0.5.2 and
     /// later, or ours given `KvArgs::heads`) may be asked: an older one would write whole
@@ -117,7 +125,29 @@ pub struct StagingConfig {
     pub packed: bool,
 }
 
+/// Busy-poll window managers over GPU pools take by default (docs/runtime.md §12): long
+/// enough to cover the gap between the requests of one stream, short enough that an idle
+/// manager sleeps again within milliseconds.
+pub const RECOMMENDED_BUSY_POLL: Duration = Duration::from_millis(2);
+
+/// Slots of [`StagingConfig::recommended`].
+pub const RECOMMENDED_SLOTS: u32 = 8;
+/// MiB per slot of [`StagingConfig::recommended`].
+pub const RECOMMENDED_SLOT_MIB: u64 = 64;
+
 impl StagingConfig {
+    /// The ring managers over GPU pools take by default: [`RECOMMENDED_SLOTS`] slots of
+    /// [`RECOMMENDED_SLOT_MIB`] MiB, direct and packed on.
+    pub fn recommended() -> Self {
+        Self {
+            slot_bytes: RECOMMENDED_SLOT_MIB << 20,
+            slots: RECOMMENDED_SLOTS,
+            per_room: (RECOMMENDED_SLOTS / 2).max(1),
+            direct: true,
+            packed: true,
+        }
+    }
+
     /// `slots` slots of `slot_bytes` each, up to half of them (at least one) per room; `None`
     /// when either is zero or `slots` is over 1024.
     pub fn new(slot_bytes: u64, slots: u32) -> Option<Self> {
@@ -179,6 +209,8 @@ impl Default for ManagerConfig {
             strict_peers: false,
             peer_idle_timeout: crate::proto::prefill::DEFAULT_PEER_IDLE_TIMEOUT,
             staging: None,
+            auto_staging: true,
+            auto_busy_poll: true,
             sliced_tp: false,
             busy_poll: Duration::ZERO,
             host_packing: None,
@@ -232,6 +264,46 @@ impl ManagerConfig {
         self
     }
 
+    /// Turns the GPU-pool staging default on or off (see [`ManagerConfig::auto_staging`]).
+    #[must_use]
+    pub fn auto_staging(mut self, on: bool) -> Self {
+        self.auto_staging = on;
+        self
+    }
+
+    /// Turns the GPU-pool busy-polling default on or off (see
+    /// [`ManagerConfig::auto_busy_poll`]).
+    #[must_use]
+    pub fn auto_busy_poll(mut self, on: bool) -> Self {
+        self.auto_busy_poll = on;
+        self
+    }
+
+    /// The settings a manager over KV pools in `mem` runs with: the GPU defaults filled in
+    /// where they apply, each logged once.
+    pub(crate) fn resolved(mut self, mem: nixl_core::MemType) -> Self {
+        let gpu = mem == nixl_core::MemType::Vram;
+        if gpu && self.staging.is_none() && self.auto_staging && cfg!(feature = "cuda") {
+            let st = StagingConfig::recommended();
+            tracing::info!(
+                slots = st.slots,
+                slot_mib = st.slot_bytes >> 20,
+                "GPU KV pools: the direct and staged paths are on (ring of {} x {} MiB)",
+                st.slots,
+                st.slot_bytes >> 20
+            );
+            self.staging = Some(st);
+        }
+        if gpu && self.busy_poll.is_zero() && self.auto_busy_poll {
+            tracing::info!(
+                window_us = RECOMMENDED_BUSY_POLL.as_micros() as u64,
+                "GPU KV pools: busy polling after traffic is on"
+            );
+            self.busy_poll = RECOMMENDED_BUSY_POLL;
+        }
+        self
+    }
+
     /// Prefill: gathers head slices out of host pools (see [`ManagerConfig::host_packing`]).
     #[must_use]
     pub fn host_packing(mut self, packing: Option<HostPacking>) -> Self {
@@ -258,5 +330,48 @@ impl ManagerConfig {
     pub fn orphan_timeout(mut self, t: Duration) -> Self {
         self.orphan_timeout = t;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nixl_core::MemType;
+
+    #[test]
+    fn gpu_pools_get_the_fast_paths_without_being_asked_and_host_pools_never_do() {
+        let host = ManagerConfig::default().resolved(MemType::Dram);
+        assert_eq!(host.staging, None);
+        assert_eq!(host.busy_poll, Duration::ZERO);
+
+        let gpu = ManagerConfig::default().resolved(MemType::Vram);
+        assert_eq!(gpu.busy_poll, RECOMMENDED_BUSY_POLL);
+        // Staging needs the kernels of the `cuda` feature; without it the manager would refuse
+        // to start, so the default leaves it off.
+        let staged = cfg!(feature = "cuda").then(StagingConfig::recommended);
+        assert_eq!(gpu.staging, staged);
+        if let Some(st) = gpu.staging {
+            assert!(st.direct && st.packed);
+            assert_eq!(st.slots, RECOMMENDED_SLOTS);
+            assert_eq!(st.slot_bytes, RECOMMENDED_SLOT_MIB << 20);
+        }
+    }
+
+    #[test]
+    fn what_is_asked_for_or_turned_off_stays_as_it_is() {
+        let off = ManagerConfig::default()
+            .auto_staging(false)
+            .auto_busy_poll(false)
+            .resolved(MemType::Vram);
+        assert_eq!(off.staging, None);
+        assert_eq!(off.busy_poll, Duration::ZERO);
+
+        let mine = StagingConfig::new(1 << 20, 2).unwrap().direct(false);
+        let asked = ManagerConfig::default()
+            .staging(Some(mine))
+            .busy_poll(Duration::from_micros(300))
+            .resolved(MemType::Vram);
+        assert_eq!(asked.staging, Some(mine));
+        assert_eq!(asked.busy_poll, Duration::from_micros(300));
     }
 }

@@ -31,7 +31,10 @@ use nixl_wire::http::PrefillRegistration;
 use nixl_wire::{AgentName, GpuId, RoomId};
 
 pub use args::KvArgs;
-pub use config::{HostPacking, ManagerConfig, StagingConfig};
+pub use config::{
+    HostPacking, ManagerConfig, RECOMMENDED_BUSY_POLL, RECOMMENDED_SLOT_MIB, RECOMMENDED_SLOTS,
+    StagingConfig,
+};
 pub use receiver::KvReceiver;
 pub use sender::KvSender;
 
@@ -201,6 +204,7 @@ impl KvManager {
         bootstrap: &str,
         config: ManagerConfig,
     ) -> Result<Self, Error> {
+        let config = config.resolved(args.kv()[0].0.mem);
         let (inbound_tx, inbound_rx) = inbound::queue();
         let on_message = Box::new(move |frames| inbound::offer(&inbound_tx, frames));
         let (zmq, port) = zmq::ZmqThread::start(
@@ -284,6 +288,7 @@ impl KvManager {
     /// A decode manager. `agent` must have a UCX backend and the memory of `args` registered
     /// (the registration carries the agent's metadata as it is now).
     pub fn decode(agent: Agent, args: KvArgs, config: ManagerConfig) -> Result<Self, Error> {
+        let config = config.resolved(args.kv()[0].0.mem);
         let (zmq, _) =
             zmq::ZmqThread::start(None, Box::new(|_| {}), config.busy_poll).map_err(Error::Zmq)?;
         // SGLang advertises a port it never binds; so do we (a free one, for fidelity).

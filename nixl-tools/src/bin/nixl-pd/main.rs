@@ -4,7 +4,8 @@
 //! nixl-pd prefill --bootstrap-port P --layers L [--mla] --page-bytes B --pages N [--aux-slots S]
 //!                 [--hidden-size H] [--aux-layout sglang|legacy] [--chunk-pages K]
 //!                 [--stats-every SECS] [--abort-one-in K] [--device cpu|gpu:N]
-//!                 [--staging [--staging-slots S] [--staging-slot-mib M]] [--spin] [--busy-poll-us U]
+//!                 [--no-staging | --staging] [--staging-slots S] [--staging-slot-mib M]
+//!                 [--no-direct] [--no-spin | --spin] [--busy-poll-us U]
 //!                 [--tp-size P --tp-rank R --heads H [--page-tokens T]] [--join HOST:PORT]
 //! nixl-pd decode  --bootstrap HOST:P --layers L [--mla] --page-bytes B --pages N
 //!                 [--prefill-pages NP] [--hidden-size H] [--aux-layout sglang|legacy]
@@ -12,7 +13,8 @@
 //!                 [--aux-verify all|first] [--json] [--no-verify] [--seconds S]
 //!                 [--abort-one-in K] [--allow-failures] [--sentinel auto|on|off]
 //!                 [--quarantine-seconds Q] [--allow-stray] [--device cpu|gpu:N]
-//!                 [--staging [--staging-slots S] [--staging-slot-mib M]] [--spin] [--busy-poll-us U]
+//!                 [--no-staging | --staging] [--staging-slots S] [--staging-slot-mib M]
+//!                 [--no-direct] [--no-spin | --spin] [--busy-poll-us U]
 //!                 [--tp-size D --tp-rank R --heads H [--page-tokens T] --sliced-tp]
 //! nixl-pd doctor  [--device cpu|gpu:N] [--peer-device cpu|gpu:N]
 //! ```
@@ -40,15 +42,17 @@
 //! another TP size (`--sliced-tp`) verify the slices they get (docs/protocol.md §5.6). Every
 //! rank of a decode TP group runs the same rooms (one `--seed`; rooms have a stream of their own).
 //!
-//! With `--staging` on both sides (GPU pools), each chunk moves as gather, one WRITE per staging
-//! slot and scatter (docs/runtime.md §12), or, when both run on one node, as one kernel copying
-//! straight into the decode's pages (the direct path; `--no-direct` turns it off); the
-//! prefill's stats line counts the staged pieces, the direct chunks and the packed chunks (head
-//! slices gathered into whole decode pages for decodes of another TP size: out of host pools
-//! by the CPU, out of GPU pools with `--staging` by a kernel for decodes that do not go direct;
-//! `--no-packed` sends SGLang's per-token descriptors instead).
+//! With GPU pools (`--device gpu:N`) on both sides, the fast paths are on without flags: when
+//! both run on one node, each chunk is one kernel copying straight into the decode's pages (the
+//! direct path; `--no-direct` turns it off), otherwise each chunk moves as gather, one WRITE per
+//! staging slot and scatter (docs/runtime.md §12; `--no-staging` turns both off); loops spin
+//! while requests are active (`--no-spin`) and the manager polls for 2 ms after traffic
+//! (`--busy-poll-us 0`). The prefill's stats line counts the staged pieces, the direct chunks
+//! and the packed chunks (head slices gathered into whole decode pages for decodes of another TP
+//! size: out of host pools by the CPU, out of GPU pools by a kernel for decodes that do not go
+//! direct; `--no-packed` sends SGLang's per-token descriptors instead).
 //!
-//! Unless `--spin`, the prefill's loop sleeps (prefill.rs): it polls its active senders every 100 µs, looks for
+//! Unless it spins (`--spin`, the default on GPU pools), the prefill's loop sleeps (prefill.rs): it polls its active senders every 100 µs, looks for
 //! new rooms every 1 ms while any are active, and when idle backs off to a scan every 16 ms; a
 //! scan (which walks every room the manager holds) is never more than about 2 % of the time,
 //! however many orphan rooms there are.
@@ -145,19 +149,24 @@ struct Pool {
     /// memory, as in SGLang).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// The staged GPU path (both sides `--device gpu:N` and `--staging`): each chunk's pages of
-    /// every buffer are gathered into a registered staging slot, sent as one WRITE and
-    /// scattered on the decode. Against a peer without it, the per-page path is used.
-    #[arg(long)]
+    /// The staged GPU path, on by default with `--device gpu:N`: between two of our peers on
+    /// one node each chunk is one kernel copying straight into the decode's pages (the direct
+    /// path); on two nodes each chunk's pages of every buffer are gathered into a registered
+    /// staging slot, sent as one WRITE and scattered on the decode. Against a peer without it,
+    /// the per-page path is used. This flag asks for it explicitly (host pools refuse it).
+    #[arg(long, conflicts_with = "no_staging")]
     staging: bool,
+    /// With `--device gpu:N`: move pages as SGLang does, one descriptor per page and buffer.
+    #[arg(long)]
+    no_staging: bool,
     /// Staging slots per side.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = nixl_kv::RECOMMENDED_SLOTS)]
     staging_slots: u32,
     /// MiB per staging slot (a piece holds as many whole pages of every buffer as fit).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = nixl_kv::RECOMMENDED_SLOT_MIB)]
     staging_slot_mib: u64,
-    /// With `--staging`: do not take the same-node direct path (a decode exports no pools, a
-    /// prefill maps none), so that same-node pairs stage as pairs on two nodes do.
+    /// Do not take the same-node direct path (a decode exports no pools, a prefill maps none),
+    /// so that same-node pairs stage as pairs on two nodes do.
     #[arg(long)]
     no_direct: bool,
     /// On a prefill: send head slices to decodes of a larger TP size as SGLang does, one
@@ -167,14 +176,17 @@ struct Pool {
     #[arg(long)]
     no_packed: bool,
     /// Poll without sleeping while requests are active (lowest latency; a core stays busy
-    /// while working, none while idle).
-    #[arg(long)]
+    /// while working, none while idle). The default with `--device gpu:N`.
+    #[arg(long, conflicts_with = "no_spin")]
     spin: bool,
+    /// With `--device gpu:N`: sleep between polls of active requests, as on host pools.
+    #[arg(long)]
+    no_spin: bool,
     /// Microseconds the manager's own waits (the prefill's inbound thread and room waits, the
     /// decode's sends, the ZMQ thread) poll without sleeping after traffic before they block;
-    /// 0: never.
-    #[arg(long, default_value_t = 0)]
-    busy_poll_us: u64,
+    /// 0: never. Default: 2000 with `--device gpu:N`, 0 on host pools.
+    #[arg(long)]
+    busy_poll_us: Option<u64>,
     /// This side's attention-TP size (prefill: ranks registering with one bootstrap server;
     /// decode: ranks sharing each room, all run with the same `--seed`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -198,7 +210,7 @@ struct Pool {
 impl Pool {
     /// The manager settings these options ask for.
     fn manager_config(&self) -> anyhow::Result<nixl_kv::ManagerConfig> {
-        let staging = if self.staging {
+        let staging = if self.staging || (self.on_gpu() && !self.no_staging) {
             let bytes = self.staging_slot_mib.saturating_mul(1 << 20);
             Some(
                 nixl_kv::StagingConfig::new(bytes, self.staging_slots)
@@ -215,10 +227,26 @@ impl Pool {
         } else {
             None
         };
-        Ok(nixl_kv::ManagerConfig::default()
+        let config = nixl_kv::ManagerConfig::default()
             .staging(staging)
-            .sliced_tp(self.sliced_tp)
-            .busy_poll(Duration::from_micros(self.busy_poll_us)))
+            .auto_staging(false)
+            .sliced_tp(self.sliced_tp);
+        Ok(match self.busy_poll_us {
+            Some(us) => config
+                .busy_poll(Duration::from_micros(us))
+                .auto_busy_poll(false),
+            None => config,
+        })
+    }
+
+    /// Whether the KV pool is GPU memory (`--device gpu:N`).
+    fn on_gpu(&self) -> bool {
+        self.device.starts_with("gpu")
+    }
+
+    /// Whether active loops spin: `--spin`, or by default on GPU pools unless `--no-spin`.
+    fn spins(&self) -> bool {
+        self.spin || (self.on_gpu() && !self.no_spin)
     }
 
     /// The head layout of a page, when `--heads` is given: (heads, bytes per head), checked.
@@ -251,7 +279,7 @@ impl Pool {
     /// How long an active loop pauses between polls: `busy`, or nothing with `--spin` (then
     /// it only yields).
     fn pause(&self, busy: Duration) {
-        if self.spin {
+        if self.spins() {
             std::thread::yield_now();
         } else {
             std::thread::sleep(busy);
