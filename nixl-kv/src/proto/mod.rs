@@ -11,6 +11,7 @@ mod lists;
 pub mod lower;
 pub mod plan;
 pub mod prefill;
+pub mod route;
 pub mod slicing;
 pub mod staging;
 pub mod targeting;

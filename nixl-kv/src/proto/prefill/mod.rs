@@ -20,6 +20,7 @@ use super::lower::{
     Coords, ListId, ListKind, ListSpec, PackedPiece, list_spec, lower_explicit, lower_indexed,
 };
 use super::plan::{CopyOp, Run, aux_buffers, group_runs, plan_aux, plan_kv};
+use super::route::{PackArea, Route, RouteInputs};
 use super::slicing::{HeadSlice, SliceParams};
 use super::staging::{LocalSlots, Pushed, SlotSchedule, pages_per_piece, staging_layout};
 use super::{FailureReason, KvPoll, Layout};
@@ -132,6 +133,8 @@ struct Room {
     touched: Instant,
     /// The staged path, one per real decode (empty: the room is not staged).
     staged: Vec<StagedRoom>,
+    /// The route to each real decode, chosen at the first chunk (empty before it).
+    routes: Vec<(AgentName, Route)>,
 }
 
 impl Room {
@@ -145,6 +148,7 @@ impl Room {
             in_flight: 0,
             touched: now,
             staged: Vec::new(),
+            routes: Vec::new(),
         }
     }
 
@@ -569,6 +573,7 @@ impl PrefillCore {
         let infos: Vec<TransferInfo> = r.infos.iter().filter(|i| !i.is_dummy()).cloned().collect();
         if start == 0 {
             self.choose_staging(room, &infos, now);
+            self.choose_routes(room, &infos)?;
         }
         if self.rooms.get(&room).is_some_and(|r| !r.staged.is_empty()) {
             return self.stage_chunk(room, &infos, pages, last, aux_index);
@@ -606,25 +611,26 @@ impl PrefillCore {
                 pp: None,
             }
             .encode();
-            let direct = self.peers.get(&info.agent).is_some_and(|p| p.direct);
-            let coords = match self.head_slice(&peer) {
-                None if direct => Coords::Direct {
+            let route = self
+                .rooms
+                .get(&room)
+                .and_then(|r| r.routes.iter().find(|(a, _)| *a == info.agent))
+                .map(|(_, route)| *route)
+                .ok_or_else(|| FailureReason::DecodeNotRegistered(info.agent.clone()))?;
+            let coords = match route {
+                Route::Pages => self.lower_kv(&info.agent, &peer),
+                Route::Tokens(slice) => self.lower_sliced(&slice, &info.agent, &peer)?,
+                Route::Packed(slice, area) => self.lower_packed(&slice, area, &peer)?,
+                Route::Direct(slice) => Coords::Direct {
                     src: self.src_idx.clone(),
                     dst: self.dst_idx.clone(),
-                    slice: None,
+                    slice: slice.map(|s| s.token_slice()),
                 },
-                None => self.lower_kv(&info.agent, &peer),
-                Some(Ok(slice)) if direct => Coords::Direct {
-                    src: self.src_idx.clone(),
-                    dst: self.dst_idx.clone(),
-                    slice: Some(slice.token_slice()),
-                },
-                Some(slice) => {
-                    let slice = slice?;
-                    match self.lower_packed(&slice, &peer) {
-                        Some(packed) => packed,
-                        None => self.lower_sliced(&slice, &info.agent, &peer)?,
-                    }
+                // Staged rooms were lowered above, and every decode of one is staged.
+                Route::Staged => {
+                    return Err(FailureReason::Staging(
+                        "a staged route in a room that is not staged".into(),
+                    ));
                 }
             };
             out.push(Post {
@@ -646,6 +652,40 @@ impl PrefillCore {
             }
         }
         Ok(out)
+    }
+
+    /// Chooses the route to each real decode of `room` ([`route::choose`]), once, at its first
+    /// chunk (after the staged decision), and logs them. A decode that cannot take any route
+    /// fails the room.
+    ///
+    /// [`route::choose`]: super::route::choose
+    fn choose_routes(&mut self, room: RoomId, infos: &[TransferInfo]) -> Result<(), FailureReason> {
+        let staged = self.rooms.get(&room).is_some_and(|r| !r.staged.is_empty());
+        let mut routes = Vec::with_capacity(infos.len());
+        for info in infos {
+            let state = self
+                .peers
+                .get(&info.agent)
+                .ok_or_else(|| FailureReason::DecodeNotRegistered(info.agent.clone()))?;
+            let slice = self.head_slice(&state.peer);
+            let pack = match &slice {
+                Some(Ok(s)) => self.pack_area(s),
+                _ => None,
+            };
+            let inputs = RouteInputs {
+                staged,
+                mapped: state.direct,
+                slice,
+                pack,
+            };
+            let route = super::route::choose(&inputs)?;
+            tracing::debug!(%room, agent = %info.agent, %route, "route chosen");
+            routes.push((info.agent.clone(), route));
+        }
+        if let Some(r) = self.rooms.get_mut(&room) {
+            r.routes = routes;
+        }
+        Ok(())
     }
 
     /// The chunk's (prefill page, decode page) pairs, from `src_idx`/`dst_idx`.

@@ -72,31 +72,46 @@ impl PrefillCore {
         ))
     }
 
-    /// Lowers the KV pages in `src_idx`/`dst_idx` as packed pieces when packing is on and we
-    /// can gather (on GPU pools a staging buffer, so also a packing area of one slot; on host
-    /// pools host packing areas) and the slice fills the decode's token slots; `None` otherwise
-    /// (the explicit per-token path then).
-    pub(super) fn lower_packed(&self, slice: &HeadSlice, peer: &Peer) -> Option<Coords> {
+    /// Where `slice` can be packed into whole decode pages: packing is on and we can gather (on
+    /// GPU pools a staging buffer, so also a packing area of one slot; on host pools host
+    /// packing areas), the slice fills the decode's token slots, and an area holds at least one
+    /// page. `None`: the per-token path.
+    pub(super) fn pack_area(&self, slice: &HeadSlice) -> Option<PackArea> {
         let l = &self.layout;
         if !slice.fills_decode_slots() || l.kv_item_lens.iter().any(|&i| i != slice.src_item) {
             return None;
         }
         let nb = l.kv_ptrs.len() as u64;
-        let (area, per_page) = match l.kv_mem {
+        let (area, per_page, gpu) = match l.kv_mem {
             // A piece fits the area as decode pages, and one gather launch as our pages (the
             // staging kernels' table holds one slot's worth of our pages).
             MemType::Vram if self.packing => (
                 self.staging.as_ref()?.slot_bytes,
                 slice.dst_item.max(slice.src_item).checked_mul(nb)?,
+                true,
             ),
             // The CPU gathers any number of pages: a piece fills the area as decode pages.
-            MemType::Dram => (self.host_area?, slice.dst_item.checked_mul(nb)?),
+            MemType::Dram => (self.host_area?, slice.dst_item.checked_mul(nb)?, false),
             _ => return None,
         };
-        let per = usize::try_from(area / per_page.max(1)).ok()?;
-        if per == 0 {
-            return None;
-        }
+        let per = u32::try_from(area / per_page.max(1))
+            .ok()
+            .filter(|&p| p > 0)?;
+        Some(if gpu {
+            PackArea::Gpu { per }
+        } else {
+            PackArea::Host { per }
+        })
+    }
+
+    /// Lowers the KV pages in `src_idx`/`dst_idx` as packed pieces of `area`'s size.
+    pub(super) fn lower_packed(
+        &self,
+        slice: &HeadSlice,
+        area: PackArea,
+        peer: &Peer,
+    ) -> Result<Coords, FailureReason> {
+        let per = area.per() as usize;
         let pieces = self
             .src_idx
             .chunks(per)
@@ -107,8 +122,10 @@ impl PrefillCore {
                     copies: slice.packed_copies(&peer.kv_ptrs, dst)?,
                 })
             })
-            .collect::<Option<Vec<_>>>()?;
-        Some(Coords::Packed {
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| FailureReason::Slicing("a page address overflows".into()))?;
+        let l = &self.layout;
+        Ok(Coords::Packed {
             slice: slice.token_slice(),
             item: slice.dst_item,
             remote_mem: l.kv_mem,
