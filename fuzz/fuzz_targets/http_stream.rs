@@ -1,4 +1,4 @@
-//! Fuzzes the bootstrap server with raw HTTP: `nixl_kv::bootstrap::serve_stream` runs exactly
+//! Fuzzes the bootstrap server with raw HTTP: `nixl_kv::net::bootstrap::serve_stream` runs exactly
 //! the server's per-connection code (hyper with the head, body and timeout limits, the routes,
 //! the registration rule) over an in-memory duplex stream, on a current-thread runtime with
 //! paused time, so that stalled heads and bodies hit their timeouts at once instead of in
@@ -14,7 +14,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nixl_kv::bootstrap::{ServerLimits, serve_stream};
+use nixl_kv::net::bootstrap::{ServerLimits, serve_stream};
 use nixl_wire::http::{RankInfo, to_python_json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -1,6 +1,6 @@
-//! Fuzzes both ends of our ZMTP with raw byte streams: `nixl_kv::zmtp::replay` runs exactly
+//! Fuzzes both ends of our ZMTP with raw byte streams: `nixl_kv::net::zmtp::replay` runs exactly
 //! the prefill's PULL listener's per-connection code (greeting, `READY`, frames, commands,
-//! limits) over in-memory IO, and in raw mode `nixl_kv::zmtp::replay_push` also runs the same
+//! limits) over in-memory IO, and in raw mode `nixl_kv::net::zmtp::replay_push` also runs the same
 //! bytes as what a "prefill" answers the decode's PUSH connection (handshake, then the reader
 //! of what follows). Nothing may panic or hang, every delivered message must be within the
 //! limits, and a well-formed stream (the structured mode) must deliver exactly its messages.
@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use nixl_kv::zmtp::{PullLimits, PushReplay, Replay, replay, replay_push};
+use nixl_kv::net::zmtp::{PullLimits, PushReplay, Replay, replay, replay_push};
 use tokio::io::{AsyncRead, ReadBuf};
 
 thread_local! {

@@ -3,8 +3,8 @@
 
 use nixl_core::MemType;
 
-use crate::bootstrap::BootstrapError;
 use crate::driver::Mode;
+use crate::net::bootstrap::BootstrapError;
 
 /// Errors creating a manager, a sender or a receiver.
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,8 @@
 //!   one plan → lowering path (`group_concurrent_contiguous`, per-buffer address arithmetic,
 //!   indices into prepared descriptor lists); each emits one ordered queue of commands. No
 //!   sockets, no threads, no clock.
-//! - [`bootstrap`]: SGLang's bootstrap HTTP server (`/route` PUT and GET, plus `/health`) and
-//!   its client.
+//! - [`net`]: everything that touches a socket: SGLang's bootstrap HTTP server (`/route` PUT and
+//!   GET, plus `/health`) and its client, our bounded ZMTP, the threads they run on.
 //! - [`driver`]: the IO shell that carries the commands out: [`KvManager`] per engine rank,
 //!   [`KvSender`] per request on prefill, [`KvReceiver`] per request on decode; ZeroMQ sockets
 //!   and the NIXL agent.
@@ -22,13 +22,10 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod bootstrap;
-mod busy;
 pub mod driver;
 mod error;
+pub mod net;
 pub mod proto;
-mod runtime_thread;
-pub mod zmtp;
 
 pub use driver::{
     HostPacking, KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode,
@@ -36,6 +33,7 @@ pub use driver::{
     TableSizes,
 };
 pub use error::{ArgsError, Error};
+pub use net::bootstrap::BootstrapServer;
 pub use nixl_wire::RoomId;
 pub use proto::prefill::UnclaimedRoom;
 pub use proto::{BootstrapAddr, FailureReason, KvPoll};

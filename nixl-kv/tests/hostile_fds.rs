@@ -11,8 +11,8 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nixl_kv::bootstrap::{BootstrapClient, BootstrapServer, Health};
-use nixl_kv::zmtp::{PullLimits, PullListener};
+use nixl_kv::net::bootstrap::{BootstrapClient, BootstrapServer, Health};
+use nixl_kv::net::zmtp::{PullLimits, PullListener};
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()

@@ -6,7 +6,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use nixl_kv::bootstrap::{BootstrapClient, BootstrapServer, Health, ServerLimits};
+use nixl_kv::net::bootstrap::{BootstrapClient, BootstrapServer, Health, ServerLimits};
 use nixl_wire::http::PrefillRegistration;
 
 fn connect(addr: SocketAddr) -> TcpStream {

@@ -1,4 +1,4 @@
-//! Hostile or broken "prefills" against the decode's PUSH side (`nixl_kv::zmtp::PushClient`,
+//! Hostile or broken "prefills" against the decode's PUSH side (`nixl_kv::net::zmtp::PushClient`,
 //! the code behind the decode's ZMQ thread): raw TCP servers at an address a bootstrap server
 //! could name. Each must fail only its own send, within the configured bounds, and a following
 //! send to a good PULL listener on another endpoint must arrive. The process surviving is part
@@ -17,7 +17,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nixl_kv::zmtp::{PullLimits, PullListener, PushClient, PushLimits};
+use nixl_kv::net::zmtp::{PullLimits, PullListener, PushClient, PushLimits};
 
 const CONNECT: Duration = Duration::from_millis(1500);
 const SEND: Duration = Duration::from_millis(1500);

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use nixl_kv::zmtp::{PullLimits, PullListener};
+use nixl_kv::net::zmtp::{PullLimits, PullListener};
 use zeromq::{PushSocket, Socket, SocketSend, ZmqMessage};
 
 struct Pull {

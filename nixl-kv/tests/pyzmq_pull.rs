@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use nixl_kv::zmtp::{PushClient, PushLimits};
+use nixl_kv::net::zmtp::{PushClient, PushLimits};
 
 /// Binds a PULL with heartbeats every 100 ms (1 s timeout), prints its port, then for each of
 /// `n` messages its frame lengths and byte sums, then how many connections it accepted and

@@ -144,13 +144,14 @@ fn check_file(rel: &str, text: &str, errors: &mut Vec<String>) {
                 "{rel}:{n}: should_panic/ignore attribute (assert on Err; gate hardware by features)"
             ));
         }
-        if sans_io && !in_tests {
-            if let Some(what) = SANS_IO_FORBIDDEN.iter().find(|w| code.contains(*w)) {
-                errors.push(format!(
-                    "{rel}:{n}: `{what}` in the sans-IO core (clocks, threads, sockets and \
-                     files belong to the driver)"
-                ));
-            }
+        if sans_io
+            && !in_tests
+            && let Some(what) = SANS_IO_FORBIDDEN.iter().find(|w| code.contains(*w))
+        {
+            errors.push(format!(
+                "{rel}:{n}: `{what}` in the sans-IO core (clocks, threads, sockets and \
+                 files belong to the driver)"
+            ));
         }
         if sans_io && code.trim_start().starts_with("#[cfg(test)]") {
             in_tests = true;

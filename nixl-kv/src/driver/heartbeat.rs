@@ -7,8 +7,8 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use super::{Shared, lock};
-use crate::bootstrap::{BootstrapClient, Health};
 use crate::error::Error;
+use crate::net::bootstrap::{BootstrapClient, Health};
 use crate::proto::decode::Heartbeat;
 
 pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), Error> {

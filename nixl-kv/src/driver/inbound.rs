@@ -11,8 +11,8 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TryRecvError,
 use nixl_wire::PrefillInbound;
 
 use super::{Shared, exec, lock};
-use crate::busy;
 use crate::error::Error;
+use crate::net::busy;
 
 /// Frame sets waiting for the inbound thread; past this a message is dropped (and logged), so
 /// a flood cannot grow memory without bound.

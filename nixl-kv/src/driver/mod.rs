@@ -38,8 +38,8 @@ pub use config::{
 pub use receiver::KvReceiver;
 pub use sender::KvSender;
 
-use crate::bootstrap::BootstrapClient;
 use crate::error::Error;
+use crate::net::bootstrap::BootstrapClient;
 use crate::proto::decode::{DecodeCore, DecodeTimers, Identity};
 use crate::proto::prefill::{PrefillCore, Proofs, UnclaimedRoom};
 
@@ -112,7 +112,7 @@ pub(crate) struct PrefillIo {
     /// Signalled (with `core`) whenever a decode's message was applied.
     pub(crate) arrivals: Condvar,
     /// When the last decode message arrived (the busy-poll window of `wait_unclaimed`).
-    pub(crate) activity: crate::busy::Activity,
+    pub(crate) activity: crate::net::busy::Activity,
     /// Prepared lists; held while commands run, so they run in queue order.
     pub(crate) exec: Mutex<exec::Lists>,
     /// Posted requests per room, until their sender sees them end.
@@ -251,7 +251,7 @@ impl KvManager {
             role: Role::Prefill(PrefillIo {
                 core: Mutex::new(core),
                 arrivals: Condvar::new(),
-                activity: crate::busy::Activity::new(),
+                activity: crate::net::busy::Activity::new(),
                 exec: Mutex::default(),
                 in_flight: Mutex::default(),
                 made_prepared: AtomicU64::new(0),
@@ -383,7 +383,9 @@ impl KvManager {
         };
         let deadline = Instant::now() + timeout;
         let spin = p.activity.left(self.shared.config.busy_poll).min(timeout);
-        if crate::busy::poll_for(spin, || lock(&p.core).has_unclaimed().then_some(())).is_some() {
+        if crate::net::busy::poll_for(spin, || lock(&p.core).has_unclaimed().then_some(()))
+            .is_some()
+        {
             return true;
         }
         let mut core = lock(&p.core);

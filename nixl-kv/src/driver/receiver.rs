@@ -7,8 +7,8 @@ use std::time::Instant;
 use nixl_wire::RoomId;
 
 use super::{DecodeIo, KvManager, Mode, Shared, exec, lock};
-use crate::bootstrap::BootstrapClient;
 use crate::error::Error;
+use crate::net::bootstrap::BootstrapClient;
 use crate::proto::decode::Lookup;
 use crate::proto::{BootstrapAddr, FailureReason, KvPoll};
 

@@ -1,5 +1,5 @@
 //! The ZeroMQ side: one thread running a small tokio runtime, holding the prefill's PULL
-//! listener or the decode's PUSH connections, both our bounded ZMTP ([`crate::zmtp`]).
+//! listener or the decode's PUSH connections, both our bounded ZMTP ([`crate::net::zmtp`]).
 //!
 //! PULL: one task per peer, so a bad connection ends only itself, and every length is checked
 //! before it is allocated. PUSH: one task per prefill endpoint, so a stalled or hostile prefill
@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::zmtp::{self, PullLimits, PushLimits, Pusher};
+use crate::net::zmtp::{self, PullLimits, PushLimits, Pusher};
 
 /// Handle to the ZMQ thread; stops it when dropped.
 pub(crate) struct ZmqThread {
@@ -32,12 +32,12 @@ impl ZmqThread {
         on_message: Box<dyn Fn(Vec<Bytes>) + Send>,
         busy_poll: std::time::Duration,
     ) -> Result<(Self, Option<u16>), String> {
-        let hot = Arc::new(crate::busy::Hot::new(busy_poll));
+        let hot = Arc::new(crate::net::busy::Hot::new(busy_poll));
         let (pusher, jobs) = Pusher::new(PushLimits::default());
         let pusher = pusher.busy_poll(Arc::clone(&hot));
         let limits = pusher.limits();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Option<u16>, String>>();
-        let thread = crate::runtime_thread::spawn(
+        let thread = crate::net::thread::spawn(
             "kv-zmq",
             {
                 let ready_tx = ready_tx.clone();

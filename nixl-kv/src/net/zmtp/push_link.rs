@@ -214,7 +214,7 @@ pub async fn replay_push<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::zmtp::{PullLimits, replay};
+    use crate::net::zmtp::{PullLimits, replay};
 
     fn block_on<F: Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()

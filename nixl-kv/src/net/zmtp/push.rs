@@ -66,7 +66,7 @@ pub(crate) struct Pusher {
     limits: Arc<PushLimits>,
     /// Told of every send, to keep the runtime hot; a send polls for its outcome for the
     /// window before it blocks.
-    hot: Option<Arc<crate::busy::Hot>>,
+    hot: Option<Arc<crate::net::busy::Hot>>,
 }
 
 impl Pusher {
@@ -87,7 +87,7 @@ impl Pusher {
 
     /// Sends touch `hot` and poll for their outcome without sleeping for up to its window
     /// before they block.
-    pub(crate) fn busy_poll(mut self, hot: Arc<crate::busy::Hot>) -> Self {
+    pub(crate) fn busy_poll(mut self, hot: Arc<crate::net::busy::Hot>) -> Self {
         self.hot = Some(hot);
         self
     }
@@ -113,7 +113,7 @@ impl Pusher {
                 done,
             })
             .map_err(|_| "zmq thread stopped")?;
-        let polled = crate::busy::poll_for(window, || match rx.try_recv() {
+        let polled = crate::net::busy::poll_for(window, || match rx.try_recv() {
             Ok(res) => Some(res),
             Err(std_mpsc::TryRecvError::Disconnected) => Some(Err("zmq thread stopped".into())),
             Err(std_mpsc::TryRecvError::Empty) => None,
@@ -288,7 +288,7 @@ impl PushClient {
     pub fn start(limits: PushLimits) -> std::io::Result<Self> {
         let (pusher, jobs) = Pusher::new(limits);
         let shared = pusher.limits();
-        let thread = crate::runtime_thread::spawn(
+        let thread = crate::net::thread::spawn(
             "kv-zmtp-push",
             |e| tracing::error!(error = %e, "the ZMQ PUSH runtime failed to start"),
             move || route(jobs, shared),

@@ -26,11 +26,11 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWrite
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use super::gate::{AcceptGate, RateLog, tick};
 use super::wire::{
     Header, PeerError, command_reply, greeting, proto, read_body, read_greeting, read_header,
     read_ready, ready,
 };
+use crate::net::gate::{AcceptGate, RateLog, tick};
 
 /// Bounds on what one peer may send.
 #[derive(Debug, Clone)]
@@ -323,7 +323,7 @@ impl PullListener {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<SocketAddr>>();
         let (stop, stopped) = oneshot::channel::<()>();
         let endpoint = endpoint.to_owned();
-        let thread = crate::runtime_thread::spawn(
+        let thread = crate::net::thread::spawn(
             "kv-zmtp-pull",
             {
                 let ready_tx = ready_tx.clone();

@@ -58,7 +58,7 @@ use nixl_wire::http::{ParallelInfo, PrefillRegistration, RankInfo, RouteQuery, t
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use crate::zmtp::{AcceptGate, RateLog, tick};
+use crate::net::gate::{AcceptGate, RateLog, tick};
 
 /// Errors of the bootstrap server and client.
 #[derive(Debug, thiserror::Error)]
@@ -216,7 +216,7 @@ impl BootstrapServer {
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let thread = crate::runtime_thread::spawn(
+        let thread = crate::net::thread::spawn(
             "kv-bootstrap",
             {
                 let ready_tx = ready_tx.clone();

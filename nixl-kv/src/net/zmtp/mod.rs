@@ -27,7 +27,6 @@
     reason = "ZMTP lengths are in network byte order"
 )]
 
-mod gate;
 mod pull;
 mod push;
 mod push_link;
@@ -37,7 +36,6 @@ use std::io;
 
 use tokio::net::TcpListener;
 
-pub(crate) use gate::{AcceptGate, RateLog, tick};
 pub use pull::{PullLimits, PullListener, Replay, replay};
 pub(crate) use pull::{QUEUE, deliver, serve};
 pub use push::{PushClient, PushLimits};
