@@ -50,11 +50,11 @@ pub struct ManagerConfig {
     /// How long the manager's own waits poll without sleeping after traffic before they
     /// block: the prefill's inbound thread after each message, [`KvManager::wait_unclaimed`]
     /// after the last message, a decode waiting for its send to reach the socket, and the ZMQ
-    /// thread after each message sent or received. Zero (the default) always blocks; a window
-    /// of a millisecond or two saves the thread wake-ups of a request that follows another
-    /// closely (on the H200's host, the protocol's cost per request went from 0.10–0.11 to
-    /// 0.08–0.10 ms with 2 ms), at the cost of a core per polling thread while traffic flows
-    /// (none once the window has passed).
+    /// thread after each message sent or received. Zero always blocks (the default on host
+    /// pools; GPU pools get [`RECOMMENDED_BUSY_POLL`], see [`ManagerConfig::auto_busy_poll`]);
+    /// a window of a millisecond or two saves the thread wake-ups of a request that follows
+    /// another closely (BENCHMARKS.md has the figures), at the cost of a core per polling thread
+    /// while traffic flows (none once the window has passed).
     ///
     /// [`KvManager::wait_unclaimed`]: crate::KvManager::wait_unclaimed
     pub busy_poll: Duration,
@@ -119,18 +119,19 @@ pub struct StagingConfig {
     pub direct: bool,
     /// Prefill: head slices for a decode of a larger TP size that does not go direct are
     /// gathered into whole decode pages and written as pages (the packed path, docs/protocol.md
-    /// §5.6) instead of one descriptor per token slot. On by default (on the H200, 47× faster
-    /// than the per-token descriptors for a 32-page request of TP 1 → 2); off, such decodes get
-    /// SGLang's per-token descriptors.
+    /// §5.6) instead of one descriptor per token slot. On by default (much faster than the
+    /// per-token descriptors: BENCHMARKS.md); off, such decodes get SGLang's per-token
+    /// descriptors.
     pub packed: bool,
 }
 
-/// Busy-poll window managers over GPU pools take by default (docs/runtime.md §12): long
-/// enough to cover the gap between the requests of one stream, short enough that an idle
-/// manager sleeps again within milliseconds.
+/// Busy-poll window managers over GPU pools take by default: long enough to cover the gap
+/// between the requests of one stream, short enough that an idle manager sleeps again within
+/// milliseconds (chosen by a sweep of 0 to 5 ms on the lent H100: BENCHMARKS.md, session 10).
 pub const RECOMMENDED_BUSY_POLL: Duration = Duration::from_millis(2);
 
-/// Slots of [`StagingConfig::recommended`].
+/// Slots of [`StagingConfig::recommended`] (8 × 64 MiB beat 4 × 16 MiB by 1.6× at 32 pages and
+/// 3× at 256 on the lent H100: BENCHMARKS.md, session 10).
 pub const RECOMMENDED_SLOTS: u32 = 8;
 /// MiB per slot of [`StagingConfig::recommended`].
 pub const RECOMMENDED_SLOT_MIB: u64 = 64;
