@@ -132,66 +132,6 @@ fn run(
         Command::Release(id) => {
             lists.lists.remove(&id);
         }
-        Command::Post(post) if matches!(post.coords, Coords::Direct { .. }) => {
-            let Coords::Direct { src, dst, slice } = &post.coords else {
-                return;
-            };
-            // Only a core told `with_direct` lowers to Direct, and only a prefill with a
-            // staging buffer (and its kernels) tells it so.
-            let res = match &p.gpu {
-                Some(gpu) => {
-                    let notif = post.notif.clone();
-                    lock(gpu).direct(post.room, post.peer.as_str(), src, dst, *slice, notif)
-                }
-                None => Err("this prefill cannot launch direct copies".into()),
-            };
-            match res {
-                Ok(()) => {
-                    p.made_direct.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(reason) => {
-                    tracing::warn!(room = %post.room, peer = %post.peer, %reason, "direct copy not launched");
-                    let reason = FailureReason::Transfer {
-                        peer: post.peer.as_str().to_owned(),
-                        reason,
-                    };
-                    outcomes.push(Outcome::Done(post.room, Err(reason)));
-                }
-            }
-        }
-        Command::Post(post) if matches!(post.coords, Coords::Packed { .. }) => {
-            // Only a core told `with_host_packing` (host pools) or `with_staging` and
-            // `with_packing` (GPU pools, with the kernels) packs.
-            let res = match (&p.host_pack, &p.gpu) {
-                (Some(hp), _) => lock(hp).push(
-                    post.room,
-                    post.peer.as_str(),
-                    &post.coords,
-                    post.notif.clone(),
-                ),
-                (None, Some(gpu)) => lock(gpu).pack(
-                    agent,
-                    post.room,
-                    post.peer.as_str(),
-                    &post.coords,
-                    post.notif.clone(),
-                ),
-                (None, None) => Err("this prefill cannot pack head slices".into()),
-            };
-            match res {
-                Ok(()) => {
-                    p.made_packed.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(reason) => {
-                    tracing::warn!(room = %post.room, peer = %post.peer, %reason, "packed chunk not queued");
-                    let reason = FailureReason::Transfer {
-                        peer: post.peer.as_str().to_owned(),
-                        reason,
-                    };
-                    outcomes.push(Outcome::Done(post.room, Err(reason)));
-                }
-            }
-        }
         Command::OpenDirect {
             agent: name,
             pools,
@@ -205,20 +145,13 @@ fn run(
             outcomes.push(Outcome::DirectOpened(name, res));
         }
         Command::Post(post) => {
-            let room = post.room;
-            match make(agent, p, lists, &post).and_then(|req| {
-                req.post().map_err(|e| e.to_string())?;
-                Ok(req)
-            }) {
-                Ok(req) => posted.push((room, req)),
-                Err(reason) => {
-                    tracing::warn!(%room, peer = %post.peer, %reason, "transfer not posted");
-                    let reason = FailureReason::Transfer {
-                        peer: post.peer.as_str().to_owned(),
-                        reason,
-                    };
-                    outcomes.push(Outcome::Done(room, Err(reason)));
-                }
+            if let Err(reason) = execute(agent, p, lists, &post, posted) {
+                tracing::warn!(room = %post.room, peer = %post.peer, %reason, "transfer not started");
+                let reason = FailureReason::Transfer {
+                    peer: post.peer.as_str().to_owned(),
+                    reason,
+                };
+                outcomes.push(Outcome::Done(post.room, Err(reason)));
             }
         }
         Command::Notify { agents, payload } => {
@@ -268,7 +201,55 @@ pub(crate) fn progress(agent: &Agent, p: &PrefillIo) {
     }
 }
 
-fn make(agent: &Agent, p: &PrefillIo, lists: &Lists, post: &Post) -> Result<XferRequest, String> {
+/// Starts a posted chunk by its kind, one executor each, and counts it once it started.
+fn execute(
+    agent: &Agent,
+    p: &PrefillIo,
+    lists: &Lists,
+    post: &Post,
+    posted: &mut Vec<(RoomId, XferRequest)>,
+) -> Result<(), String> {
+    let counter = match &post.coords {
+        Coords::Indexed { .. } | Coords::Explicit { .. } => {
+            let req = make(agent, lists, post)?;
+            req.post().map_err(|e| e.to_string())?;
+            posted.push((post.room, req));
+            match post.coords {
+                Coords::Indexed { .. } => &p.made_prepared,
+                _ => &p.made_explicit,
+            }
+        }
+        Coords::Direct { src, dst, slice } => {
+            // Only a core told `with_direct` routes to Direct, and only a prefill with a staging
+            // buffer (and its kernels) tells it so.
+            let gpu = p
+                .gpu
+                .as_ref()
+                .ok_or("this prefill cannot launch direct copies")?;
+            let notif = post.notif.clone();
+            lock(gpu).direct(post.room, post.peer.as_str(), src, dst, *slice, notif)?;
+            &p.made_direct
+        }
+        Coords::Packed { .. } => {
+            // The core routes to Packed only where an area exists: host areas on host pools,
+            // the staging buffer's packing slot on GPU pools.
+            let notif = post.notif.clone();
+            match (&p.host_pack, &p.gpu) {
+                (Some(hp), _) => lock(hp).push(post.room, post.peer.as_str(), &post.coords, notif),
+                (None, Some(gpu)) => {
+                    lock(gpu).pack(agent, post.room, post.peer.as_str(), &post.coords, notif)
+                }
+                (None, None) => Err("this prefill cannot pack head slices".into()),
+            }?;
+            &p.made_packed
+        }
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The NIXL request of a WRITE chunk: indices into two prepared lists, or explicit descriptors.
+fn make(agent: &Agent, lists: &Lists, post: &Post) -> Result<XferRequest, String> {
     if post.coords.is_empty() {
         return Err("nothing to transfer (the decode registered no matching buffers)".into());
     }
@@ -283,19 +264,16 @@ fn make(agent: &Agent, p: &PrefillIo, lists: &Lists, post: &Post) -> Result<Xfer
             let (Some(l), Some(r)) = (lists.lists.get(local), lists.lists.get(remote)) else {
                 return Err("a prepared descriptor list is missing".into());
             };
-            p.made_prepared.fetch_add(1, Ordering::Relaxed);
             agent
                 .make_request(XferOp::Write, l, local_idx, r, remote_idx, notif)
                 .map_err(|e| e.to_string())
         }
-        Coords::Explicit { local, remote } => {
-            p.made_explicit.fetch_add(1, Ordering::Relaxed);
-            agent
-                .create_request(XferOp::Write, local, remote, post.peer.as_str(), notif)
-                .map_err(|e| e.to_string())
+        Coords::Explicit { local, remote } => agent
+            .create_request(XferOp::Write, local, remote, post.peer.as_str(), notif)
+            .map_err(|e| e.to_string()),
+        Coords::Direct { .. } | Coords::Packed { .. } => {
+            Err("not a NIXL request (started by its own executor)".into())
         }
-        Coords::Direct { .. } => Err("a direct copy is not a NIXL request".into()),
-        Coords::Packed { .. } => Err("a packed chunk is not one NIXL request".into()),
     }
 }
 
