@@ -24,9 +24,6 @@ use super::{BootstrapAddr, FailureReason, KvPoll};
 /// the same endpoint) knows it again before its next request. SGLang prefills ignore repeats.
 pub const REREGISTER_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Proofs kept (one per prefill rank endpoint).
-const MAX_PROOFS: usize = 4096;
-
 /// Parallel sizes a bootstrap server may announce; larger ones are refused before anything is
 /// sized by them.
 pub const MAX_PARALLEL_SIZE: u32 = 1 << 16;
@@ -273,27 +270,14 @@ impl Progress {
     }
 }
 
-#[derive(Debug, Default)]
-struct Prefill {
-    /// (TP size, DP size).
-    parallel: Option<(u32, u32)>,
-    failures: u32,
-    no_route: bool,
-}
-
 /// The decode side of one engine rank.
 #[derive(Debug)]
 pub struct DecodeCore {
     me: Identity,
     timers: DecodeTimers,
     rooms: HashMap<RoomId, Room>,
-    prefills: HashMap<BootstrapAddr, Prefill>,
-    pools: HashMap<PoolKey, Vec<Target>>,
-    /// When each prefill endpoint last got our registration.
-    registered: HashMap<String, Instant>,
-    /// The proof each prefill endpoint asked us to echo (ours; SGLang prefills send none).
-    proofs: HashMap<String, String>,
-    last_heartbeat: Instant,
+    /// The prefills this decode reaches: sizes, pool entries, registrations, proofs, heartbeats.
+    directory: PrefillDirectory,
     commands: VecDeque<Command>,
     /// Our staging ring's slots (`None`: the staged path is off).
     ring: Option<SlotRing>,
@@ -305,11 +289,7 @@ impl DecodeCore {
         Self {
             timers,
             rooms: HashMap::new(),
-            prefills: HashMap::new(),
-            pools: HashMap::new(),
-            registered: HashMap::new(),
-            proofs: HashMap::new(),
-            last_heartbeat: now,
+            directory: PrefillDirectory::new(now),
             commands: VecDeque::new(),
             ring: me
                 .staging
@@ -379,7 +359,7 @@ impl DecodeCore {
         if !r.targets.is_empty() {
             return Lookup::Ready;
         }
-        let Some((ptp, pdp)) = self.prefills.get(&r.bootstrap).and_then(|p| p.parallel) else {
+        let Some((ptp, pdp)) = self.directory.parallel(&r.bootstrap) else {
             return Lookup::Parallel(r.bootstrap.clone());
         };
         let remote = ptp / pdp.max(1);
@@ -395,7 +375,7 @@ impl DecodeCore {
             dp_group: dp_group(room.get(), r.dp_rank, pdp),
             rank: t.real,
         };
-        if let Some(pool) = self.pools.get(&key).cloned()
+        if let Some(pool) = self.directory.pool(&key).cloned()
             && let Some(r) = self.rooms.get_mut(&room)
         {
             r.targets = pool;
@@ -433,7 +413,7 @@ impl DecodeCore {
             Ok(_) => Err(FailureReason::NoPrefillRegistered(bootstrap.clone())),
         };
         match sizes {
-            Ok(s) => self.prefills.entry(bootstrap).or_default().parallel = Some(s),
+            Ok(s) => self.directory.learn_parallel(bootstrap, s),
             Err(reason) => self.fail(room, reason),
         }
     }
@@ -455,11 +435,7 @@ impl DecodeCore {
                 return;
             }
         };
-        let Some(&(ptp, pdp)) = self
-            .prefills
-            .get(&key.bootstrap)
-            .and_then(|p| p.parallel.as_ref())
-        else {
+        let Some((ptp, pdp)) = self.directory.parallel(&key.bootstrap) else {
             return;
         };
         let t = match self.targets(ptp / pdp.max(1)) {
@@ -483,15 +459,12 @@ impl DecodeCore {
                 dummy,
             })
             .collect();
-        for target in &pool {
-            // New endpoints get the registration with the next transfer info.
-            self.registered.remove(&target.endpoint);
-        }
         if let Some(r) = self.rooms.get_mut(&room) {
             r.targets = pool.clone();
             r.required = t.required_dst_info_num;
         }
-        self.pools.insert(key, pool);
+        // New endpoints get the registration with the next transfer info.
+        self.directory.store_pool(key, pool);
     }
 
     fn registration(&self) -> Vec<Bytes> {
@@ -563,17 +536,13 @@ impl DecodeCore {
         let due: Vec<String> = r
             .targets
             .iter()
-            .filter(|t| {
-                self.registered
-                    .get(&t.endpoint)
-                    .is_none_or(|&at| now.saturating_duration_since(at) >= REREGISTER_INTERVAL)
-            })
+            .filter(|t| self.directory.registration_due(&t.endpoint, now))
             .map(|t| t.endpoint.clone())
             .collect();
         if !due.is_empty() {
             let reg = self.registration();
             for endpoint in due {
-                self.registered.insert(endpoint.clone(), now);
+                self.directory.registered(endpoint.clone(), now);
                 self.commands.push_back(Command::Send {
                     room,
                     endpoint,
@@ -605,8 +574,8 @@ impl DecodeCore {
         }
         for (t, granted) in r.targets.iter().zip(&granted) {
             let mut trailing: Vec<Bytes> = self
-                .proofs
-                .get(&t.endpoint)
+                .directory
+                .proof(&t.endpoint)
                 .map(|p| vec![ext::proof_frame(p)])
                 .unwrap_or_default();
             if !t.dummy && !granted.is_empty() {
@@ -647,31 +616,7 @@ impl DecodeCore {
                 reason,
             },
         );
-        let stale: Vec<PoolKey> = self
-            .pools
-            .iter()
-            .filter(|(_, targets)| targets.iter().any(|t| t.endpoint == endpoint))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in stale {
-            self.forget_bootstrap(&key.bootstrap);
-        }
-    }
-
-    fn forget_bootstrap(&mut self, bootstrap: &BootstrapAddr) {
-        let registered = &mut self.registered;
-        self.pools.retain(|k, targets| {
-            let keep = &k.bootstrap != bootstrap;
-            if !keep {
-                for t in targets.iter() {
-                    registered.remove(&t.endpoint);
-                }
-            }
-            keep
-        });
-        if let Some(p) = self.prefills.get_mut(bootstrap) {
-            p.parallel = None;
-        }
+        self.directory.forget_endpoint(endpoint);
     }
 
     /// Handles one notification payload. Unknown rooms and malformed payloads are logged and
@@ -684,10 +629,7 @@ impl DecodeCore {
             return;
         }
         if let Some(p) = ProofNotice::decode(payload) {
-            if self.proofs.len() < MAX_PROOFS || self.proofs.contains_key(&p.endpoint) {
-                tracing::debug!(peer, endpoint = %p.endpoint, "prefill proof received");
-                self.proofs.insert(p.endpoint, p.secret);
-            }
+            self.directory.learn_proof(p.endpoint, p.secret);
             return;
         }
         let n = match Notification::decode(payload) {
@@ -754,7 +696,7 @@ impl DecodeCore {
             // The prefill may have lost our registration (a load that failed while the link
             // was down): the next request to these ranks registers again.
             for target in &r.targets {
-                self.registered.remove(&target.endpoint);
+                self.directory.unregister(&target.endpoint);
             }
             self.end_slots(room, false);
             return KvPoll::Failed;
@@ -787,18 +729,19 @@ impl DecodeCore {
     /// The bootstrap servers to check now: every `heartbeat_interval`, those with unfinished
     /// rooms or cached connection info (minus servers without `/health`). Empty between rounds.
     pub fn heartbeat_due(&mut self, now: Instant) -> Vec<BootstrapAddr> {
-        let interval = self.timers.heartbeat_interval;
-        if now.saturating_duration_since(self.last_heartbeat) < interval {
+        if !self
+            .directory
+            .heartbeat_round(now, self.timers.heartbeat_interval)
+        {
             return Vec::new();
         }
-        self.last_heartbeat = now;
         let mut due: Vec<BootstrapAddr> = self
             .rooms
             .values()
             .filter(|r| r.concluded.is_none())
             .map(|r| r.bootstrap.clone())
-            .chain(self.pools.keys().map(|k| k.bootstrap.clone()))
-            .filter(|b| !self.prefills.get(b).is_some_and(|p| p.no_route))
+            .chain(self.directory.pooled().cloned())
+            .filter(|b| self.directory.heartbeats(b))
             .collect();
         due.sort();
         due.dedup();
@@ -809,77 +752,52 @@ impl DecodeCore {
     /// failures every unfinished room of that prefill fails and its cached lookups are
     /// forgotten. Returns how many rooms failed.
     pub fn heartbeat_result(&mut self, bootstrap: &BootstrapAddr, outcome: Heartbeat) -> usize {
-        let p = self.prefills.entry(bootstrap.clone()).or_default();
-        match outcome {
-            Heartbeat::Up => {
-                p.failures = 0;
-                0
-            }
-            Heartbeat::NoRoute => {
-                tracing::info!(%bootstrap, "bootstrap server has no /health; heartbeats off for it");
-                p.no_route = true;
-                0
-            }
-            Heartbeat::Down(reason) => {
-                p.failures += 1;
-                tracing::warn!(%bootstrap, failures = p.failures, %reason, "heartbeat failed");
-                if p.failures < self.timers.heartbeat_max_failures {
-                    return 0;
-                }
-                p.failures = 0;
-                let mut n = 0;
-                for r in self
-                    .rooms
-                    .values_mut()
-                    .filter(|r| &r.bootstrap == bootstrap && r.concluded.is_none())
-                {
-                    r.failure = Some(FailureReason::PrefillUnreachable {
-                        bootstrap: bootstrap.clone(),
-                        reason: reason.clone(),
-                    });
-                    r.concluded = Some(KvPoll::Failed);
-                    n += 1;
-                }
-                self.forget_bootstrap(bootstrap);
-                tracing::error!(%bootstrap, rooms = n, "prefill declared dead");
-                n
-            }
+        let max = self.timers.heartbeat_max_failures;
+        if !self.directory.heartbeat_outcome(bootstrap, &outcome, max) {
+            return 0;
         }
+        let Heartbeat::Down(reason) = outcome else {
+            return 0;
+        };
+        let mut n = 0;
+        for r in self
+            .rooms
+            .values_mut()
+            .filter(|r| &r.bootstrap == bootstrap && r.concluded.is_none())
+        {
+            r.failure = Some(FailureReason::PrefillUnreachable {
+                bootstrap: bootstrap.clone(),
+                reason: reason.clone(),
+            });
+            r.concluded = Some(KvPoll::Failed);
+            n += 1;
+        }
+        self.directory.forget(bootstrap);
+        tracing::error!(%bootstrap, rooms = n, "prefill declared dead");
+        n
     }
 
     /// The cached connection-pool entries of `bootstrap`, with the ranks to look up again to
     /// check them ([`DecodeCore::pool_checked`]), after a heartbeat found it up.
     pub fn pools_of(&self, bootstrap: &BootstrapAddr) -> Vec<(PoolKey, Vec<u32>)> {
-        let Some((ptp, pdp)) = self.prefills.get(bootstrap).and_then(|p| p.parallel) else {
+        let Some((ptp, pdp)) = self.directory.parallel(bootstrap) else {
             return Vec::new();
         };
         let Ok(t) = self.targets(ptp / pdp.max(1)) else {
             return Vec::new();
         };
-        self.pools
-            .keys()
-            .filter(|k| &k.bootstrap == bootstrap && k.rank == t.real)
-            .map(|k| (k.clone(), t.ranks.iter().map(|&(r, _)| r).collect()))
+        let ranks: Vec<u32> = t.ranks.iter().map(|&(r, _)| r).collect();
+        self.directory
+            .pool_keys(bootstrap, t.real)
+            .into_iter()
+            .map(|k| (k, ranks.clone()))
             .collect()
     }
 
     /// What the bootstrap server says now about a cached pool entry: when a rank moved (a
     /// prefill restarted), the entry is forgotten, so the next receiver registers afresh.
     pub fn pool_checked(&mut self, key: &PoolKey, ranks: Result<Vec<RankInfo>, String>) {
-        let Ok(infos) = ranks else { return };
-        let Some(targets) = self.pools.get(key) else {
-            return;
-        };
-        let now: Vec<String> = infos.iter().map(endpoint_of).collect();
-        let cached: Vec<&str> = targets.iter().map(|t| t.endpoint.as_str()).collect();
-        if cached != now.iter().map(String::as_str).collect::<Vec<_>>() {
-            tracing::info!(bootstrap = %key.bootstrap, ?cached, ?now, "prefill ranks moved; cached connection info dropped");
-            if let Some(old) = self.pools.remove(key) {
-                for t in old {
-                    self.registered.remove(&t.endpoint);
-                }
-            }
-        }
+        self.directory.pool_checked(key, ranks);
     }
 
     /// The failure reason of `room`.
@@ -902,9 +820,11 @@ impl DecodeCore {
 
     /// Cached connection-pool entries (for leak checks).
     pub fn pools(&self) -> usize {
-        self.pools.len()
+        self.directory.pools()
     }
 }
 
+mod directory;
 mod staged;
+use directory::PrefillDirectory;
 use staged::note_writer;

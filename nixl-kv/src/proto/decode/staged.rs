@@ -147,8 +147,8 @@ impl DecodeCore {
             return;
         };
         let trailing = self
-            .proofs
-            .get(&endpoint)
+            .directory
+            .proof(&endpoint)
             .map(|p| vec![ext::proof_frame(p)])
             .unwrap_or_default();
         let freed = FreedMessage {
