@@ -1,7 +1,7 @@
 //! The prefill's inbound thread: the ZeroMQ thread only queues raw frame sets (a bounded
 //! crossbeam channel); this thread decodes them, applies them to the core, runs the commands
-//! they cause (NIXL metadata loads stay off the socket's runtime) and expires orphan rooms on
-//! the clock, whether or not traffic arrives.
+//! they cause (NIXL metadata loads stay off the socket's runtime) and runs the core's timeouts
+//! when it says they are due, whether or not traffic arrives.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -18,8 +18,9 @@ use crate::net::busy;
 /// a flood cannot grow memory without bound.
 const QUEUE: usize = 4096;
 
-/// How often orphan rooms are looked for, at most.
-const TICK: Duration = Duration::from_secs(1);
+/// How often the agent is progressed when nothing else wakes the thread (freed-slot notices of
+/// our decodes arrive as notifications).
+const PROGRESS: Duration = Duration::from_secs(1);
 
 pub(crate) fn queue() -> (Sender<Vec<Bytes>>, Receiver<Vec<Bytes>>) {
     channel::bounded(QUEUE)
@@ -41,13 +42,10 @@ pub(crate) fn offer(tx: &Sender<Vec<Bytes>>, frames: Vec<Bytes>) {
 
 pub(crate) fn start(shared: &Arc<Shared>, rx: Receiver<Vec<Bytes>>) -> Result<(), Error> {
     let weak = Arc::downgrade(shared);
-    let tick = TICK
-        .min(shared.config.orphan_timeout / 2)
-        .max(Duration::from_millis(10));
     let busy = shared.config.busy_poll;
     let handle = std::thread::Builder::new()
         .name("kv-inbound".into())
-        .spawn(move || run(&weak, &rx, tick, busy))
+        .spawn(move || run(&weak, &rx, busy))
         .map_err(|source| Error::Thread {
             name: "kv-inbound",
             source,
@@ -71,12 +69,17 @@ fn next(
     polled.unwrap_or_else(|| rx.recv_timeout(wait.saturating_sub(spin)))
 }
 
-fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, tick: Duration, busy: Duration) {
-    let mut next_tick = Instant::now() + tick;
+/// Applies messages as they come; between them, sleeps until the core's next timeout
+/// ([`crate::proto::prefill::PrefillCore::poll_timeout`]) or the next progress of the agent,
+/// whichever is first.
+fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, busy: Duration) {
+    let mut next_progress = Instant::now() + PROGRESS;
+    let mut next_timeout: Option<Instant> = None;
     // What is left of the busy window the last message opened.
     let mut spin = Duration::ZERO;
     loop {
-        let wait = next_tick.saturating_duration_since(Instant::now());
+        let wake = next_timeout.map_or(next_progress, |t| t.min(next_progress));
+        let wait = wake.saturating_duration_since(Instant::now());
         let got = next(rx, wait, spin);
         let Some(s) = weak.upgrade() else { return };
         if s.stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -95,17 +98,20 @@ fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, tick: Duration, busy: Dur
             Err(RecvTimeoutError::Disconnected) => return,
         }
         let now = Instant::now();
-        if now >= next_tick {
+        if now >= next_progress {
             exec::progress(&s.agent, p);
+            next_progress = now + PROGRESS;
+        }
+        if next_timeout.is_some_and(|t| now >= t) {
             let expired = lock(&p.core).handle_timeout(now);
             if expired > 0 {
                 tracing::debug!(expired, "orphan rooms dropped");
             }
-            next_tick = now + tick;
         }
         exec::drive_prefill(&s);
         // After the commands ran: a room naming a decode whose metadata just loaded counts.
         p.arrivals.notify_all();
+        next_timeout = lock(&p.core).poll_timeout();
         spin = p.activity.left(busy);
     }
 }

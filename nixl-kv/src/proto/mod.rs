@@ -15,6 +15,7 @@ pub mod route;
 pub mod slicing;
 pub mod staging;
 pub mod targeting;
+mod timers;
 
 use std::fmt;
 

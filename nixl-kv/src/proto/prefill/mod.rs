@@ -23,6 +23,7 @@ use super::plan::{CopyOp, Run, aux_buffers, group_runs, plan_aux, plan_kv};
 use super::route::{PackArea, Route, RouteInputs};
 use super::slicing::{HeadSlice, SliceParams};
 use super::staging::{LocalSlots, Pushed, SlotSchedule, pages_per_piece, staging_layout};
+use super::timers::{Timer, TimerTable};
 use super::{FailureReason, KvPoll, Layout};
 
 /// A registered decode agent, as its registration describes it.
@@ -208,6 +209,9 @@ pub const MAX_PEERS: usize = 4096;
 /// [`REREGISTER_INTERVAL`](super::decode::REREGISTER_INTERVAL) while active.
 pub const DEFAULT_PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How often idle decodes that rooms still refer to are looked at again.
+const PEER_RECHECK: Duration = Duration::from_secs(10);
+
 /// Whether our own prepared lists exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Local {
@@ -245,6 +249,8 @@ pub struct PrefillCore {
     /// Bytes of one host packing area, when head slices on host pools go packed (see
     /// [`PrefillCore::with_host_packing`]).
     host_area: Option<u64>,
+    /// When [`PrefillCore::handle_timeout`] has work next (see [`PrefillCore::poll_timeout`]).
+    timers: TimerTable,
 }
 
 impl PrefillCore {
@@ -288,6 +294,7 @@ impl PrefillCore {
             staging: None,
             node: None,
             packing: false,
+            timers: TimerTable::default(),
             host_area: None,
         }
     }
@@ -384,6 +391,7 @@ impl PrefillCore {
             p.last_seen = now;
         }
         let room_id = t.room;
+        self.timers.lower(Timer::Orphan, now + self.orphan_timeout);
         let r = self
             .rooms
             .entry(room_id)
@@ -576,6 +584,9 @@ impl PrefillCore {
             self.choose_routes(room, &infos)?;
         }
         if self.rooms.get(&room).is_some_and(|r| !r.staged.is_empty()) {
+            // Its pieces may wait for slots from now on: a stall is looked for by then.
+            self.timers
+                .lower(Timer::StagedStall, now + STAGED_STALL_TIMEOUT);
             return self.stage_chunk(room, &infos, pages, last, aux_index);
         }
 
@@ -900,7 +911,53 @@ impl PrefillCore {
             tracing::info!(agent = %a, "idle decode agent forgotten");
             self.remove_peer(&a);
         }
+        self.set_timers(now);
         before - self.rooms.len()
+    }
+
+    /// When [`PrefillCore::handle_timeout`] has work next: the earliest orphan expiry, idle
+    /// decode, or staged stall (`None`: nothing pending). The driver sleeps until then, or
+    /// less, and never needs to guess a tick.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    /// Sets every timer exactly, after `handle_timeout` at `now` did its work.
+    fn set_timers(&mut self, now: Instant) {
+        let orphan = self
+            .rooms
+            .values()
+            .filter(|r| r.sender.is_none())
+            .map(|r| r.touched + self.orphan_timeout)
+            .min();
+        let stall = self
+            .rooms
+            .values()
+            .filter(|r| r.failure.is_none())
+            .flat_map(|r| &r.staged)
+            .filter(|s| s.sched.waiting() > 0)
+            .map(|s| s.progress + STAGED_STALL_TIMEOUT)
+            .min();
+        // A decode that rooms still refer to cannot go yet: look again in a while.
+        let recheck = now
+            + self
+                .peer_idle_timeout
+                .clamp(Duration::from_secs(1), PEER_RECHECK);
+        let idle = self
+            .peers
+            .iter()
+            .map(|(a, p)| {
+                let at = p.last_seen + self.peer_idle_timeout;
+                let referred = self
+                    .rooms
+                    .values()
+                    .any(|r| r.infos.iter().any(|i| &i.agent == a));
+                if referred { at.max(recheck) } else { at }
+            })
+            .min();
+        self.timers.set(Timer::Orphan, orphan);
+        self.timers.set(Timer::StagedStall, stall);
+        self.timers.set(Timer::PeerIdle, idle);
     }
 
     /// Rooms whose decode infos are complete but that no sender claims yet, and that have pages

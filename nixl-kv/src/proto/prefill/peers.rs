@@ -58,6 +58,8 @@ impl PrefillCore {
         };
         match outcome {
             Ok(name) if name == agent.as_str() => {
+                self.timers
+                    .lower(Timer::PeerIdle, seen + self.peer_idle_timeout);
                 let proves = peer.proves;
                 let mut state = PeerState {
                     peer: Arc::new(peer),

@@ -1008,3 +1008,4 @@ mod direct;
 mod origin;
 mod sliced;
 mod staged;
+mod timers;
