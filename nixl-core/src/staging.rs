@@ -415,6 +415,17 @@ pub struct TokenSlice {
     pub len: u64,
 }
 
+impl TokenSlice {
+    /// Whether the slice fills whole destination pages of `item` bytes: it covers every byte of
+    /// each destination token slot, and the page holds exactly `tokens` of them. Only such a
+    /// slice can be packed into destination pages (a gap would carry stale bytes along).
+    pub fn fills_pages(&self, item: u64) -> bool {
+        self.dst_offset == 0
+            && self.len == self.dst_token
+            && self.dst_token.checked_mul(u64::from(self.tokens)) == Some(item)
+    }
+}
+
 /// The argument table of one sliced direct launch (see `kernels/staging.cu`): `nb` source
 /// bases, `nb` source item lengths, `nb` destination bases, `nb` destination item lengths,
 /// then the source and destination pages, two per word; the slice goes as kernel arguments.
@@ -563,6 +574,37 @@ impl SlicedTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slice_fills_pages_only_when_it_covers_every_byte_of_every_destination_slot() {
+        let whole = TokenSlice {
+            tokens: 4,
+            src_token: 512,
+            dst_token: 256,
+            src_offset: 256,
+            dst_offset: 0,
+            len: 256,
+        };
+        assert!(whole.fills_pages(1024));
+        assert!(!whole.fills_pages(2048), "pages longer than the tokens");
+        assert!(
+            !TokenSlice {
+                dst_offset: 128,
+                ..whole
+            }
+            .fills_pages(1024)
+        );
+        assert!(!TokenSlice { len: 128, ..whole }.fills_pages(1024));
+        assert!(
+            !TokenSlice {
+                tokens: u32::MAX,
+                dst_token: u64::MAX,
+                len: u64::MAX,
+                ..whole
+            }
+            .fills_pages(1024)
+        );
+    }
 
     fn layout(lens: &[u64], pages: u64) -> StagingLayout {
         let buffers = lens

@@ -144,10 +144,7 @@ impl Staging {
         self.check_on_gpu(out)?;
         // Every byte of a packed page must come from the slice: a gap would carry stale
         // staging bytes into the decode's page.
-        let fills = slice.dst_offset == 0
-            && slice.len == slice.dst_token
-            && slice.dst_token.checked_mul(u64::from(slice.tokens)) == Some(item_len);
-        if !fills {
+        if !slice.fills_pages(item_len) {
             return Err(Error::InvalidArgument {
                 what: "packed slice",
                 reason: format!("{slice:?} does not fill pages of {item_len} bytes"),

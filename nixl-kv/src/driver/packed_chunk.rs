@@ -47,10 +47,7 @@ impl PackedChunk {
         if pieces.is_empty() {
             return Err("a packed chunk without pieces".into());
         }
-        let fills = slice.dst_offset == 0
-            && slice.len == slice.dst_token
-            && slice.dst_token.checked_mul(u64::from(slice.tokens)) == Some(*item);
-        if !fills {
+        if !slice.fills_pages(*item) {
             return Err(format!("{slice:?} does not fill pages of {item} bytes"));
         }
         Ok(Self {

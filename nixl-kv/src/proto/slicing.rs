@@ -219,7 +219,7 @@ impl HeadSlice {
     /// Whether the slice fills the decode's token slots: this prefill rank holds every head a
     /// decode rank owns (`P < D`), so whole decode pages can be packed and written as pages.
     pub fn fills_decode_slots(&self) -> bool {
-        self.dst_offset == 0 && self.len == self.dst_token
+        self.token_slice().fills_pages(self.dst_item)
     }
 
     /// The packed path's WRITE of `dst_pages` pages (in order) for `buffers` buffers: the

@@ -437,7 +437,10 @@ fn staged_prefill_failures_end_rooms_and_return_slots() {
     // A decode that never frees its slot: the room fails after the stall timeout.
     let st = start(&mut p, &mut drv, 2, now);
     p.staged_done(RoomId::new(2), st[0].local_slot, Ok(()), now);
-    assert!(p.poll_timeout() <= Some(now + STALL), "the driver wakes for the stall");
+    assert!(
+        p.poll_timeout() <= Some(now + STALL),
+        "the driver wakes for the stall"
+    );
     p.handle_timeout(now + STALL / 2);
     assert_eq!(p.sender_poll(RoomId::new(2)), KvPoll::WaitingForInput);
     let next = p.poll_timeout().unwrap();
