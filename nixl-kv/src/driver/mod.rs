@@ -214,11 +214,7 @@ impl KvManager {
         )
         .map_err(Error::Zmq)?;
         let rank_port = port.ok_or_else(|| Error::Zmq("the PULL socket has no port".into()))?;
-        let endpoint = if config.local_ip.contains(':') {
-            format!("tcp://[{}]:{rank_port}", config.local_ip)
-        } else {
-            format!("tcp://{}:{rank_port}", config.local_ip)
-        };
+        let endpoint = crate::proto::tcp_endpoint(&config.local_ip, rank_port);
         let layout = args.layout();
         let gpu = match config.staging {
             Some(cfg) => Some(staged::PrefillGpu::new(&agent, &layout, cfg)?),

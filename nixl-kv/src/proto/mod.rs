@@ -45,6 +45,16 @@ impl fmt::Display for BootstrapAddr {
     }
 }
 
+/// `tcp://host:port` of a ZeroMQ endpoint (IPv6 hosts bracketed), as both sides name a prefill
+/// rank's PULL socket.
+pub fn tcp_endpoint(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("tcp://[{host}]:{port}")
+    } else {
+        format!("tcp://{host}:{port}")
+    }
+}
+
 /// The state of a transfer as SGLang's schedulers see it; the numbers are SGLang's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]

@@ -1,4 +1,4 @@
-//! SGLang's bootstrap HTTP server ([`server`]) and its client ([`client`]).
+//! SGLang's bootstrap HTTP server ([`BootstrapServer`]) and its client ([`BootstrapClient`]).
 //!
 //! Routes: `PUT /route` (a prefill rank registers), `GET /route?engine_rank=E&target_dp_group=G`
 //! (a decode asks for the parallel sizes with `-1/-1`, else for rank E of group G), any other
@@ -69,8 +69,8 @@ pub enum BootstrapError {
     },
 }
 
-/// The largest TP or DP size a client accepts from a server.
-pub const MAX_PARALLEL_SIZE: u32 = 65536;
+/// The largest TP or DP size a client accepts from a server (the decode core's own bound).
+pub use crate::proto::decode::MAX_PARALLEL_SIZE;
 
 #[cfg(test)]
 mod tests {

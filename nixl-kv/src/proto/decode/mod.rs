@@ -199,11 +199,7 @@ struct Scattering {
 
 /// `tcp://host:port` of a prefill rank (IPv6 hosts bracketed).
 fn endpoint_of(info: &RankInfo) -> String {
-    if info.rank_ip.contains(':') {
-        format!("tcp://[{}]:{}", info.rank_ip, info.rank_port)
-    } else {
-        format!("tcp://{}:{}", info.rank_ip, info.rank_port)
-    }
+    super::tcp_endpoint(&info.rank_ip, info.rank_port)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
