@@ -115,55 +115,6 @@ pub struct UnclaimedRoom {
 }
 
 #[derive(Debug)]
-struct Sender {
-    num_pages: u32,
-    aux_index: u32,
-    sent: u32,
-    chunk: u32,
-    finished_sending: bool,
-}
-
-#[derive(Debug)]
-struct Room {
-    status: KvPoll,
-    infos: Vec<TransferInfo>,
-    sender: Option<Sender>,
-    failure: Option<FailureReason>,
-    pushed: bool,
-    in_flight: usize,
-    touched: Instant,
-    /// The staged path, one per real decode (empty: the room is not staged).
-    staged: Vec<StagedRoom>,
-    /// The route to each real decode, chosen at the first chunk (empty before it).
-    routes: Vec<(AgentName, Route)>,
-}
-
-impl Room {
-    fn new(status: KvPoll, now: Instant) -> Self {
-        Self {
-            status,
-            infos: Vec::new(),
-            sender: None,
-            failure: None,
-            pushed: false,
-            in_flight: 0,
-            touched: now,
-            staged: Vec::new(),
-            routes: Vec::new(),
-        }
-    }
-
-    /// SGLang's max-merge rule; but Failed always wins (ours, as Mooncake does).
-    fn merge(&mut self, s: KvPoll) {
-        if s == KvPoll::Failed {
-            self.status = KvPoll::Failed;
-        } else if self.status != KvPoll::Failed {
-            self.status = self.status.max(s);
-        }
-    }
-}
-
-#[derive(Debug)]
 struct PeerState {
     peer: Arc<Peer>,
     kv: ListTrack,
@@ -179,17 +130,6 @@ struct PeerState {
     proven: bool,
     /// Its pools are mapped into our process: KV pages go by the direct path.
     direct: bool,
-}
-
-/// How a prefill tells its own decodes from impostors naming them (docs/protocol.md §3.5).
-#[derive(Debug, Clone)]
-pub struct Proofs {
-    /// Secret input of every agent's proof (random, from the driver).
-    pub seed: [u8; 32],
-    /// Our ZeroMQ endpoint as decodes reach it.
-    pub endpoint: String,
-    /// Refuse transfer infos from decodes that cannot prove their origin (SGLang peers).
-    pub strict: bool,
 }
 
 /// Runs averaging at least this many pages are posted merged (explicit descriptors) rather
@@ -342,21 +282,6 @@ impl PrefillCore {
         self
     }
 
-    /// The proof `agent` must echo: hex of SHA-256(seed ‖ agent name), 32 characters.
-    fn secret(&self, agent: &AgentName) -> Option<String> {
-        use sha2::{Digest, Sha256};
-        let p = self.proofs.as_ref()?;
-        let mut h = Sha256::new();
-        h.update(p.seed);
-        h.update(agent.as_str().as_bytes());
-        Some(
-            h.finalize()[..16]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
-        )
-    }
-
     /// Our layout.
     pub fn layout(&self) -> &Layout {
         &self.layout
@@ -452,26 +377,6 @@ impl PrefillCore {
                 return;
             }
             r.merge(KvPoll::WaitingForInput);
-        }
-    }
-
-    /// Whether a message may come from the decode `agent` it names: a proven agent must echo its proof; an
-    /// unproven one becomes proven by echoing it; with `strict`, proof is required.
-    fn origin_ok(&mut self, agent: &AgentName, trailing: &[Bytes]) -> bool {
-        let Some(strict) = self.proofs.as_ref().map(|p| p.strict) else {
-            return true;
-        };
-        let secret = self.secret(agent);
-        let Some(peer) = self.peers.get_mut(agent) else {
-            return !strict;
-        };
-        let echoed = ext::proof(trailing);
-        let right = echoed.is_some() && echoed == secret.as_deref().map(str::as_bytes);
-        if right {
-            peer.proven = true;
-            true
-        } else {
-            !peer.proven && !strict
         }
     }
 
@@ -1009,9 +914,13 @@ impl PrefillCore {
 }
 
 mod direct;
+mod origin;
 mod peers;
+mod room;
 mod sliced;
 mod staged;
-use staged::{PrefillStaging, StagedRoom};
+pub use origin::Proofs;
+use room::{Room, Sender};
+use staged::PrefillStaging;
 pub use staged::{STAGED_STALL_TIMEOUT, StagedPack, StagedWrite};
 mod tokens;
