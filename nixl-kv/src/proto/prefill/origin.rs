@@ -75,7 +75,10 @@ mod tests {
         let b = AgentName::new("decode-b").unwrap();
         let s = proofs(1).secret(&a);
         assert_eq!(s.len(), 32);
-        assert!(s.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(
+            s.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
         assert_eq!(s, proofs(1).secret(&a), "deterministic");
         assert_ne!(s, proofs(1).secret(&b), "per agent");
         assert_ne!(s, proofs(2).secret(&a), "per seed");

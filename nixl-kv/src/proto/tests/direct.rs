@@ -78,6 +78,16 @@ fn a_mapped_same_node_decode_gets_page_pairs_and_the_usual_notifications() {
         !matches!(posts[2].coords, Coords::Direct { .. }),
         "aux goes by NIXL"
     );
+    // Run as the driver runs them, the kernel copies move exactly the naive model's bytes.
+    let mut ours = layout(0x1000_0000);
+    ours.kv_mem = MemType::Vram;
+    drv.with_pools(&ours, &[("d0", &layout(0x9000_0000))]);
+    let pairs: Vec<(u32, u32)> = src.iter().copied().zip(dst.iter().copied()).collect();
+    let mut ran: Vec<(u64, u64, u64)> = posts[..2].iter().flat_map(|q| drv.copies(q)).collect();
+    ran.sort_unstable();
+    let mut want = naive_kv(&ours, &layout(0x9000_0000), &pairs);
+    want.sort_unstable();
+    assert_eq!(merged(ran), merged(want));
     for _ in 0..3 {
         assert_ne!(p.sender_poll(room), KvPoll::Success);
         p.transfer_done(room, Ok(()));

@@ -92,6 +92,9 @@ struct FakeDriver {
     opened: Vec<AgentName>,
     /// The answer to each mapping (`None`: none; the test answers).
     open_ok: Option<bool>,
+    /// Our pool and each decode's, for the posts that name pages rather than descriptors
+    /// (direct copies and packed chunks): see [`FakeDriver::with_pools`].
+    pools: Option<(Layout, HashMap<String, Layout>)>,
 }
 
 impl FakeDriver {
@@ -134,6 +137,16 @@ impl FakeDriver {
         }
     }
 
+    /// Lets [`FakeDriver::copies`] execute direct and packed posts, which name pages: `ours`
+    /// is the prefill's pool, `peers` each decode's.
+    fn with_pools(&mut self, ours: &Layout, peers: &[(&str, &Layout)]) {
+        let peers = peers
+            .iter()
+            .map(|(n, l)| ((*n).to_owned(), (*l).clone()))
+            .collect();
+        self.pools = Some((ours.clone(), peers));
+    }
+
     fn take_posts(&mut self) -> Vec<Post> {
         std::mem::take(&mut self.posts)
     }
@@ -164,10 +177,80 @@ impl FakeDriver {
                     out.push((a.addr, b.addr, a.len));
                 }
             }
-            Coords::Direct { .. } => panic!("a direct post has no descriptors: {post:?}"),
-            Coords::Packed { .. } => panic!("a packed post has no plain descriptors: {post:?}"),
+            Coords::Direct { src, dst, slice } => {
+                let (ours, peer) = self.pools_for(post);
+                let pairs: Vec<(u32, u32)> = src.iter().copied().zip(dst.iter().copied()).collect();
+                let Some(t) = slice else {
+                    return naive_kv(ours, peer, &pairs);
+                };
+                for b in 0..ours.kv_ptrs.len() {
+                    let (si, di) = (ours.kv_item_lens[b], peer.kv_item_lens[b]);
+                    for &(s, d) in &pairs {
+                        for k in 0..u64::from(t.tokens) {
+                            out.push((
+                                ours.kv_ptrs[b]
+                                    + u64::from(s) * si
+                                    + k * t.src_token
+                                    + t.src_offset,
+                                peer.kv_ptrs[b]
+                                    + u64::from(d) * di
+                                    + k * t.dst_token
+                                    + t.dst_offset,
+                                t.len,
+                            ));
+                        }
+                    }
+                }
+            }
+            Coords::Packed {
+                slice,
+                item,
+                pieces,
+                ..
+            } => {
+                // Each piece: the gather (the kernels' table over a packing area), then its
+                // WRITE; each byte followed from our pool to the decode's.
+                use nixl_core::staging::StagingLayout;
+                const AREA: u64 = 0x7000_0000;
+                let (ours, _) = self.pools_for(post);
+                let layout = crate::proto::staging::staging_layout(ours).unwrap();
+                let nb = ours.kv_ptrs.len();
+                for piece in pieces {
+                    let n = piece.src.len();
+                    let area = StagingLayout::packed(AREA, nb, n, *item).unwrap();
+                    let slots: Vec<u32> = (0..n as u32).collect();
+                    let table = layout
+                        .sliced_table(&piece.src, &area, &slots, slice)
+                        .unwrap();
+                    let mut packed: Vec<Option<u64>> = vec![None; nb * n * *item as usize];
+                    for (s, d, len) in table.copies() {
+                        for k in 0..len {
+                            packed[(d - AREA + k) as usize] = Some(s + k);
+                        }
+                    }
+                    for &(off, dst, len) in &piece.copies {
+                        for k in 0..len {
+                            let src = packed[(off + k) as usize]
+                                .expect("a packed byte the gather never wrote");
+                            out.push((src, dst + k, 1));
+                        }
+                    }
+                }
+            }
         }
         merged(out)
+    }
+
+    /// Our pool and the decode's of `post`, given by [`FakeDriver::with_pools`].
+    fn pools_for(&self, post: &Post) -> (&Layout, &Layout) {
+        let (ours, peers) = self
+            .pools
+            .as_ref()
+            .expect("FakeDriver::with_pools first: this post names pages, not descriptors");
+        let peer = peers
+            .get(post.peer.as_str())
+            .expect("FakeDriver::with_pools has no pool for this decode");
+        (ours, peer)
     }
 }
 

@@ -326,6 +326,15 @@ fn a_mapped_same_node_decode_rank_gets_its_heads_by_the_direct_path() {
         (t.src_offset, t.dst_offset, t.len),
         (2 * HEAD_BYTES, 0, 2 * HEAD_BYTES)
     );
+    // Run by the fake driver, the kernel's copies are the per-token byte model's.
+    let mut decode = layout(0xa000_0000);
+    decode.kv_item_lens = vec![u64::from(TOKENS) * 2 * HEAD_BYTES; decode.kv_ptrs.len()];
+    drv.with_pools(&l, &[("d1", &decode)]);
+    let mut ran = drv.copies(&posts[0]);
+    ran.sort_unstable();
+    let mut model = rank_copies(1, 0xa000_0000, &[3, 4, 10], &[0, 1, 2]);
+    model.sort_unstable();
+    assert_eq!(merged(ran), merged(model));
 }
 
 /// The bytes a packed post leaves in the decode's pools, run as the driver runs it: each
@@ -435,6 +444,21 @@ fn packs_each_decode_rank_whole_pages(p: PrefillCore, l: &Layout) {
         );
         let want = rank_heads(l, &layout(base), rank, &dst);
         assert_eq!(run_packed(post, l), want, "decode rank {rank}");
+        // The fake driver executes the packed post to the same bytes.
+        let byte = |a: u64| (a ^ (a >> 8) ^ (a >> 16)) as u8;
+        let mut decode = layout(base);
+        decode.kv_item_lens = vec![32; decode.kv_ptrs.len()];
+        drv.with_pools(l, &[(post.peer.as_str(), &decode)]);
+        let mut ran = std::collections::BTreeMap::new();
+        for (src, dst, len) in drv.copies(post) {
+            for k in 0..len {
+                assert!(
+                    ran.insert(dst + k, byte(src + k)).is_none(),
+                    "a byte written twice"
+                );
+            }
+        }
+        assert_eq!(ran, want, "decode rank {rank}, run by the fake driver");
         if rank == 1 {
             // Decode pages 0 and 1 continue each other: one WRITE descriptor per buffer.
             assert_eq!(pieces[0].copies.len(), 2);
