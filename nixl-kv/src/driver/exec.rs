@@ -13,6 +13,7 @@ use crate::proto::FailureReason;
 use crate::proto::decode::Command as DecodeCommand;
 use crate::proto::lower::{Coords, ListId};
 use crate::proto::prefill::{Command, Post};
+use crate::proto::route::PackArea;
 
 /// The prefill's prepared descriptor lists, by the core's names for them, and the probe agent
 /// that metadata loads go through.
@@ -230,16 +231,19 @@ fn execute(
             lock(gpu).direct(post.room, post.peer.as_str(), src, dst, *slice, notif)?;
             &p.made_direct
         }
-        Coords::Packed { .. } => {
-            // The core routes to Packed only where an area exists: host areas on host pools,
-            // the staging buffer's packing slot on GPU pools.
+        Coords::Packed { area, .. } => {
+            // The core chose the packer with the route: host areas on host pools, the staging
+            // buffer's packing slot on GPU pools.
             let notif = post.notif.clone();
-            match (&p.host_pack, &p.gpu) {
-                (Some(hp), _) => lock(hp).push(post.room, post.peer.as_str(), &post.coords, notif),
-                (None, Some(gpu)) => {
-                    lock(gpu).pack(agent, post.room, post.peer.as_str(), &post.coords, notif)
+            let (room, peer) = (post.room, post.peer.as_str());
+            match (area, &p.host_pack, &p.gpu) {
+                (PackArea::Host { .. }, Some(hp), _) => {
+                    lock(hp).push(room, peer, &post.coords, notif)
                 }
-                (None, None) => Err("this prefill cannot pack head slices".into()),
+                (PackArea::Gpu { .. }, _, Some(gpu)) => {
+                    lock(gpu).pack(agent, room, peer, &post.coords, notif)
+                }
+                _ => Err(format!("this prefill has no packer for {area:?}")),
             }?;
             &p.made_packed
         }

@@ -40,6 +40,7 @@ impl PackedChunk {
             remote_mem,
             remote_gpu,
             pieces,
+            ..
         } = coords
         else {
             return Err("not a packed chunk".into());

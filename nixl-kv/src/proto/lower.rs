@@ -164,6 +164,8 @@ pub enum Coords {
         remote_gpu: u32,
         /// The pieces, each at most one packing area.
         pieces: Vec<PackedPiece>,
+        /// Which packer gathers them (the route chose it from our pools' memory).
+        area: super::route::PackArea,
     },
 }
 

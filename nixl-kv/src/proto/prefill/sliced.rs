@@ -131,6 +131,7 @@ impl PrefillCore {
             remote_mem: l.kv_mem,
             remote_gpu: peer.gpu_id.get(),
             pieces,
+            area,
         })
     }
 }

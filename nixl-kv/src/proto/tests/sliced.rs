@@ -5,6 +5,7 @@
 use nixl_wire::DecodeTpInfo;
 
 use super::*;
+use crate::proto::route::PackArea;
 use crate::proto::slicing::{HeadSlice, SliceParams};
 
 /// 4 heads of 8 bytes per token, 2 tokens per page: 64-byte prefill pages, 32-byte decode
@@ -434,10 +435,18 @@ fn packs_each_decode_rank_whole_pages(p: PrefillCore, l: &Layout) {
             "d0" => (0u64, [5u32, 6, 9], 0x9000_0000u64),
             _ => (1, [0, 1, 2], 0xa000_0000),
         };
-        let Coords::Packed { pieces, item, .. } = &post.coords else {
+        let Coords::Packed {
+            pieces, item, area, ..
+        } = &post.coords
+        else {
             panic!("not packed: {post:?}");
         };
         assert_eq!(*item, 32);
+        // The route named the packer: a kernel on GPU pools, the CPU on host pools.
+        match l.kv_mem {
+            MemType::Vram => assert!(matches!(area, PackArea::Gpu { per: 2 }), "{area:?}"),
+            _ => assert!(matches!(area, PackArea::Host { per: 2 }), "{area:?}"),
+        }
         assert_eq!(
             pieces.iter().map(|q| q.src.clone()).collect::<Vec<_>>(),
             vec![vec![3, 4], vec![10]]
