@@ -37,20 +37,15 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), Error> {
                         Health::NoRoute => Heartbeat::NoRoute,
                         Health::Down(reason) => Heartbeat::Down(reason),
                     };
-                    let up = outcome == Heartbeat::Up;
                     lock(&d.core).heartbeat_result(&addr, outcome);
-                    if up {
-                        // A prefill restarted behind the same bootstrap server moves its ranks.
-                        let pools = lock(&d.core).pools_of(&addr);
-                        for (key, ranks) in pools {
-                            let now: Result<Vec<_>, String> = ranks
-                                .iter()
-                                .map(|&r| {
-                                    client.rank_info(r, key.dp_group).map_err(|e| e.to_string())
-                                })
-                                .collect();
-                            lock(&d.core).pool_checked(&key, now);
-                        }
+                    // The core says which cached pool entries to look up again.
+                    let checks = lock(&d.core).take_pool_checks();
+                    for (key, ranks) in checks {
+                        let now: Result<Vec<_>, String> = ranks
+                            .iter()
+                            .map(|&r| client.rank_info(r, key.dp_group).map_err(|e| e.to_string()))
+                            .collect();
+                        lock(&d.core).pool_checked(&key, now);
                     }
                 }
             }

@@ -274,6 +274,9 @@ pub struct DecodeCore {
     rooms: HashMap<RoomId, Room>,
     /// The prefills this decode reaches: sizes, pool entries, registrations, proofs, heartbeats.
     directory: PrefillDirectory,
+    /// Cached pool entries to look up again (a heartbeat found their prefill up), with the
+    /// ranks to ask: see [`DecodeCore::take_pool_checks`].
+    pool_checks: Vec<(PoolKey, Vec<u32>)>,
     commands: VecDeque<Command>,
     /// Our staging ring's slots (`None`: the staged path is off).
     ring: Option<SlotRing>,
@@ -286,6 +289,7 @@ impl DecodeCore {
             timers,
             rooms: HashMap::new(),
             directory: PrefillDirectory::new(now),
+            pool_checks: Vec::new(),
             commands: VecDeque::new(),
             ring: me
                 .staging
@@ -749,6 +753,12 @@ impl DecodeCore {
     /// forgotten. Returns how many rooms failed.
     pub fn heartbeat_result(&mut self, bootstrap: &BootstrapAddr, outcome: Heartbeat) -> usize {
         let max = self.timers.heartbeat_max_failures;
+        if outcome == Heartbeat::Up {
+            // A prefill restarted behind the same bootstrap server moves its ranks: look its
+            // cached pool entries up again.
+            let checks = self.pools_of(bootstrap);
+            self.pool_checks.extend(checks);
+        }
         if !self.directory.heartbeat_outcome(bootstrap, &outcome, max) {
             return 0;
         }
@@ -771,6 +781,12 @@ impl DecodeCore {
         self.directory.forget(bootstrap);
         tracing::error!(%bootstrap, rooms = n, "prefill declared dead");
         n
+    }
+
+    /// The pool entries to look up again since the last call (each answer goes to
+    /// [`DecodeCore::pool_checked`]): those of every prefill a heartbeat found up.
+    pub fn take_pool_checks(&mut self) -> Vec<(PoolKey, Vec<u32>)> {
+        std::mem::take(&mut self.pool_checks)
     }
 
     /// The cached connection-pool entries of `bootstrap`, with the ranks to look up again to

@@ -882,6 +882,16 @@ fn a_heartbeat_that_finds_the_ranks_moved_drops_the_cached_pool() {
     );
     let pools = d.pools_of(&b1);
     assert_eq!(pools.len(), 1);
+    // The core asks for the re-check itself once a heartbeat finds the prefill up.
+    assert!(d.take_pool_checks().is_empty());
+    d.heartbeat_result(&b1, Heartbeat::Down("refused".into()));
+    assert!(
+        d.take_pool_checks().is_empty(),
+        "a prefill that is down is not asked"
+    );
+    d.heartbeat_result(&b1, Heartbeat::Up);
+    assert_eq!(d.take_pool_checks(), pools);
+    assert!(d.take_pool_checks().is_empty(), "asked once");
     d.pool_checked(&pools[0].0, Ok(vec![rank_info(5000)]));
     assert_eq!(d.pools(), 1, "same endpoint: kept");
     d.pool_checked(&pools[0].0, Err("timeout".into()));
