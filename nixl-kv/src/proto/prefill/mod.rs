@@ -164,11 +164,8 @@ enum Local {
 #[derive(Debug)]
 pub struct PrefillCore {
     layout: Arc<Layout>,
-    peers: HashMap<AgentName, PeerState>,
-    pending_peers: HashMap<AgentName, (Peer, Instant)>,
-    /// Agents whose metadata NIXL refused, and when: not loaded again within
-    /// [`REFUSED_BACKOFF`] (bounded; a refusal can be transient, e.g. a link that was down).
-    refused: HashMap<AgentName, Instant>,
+    /// Decode agents: registered, loading, refused lately.
+    peers: PeerTable,
     rooms: HashMap<RoomId, Room>,
     orphan_timeout: Duration,
     peer_idle_timeout: Duration,
@@ -217,9 +214,7 @@ impl PrefillCore {
         )));
         Self {
             layout: Arc::new(layout),
-            peers: HashMap::new(),
-            pending_peers: HashMap::new(),
-            refused: HashMap::new(),
+            peers: PeerTable::default(),
             rooms: HashMap::new(),
             orphan_timeout,
             peer_idle_timeout: DEFAULT_PEER_IDLE_TIMEOUT,
@@ -915,11 +910,13 @@ impl PrefillCore {
 
 mod direct;
 mod origin;
+mod peer_table;
 mod peers;
 mod room;
 mod sliced;
 mod staged;
 pub use origin::Proofs;
+use peer_table::PeerTable;
 use room::{Room, Sender};
 use staged::PrefillStaging;
 pub use staged::{STAGED_STALL_TIMEOUT, StagedPack, StagedWrite};

@@ -1,27 +1,22 @@
 //! The prefill's decode agents: registrations (capabilities, ring, proof notice), metadata
 //! loads with their back-off, the peers' prepared descriptor lists, and forgetting a peer.
 
+use super::peer_table::Admission;
 use super::*;
 
 impl PrefillCore {
     pub(super) fn handle_register(&mut self, r: KvArgsRegister, now: Instant) {
-        if let Some(p) = self.peers.get_mut(&r.agent) {
-            tracing::debug!(agent = %r.agent, "decode agent already registered");
-            p.last_seen = now;
-            return;
-        }
-        if self.pending_peers.contains_key(&r.agent) {
-            return;
-        }
-        if let Some(&at) = self.refused.get(&r.agent) {
-            if now.saturating_duration_since(at) < REFUSED_BACKOFF {
+        match self.peers.admit(&r.agent, now) {
+            Admission::Load => {}
+            Admission::Known => {
+                tracing::debug!(agent = %r.agent, "decode agent already registered or loading");
                 return;
             }
-            self.refused.remove(&r.agent);
-        }
-        if self.peers.len() + self.pending_peers.len() >= MAX_PEERS {
-            tracing::warn!(agent = %r.agent, max = MAX_PEERS, "too many decode agents; registration dropped");
-            return;
+            Admission::BackingOff => return,
+            Admission::Full => {
+                tracing::warn!(agent = %r.agent, max = MAX_PEERS, "too many decode agents; registration dropped");
+                return;
+            }
         }
         let caps = ext::caps(&r.trailing);
         let proves = caps.iter().any(|c| c == ext::CAP_PROOF);
@@ -44,7 +39,7 @@ impl PrefillCore {
             ring,
             ipc,
         };
-        self.pending_peers.insert(r.agent.clone(), (peer, now));
+        self.peers.loading(r.agent.clone(), peer, now);
         self.commands.push_back(Command::LoadRemote {
             agent: r.agent,
             metadata: r.metadata,
@@ -53,7 +48,7 @@ impl PrefillCore {
 
     /// The outcome of a [`Command::LoadRemote`]: the name NIXL loaded, or why it could not.
     pub fn remote_loaded(&mut self, agent: &AgentName, outcome: Result<String, String>) {
-        let Some((peer, seen)) = self.pending_peers.remove(agent) else {
+        let Some((peer, seen)) = self.peers.take_loading(agent) else {
             return;
         };
         match outcome {
@@ -105,10 +100,7 @@ impl PrefillCore {
             }
             Err(reason) => {
                 tracing::warn!(agent = %agent, %reason, "cannot load decode metadata");
-                if self.refused.len() >= MAX_PEERS {
-                    self.refused.clear();
-                }
-                self.refused.insert(agent.clone(), seen);
+                self.peers.refuse(agent.clone(), seen);
             }
         }
     }
@@ -228,8 +220,7 @@ impl PrefillCore {
                 FailureReason::Staging(format!("decode {agent} forgotten mid-transfer")),
             );
         }
-        let known = self.peers.remove(agent).is_some();
-        if known || self.pending_peers.remove(agent).is_some() {
+        if self.peers.forget(agent) {
             self.commands.push_back(Command::Forget {
                 agent: agent.as_str().to_owned(),
             });
