@@ -1099,6 +1099,7 @@ fn golden_frames_drive_the_prefill_and_golden_notifications_the_decode() {
 
 mod direct;
 mod origin;
+mod pair;
 mod sliced;
 mod staged;
 mod timers;
