@@ -14,10 +14,11 @@ fn byte(a: u64) -> u8 {
     (a ^ (a >> 8) ^ (a >> 16)) as u8
 }
 
-/// A prefill and a decode core, the fake driver, and the decode's memory as the posts left it.
+/// A prefill core and its decode cores (one per decode rank, each named by its agent), the fake
+/// driver, and the decodes' memory as the posts left it.
 struct Pair {
     prefill: PrefillCore,
-    decode: DecodeCore,
+    decodes: Vec<(String, DecodeCore)>,
     drv: FakeDriver,
     now: Instant,
     memory: BTreeMap<u64, u8>,
@@ -25,36 +26,47 @@ struct Pair {
 
 impl Pair {
     fn new(prefill: PrefillCore, me: Identity) -> Self {
+        Self::with_decodes(prefill, vec![me])
+    }
+
+    fn with_decodes(prefill: PrefillCore, decodes: Vec<Identity>) -> Self {
         let now = Instant::now();
         let timers = DecodeTimers::new(Some(Duration::from_secs(5)), Duration::from_secs(5), 2);
         let mut drv = FakeDriver::new();
         drv.open_ok = Some(true);
+        let decodes = decodes
+            .into_iter()
+            .map(|me| {
+                (
+                    me.agent.as_str().to_owned(),
+                    DecodeCore::new(me, timers, now),
+                )
+            })
+            .collect();
         Self {
             prefill,
-            decode: DecodeCore::new(me, timers, now),
+            decodes,
             drv,
             now,
             memory: BTreeMap::new(),
         }
     }
 
-    /// The decode's frames of `room` (registration, infos) to the prefill, its commands run.
-    fn deliver_sends(&mut self) {
-        while let Some(c) = self.decode.poll_command() {
-            if let decode::Command::Send { frames, .. } = c {
-                let msg = PrefillInbound::decode(&frames).unwrap();
-                self.prefill.handle_inbound(msg, self.now);
-                self.drv.run(&mut self.prefill);
+    /// One room of `src` pages sent in `chunks` to every decode (decode `i` at its pages
+    /// `dst[i]`), every post executed into the memory and its notification delivered to its
+    /// decode. Returns the posts.
+    fn run_room(&mut self, room: RoomId, src: &[u32], dst: &[&[u32]], chunks: usize) -> Vec<Post> {
+        for ((_, d), pages) in self.decodes.iter_mut().zip(dst) {
+            bootstrap(d, room, 5000, self.now);
+            d.receiver_init(room, pages, 1, self.now);
+            while let Some(c) = d.poll_command() {
+                if let decode::Command::Send { frames, .. } = c {
+                    let msg = PrefillInbound::decode(&frames).unwrap();
+                    self.prefill.handle_inbound(msg, self.now);
+                    self.drv.run(&mut self.prefill);
+                }
             }
         }
-    }
-
-    /// One room of `src` → `dst` pages sent in `chunks`, every post executed into the memory
-    /// and its notification delivered. Returns the posts.
-    fn run_room(&mut self, room: RoomId, src: &[u32], dst: &[u32], chunks: usize) -> Vec<Post> {
-        bootstrap(&mut self.decode, room, 5000, self.now);
-        self.decode.receiver_init(room, dst, 1, self.now);
-        self.deliver_sends();
         let p = &mut self.prefill;
         p.sender_new(room, self.now);
         p.sender_init(room, src.len() as u32, 2).unwrap();
@@ -73,11 +85,18 @@ impl Pair {
                     );
                 }
             }
-            self.decode.handle_notification("prefill", &post.notif);
+            let (_, d) = self
+                .decodes
+                .iter_mut()
+                .find(|(name, _)| name == post.peer.as_str())
+                .expect("a post to a decode of the pair");
+            d.handle_notification("prefill", &post.notif);
             self.prefill.transfer_done(post.room, Ok(()));
         }
         assert_eq!(self.prefill.sender_poll(room), KvPoll::Success);
-        assert_eq!(self.decode.poll(room, self.now), KvPoll::Success);
+        for (name, d) in &mut self.decodes {
+            assert_eq!(d.poll(room, self.now), KvPoll::Success, "decode {name}");
+        }
         posts
     }
 }
@@ -118,7 +137,7 @@ fn a_pair_moves_a_room_by_whole_pages_to_exactly_the_naive_bytes() {
     let mut pair = Pair::new(prefill, identity());
     pair.drv.with_pools(&ours, &[("dec", &layout(0x9000_0000))]);
     let (src, dst): (Vec<u32>, Vec<u32>) = ((10..20).collect(), (30..40).rev().collect());
-    let posts = pair.run_room(RoomId::new(1), &src, &dst, 2);
+    let posts = pair.run_room(RoomId::new(1), &src, &[&dst], 2);
     assert!(
         posts
             .iter()
@@ -151,7 +170,7 @@ fn a_pair_on_one_node_moves_a_room_by_the_direct_path_to_exactly_the_naive_bytes
     let mut pair = Pair::new(prefill, me);
     pair.drv.with_pools(&ours, &[("dec", &layout(0x9000_0000))]);
     let (src, dst): (Vec<u32>, Vec<u32>) = ((0..8).collect(), (50..58).collect());
-    let posts = pair.run_room(RoomId::new(2), &src, &dst, 3);
+    let posts = pair.run_room(RoomId::new(2), &src, &[&dst], 3);
     let direct = posts
         .iter()
         .filter(|p| matches!(p.coords, Coords::Direct { .. }))
@@ -161,4 +180,82 @@ fn a_pair_on_one_node_moves_a_room_by_the_direct_path_to_exactly_the_naive_bytes
         pair.memory,
         naive_bytes(&ours, &layout(0x9000_0000), &src, &dst)
     );
+}
+
+/// Decode rank `rank` of TP 2 (agent `dec{rank}`, its pool at `0x9000_0000 + rank·0x1000_0000`)
+/// taking 2 of the 4 heads of 8 bytes per token, 2 tokens per page (32-byte pages).
+fn sliced_decode(rank: u32) -> Identity {
+    let mut me = identity();
+    me.agent = agent(&format!("dec{rank}"));
+    me.kv_ptrs = decode_layout(rank).kv_ptrs;
+    me.aux_ptrs = decode_layout(rank).aux_ptrs;
+    me.tp_per_dp = 2;
+    me.engine_rank = rank;
+    me.sliced_tp = true;
+    me.kv_item_len = 32;
+    me
+}
+
+/// A prefill rank of TP 1 holding all 4 heads (64-byte pages).
+fn heads_layout() -> Layout {
+    let mut l = layout(0x1000_0000);
+    l.kv_item_lens = vec![64; l.kv_ptrs.len()];
+    l.tp.heads = Some((4, 2));
+    l
+}
+
+fn decode_layout(rank: u32) -> Layout {
+    let mut l = layout(0x9000_0000 + u64::from(rank) * 0x1000_0000);
+    l.kv_item_lens = vec![32; l.kv_ptrs.len()];
+    l
+}
+
+/// The naive model of head slices: decode rank `r` holds heads `2r..2r+2` of every token of our
+/// page `s` at its page `d` (`dst[r]`); aux as in [`naive_bytes`].
+fn naive_heads(src: &[u32], dst: &[&[u32]]) -> BTreeMap<u64, u8> {
+    let ours = heads_layout();
+    let mut want = BTreeMap::new();
+    for (rank, pages) in dst.iter().enumerate() {
+        let theirs = decode_layout(rank as u32);
+        want.extend(naive_bytes(&ours, &theirs, &[], &[]));
+        for b in 0..ours.kv_ptrs.len() {
+            for (&s, &d) in src.iter().zip(pages.iter()) {
+                for t in 0..2u64 {
+                    for k in 0..16u64 {
+                        let from =
+                            ours.kv_ptrs[b] + u64::from(s) * 64 + t * 32 + rank as u64 * 16 + k;
+                        let to = theirs.kv_ptrs[b] + u64::from(d) * 32 + t * 16 + k;
+                        want.insert(to, byte(from));
+                    }
+                }
+            }
+        }
+    }
+    want
+}
+
+#[test]
+fn a_pair_of_other_tp_sizes_moves_head_slices_per_token_and_packed_to_the_same_bytes() {
+    let src: Vec<u32> = (3..9).collect();
+    let (d0, d1): (Vec<u32>, Vec<u32>) = ((20..26).rev().collect(), (0..6).collect());
+    let dst: [&[u32]; 2] = [&d0, &d1];
+    // Per-token descriptors (SGLang's way), then packed into host areas of 2 decode pages.
+    let plain = PrefillCore::new(heads_layout(), Duration::from_secs(300));
+    let packed =
+        PrefillCore::new(heads_layout(), Duration::from_secs(300)).with_host_packing(2 * 2 * 32);
+    for (prefill, packs) in [(plain, false), (packed, true)] {
+        let mut pair = Pair::with_decodes(prefill, vec![sliced_decode(0), sliced_decode(1)]);
+        let (l0, l1) = (decode_layout(0), decode_layout(1));
+        pair.drv
+            .with_pools(&heads_layout(), &[("dec0", &l0), ("dec1", &l1)]);
+        let posts = pair.run_room(RoomId::new(3), &src, &dst, 2);
+        let kv: Vec<&Post> = posts.iter().filter(|p| p.kind == ListKind::Kv).collect();
+        assert_eq!(kv.len(), 4, "two chunks to each decode rank");
+        assert!(
+            kv.iter()
+                .all(|p| matches!(p.coords, Coords::Packed { .. }) == packs),
+            "packed: {packs}"
+        );
+        assert_eq!(pair.memory, naive_heads(&src, &dst), "packed: {packs}");
+    }
 }
