@@ -243,12 +243,17 @@ impl FakeDriver {
 
     /// Our pool and the decode's of `post`, given by [`FakeDriver::with_pools`].
     fn pools_for(&self, post: &Post) -> (&Layout, &Layout) {
+        self.pools_for_agent(&post.peer)
+    }
+
+    /// Our pool and `agent`'s, given by [`FakeDriver::with_pools`].
+    fn pools_for_agent(&self, agent: &AgentName) -> (&Layout, &Layout) {
         let (ours, peers) = self
             .pools
             .as_ref()
             .expect("FakeDriver::with_pools first: this post names pages, not descriptors");
         let peer = peers
-            .get(post.peer.as_str())
+            .get(agent.as_str())
             .expect("FakeDriver::with_pools has no pool for this decode");
         (ours, peer)
     }

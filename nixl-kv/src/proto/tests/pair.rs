@@ -22,6 +22,10 @@ struct Pair {
     drv: FakeDriver,
     now: Instant,
     memory: BTreeMap<u64, u8>,
+    /// The decodes' staging rings as the WRITEs left them.
+    ring: BTreeMap<u64, u8>,
+    /// Each decode's ring, by agent name.
+    rings: HashMap<String, nixl_wire::ext::Ring>,
 }
 
 impl Pair {
@@ -34,6 +38,10 @@ impl Pair {
         let timers = DecodeTimers::new(Some(Duration::from_secs(5)), Duration::from_secs(5), 2);
         let mut drv = FakeDriver::new();
         drv.open_ok = Some(true);
+        let rings = decodes
+            .iter()
+            .filter_map(|me| Some((me.agent.as_str().to_owned(), me.staging?.ring)))
+            .collect();
         let decodes = decodes
             .into_iter()
             .map(|me| {
@@ -49,6 +57,8 @@ impl Pair {
             drv,
             now,
             memory: BTreeMap::new(),
+            ring: BTreeMap::new(),
+            rings,
         }
     }
 
@@ -74,9 +84,27 @@ impl Pair {
             p.sender_send(room, part, self.now).unwrap();
         }
         self.drv.run(p);
-        let posts = self.drv.take_posts();
-        for post in &posts {
-            for (s, d, len) in self.drv.copies(post) {
+        let mut posts = Vec::new();
+        while self.step(&mut posts) {}
+        assert!(
+            self.drv.posts.is_empty() && self.drv.stages.is_empty(),
+            "work left over"
+        );
+        assert_eq!(self.prefill.sender_poll(room), KvPoll::Success);
+        for (name, d) in &mut self.decodes {
+            assert_eq!(d.poll(room, self.now), KvPoll::Success, "decode {name}");
+        }
+        posts
+    }
+
+    /// One round of work on both sides: the prefill's posts (executed, notified, reported) and
+    /// staged pieces (gathered into our slot, written into the decode's ring, notified); the
+    /// decodes' frames (to the prefill) and scatters (out of the ring into their pages). Whether
+    /// anything happened.
+    fn step(&mut self, posts: &mut Vec<Post>) -> bool {
+        let mut worked = false;
+        for post in self.drv.take_posts() {
+            for (s, d, len) in self.drv.copies(&post) {
                 for k in 0..len {
                     assert!(
                         self.memory.insert(d + k, byte(s + k)).is_none(),
@@ -85,19 +113,78 @@ impl Pair {
                     );
                 }
             }
-            let (_, d) = self
-                .decodes
-                .iter_mut()
-                .find(|(name, _)| name == post.peer.as_str())
-                .expect("a post to a decode of the pair");
-            d.handle_notification("prefill", &post.notif);
+            self.decode_of(&post.peer)
+                .handle_notification("prefill", &post.notif);
             self.prefill.transfer_done(post.room, Ok(()));
+            posts.push(post);
+            worked = true;
         }
-        assert_eq!(self.prefill.sender_poll(room), KvPoll::Success);
-        for (name, d) in &mut self.decodes {
-            assert_eq!(d.poll(room, self.now), KvPoll::Success, "decode {name}");
+        for w in std::mem::take(&mut self.drv.stages) {
+            // Our gather of whole pages into the slot, then the WRITE of the slot into the ring.
+            let (ours, _) = self.drv.pools_for_agent(&w.peer);
+            let table = crate::proto::staging::staging_layout(ours)
+                .unwrap()
+                .table(&w.src_pages, w.bytes)
+                .unwrap();
+            for (pool, off, len) in table.segments() {
+                for k in 0..len {
+                    self.ring.insert(w.remote_addr + off + k, byte(pool + k));
+                }
+            }
+            self.prefill
+                .staged_done(w.room, w.local_slot, Ok(()), self.now);
+            self.decode_of(&w.peer)
+                .handle_notification("prefill", &w.notif);
+            self.drv.run(&mut self.prefill);
+            worked = true;
         }
-        posts
+        for i in 0..self.decodes.len() {
+            while let Some(c) = self.decodes[i].1.poll_command() {
+                worked = true;
+                match c {
+                    decode::Command::Send { frames, .. } => {
+                        let msg = PrefillInbound::decode(&frames).unwrap();
+                        self.prefill.handle_inbound(msg, self.now);
+                        self.drv.run(&mut self.prefill);
+                    }
+                    decode::Command::Scatter {
+                        room, slot, pages, ..
+                    } => {
+                        let name = self.decodes[i].0.clone();
+                        let (_, theirs) = self.drv.pools_for_agent(&agent(&name));
+                        let ring = self.rings[&name];
+                        let base = ring.addr + u64::from(slot) * ring.slot_bytes;
+                        let bytes = pages.len() as u64 * theirs.kv_item_lens.iter().sum::<u64>();
+                        let table = crate::proto::staging::staging_layout(theirs)
+                            .unwrap()
+                            .table(&pages, bytes)
+                            .unwrap();
+                        for (pool, off, len) in table.segments() {
+                            for k in 0..len {
+                                let b = self.ring[&(base + off + k)];
+                                assert!(
+                                    self.memory.insert(pool + k, b).is_none(),
+                                    "byte {:#x} scattered twice",
+                                    pool + k
+                                );
+                            }
+                        }
+                        self.decodes[i].1.scatter_done(room, slot, Ok(()));
+                    }
+                }
+            }
+        }
+        worked
+    }
+
+    /// The decode core named `agent`.
+    fn decode_of(&mut self, agent: &AgentName) -> &mut DecodeCore {
+        &mut self
+            .decodes
+            .iter_mut()
+            .find(|(name, _)| name == agent.as_str())
+            .expect("a decode of the pair")
+            .1
     }
 }
 
@@ -258,4 +345,33 @@ fn a_pair_of_other_tp_sizes_moves_head_slices_per_token_and_packed_to_the_same_b
         );
         assert_eq!(pair.memory, naive_heads(&src, &dst), "packed: {packs}");
     }
+}
+
+#[test]
+fn a_pair_with_a_ring_stages_a_room_to_exactly_the_naive_bytes() {
+    let mut ours = layout(0x1000_0000);
+    ours.kv_mem = MemType::Vram;
+    // Our slots hold 4 pages of both buffers; the decode's ring 2 slots of 8, both for the room.
+    let prefill =
+        PrefillCore::new(ours.clone(), Duration::from_secs(300)).with_staging(4 * 8192, 3);
+    let ring = nixl_wire::ext::Ring {
+        addr: 0x7000_0000,
+        slot_bytes: 8 * 8192,
+        slots: 2,
+        gpu: 0,
+    };
+    let mut me = identity();
+    me.staging = Some(decode::DecodeStaging::new(ring, 2));
+    let mut pair = Pair::new(prefill, me);
+    pair.drv.with_pools(&ours, &[("dec", &layout(0x9000_0000))]);
+    let (src, dst): (Vec<u32>, Vec<u32>) = ((30..40).collect(), (0..10).rev().collect());
+    let posts = pair.run_room(RoomId::new(4), &src, &[&dst], 2);
+    assert!(
+        posts.iter().all(|p| p.kind == ListKind::Aux),
+        "KV pages only by staged pieces"
+    );
+    assert_eq!(
+        pair.memory,
+        naive_bytes(&ours, &layout(0x9000_0000), &src, &dst)
+    );
 }
