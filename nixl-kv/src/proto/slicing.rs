@@ -36,23 +36,17 @@ pub struct SliceParams {
     pub dst_item: u64,
 }
 
-/// Where one token's heads go: `len` bytes from `src_offset` in each prefill token slot to
-/// `dst_offset` in the decode's, for every token of every page pair of every buffer.
+/// Where one token's heads go between a prefill rank and a decode rank: the slice of every token
+/// slot ([`TokenSlice`], the one geometry the kernels and the staged notices carry too) and the
+/// page lengths on both sides.
+///
+/// [`TokenSlice`]: nixl_core::staging::TokenSlice
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HeadSlice {
-    /// Bytes of one prefill token slot (`src_item / S`).
-    pub src_token: u64,
-    /// Bytes of one decode token slot (`dst_item / S`).
-    pub dst_token: u64,
-    /// Offset of the slice in a prefill token slot.
-    pub src_offset: u64,
-    /// Offset of the slice in a decode token slot.
-    pub dst_offset: u64,
-    /// Bytes per token.
-    pub len: u64,
-    /// Tokens per page.
-    pub tokens: u32,
+    /// `len` bytes from `src_offset` in each prefill token slot (of `src_token` bytes) to
+    /// `dst_offset` in the decode's (of `dst_token`), for each of `tokens` tokens per page.
+    pub slice: nixl_core::staging::TokenSlice,
     /// Bytes of one page of one prefill buffer.
     pub src_item: u64,
     /// Bytes of one page of one decode buffer.
@@ -193,12 +187,14 @@ impl HeadSlice {
             ((u64::from(rd) * hd) % h, 0, hd)
         };
         Ok(Self {
-            src_token,
-            dst_token,
-            src_offset: src_head_at * head,
-            dst_offset: dst_head_at * head,
-            len: count * head,
-            tokens: p.page_tokens,
+            slice: nixl_core::staging::TokenSlice {
+                tokens: p.page_tokens,
+                src_token,
+                dst_token,
+                src_offset: src_head_at * head,
+                dst_offset: dst_head_at * head,
+                len: count * head,
+            },
             src_item: p.src_item,
             dst_item: p.dst_item,
         })
@@ -206,14 +202,7 @@ impl HeadSlice {
 
     /// The per-token slice, as the direct path's kernel takes it.
     pub fn token_slice(&self) -> nixl_core::staging::TokenSlice {
-        nixl_core::staging::TokenSlice {
-            tokens: self.tokens,
-            src_token: self.src_token,
-            dst_token: self.dst_token,
-            src_offset: self.src_offset,
-            dst_offset: self.dst_offset,
-            len: self.len,
-        }
+        self.slice
     }
 
     /// Whether the slice fills the decode's token slots: this prefill rank holds every head a
@@ -264,17 +253,17 @@ impl HeadSlice {
             for &(sp, dp) in pages {
                 let s_page = sb.checked_add(u64::from(sp).checked_mul(self.src_item)?)?;
                 let d_page = db.checked_add(u64::from(dp).checked_mul(self.dst_item)?)?;
-                for t in 0..u64::from(self.tokens) {
-                    let s = s_page.checked_add(t * self.src_token + self.src_offset)?;
-                    let d = d_page.checked_add(t * self.dst_token + self.dst_offset)?;
+                for t in 0..u64::from(self.slice.tokens) {
+                    let s = s_page.checked_add(t * self.slice.src_token + self.slice.src_offset)?;
+                    let d = d_page.checked_add(t * self.slice.dst_token + self.slice.dst_offset)?;
                     match out.last_mut() {
                         Some(last)
                             if last.0.checked_add(last.2) == Some(s)
                                 && last.1.checked_add(last.2) == Some(d) =>
                         {
-                            last.2 += self.len;
+                            last.2 += self.slice.len;
                         }
-                        _ => out.push((s, d, self.len)),
+                        _ => out.push((s, d, self.slice.len)),
                     }
                 }
             }

@@ -17,20 +17,20 @@ impl PrefillCore {
         slice: &HeadSlice,
         agent: &AgentName,
     ) -> Option<Coords> {
-        let tokens = slice.tokens;
+        let tokens = slice.slice.tokens;
         let ours = TokenGeometry {
             item: slice.src_item,
             tokens,
-            token: slice.src_token,
-            offset: slice.src_offset,
-            len: slice.len,
+            token: slice.slice.src_token,
+            offset: slice.slice.src_offset,
+            len: slice.slice.len,
         };
         let theirs = TokenGeometry {
             item: slice.dst_item,
             tokens,
-            token: slice.dst_token,
-            offset: slice.dst_offset,
-            len: slice.len,
+            token: slice.slice.dst_token,
+            offset: slice.slice.dst_offset,
+            len: slice.slice.len,
         };
         let local = self.local_token_list(ours);
         let need = self.dst_idx.iter().max().map_or(0, |m| m.saturating_add(1));

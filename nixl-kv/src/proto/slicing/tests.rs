@@ -23,17 +23,29 @@ fn sglang_examples_and_the_fixed_offset() {
     // P = 1, D = 2, H = 8 heads of 256 B, 16 tokens: decode rank 1 takes heads 4..8.
     let s = HeadSlice::new(&params(1, 2, 0, 1, 8, 16, 256)).unwrap();
     assert_eq!(
-        (s.src_offset, s.dst_offset, s.len, s.src_token, s.dst_token),
+        (
+            s.slice.src_offset,
+            s.slice.dst_offset,
+            s.slice.len,
+            s.slice.src_token,
+            s.slice.dst_token
+        ),
         (4 * 256, 0, 4 * 256, 8 * 256, 4 * 256)
     );
     // P = 4, D = 2: prefill rank 3 is the second of decode rank 1's group, at head H, not at
     // 3·H (SGLang's offset, past the 2·H-head token slot).
     let s = HeadSlice::new(&params(4, 2, 3, 1, 8, 16, 256)).unwrap();
-    assert_eq!((s.src_offset, s.dst_offset, s.len), (0, 8 * 256, 8 * 256));
-    assert!(s.dst_offset + s.len <= s.dst_token);
+    assert_eq!(
+        (s.slice.src_offset, s.slice.dst_offset, s.slice.len),
+        (0, 8 * 256, 8 * 256)
+    );
+    assert!(s.slice.dst_offset + s.slice.len <= s.slice.dst_token);
     // Same TP: the whole token slot.
     let s = HeadSlice::new(&params(2, 2, 1, 1, 8, 16, 256)).unwrap();
-    assert_eq!((s.src_offset, s.dst_offset, s.len), (0, 0, s.src_token));
+    assert_eq!(
+        (s.slice.src_offset, s.slice.dst_offset, s.slice.len),
+        (0, 0, s.slice.src_token)
+    );
 }
 
 #[test]
