@@ -132,6 +132,28 @@ struct PeerState {
     direct: bool,
 }
 
+/// One chunk to one decode: our pages and the decode's, pair by pair.
+pub(super) struct Chunk<'a> {
+    pub(super) src: &'a [u32],
+    pub(super) dst: &'a [u32],
+}
+
+impl Chunk<'_> {
+    /// The (prefill page, decode page) pairs.
+    pub(super) fn pairs(&self) -> Vec<(u32, u32)> {
+        self.src
+            .iter()
+            .copied()
+            .zip(self.dst.iter().copied())
+            .collect()
+    }
+
+    /// Entries a decode's list must have to cover the chunk's pages.
+    pub(super) fn need(&self) -> u32 {
+        self.dst.iter().max().map_or(0, |m| m.saturating_add(1))
+    }
+}
+
 /// Runs averaging at least this many pages are posted merged (explicit descriptors) rather
 /// than page by page from prepared lists.
 pub const MERGE_RUN_PAGES: usize = 2;
@@ -176,8 +198,6 @@ pub struct PrefillCore {
     local_tokens: HashMap<(u64, u64), Local>,
     commands: VecDeque<Command>,
     runs: Vec<Run>,
-    src_idx: Vec<u32>,
-    dst_idx: Vec<u32>,
     staging: Option<PrefillStaging>,
     /// Our node's identity, when the direct path is on (see [`PrefillCore::with_direct`]).
     node: Option<String>,
@@ -224,8 +244,6 @@ impl PrefillCore {
             local_tokens: HashMap::new(),
             commands,
             runs: Vec::new(),
-            src_idx: Vec::new(),
-            dst_idx: Vec::new(),
             staging: None,
             node: None,
             packing: false,
@@ -511,10 +529,11 @@ impl PrefillCore {
                     prefill: self.layout.kv_ptrs.len(),
                 });
             }
-            self.src_idx.clear();
-            self.src_idx.extend_from_slice(pages);
-            self.dst_idx.clear();
-            self.dst_idx.extend(dst.iter().map(|p| p.get()));
+            let dst: Vec<u32> = dst.iter().map(|p| p.get()).collect();
+            let c = Chunk {
+                src: pages,
+                dst: &dst,
+            };
             let notif = Notification::Kv {
                 room,
                 chunk: chunk.into(),
@@ -529,12 +548,12 @@ impl PrefillCore {
                 .map(|(_, route)| *route)
                 .ok_or_else(|| FailureReason::DecodeNotRegistered(info.agent.clone()))?;
             let coords = match route {
-                Route::Pages => self.lower_kv(&info.agent, &peer),
-                Route::Tokens(slice) => self.lower_sliced(&slice, &info.agent, &peer)?,
-                Route::Packed(slice, area) => self.lower_packed(&slice, area, &peer)?,
+                Route::Pages => self.lower_kv(&info.agent, &peer, &c),
+                Route::Tokens(slice) => self.lower_sliced(&slice, &info.agent, &peer, &c)?,
+                Route::Packed(slice, area) => self.lower_packed(&slice, area, &peer, &c)?,
                 Route::Direct(slice) => Coords::Direct {
-                    src: self.src_idx.clone(),
-                    dst: self.dst_idx.clone(),
+                    src: c.src.to_vec(),
+                    dst: c.dst.to_vec(),
                     slice: slice.map(|s| s.token_slice()),
                 },
                 // Staged rooms were lowered above, and every decode of one is staged.
@@ -599,21 +618,12 @@ impl PrefillCore {
         Ok(())
     }
 
-    /// The chunk's (prefill page, decode page) pairs, from `src_idx`/`dst_idx`.
-    fn page_pairs(&self) -> Vec<(u32, u32)> {
-        self.src_idx
-            .iter()
-            .copied()
-            .zip(self.dst_idx.iter().copied())
-            .collect()
-    }
-
-    /// Lowers the KV pages in `src_idx`/`dst_idx` to `agent`: indices into prepared lists when
-    /// both cover them, else explicit descriptors (queuing a larger list when one is due).
-    fn lower_kv(&mut self, agent: &AgentName, peer: &Peer) -> Coords {
-        let need = self.dst_idx.iter().max().map_or(0, |m| m.saturating_add(1));
-        let pairs = self.page_pairs();
-        group_runs(&self.src_idx, &self.dst_idx, &mut self.runs);
+    /// Lowers the KV pages of `c` to `agent`: indices into prepared lists when both cover them,
+    /// else explicit descriptors (queuing a larger list when one is due).
+    fn lower_kv(&mut self, agent: &AgentName, peer: &Peer, c: &Chunk<'_>) -> Coords {
+        let need = c.need();
+        let pairs = c.pairs();
+        group_runs(c.src, c.dst, &mut self.runs);
         // Runs merge adjacent pages into one descriptor per buffer. Each descriptor costs the
         // transport a fixed overhead (several µs under UCX cuda_ipc), so once runs average two
         // pages or more the merged explicit copies beat per-page indices into prepared lists.
@@ -663,7 +673,7 @@ impl PrefillCore {
             ListKind::Aux => (self.local_aux, self.layout.aux_slots),
             ListKind::Tokens => return None,
         };
-        let mut state = self.peers.remove(agent)?;
+        let state = self.peers.get_mut(agent)?;
         let track = match kind {
             ListKind::Kv => &state.kv,
             ListKind::Aux => &state.aux,
@@ -671,13 +681,12 @@ impl PrefillCore {
         };
         let covering = track.covering(need);
         if covering.is_none() {
-            self.prepare_peer_list(agent, &mut state, kind, need);
+            peers::prepare_peer_list(&self.layout, &mut self.commands, agent, state, kind, need);
         }
         let buffers = match kind {
             ListKind::Kv | ListKind::Tokens => self.layout.kv_ptrs.len(),
             ListKind::Aux => aux_buffers(self.layout.aux_ptrs.len(), state.peer.aux_ptrs.len()),
         };
-        self.peers.insert(agent.clone(), state);
         let (generation, remote_count) = covering?;
         if local_ready != Local::Ready {
             return None;

@@ -92,11 +92,6 @@ impl PeerTable {
         self.ready.insert(agent, state);
     }
 
-    /// Takes a registered agent out (to put it back, or to forget it).
-    pub(super) fn remove(&mut self, agent: &AgentName) -> Option<PeerState> {
-        self.ready.remove(agent)
-    }
-
     /// Forgets `agent`, registered or loading; whether it was either.
     pub(super) fn forget(&mut self, agent: &AgentName) -> bool {
         let known = self.ready.remove(agent).is_some();

@@ -83,9 +83,23 @@ impl PrefillCore {
                 // Lists at our own pool size now, so the first request can use them (none of
                 // whole KV pages for a decode that takes head slices: they do not fit its pages).
                 if self.head_slice(&state.peer).is_none() {
-                    self.prepare_peer_list(agent, &mut state, ListKind::Kv, 1);
+                    prepare_peer_list(
+                        &self.layout,
+                        &mut self.commands,
+                        agent,
+                        &mut state,
+                        ListKind::Kv,
+                        1,
+                    );
                 }
-                self.prepare_peer_list(agent, &mut state, ListKind::Aux, 1);
+                prepare_peer_list(
+                    &self.layout,
+                    &mut self.commands,
+                    agent,
+                    &mut state,
+                    ListKind::Aux,
+                    1,
+                );
                 self.open_direct(agent, &state.peer);
                 self.peers.insert(agent.clone(), state);
             }
@@ -102,55 +116,6 @@ impl PrefillCore {
                 tracing::warn!(agent = %agent, %reason, "cannot load decode metadata");
                 self.peers.refuse(agent.clone(), seen);
             }
-        }
-    }
-
-    /// Queues a preparation of `agent`'s `kind` list if one reaching entry `need - 1` is due.
-    pub(super) fn prepare_peer_list(
-        &mut self,
-        agent: &AgentName,
-        state: &mut PeerState,
-        kind: ListKind,
-        need: u32,
-    ) {
-        let layout = &self.layout;
-        let (track, base, ptrs, items, buffers, mem, dev) = match kind {
-            ListKind::Kv => (
-                &mut state.kv,
-                layout.kv_pages,
-                &state.peer.kv_ptrs[..],
-                &layout.kv_item_lens[..],
-                layout.kv_ptrs.len(),
-                layout.kv_mem,
-                state.peer.gpu_id.get(),
-            ),
-            ListKind::Aux => {
-                let n = aux_buffers(layout.aux_ptrs.len(), state.peer.aux_ptrs.len());
-                (
-                    &mut state.aux,
-                    layout.aux_slots,
-                    &state.peer.aux_ptrs[..n],
-                    &layout.aux_item_lens[..n],
-                    n,
-                    MemType::Dram,
-                    0,
-                )
-            }
-            // Token lists have their own shapes (tokens.rs).
-            ListKind::Tokens => return,
-        };
-        if buffers == 0 {
-            return;
-        }
-        if let Some((generation, count)) = track.want(need, base, peer_cap(base, buffers)) {
-            let id = ListId::Peer {
-                agent: agent.clone(),
-                kind,
-                generation,
-            };
-            self.commands.push_back(Command::Prepare(list_spec(
-                id, mem, ptrs, items, count, dev,
-            )));
         }
     }
 
@@ -230,5 +195,55 @@ impl PrefillCore {
     /// Whether `agent` is registered.
     pub fn has_peer(&self, agent: &AgentName) -> bool {
         self.peers.contains_key(agent)
+    }
+}
+
+/// Queues a preparation of `agent`'s `kind` list if one reaching entry `need - 1` is due (a
+/// function of the layout, the queue and the peer, so that the peer can stay in its table).
+pub(super) fn prepare_peer_list(
+    layout: &Layout,
+    commands: &mut VecDeque<Command>,
+    agent: &AgentName,
+    state: &mut PeerState,
+    kind: ListKind,
+    need: u32,
+) {
+    let (track, base, ptrs, items, buffers, mem, dev) = match kind {
+        ListKind::Kv => (
+            &mut state.kv,
+            layout.kv_pages,
+            &state.peer.kv_ptrs[..],
+            &layout.kv_item_lens[..],
+            layout.kv_ptrs.len(),
+            layout.kv_mem,
+            state.peer.gpu_id.get(),
+        ),
+        ListKind::Aux => {
+            let n = aux_buffers(layout.aux_ptrs.len(), state.peer.aux_ptrs.len());
+            (
+                &mut state.aux,
+                layout.aux_slots,
+                &state.peer.aux_ptrs[..n],
+                &layout.aux_item_lens[..n],
+                n,
+                MemType::Dram,
+                0,
+            )
+        }
+        // Token lists have their own shapes (tokens.rs).
+        ListKind::Tokens => return,
+    };
+    if buffers == 0 {
+        return;
+    }
+    if let Some((generation, count)) = track.want(need, base, peer_cap(base, buffers)) {
+        let id = ListId::Peer {
+            agent: agent.clone(),
+            kind,
+            generation,
+        };
+        commands.push_back(Command::Prepare(list_spec(
+            id, mem, ptrs, items, count, dev,
+        )));
     }
 }

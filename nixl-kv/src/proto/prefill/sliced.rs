@@ -32,7 +32,7 @@ impl PrefillCore {
         Some(HeadSlice::new(&params).map_err(|e| FailureReason::Slicing(e.to_string())))
     }
 
-    /// Lowers the KV pages in `src_idx`/`dst_idx` as head slices: one descriptor per token slot
+    /// Lowers the KV pages of `c` as head slices: one descriptor per token slot
     /// of every page of every buffer, as indices into prepared token lists (tokens.rs) once
     /// they are ready, else explicit, merged where they continue each other.
     pub(super) fn lower_sliced(
@@ -40,6 +40,7 @@ impl PrefillCore {
         slice: &HeadSlice,
         agent: &AgentName,
         peer: &Peer,
+        c: &Chunk<'_>,
     ) -> Result<Coords, FailureReason> {
         if self
             .layout
@@ -51,11 +52,11 @@ impl PrefillCore {
                 "the prefill's KV buffers differ in item length".into(),
             ));
         }
-        if let Some(c) = self.lower_tokens_prepared(slice, agent) {
-            return Ok(c);
+        if let Some(lowered) = self.lower_tokens_prepared(slice, agent, c) {
+            return Ok(lowered);
         }
         let l = &self.layout;
-        let pairs = self.page_pairs();
+        let pairs = c.pairs();
         let copies = slice
             .copies(&l.kv_ptrs, &peer.kv_ptrs, &pairs)
             .ok_or_else(|| FailureReason::Slicing("a page address overflows".into()))?;
@@ -104,18 +105,19 @@ impl PrefillCore {
         })
     }
 
-    /// Lowers the KV pages in `src_idx`/`dst_idx` as packed pieces of `area`'s size.
+    /// Lowers the KV pages of `c` as packed pieces of `area`'s size.
     pub(super) fn lower_packed(
         &self,
         slice: &HeadSlice,
         area: PackArea,
         peer: &Peer,
+        c: &Chunk<'_>,
     ) -> Result<Coords, FailureReason> {
         let per = area.per() as usize;
-        let pieces = self
-            .src_idx
+        let pieces = c
+            .src
             .chunks(per)
-            .zip(self.dst_idx.chunks(per))
+            .zip(c.dst.chunks(per))
             .map(|(src, dst)| {
                 Some(PackedPiece {
                     src: src.to_vec(),

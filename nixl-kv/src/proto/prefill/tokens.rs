@@ -10,12 +10,13 @@ use crate::proto::lists::MAX_PEER_LIST_DESCS;
 use crate::proto::lower::{TokenGeometry, token_list_spec};
 
 impl PrefillCore {
-    /// The chunk in `src_idx`/`dst_idx` as indices into prepared token lists, when both are
+    /// The chunk `c` as indices into prepared token lists, when both are
     /// ready; otherwise queues what is missing and returns `None` (explicit descriptors then).
     pub(super) fn lower_tokens_prepared(
         &mut self,
         slice: &HeadSlice,
         agent: &AgentName,
+        c: &Chunk<'_>,
     ) -> Option<Coords> {
         let tokens = slice.slice.tokens;
         let ours = TokenGeometry {
@@ -33,8 +34,8 @@ impl PrefillCore {
             len: slice.slice.len,
         };
         let local = self.local_token_list(ours);
-        let need = self.dst_idx.iter().max().map_or(0, |m| m.saturating_add(1));
-        let mut state = self.peers.remove(agent)?;
+        let need = c.need();
+        let state = self.peers.get_mut(agent)?;
         // A decode's slice shape is fixed by its registration; a list is never reused for
         // another one.
         let fits = state.tokens_geometry.is_none_or(|g| g == theirs);
@@ -42,19 +43,18 @@ impl PrefillCore {
             state.tokens_geometry = Some(theirs);
             let covering = state.tokens.covering(need);
             if covering.is_none() {
-                self.prepare_peer_tokens(agent, &mut state, theirs, need);
+                prepare_peer_tokens(&self.layout, &mut self.commands, agent, state, theirs, need);
             }
             covering
         } else {
             None
         };
-        self.peers.insert(agent.clone(), state);
         let (generation, remote_pages) = covering?;
         if local != Local::Ready {
             return None;
         }
-        let mut pairs = Vec::with_capacity(self.src_idx.len() * tokens as usize);
-        for (&s, &d) in self.src_idx.iter().zip(&self.dst_idx) {
+        let mut pairs = Vec::with_capacity(c.src.len() * tokens as usize);
+        for (&s, &d) in c.src.iter().zip(c.dst) {
             for t in 0..tokens {
                 pairs.push((
                     s.checked_mul(tokens)?.checked_add(t)?,
@@ -110,40 +110,6 @@ impl PrefillCore {
         state
     }
 
-    /// Queues a preparation of `agent`'s token list if one reaching page `need - 1` is due.
-    fn prepare_peer_tokens(
-        &mut self,
-        agent: &AgentName,
-        state: &mut PeerState,
-        g: TokenGeometry,
-        need: u32,
-    ) {
-        let l = &self.layout;
-        let per_page = (l.kv_ptrs.len() as u64).saturating_mul(u64::from(g.tokens));
-        if per_page == 0 {
-            return;
-        }
-        // Pages, so that the whole list stays within the cap (however large our own pool).
-        let cap = u64::from(l.kv_pages)
-            .saturating_mul(4)
-            .min(MAX_PEER_LIST_DESCS / per_page);
-        let cap = u32::try_from(cap).unwrap_or(u32::MAX);
-        if let Some((generation, pages)) = state.tokens.want(need, l.kv_pages.min(cap), cap) {
-            let id = ListId::Peer {
-                agent: agent.clone(),
-                kind: ListKind::Tokens,
-                generation,
-            };
-            let dev = state.peer.gpu_id.get();
-            match token_list_spec(id, l.kv_mem, &state.peer.kv_ptrs, g, pages, dev) {
-                Some(spec) => self.commands.push_back(Command::Prepare(spec)),
-                None => {
-                    state.tokens.prepared(generation, false);
-                }
-            }
-        }
-    }
-
     /// The outcome of preparing our token list `(offset, len)`.
     pub(super) fn local_tokens_prepared(&mut self, offset: u64, len: u64, ok: bool) {
         if !ok {
@@ -155,5 +121,39 @@ impl PrefillCore {
         }
         let state = if ok { Local::Ready } else { Local::Failed };
         self.local_tokens.insert((offset, len), state);
+    }
+}
+
+/// Queues a preparation of `agent`'s token list if one reaching page `need - 1` is due.
+fn prepare_peer_tokens(
+    l: &Layout,
+    commands: &mut VecDeque<Command>,
+    agent: &AgentName,
+    state: &mut PeerState,
+    g: TokenGeometry,
+    need: u32,
+) {
+    let per_page = (l.kv_ptrs.len() as u64).saturating_mul(u64::from(g.tokens));
+    if per_page == 0 {
+        return;
+    }
+    // Pages, so that the whole list stays within the cap (however large our own pool).
+    let cap = u64::from(l.kv_pages)
+        .saturating_mul(4)
+        .min(MAX_PEER_LIST_DESCS / per_page);
+    let cap = u32::try_from(cap).unwrap_or(u32::MAX);
+    if let Some((generation, pages)) = state.tokens.want(need, l.kv_pages.min(cap), cap) {
+        let id = ListId::Peer {
+            agent: agent.clone(),
+            kind: ListKind::Tokens,
+            generation,
+        };
+        let dev = state.peer.gpu_id.get();
+        match token_list_spec(id, l.kv_mem, &state.peer.kv_ptrs, g, pages, dev) {
+            Some(spec) => commands.push_back(Command::Prepare(spec)),
+            None => {
+                state.tokens.prepared(generation, false);
+            }
+        }
     }
 }
