@@ -11,7 +11,7 @@ use super::probe::Probe;
 use super::{DecodeIo, PrefillIo, Shared, lock};
 use crate::proto::FailureReason;
 use crate::proto::decode::Command as DecodeCommand;
-use crate::proto::lower::{Coords, ListId};
+use crate::proto::lower::{ListId, Work};
 use crate::proto::prefill::{Command, Post};
 use crate::proto::route::PackArea;
 
@@ -210,17 +210,17 @@ fn execute(
     post: &Post,
     posted: &mut Vec<(RoomId, XferRequest)>,
 ) -> Result<(), String> {
-    let counter = match &post.coords {
-        Coords::Indexed { .. } | Coords::Explicit { .. } => {
+    let counter = match &post.work {
+        Work::Indexed { .. } | Work::Explicit { .. } => {
             let req = make(agent, lists, post)?;
             req.post().map_err(|e| e.to_string())?;
             posted.push((post.room, req));
-            match post.coords {
-                Coords::Indexed { .. } => &p.made_prepared,
+            match post.work {
+                Work::Indexed { .. } => &p.made_prepared,
                 _ => &p.made_explicit,
             }
         }
-        Coords::Direct { src, dst, slice } => {
+        Work::Direct { src, dst, slice } => {
             // Only a core told `with_direct` routes to Direct, and only a prefill with a staging
             // buffer (and its kernels) tells it so.
             let gpu = p
@@ -231,17 +231,17 @@ fn execute(
             lock(gpu).direct(post.room, post.peer.as_str(), src, dst, *slice, notif)?;
             &p.made_direct
         }
-        Coords::Packed { area, .. } => {
+        Work::Packed { area, .. } => {
             // The core chose the packer with the route: host areas on host pools, the staging
             // buffer's packing slot on GPU pools.
             let notif = post.notif.clone();
             let (room, peer) = (post.room, post.peer.as_str());
             match (area, &p.host_pack, &p.gpu) {
                 (PackArea::Host { .. }, Some(hp), _) => {
-                    lock(hp).push(room, peer, &post.coords, notif)
+                    lock(hp).push(room, peer, &post.work, notif)
                 }
                 (PackArea::Gpu { .. }, _, Some(gpu)) => {
-                    lock(gpu).pack(agent, room, peer, &post.coords, notif)
+                    lock(gpu).pack(agent, room, peer, &post.work, notif)
                 }
                 _ => Err(format!("this prefill has no packer for {area:?}")),
             }?;
@@ -254,12 +254,12 @@ fn execute(
 
 /// The NIXL request of a WRITE chunk: indices into two prepared lists, or explicit descriptors.
 fn make(agent: &Agent, lists: &Lists, post: &Post) -> Result<XferRequest, String> {
-    if post.coords.is_empty() {
+    if post.work.is_empty() {
         return Err("nothing to transfer (the decode registered no matching buffers)".into());
     }
     let notif = Some(&post.notif[..]);
-    match &post.coords {
-        Coords::Indexed {
+    match &post.work {
+        Work::Indexed {
             local,
             remote,
             local_idx,
@@ -272,10 +272,10 @@ fn make(agent: &Agent, lists: &Lists, post: &Post) -> Result<XferRequest, String
                 .make_request(XferOp::Write, l, local_idx, r, remote_idx, notif)
                 .map_err(|e| e.to_string())
         }
-        Coords::Explicit { local, remote } => agent
+        Work::Explicit { local, remote } => agent
             .create_request(XferOp::Write, local, remote, post.peer.as_str(), notif)
             .map_err(|e| e.to_string()),
-        Coords::Direct { .. } | Coords::Packed { .. } => {
+        Work::Direct { .. } | Work::Packed { .. } => {
             Err("not a NIXL request (started by its own executor)".into())
         }
     }

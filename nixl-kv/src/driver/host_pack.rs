@@ -19,7 +19,7 @@ use super::packed_chunk::PackedChunk;
 use super::staged::DirectEnd;
 use crate::error::Error;
 use crate::proto::Layout;
-use crate::proto::lower::Coords;
+use crate::proto::lower::Work;
 
 /// A chunk whose current piece is being written out of area `area`.
 struct Writing {
@@ -111,11 +111,11 @@ impl HostPacker {
         &mut self,
         room: RoomId,
         peer: &str,
-        coords: &Coords,
+        work: &Work,
         notif: Vec<u8>,
     ) -> Result<(), String> {
         self.waiting
-            .push_back(PackedChunk::new(room, peer, coords, notif)?);
+            .push_back(PackedChunk::new(room, peer, work, notif)?);
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use nixl_wire::RoomId;
 
 use super::staged::DirectEnd;
 use crate::proto::FailureReason;
-use crate::proto::lower::{Coords, PackedPiece};
+use crate::proto::lower::{PackedPiece, Work};
 
 /// One packed chunk.
 pub(crate) struct PackedChunk {
@@ -26,22 +26,22 @@ pub(crate) struct PackedChunk {
 }
 
 impl PackedChunk {
-    /// The chunk of `coords` for `peer`; refused unless it is packed, has pieces, and its
+    /// The chunk of `work` for `peer`; refused unless it is packed, has pieces, and its
     /// slice fills whole decode pages (a gap would carry stale area bytes into them).
     pub(crate) fn new(
         room: RoomId,
         peer: &str,
-        coords: &Coords,
+        work: &Work,
         notif: Vec<u8>,
     ) -> Result<Self, String> {
-        let Coords::Packed {
+        let Work::Packed {
             slice,
             item,
             remote_mem,
             remote_gpu,
             pieces,
             ..
-        } = coords
+        } = work
         else {
             return Err("not a packed chunk".into());
         };

@@ -117,10 +117,15 @@ pub fn token_list_spec(
     Some(ListSpec { id, descs, count })
 }
 
-/// Where a transfer's bytes come from and go to.
+/// How one chunk moves, as the core lowered it; the driver has one executor per variant: a NIXL
+/// WRITE (`Indexed`, `Explicit`), one kernel copy on our node (`Direct`), or a gather into a
+/// packing area followed by WRITEs (`Packed`). Staged pieces go by [`Command::Stage`] instead,
+/// as their slot bookkeeping reports back differently.
+///
+/// [`Command::Stage`]: super::prefill::Command::Stage
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Coords {
+pub enum Work {
     /// Indices into two prepared lists (the hot path).
     Indexed {
         /// Our list.
@@ -169,7 +174,7 @@ pub enum Coords {
     },
 }
 
-/// One piece of a [`Coords::Packed`] chunk.
+/// One piece of a [`Work::Packed`] chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PackedPiece {
@@ -179,7 +184,7 @@ pub struct PackedPiece {
     pub copies: Vec<(u64, u64, u64)>,
 }
 
-impl Coords {
+impl Work {
     /// Descriptors on each side.
     pub fn len(&self) -> usize {
         match self {
@@ -227,14 +232,14 @@ pub fn lower_explicit(
     src_dev: u32,
     dst_mem: MemType,
     dst_dev: u32,
-) -> Coords {
+) -> Work {
     let mut local = XferDescs::with_capacity(src_mem, ops.len());
     let mut remote = XferDescs::with_capacity(dst_mem, ops.len());
     for op in ops {
         local.push(op.src, op.len, u64::from(src_dev));
         remote.push(op.dst, op.len, u64::from(dst_dev));
     }
-    Coords::Explicit { local, remote }
+    Work::Explicit { local, remote }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use super::{DirectEnd, ScatterEnd, StageEnd};
 use crate::driver::config::StagingConfig;
 use crate::error::Error;
 use crate::proto::decode::DecodeStaging;
-use crate::proto::lower::Coords;
+use crate::proto::lower::Work;
 use crate::proto::prefill::StagedWrite;
 use crate::proto::staging::staging_layout;
 use crate::proto::{FailureReason, Layout};
@@ -181,17 +181,17 @@ impl PrefillGpu {
         Ok(())
     }
 
-    /// Queues a packed chunk ([`Coords::Packed`]); its first gather is launched, and it ends,
+    /// Queues a packed chunk ([`Work::Packed`]); its first gather is launched, and it ends,
     /// in [`PrefillGpu::progress`].
     pub(crate) fn pack(
         &mut self,
         agent: &Agent,
         room: RoomId,
         peer: &str,
-        coords: &Coords,
+        work: &Work,
         notif: Vec<u8>,
     ) -> Result<(), String> {
-        self.packer.push(agent, room, peer, coords, notif)
+        self.packer.push(agent, room, peer, work, notif)
     }
 
     /// Launches the gather of `w` (of head slices packed as decode pages when `w.pack` says

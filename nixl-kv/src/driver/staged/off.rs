@@ -50,7 +50,7 @@ impl PrefillGpu {
         _: &Agent,
         _: RoomId,
         _: &str,
-        _: &crate::proto::lower::Coords,
+        _: &crate::proto::lower::Work,
         _: Vec<u8>,
     ) -> Result<(), String> {
         match self.0 {}

@@ -16,7 +16,7 @@ use nixl_wire::RoomId;
 
 use super::DirectEnd;
 use crate::driver::packed_chunk::PackedChunk;
-use crate::proto::lower::Coords;
+use crate::proto::lower::Work;
 
 /// What the chunk at the front waits for.
 enum Phase {
@@ -60,10 +60,10 @@ impl Packer {
         agent: &Agent,
         room: RoomId,
         peer: &str,
-        coords: &Coords,
+        work: &Work,
         notif: Vec<u8>,
     ) -> Result<(), String> {
-        let chunk = PackedChunk::new(room, peer, coords, notif)?;
+        let chunk = PackedChunk::new(room, peer, work, notif)?;
         if self.area.is_none() {
             let len = usize::try_from(self.area_bytes)
                 .map_err(|_| format!("a packing area of {} bytes", self.area_bytes))?;

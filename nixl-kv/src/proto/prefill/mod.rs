@@ -17,7 +17,7 @@ use nixl_wire::{
 
 use super::lists::{ListTrack, peer_cap};
 use super::lower::{
-    Coords, ListId, ListKind, ListSpec, PackedPiece, list_spec, lower_explicit, lower_indexed,
+    ListId, ListKind, ListSpec, PackedPiece, Work, list_spec, lower_explicit, lower_indexed,
 };
 use super::plan::{CopyOp, Run, aux_buffers, group_runs, plan_aux, plan_kv};
 use super::route::{PackArea, Route, RouteInputs};
@@ -45,7 +45,8 @@ pub struct Peer {
     pub ipc: Option<IpcPools>,
 }
 
-/// One WRITE to post, lowered: where the bytes go and the notification NIXL delivers after.
+/// One chunk (or aux row) to move, lowered: how it moves and the notification the decode gets
+/// after.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Post {
     /// The room it belongs to.
@@ -56,8 +57,8 @@ pub struct Post {
     pub kind: ListKind,
     /// The notification payload.
     pub notif: Vec<u8>,
-    /// The lowered descriptors.
-    pub coords: Coords,
+    /// How it moves.
+    pub work: Work,
 }
 
 /// Something the driver must do for the core, in queue order.
@@ -80,7 +81,8 @@ pub enum Command {
     Prepare(ListSpec),
     /// Release a prepared list (every request made from it was already posted).
     Release(ListId),
-    /// Make and post a WRITE; report its end with [`PrefillCore::transfer_done`].
+    /// Start one chunk's [`Work`] (a NIXL WRITE, a direct kernel copy or a packed pipeline);
+    /// report its end with [`PrefillCore::transfer_done`].
     Post(Post),
     /// Send a stand-alone notification to decode agents (the failure push).
     Notify {
@@ -547,11 +549,11 @@ impl PrefillCore {
                 .and_then(|r| r.routes.iter().find(|(a, _)| *a == info.agent))
                 .map(|(_, route)| *route)
                 .ok_or_else(|| FailureReason::DecodeNotRegistered(info.agent.clone()))?;
-            let coords = match route {
+            let work = match route {
                 Route::Pages => self.lower_kv(&info.agent, &peer, &c),
                 Route::Tokens(slice) => self.lower_sliced(&slice, &info.agent, &peer, &c)?,
                 Route::Packed(slice, area) => self.lower_packed(&slice, area, &peer, &c)?,
-                Route::Direct(slice) => Coords::Direct {
+                Route::Direct(slice) => Work::Direct {
                     src: c.src.to_vec(),
                     dst: c.dst.to_vec(),
                     slice: slice.map(|s| s.token_slice()),
@@ -568,16 +570,16 @@ impl PrefillCore {
                 peer: info.agent.clone(),
                 kind: ListKind::Kv,
                 notif,
-                coords,
+                work,
             });
             if last {
-                let coords = self.lower_aux(&info.agent, &peer, aux_index, info.dst_aux_index);
+                let work = self.lower_aux(&info.agent, &peer, aux_index, info.dst_aux_index);
                 out.push(Post {
                     room,
                     peer: info.agent.clone(),
                     kind: ListKind::Aux,
                     notif: Notification::Aux { room }.encode(),
-                    coords,
+                    work,
                 });
             }
         }
@@ -620,7 +622,7 @@ impl PrefillCore {
 
     /// Lowers the KV pages of `c` to `agent`: indices into prepared lists when both cover them,
     /// else explicit descriptors (queuing a larger list when one is due).
-    fn lower_kv(&mut self, agent: &AgentName, peer: &Peer, c: &Chunk<'_>) -> Coords {
+    fn lower_kv(&mut self, agent: &AgentName, peer: &Peer, c: &Chunk<'_>) -> Work {
         let need = c.need();
         let pairs = c.pairs();
         group_runs(c.src, c.dst, &mut self.runs);
@@ -643,7 +645,7 @@ impl PrefillCore {
         lower_explicit(&ops, l.kv_mem, l.gpu_id, l.kv_mem, peer.gpu_id.get())
     }
 
-    fn lower_aux(&mut self, agent: &AgentName, peer: &Peer, ours: u32, theirs: u32) -> Coords {
+    fn lower_aux(&mut self, agent: &AgentName, peer: &Peer, ours: u32, theirs: u32) -> Work {
         let need = theirs.saturating_add(1);
         if let Some(c) = self.lower_prepared(agent, ListKind::Aux, need, &[(ours, theirs)]) {
             return c;
@@ -667,7 +669,7 @@ impl PrefillCore {
         kind: ListKind,
         need: u32,
         pairs: &[(u32, u32)],
-    ) -> Option<Coords> {
+    ) -> Option<Work> {
         let (local_ready, local_count) = match kind {
             ListKind::Kv => (self.local_kv, self.layout.kv_pages),
             ListKind::Aux => (self.local_aux, self.layout.aux_slots),
@@ -692,7 +694,7 @@ impl PrefillCore {
             return None;
         }
         let (local_idx, remote_idx) = lower_indexed(buffers, local_count, remote_count, pairs)?;
-        Some(Coords::Indexed {
+        Some(Work::Indexed {
             local: ListId::Local(kind),
             remote: ListId::Peer {
                 agent: agent.clone(),

@@ -41,7 +41,7 @@ impl PrefillCore {
         agent: &AgentName,
         peer: &Peer,
         c: &Chunk<'_>,
-    ) -> Result<Coords, FailureReason> {
+    ) -> Result<Work, FailureReason> {
         if self
             .layout
             .kv_item_lens
@@ -112,7 +112,7 @@ impl PrefillCore {
         area: PackArea,
         peer: &Peer,
         c: &Chunk<'_>,
-    ) -> Result<Coords, FailureReason> {
+    ) -> Result<Work, FailureReason> {
         let per = area.per() as usize;
         let pieces = c
             .src
@@ -127,7 +127,7 @@ impl PrefillCore {
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| FailureReason::Slicing("a page address overflows".into()))?;
         let l = &self.layout;
-        Ok(Coords::Packed {
+        Ok(Work::Packed {
             slice: slice.token_slice(),
             item: slice.dst_item,
             remote_mem: l.kv_mem,

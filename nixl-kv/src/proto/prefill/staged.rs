@@ -262,13 +262,13 @@ impl PrefillCore {
                 .map(|p| Arc::clone(&p.peer))
                 .ok_or_else(|| FailureReason::DecodeNotRegistered(agent.clone()))?;
             let aux = last.then(|| {
-                let coords = self.lower_aux(&agent, &peer, aux_index, info.dst_aux_index);
+                let work = self.lower_aux(&agent, &peer, aux_index, info.dst_aux_index);
                 Post {
                     room,
                     peer: agent.clone(),
                     kind: ListKind::Aux,
                     notif: Notification::Aux { room }.encode(),
-                    coords,
+                    work,
                 }
             });
             let sr = self

@@ -17,7 +17,7 @@ impl PrefillCore {
         slice: &HeadSlice,
         agent: &AgentName,
         c: &Chunk<'_>,
-    ) -> Option<Coords> {
+    ) -> Option<Work> {
         let tokens = slice.slice.tokens;
         let ours = TokenGeometry {
             item: slice.src_item,
@@ -66,7 +66,7 @@ impl PrefillCore {
         let remote_count = remote_pages.checked_mul(tokens)?;
         let buffers = self.layout.kv_ptrs.len();
         let (local_idx, remote_idx) = lower_indexed(buffers, local_count, remote_count, &pairs)?;
-        Some(Coords::Indexed {
+        Some(Work::Indexed {
             local: ListId::LocalTokens {
                 offset: ours.offset,
                 len: ours.len,

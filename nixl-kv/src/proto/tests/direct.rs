@@ -59,8 +59,8 @@ fn a_mapped_same_node_decode_gets_page_pairs_and_the_usual_notifications() {
     assert_eq!(kinds, vec![ListKind::Kv, ListKind::Kv, ListKind::Aux]);
     for (i, (post, range)) in posts.iter().zip([0..6, 6..10]).enumerate() {
         assert_eq!(
-            post.coords,
-            Coords::Direct {
+            post.work,
+            Work::Direct {
                 src: src[range.clone()].to_vec(),
                 dst: dst[range].to_vec(),
                 slice: None,
@@ -75,7 +75,7 @@ fn a_mapped_same_node_decode_gets_page_pairs_and_the_usual_notifications() {
         assert_eq!(post.notif, want.encode());
     }
     assert!(
-        !matches!(posts[2].coords, Coords::Direct { .. }),
+        !matches!(posts[2].work, Work::Direct { .. }),
         "aux goes by NIXL"
     );
     // Run as the driver runs them, the kernel copies move exactly the naive model's bytes.
@@ -127,11 +127,7 @@ fn pools_are_mapped_only_on_our_node_and_a_failed_mapping_keeps_the_plain_path()
     drv.run(&mut p);
     let posts = drv.take_posts();
     assert_eq!(posts.len(), 2);
-    assert!(
-        posts
-            .iter()
-            .all(|p| !matches!(p.coords, Coords::Direct { .. }))
-    );
+    assert!(posts.iter().all(|p| !matches!(p.work, Work::Direct { .. })));
     // A malformed ipc frame is no ipc frame.
     let PrefillInbound::Register(mut r) = register("d1") else {
         unreachable!()
@@ -187,8 +183,8 @@ fn both_cores_end_a_direct_room_in_success_from_the_usual_notifications() {
     drv.run(&mut p);
     let posts = drv.take_posts();
     assert_eq!(
-        posts[0].coords,
-        Coords::Direct {
+        posts[0].work,
+        Work::Direct {
             src: vec![30, 31, 32],
             dst: vec![4, 5, 6],
             slice: None,

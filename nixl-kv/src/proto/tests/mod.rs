@@ -12,7 +12,7 @@ use nixl_wire::{
 use proptest::prelude::*;
 
 use super::decode::{self, DecodeCore, DecodeTimers, Heartbeat, Identity, Lookup};
-use super::lower::{Coords, ListId, ListKind, ListSpec};
+use super::lower::{ListId, ListKind, ListSpec, Work};
 use super::prefill::{Command, Post, PrefillCore};
 use super::{BootstrapAddr, FailureReason, KvPoll, Layout};
 
@@ -154,8 +154,8 @@ impl FakeDriver {
     /// The byte copies a post performs, as (src, dst, len), adjacent copies merged.
     fn copies(&self, post: &Post) -> Vec<(u64, u64, u64)> {
         let mut out = Vec::new();
-        match &post.coords {
-            Coords::Indexed {
+        match &post.work {
+            Work::Indexed {
                 local,
                 remote,
                 local_idx,
@@ -171,13 +171,13 @@ impl FakeDriver {
                     out.push((a.addr, b.addr, a.len));
                 }
             }
-            Coords::Explicit { local, remote } => {
+            Work::Explicit { local, remote } => {
                 for (a, b) in local.as_slice().iter().zip(remote.as_slice()) {
                     assert_eq!(a.len, b.len);
                     out.push((a.addr, b.addr, a.len));
                 }
             }
-            Coords::Direct { src, dst, slice } => {
+            Work::Direct { src, dst, slice } => {
                 let (ours, peer) = self.pools_for(post);
                 let pairs: Vec<(u32, u32)> = src.iter().copied().zip(dst.iter().copied()).collect();
                 let Some(t) = slice else {
@@ -202,7 +202,7 @@ impl FakeDriver {
                     }
                 }
             }
-            Coords::Packed {
+            Work::Packed {
                 slice,
                 item,
                 pieces,
@@ -330,7 +330,7 @@ fn full_exchange_lowers_chunks_to_prepared_indices_and_completes_on_notification
     assert_eq!(c0.len(), 1);
     assert_eq!(c0[0].notif, b"77_kv_0_0");
     assert!(
-        matches!(c0[0].coords, Coords::Indexed { .. }),
+        matches!(c0[0].work, Work::Indexed { .. }),
         "the prepared path"
     );
     let peer = layout(0x9000_0000);
@@ -384,7 +384,7 @@ fn long_runs_go_merged_as_one_descriptor_per_buffer_and_run() {
     p.sender_send(room, &[1, 2, 3, 4, 8, 9], now).unwrap();
     drv.run(&mut p);
     let posts = drv.take_posts();
-    let Coords::Explicit { local, .. } = &posts[0].coords else {
+    let Work::Explicit { local, .. } = &posts[0].work else {
         panic!("merged explicit copies expected")
     };
     assert_eq!(
@@ -412,7 +412,7 @@ fn without_prepared_lists_the_same_bytes_go_as_explicit_runs() {
     p.sender_send(room, &[1, 2, 3, 9], now).unwrap();
     drv.run(&mut p);
     let posts = drv.take_posts();
-    let Coords::Explicit { local, .. } = &posts[0].coords else {
+    let Work::Explicit { local, .. } = &posts[0].work else {
         panic!("explicit expected")
     };
     // Two buffers × runs [1,2,3]→[10,11,12] and [9]→[30].
@@ -438,11 +438,11 @@ fn a_decode_pool_larger_than_ours_grows_the_peer_list_and_a_huge_index_stays_exp
     };
     // Page 100 is past our 64-page pool: explicit now, a 128-page list prepared meanwhile.
     assert!(matches!(
-        send(&mut p, &mut drv, 1, 100).coords,
-        Coords::Explicit { .. }
+        send(&mut p, &mut drv, 1, 100).work,
+        Work::Explicit { .. }
     ));
     let post = send(&mut p, &mut drv, 2, 100);
-    let Coords::Indexed { remote, .. } = &post.coords else {
+    let Work::Indexed { remote, .. } = &post.work else {
         panic!("indexed expected")
     };
     assert_eq!(drv.lists[remote].count, 128);
@@ -462,7 +462,7 @@ fn a_decode_pool_larger_than_ours_grows_the_peer_list_and_a_huge_index_stays_exp
     );
     // An index near 2^31 is never sized into a list: one explicit descriptor per buffer.
     let post = send(&mut p, &mut drv, 3, i32::MAX as u32 - 1);
-    let Coords::Explicit { local, .. } = &post.coords else {
+    let Work::Explicit { local, .. } = &post.work else {
         panic!("explicit expected")
     };
     assert_eq!(local.len(), 2);
@@ -1016,7 +1016,7 @@ proptest! {
             let mut runs = Vec::new();
             super::plan::group_runs(&src, &dst, &mut runs);
             let merged = runs.len() * super::prefill::MERGE_RUN_PAGES <= pairs.len();
-            let indexed = matches!(posts[0].coords, Coords::Indexed { .. });
+            let indexed = matches!(posts[0].work, Work::Indexed { .. });
             if merged {
                 prop_assert!(!indexed, "long runs go merged");
             } else if prepare_ok && room == 2 {
@@ -1069,7 +1069,7 @@ fn golden_frames_drive_the_prefill_and_golden_notifications_the_decode() {
     let plan = drv.take_posts();
     // The capture's KV write had 2048 descriptors for 64 buffers × 32 scattered pages; ours, with
     // two buffers, has 2 × 32 (no two destination pages are consecutive).
-    assert_eq!(plan[0].coords.len(), 64);
+    assert_eq!(plan[0].work.len(), 64);
     let sent: Vec<&str> = doc["nixl_notifs_sent_by_prefill"]
         .as_array()
         .unwrap()

@@ -228,7 +228,7 @@ fn a_pair_moves_a_room_by_whole_pages_to_exactly_the_naive_bytes() {
     assert!(
         posts
             .iter()
-            .all(|p| matches!(p.coords, Coords::Indexed { .. } | Coords::Explicit { .. })),
+            .all(|p| matches!(p.work, Work::Indexed { .. } | Work::Explicit { .. })),
         "SGLang's path between host pools"
     );
     assert_eq!(
@@ -260,7 +260,7 @@ fn a_pair_on_one_node_moves_a_room_by_the_direct_path_to_exactly_the_naive_bytes
     let posts = pair.run_room(RoomId::new(2), &src, &[&dst], 3);
     let direct = posts
         .iter()
-        .filter(|p| matches!(p.coords, Coords::Direct { .. }))
+        .filter(|p| matches!(p.work, Work::Direct { .. }))
         .count();
     assert_eq!(direct, 3, "every KV chunk by one kernel; aux by NIXL");
     assert_eq!(
@@ -340,7 +340,7 @@ fn a_pair_of_other_tp_sizes_moves_head_slices_per_token_and_packed_to_the_same_b
         assert_eq!(kv.len(), 4, "two chunks to each decode rank");
         assert!(
             kv.iter()
-                .all(|p| matches!(p.coords, Coords::Packed { .. }) == packs),
+                .all(|p| matches!(p.work, Work::Packed { .. }) == packs),
             "packed: {packs}"
         );
         assert_eq!(pair.memory, naive_heads(&src, &dst), "packed: {packs}");

@@ -113,7 +113,7 @@ fn a_smaller_prefill_writes_each_decode_rank_its_heads() {
         };
         let want = rank_copies(rank, base, &[3, 4, 10], &dst);
         // The first chunk to a decode: explicit, while the token lists are prepared.
-        assert!(matches!(post.coords, Coords::Explicit { .. }));
+        assert!(matches!(post.work, Work::Explicit { .. }));
         assert_eq!(drv.copies(post), want, "decode rank {rank}");
         // Rank 1 reads heads 2..4 of every prefill token: 16 bytes from offset 16.
         if rank == 1 {
@@ -154,8 +154,8 @@ fn later_chunks_take_their_head_slices_from_token_lists_prepared_once() {
             "d0" => (0, [7u32, 8, 63], 0x9000_0000u64),
             _ => (1, [3u32, 12, 13], 0xa000_0000u64),
         };
-        let Coords::Indexed { local, remote, .. } = &post.coords else {
-            panic!("not indexed: {:?}", post.coords)
+        let Work::Indexed { local, remote, .. } = &post.work else {
+            panic!("not indexed: {:?}", post.work)
         };
         assert!(tokens(local) && tokens(remote), "{local:?} {remote:?}");
         assert_eq!(
@@ -314,8 +314,8 @@ fn a_mapped_same_node_decode_rank_gets_its_heads_by_the_direct_path() {
     })
     .unwrap();
     assert_eq!(
-        posts[0].coords,
-        Coords::Direct {
+        posts[0].work,
+        Work::Direct {
             src: vec![3, 4, 10],
             dst: vec![0, 1, 2],
             slice: Some(want.token_slice()),
@@ -344,12 +344,12 @@ fn a_mapped_same_node_decode_rank_gets_its_heads_by_the_direct_path() {
 fn run_packed(post: &Post, prefill: &Layout) -> std::collections::BTreeMap<u64, u8> {
     use nixl_core::staging::StagingLayout;
     let byte = |a: u64| (a ^ (a >> 8) ^ (a >> 16)) as u8;
-    let Coords::Packed {
+    let Work::Packed {
         slice,
         item,
         pieces,
         ..
-    } = &post.coords
+    } = &post.work
     else {
         panic!("not packed: {post:?}");
     };
@@ -417,7 +417,7 @@ fn packing_needs_the_areas_of_the_pools_memory() {
         p.handle_inbound(sliced_register("d1", 1, 0xa000_0000), now);
         drv.run(&mut p);
         let posts = send_room(&mut p, &mut drv, 1, &[("d1", &[0, 1, 2])], &[3, 4, 10]);
-        assert!(matches!(posts[0].coords, Coords::Explicit { .. }));
+        assert!(matches!(posts[0].work, Work::Explicit { .. }));
     }
 }
 
@@ -435,9 +435,9 @@ fn packs_each_decode_rank_whole_pages(p: PrefillCore, l: &Layout) {
             "d0" => (0u64, [5u32, 6, 9], 0x9000_0000u64),
             _ => (1, [0, 1, 2], 0xa000_0000),
         };
-        let Coords::Packed {
+        let Work::Packed {
             pieces, item, area, ..
-        } = &post.coords
+        } = &post.work
         else {
             panic!("not packed: {post:?}");
         };
@@ -528,7 +528,7 @@ fn slices_that_share_a_decode_token_slot_are_never_packed() {
     p.handle_inbound(PrefillInbound::Register(r), now);
     drv.run(&mut p);
     let posts = send_room(&mut p, &mut drv, 1, &[("d0", &[5, 6])], &[3, 4]);
-    assert!(matches!(posts[0].coords, Coords::Explicit { .. }));
+    assert!(matches!(posts[0].work, Work::Explicit { .. }));
     // Rank 1's heads land in the second half of each decode token slot.
     assert!(
         drv.copies(&posts[0])
@@ -547,7 +547,7 @@ fn without_packing_a_staging_prefill_keeps_per_token_descriptors() {
     p.handle_inbound(sliced_register("d1", 1, 0xa000_0000), now);
     drv.run(&mut p);
     let posts = send_room(&mut p, &mut drv, 1, &[("d1", &[0, 1, 2])], &[3, 4, 10]);
-    assert!(matches!(posts[0].coords, Coords::Explicit { .. }));
+    assert!(matches!(posts[0].work, Work::Explicit { .. }));
 }
 
 mod staged;

@@ -205,7 +205,7 @@ fn head_slices_are_staged_only_when_packed_and_every_decode_stages() {
         let posts = drv.take_posts();
         let packed = posts
             .iter()
-            .filter(|q| matches!(q.coords, Coords::Packed { .. }))
+            .filter(|q| matches!(q.work, Work::Packed { .. }))
             .count();
         (drv.stages.len(), packed)
     };
