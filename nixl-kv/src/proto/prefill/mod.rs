@@ -178,7 +178,7 @@ const PEER_RECHECK: Duration = Duration::from_secs(10);
 
 /// Whether our own prepared lists exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Local {
+enum Readiness {
     Pending,
     Ready,
     Failed,
@@ -194,10 +194,10 @@ pub struct PrefillCore {
     orphan_timeout: Duration,
     peer_idle_timeout: Duration,
     proofs: Option<Proofs>,
-    local_kv: Local,
-    local_aux: Local,
+    local_kv: Readiness,
+    local_aux: Readiness,
     /// Our token lists for head slices, by (offset, length) of the slice.
-    local_tokens: HashMap<(u64, u64), Local>,
+    local_tokens: HashMap<(u64, u64), Readiness>,
     commands: VecDeque<Command>,
     runs: Vec<Run>,
     staging: Option<PrefillStaging>,
@@ -241,8 +241,8 @@ impl PrefillCore {
             orphan_timeout,
             peer_idle_timeout: DEFAULT_PEER_IDLE_TIMEOUT,
             proofs: None,
-            local_kv: Local::Pending,
-            local_aux: Local::Pending,
+            local_kv: Readiness::Pending,
+            local_aux: Readiness::Pending,
             local_tokens: HashMap::new(),
             commands,
             runs: Vec::new(),
@@ -690,7 +690,7 @@ impl PrefillCore {
             ListKind::Aux => aux_buffers(self.layout.aux_ptrs.len(), state.peer.aux_ptrs.len()),
         };
         let (generation, remote_count) = covering?;
-        if local_ready != Local::Ready {
+        if local_ready != Readiness::Ready {
             return None;
         }
         let (local_idx, remote_idx) = lower_indexed(buffers, local_count, remote_count, pairs)?;

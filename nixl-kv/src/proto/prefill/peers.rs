@@ -123,7 +123,11 @@ impl PrefillCore {
     pub fn list_prepared(&mut self, id: &ListId, ok: bool) {
         match id {
             ListId::Local(kind) => {
-                let state = if ok { Local::Ready } else { Local::Failed };
+                let state = if ok {
+                    Readiness::Ready
+                } else {
+                    Readiness::Failed
+                };
                 if !ok {
                     tracing::info!(
                         ?kind,

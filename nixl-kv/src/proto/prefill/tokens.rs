@@ -50,7 +50,7 @@ impl PrefillCore {
             None
         };
         let (generation, remote_pages) = covering?;
-        if local != Local::Ready {
+        if local != Readiness::Ready {
             return None;
         }
         let mut pairs = Vec::with_capacity(c.src.len() * tokens as usize);
@@ -83,7 +83,7 @@ impl PrefillCore {
 
     /// The state of our token list for slices of shape `g`, queuing its preparation the first
     /// time (never, past the descriptor cap).
-    fn local_token_list(&mut self, g: TokenGeometry) -> Local {
+    fn local_token_list(&mut self, g: TokenGeometry) -> Readiness {
         let key = (g.offset, g.len);
         if let Some(&state) = self.local_tokens.get(&key) {
             return state;
@@ -102,9 +102,9 @@ impl PrefillCore {
         let state = match spec {
             Some(spec) => {
                 self.commands.push_back(Command::Prepare(spec));
-                Local::Pending
+                Readiness::Pending
             }
-            None => Local::Failed,
+            None => Readiness::Failed,
         };
         self.local_tokens.insert(key, state);
         state
@@ -119,7 +119,11 @@ impl PrefillCore {
                 "local token list not prepared; head slices use explicit descriptors"
             );
         }
-        let state = if ok { Local::Ready } else { Local::Failed };
+        let state = if ok {
+            Readiness::Ready
+        } else {
+            Readiness::Failed
+        };
         self.local_tokens.insert((offset, len), state);
     }
 }
