@@ -40,7 +40,7 @@ pub use sender::KvSender;
 
 use crate::error::Error;
 use crate::net::bootstrap::BootstrapClient;
-use crate::proto::decode::{DecodeCore, DecodeTimers, Identity};
+use crate::proto::decode::{DecodeConfig, DecodeCore, DecodeTimers};
 use crate::proto::prefill::{PrefillCore, Proofs, UnclaimedRoom};
 
 /// Which side of the disaggregation a manager serves.
@@ -305,7 +305,7 @@ impl KvManager {
             }
             None => (None, None, None),
         };
-        let me = Identity {
+        let me = DecodeConfig {
             local_ip: config.local_ip.clone(),
             rank_port,
             agent: agent_name,

@@ -28,10 +28,11 @@ pub const REREGISTER_INTERVAL: Duration = Duration::from_secs(60);
 /// sized by them.
 pub const MAX_PARALLEL_SIZE: u32 = 1 << 16;
 
-/// Who this decode rank is: what its registration message carries.
+/// This decode rank as its core is configured: who it is (what its registration carries), its
+/// pools, its staging ring and exported pools, and whether it takes head slices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Identity {
+pub struct DecodeConfig {
     /// The IP advertised in every message.
     pub local_ip: String,
     /// The port advertised (SGLang never binds it).
@@ -269,7 +270,7 @@ impl Progress {
 /// The decode side of one engine rank.
 #[derive(Debug)]
 pub struct DecodeCore {
-    me: Identity,
+    me: DecodeConfig,
     timers: DecodeTimers,
     rooms: HashMap<RoomId, Room>,
     /// The prefills this decode reaches: sizes, pool entries, registrations, proofs, heartbeats.
@@ -284,7 +285,7 @@ pub struct DecodeCore {
 
 impl DecodeCore {
     /// A core for this decode rank; the first heartbeat round is due one interval after `now`.
-    pub fn new(me: Identity, timers: DecodeTimers, now: Instant) -> Self {
+    pub fn new(me: DecodeConfig, timers: DecodeTimers, now: Instant) -> Self {
         Self {
             timers,
             rooms: HashMap::new(),

@@ -11,7 +11,7 @@ use nixl_wire::{
 };
 use proptest::prelude::*;
 
-use super::decode::{self, DecodeCore, DecodeTimers, Heartbeat, Identity, Lookup};
+use super::decode::{self, DecodeConfig, DecodeCore, DecodeTimers, Heartbeat, Lookup};
 use super::lower::{ListId, ListKind, ListSpec, Work};
 use super::prefill::{Command, Post, PrefillCore};
 use super::{BootstrapAddr, FailureReason, KvPoll, Layout};
@@ -713,8 +713,8 @@ fn orphan_rooms_expire_and_senders_keep_theirs() {
     assert_eq!(p.rooms(), 1);
 }
 
-fn identity() -> Identity {
-    Identity {
+fn identity() -> DecodeConfig {
+    DecodeConfig {
         local_ip: "127.0.0.1".into(),
         rank_port: 7,
         agent: agent("dec"),

@@ -29,11 +29,11 @@ struct Pair {
 }
 
 impl Pair {
-    fn new(prefill: PrefillCore, me: Identity) -> Self {
+    fn new(prefill: PrefillCore, me: DecodeConfig) -> Self {
         Self::with_decodes(prefill, vec![me])
     }
 
-    fn with_decodes(prefill: PrefillCore, decodes: Vec<Identity>) -> Self {
+    fn with_decodes(prefill: PrefillCore, decodes: Vec<DecodeConfig>) -> Self {
         let now = Instant::now();
         let timers = DecodeTimers::new(Some(Duration::from_secs(5)), Duration::from_secs(5), 2);
         let mut drv = FakeDriver::new();
@@ -271,7 +271,7 @@ fn a_pair_on_one_node_moves_a_room_by_the_direct_path_to_exactly_the_naive_bytes
 
 /// Decode rank `rank` of TP 2 (agent `dec{rank}`, its pool at `0x9000_0000 + rank·0x1000_0000`)
 /// taking 2 of the 4 heads of 8 bytes per token, 2 tokens per page (32-byte pages).
-fn sliced_decode(rank: u32) -> Identity {
+fn sliced_decode(rank: u32) -> DecodeConfig {
     let mut me = identity();
     me.agent = agent(&format!("dec{rank}"));
     me.kv_ptrs = decode_layout(rank).kv_ptrs;

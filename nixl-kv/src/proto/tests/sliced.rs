@@ -206,7 +206,7 @@ fn decode_fed_by_two(now: Instant) -> (DecodeCore, RoomId) {
 
 /// A decode of TP 1 as `me` with `sliced_tp`, its room 9 of pages [3, 4] bootstrapped against
 /// a prefill of TP 2 (ranks on ports 5000 and 5001) and started; its messages not drained.
-fn decode_of(mut me: Identity, now: Instant) -> (DecodeCore, RoomId) {
+fn decode_of(mut me: DecodeConfig, now: Instant) -> (DecodeCore, RoomId) {
     me.sliced_tp = true;
     let timers = DecodeTimers::new(Some(Duration::from_secs(5)), Duration::from_secs(5), 2);
     let mut d = DecodeCore::new(me, timers, now);
