@@ -8,7 +8,7 @@
 //!   sockets, no threads, no clock.
 //! - [`net`]: everything that touches a socket: SGLang's bootstrap HTTP server (`/route` PUT and
 //!   GET, plus `/health`) and its client, our bounded ZMTP, the threads they run on.
-//! - [`driver`]: the IO shell that carries the commands out: [`KvManager`] per engine rank,
+//! - `driver` (private): the IO shell that carries the commands out: [`KvManager`] per engine rank,
 //!   [`KvSender`] per request on prefill, [`KvReceiver`] per request on decode; ZeroMQ sockets
 //!   and the NIXL agent.
 //!
@@ -22,7 +22,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod driver;
+mod driver;
 mod error;
 pub mod net;
 pub mod proto;

@@ -3,7 +3,7 @@
 //! rate-limited logs they share, the IO threads they run on, and busy polling.
 //!
 //! Nothing here decides anything about rooms or pages: that is [`crate::proto`]. The driver
-//! ([`crate::driver`]) wires these to the cores.
+//! (the private `driver` module) wires these to the cores.
 
 pub mod bootstrap;
 pub(crate) mod busy;
