@@ -8,6 +8,7 @@ use nixl_core::{Agent, PreparedDescs, XferOp, XferRequest};
 use nixl_wire::{AgentName, RoomId};
 
 use super::probe::Probe;
+use super::staged::{ScatterEnd, StageEnd};
 use super::{DecodeIo, PrefillIo, Shared, lock};
 use crate::proto::FailureReason;
 use crate::proto::decode::Command as DecodeCommand;
@@ -28,7 +29,7 @@ enum Outcome {
     Loaded(AgentName, Result<String, String>),
     Prepared(ListId, bool),
     Done(RoomId, Result<(), FailureReason>),
-    Staged(RoomId, u32, Result<(), FailureReason>),
+    Staged(StageEnd),
     DirectOpened(AgentName, Result<(), String>),
 }
 
@@ -50,16 +51,12 @@ pub(crate) fn drive_prefill(s: &Shared) {
         }
         if let Some(gpu) = &p.gpu {
             lock(gpu).progress(&s.agent, &mut staged, &mut direct);
-            outcomes.extend(
-                staged
-                    .drain(..)
-                    .map(|(room, slot, res)| Outcome::Staged(room, slot, res)),
-            );
-            outcomes.extend(direct.drain(..).map(|(room, res)| Outcome::Done(room, res)));
+            outcomes.extend(staged.drain(..).map(Outcome::Staged));
+            outcomes.extend(direct.drain(..).map(|e| Outcome::Done(e.room, e.result)));
         }
         if let Some(hp) = &p.host_pack {
             lock(hp).progress(&s.agent, &mut direct);
-            outcomes.extend(direct.drain(..).map(|(room, res)| Outcome::Done(room, res)));
+            outcomes.extend(direct.drain(..).map(|e| Outcome::Done(e.room, e.result)));
         }
         if outcomes.is_empty() && posted.is_empty() {
             return;
@@ -76,8 +73,8 @@ pub(crate) fn drive_prefill(s: &Shared) {
                 Outcome::Loaded(agent, res) => core.remote_loaded(&agent, res),
                 Outcome::Prepared(id, ok) => core.list_prepared(&id, ok),
                 Outcome::Done(room, res) => core.transfer_done(room, res),
-                Outcome::Staged(room, slot, res) => {
-                    core.staged_done(room, slot, res, std::time::Instant::now());
+                Outcome::Staged(e) => {
+                    core.staged_done(e.room, e.slot, e.result, std::time::Instant::now());
                 }
                 Outcome::DirectOpened(agent, res) => core.direct_opened(&agent, res),
             }
@@ -171,19 +168,19 @@ fn run(
             // with one gives it that.
             let res = match &p.gpu {
                 Some(gpu) => lock(gpu).stage(w),
-                None => Err((
-                    w.room,
-                    w.local_slot,
-                    Err(FailureReason::Staging(
+                None => Err(StageEnd {
+                    room: w.room,
+                    slot: w.local_slot,
+                    result: Err(FailureReason::Staging(
                         "this prefill has no staging buffer".into(),
                     )),
-                )),
+                }),
             };
             match res {
                 Ok(()) => {
                     p.made_staged.fetch_add(1, Ordering::Relaxed);
                 }
-                Err((room, slot, res)) => outcomes.push(Outcome::Staged(room, slot, res)),
+                Err(e) => outcomes.push(Outcome::Staged(e)),
             }
         }
     }
@@ -313,8 +310,8 @@ fn report_scatters(d: &DecodeIo) -> bool {
         return false;
     }
     let mut core = lock(&d.core);
-    for (room, slot, res) in ended {
-        core.scatter_done(room, slot, res);
+    for e in ended {
+        core.scatter_done(e.room, e.slot, e.result);
     }
     true
 }
@@ -360,14 +357,14 @@ fn send(s: &Shared, d: &DecodeIo, cmd: DecodeCommand) {
             // Only a decode that announced a ring is sent staged pieces.
             let res = match &d.gpu {
                 Some(gpu) => lock(gpu).scatter(room, slot, &pages, slice.as_ref()),
-                None => Err((
+                None => Err(ScatterEnd {
                     room,
                     slot,
-                    Err("this decode has no staging ring".to_owned()),
-                )),
+                    result: Err("this decode has no staging ring".to_owned()),
+                }),
             };
-            if let Err((room, slot, res)) = res {
-                lock(&d.core).scatter_done(room, slot, res);
+            if let Err(e) = res {
+                lock(&d.core).scatter_done(e.room, e.slot, e.result);
             }
         }
     }

@@ -16,7 +16,7 @@ use nixl_wire::RoomId;
 
 use super::config::HostPacking;
 use super::packed_chunk::PackedChunk;
-use super::staged::DirectEnd;
+use super::staged::WorkEnded;
 use crate::error::Error;
 use crate::proto::Layout;
 use crate::proto::lower::Work;
@@ -122,7 +122,7 @@ impl HostPacker {
     /// Moves the chunks on as far as they can go now: WRITEs that ended free their areas, and
     /// waiting pieces are gathered and written into free ones. Every chunk that ended (all its
     /// WRITEs done, or a gather or WRITE failed) is reported in `ended`.
-    pub(crate) fn progress(&mut self, agent: &Agent, ended: &mut Vec<DirectEnd>) {
+    pub(crate) fn progress(&mut self, agent: &Agent, ended: &mut Vec<WorkEnded>) {
         let mut i = 0;
         while i < self.writing.len() {
             let status = self.writing[i].req.status();
@@ -135,7 +135,10 @@ impl HostPacker {
             match status {
                 // The chunk's next piece goes before chunks that have not started.
                 Ok(_) if job.advance() => self.waiting.push_front(job),
-                Ok(_) => ended.push((job.room, Ok(()))),
+                Ok(_) => ended.push(WorkEnded {
+                    room: job.room,
+                    result: Ok(()),
+                }),
                 Err(e) => ended.push(job.failed(e.to_string())),
             }
         }

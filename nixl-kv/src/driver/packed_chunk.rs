@@ -6,7 +6,7 @@ use nixl_core::staging::TokenSlice;
 use nixl_core::{Agent, MemRegion, MemType, XferDescs, XferOp, XferRequest};
 use nixl_wire::RoomId;
 
-use super::staged::DirectEnd;
+use super::staged::WorkEnded;
 use crate::proto::FailureReason;
 use crate::proto::lower::{PackedPiece, Work};
 
@@ -113,13 +113,13 @@ impl PackedChunk {
     }
 
     /// The chunk, failed for `reason`.
-    pub(crate) fn failed(&self, reason: String) -> DirectEnd {
-        (
-            self.room,
-            Err(FailureReason::Transfer {
+    pub(crate) fn failed(&self, reason: String) -> WorkEnded {
+        WorkEnded {
+            room: self.room,
+            result: Err(FailureReason::Transfer {
                 peer: self.peer.clone(),
                 reason,
             }),
-        )
+        }
     }
 }

@@ -12,7 +12,7 @@ use nixl_wire::RoomId;
 use nixl_wire::ext::{IpcAlloc, IpcPools, Ring, StagedSlice};
 
 use super::packed::Packer;
-use super::{DirectEnd, ScatterEnd, StageEnd};
+use super::{ScatterEnd, StageEnd, WorkEnded};
 use crate::driver::config::StagingConfig;
 use crate::error::Error;
 use crate::proto::decode::DecodeStaging;
@@ -198,8 +198,11 @@ impl PrefillGpu {
     /// so); its WRITE is posted by [`PrefillGpu::progress`] once the
     /// gather is done. A launch that fails ends the piece at once.
     pub(crate) fn stage(&mut self, w: StagedWrite) -> Result<(), StageEnd> {
-        let end =
-            |w: &StagedWrite, why: String| (w.room, w.local_slot, Err(FailureReason::Staging(why)));
+        let end = |w: &StagedWrite, why: String| StageEnd {
+            room: w.room,
+            slot: w.local_slot,
+            result: Err(FailureReason::Staging(why)),
+        };
         if w.bytes > self.slot_bytes {
             let why = format!(
                 "a piece of {} bytes in a slot of {}",
@@ -238,7 +241,7 @@ impl PrefillGpu {
         &mut self,
         agent: &Agent,
         ended: &mut Vec<StageEnd>,
-        direct: &mut Vec<DirectEnd>,
+        direct: &mut Vec<WorkEnded>,
     ) {
         self.direct.retain(|(room, peer, notif, ev)| {
             let res = match ev.is_done() {
@@ -248,13 +251,13 @@ impl PrefillGpu {
                     .map_err(|e| format!("notification: {e}")),
                 Err(e) => Err(format!("direct copy: {e}")),
             };
-            direct.push((
-                *room,
-                res.map_err(|reason| FailureReason::Transfer {
+            direct.push(WorkEnded {
+                room: *room,
+                result: res.map_err(|reason| FailureReason::Transfer {
                     peer: peer.clone(),
                     reason,
                 }),
-            ));
+            });
             false
         });
         self.packer.progress(agent, &mut self.staging, direct);
@@ -265,7 +268,11 @@ impl PrefillGpu {
             match outcome {
                 None => true,
                 Some(res) => {
-                    ended.push((p.w.room, p.w.local_slot, res));
+                    ended.push(StageEnd {
+                        room: p.w.room,
+                        slot: p.w.local_slot,
+                        result: res,
+                    });
                     false
                 }
             }
@@ -404,7 +411,11 @@ impl DecodeGpu {
                 self.scattering.push((room, slot, ev));
                 Ok(())
             }
-            Err(e) => Err((room, slot, Err(e.to_string()))),
+            Err(e) => Err(ScatterEnd {
+                room,
+                slot,
+                result: Err(e.to_string()),
+            }),
         }
     }
 
@@ -414,11 +425,19 @@ impl DecodeGpu {
             .retain(|(room, slot, ev)| match ev.is_done() {
                 Ok(false) => true,
                 Ok(true) => {
-                    ended.push((*room, *slot, Ok(())));
+                    ended.push(ScatterEnd {
+                        room: *room,
+                        slot: *slot,
+                        result: Ok(()),
+                    });
                     false
                 }
                 Err(e) => {
-                    ended.push((*room, *slot, Err(e.to_string())));
+                    ended.push(ScatterEnd {
+                        room: *room,
+                        slot: *slot,
+                        result: Err(e.to_string()),
+                    });
                     false
                 }
             });

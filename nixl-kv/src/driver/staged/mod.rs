@@ -21,15 +21,29 @@ use nixl_wire::RoomId;
 
 use crate::proto::FailureReason;
 
-/// A staged WRITE that ended: the room, our staging slot, and how.
-pub(crate) type StageEnd = (RoomId, u32, Result<(), FailureReason>);
+/// A staged WRITE that ended: its room, our staging slot, and how.
+#[derive(Debug)]
+pub(crate) struct StageEnd {
+    pub(crate) room: RoomId,
+    pub(crate) slot: u32,
+    pub(crate) result: Result<(), FailureReason>,
+}
 
-/// A scatter that ended: the room, the ring slot, and how.
-pub(crate) type ScatterEnd = (RoomId, u32, Result<(), String>);
+/// A scatter that ended: its room, the ring slot, and how.
+#[derive(Debug)]
+pub(crate) struct ScatterEnd {
+    pub(crate) room: RoomId,
+    pub(crate) slot: u32,
+    pub(crate) result: Result<(), String>,
+}
 
-/// A direct copy that ended (its kernels done and its notification sent, or not), or a packed
-/// chunk (its last WRITE done, or not): the room and how.
-pub(crate) type DirectEnd = (RoomId, Result<(), FailureReason>);
+/// Work that ended outside NIXL's request table: a direct copy (its kernels done and its
+/// notification sent, or not), or a packed chunk (its last WRITE done, or not).
+#[derive(Debug)]
+pub(crate) struct WorkEnded {
+    pub(crate) room: RoomId,
+    pub(crate) result: Result<(), FailureReason>,
+}
 
 /// This node's identity for the direct path: its boot id (the same for every process of one
 /// boot of one machine, different across machines).

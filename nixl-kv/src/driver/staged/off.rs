@@ -8,7 +8,7 @@ use nixl_wire::RoomId;
 
 use nixl_wire::ext::IpcPools;
 
-use super::{DirectEnd, ScatterEnd, StageEnd};
+use super::{ScatterEnd, StageEnd, WorkEnded};
 use crate::driver::config::StagingConfig;
 use crate::error::Error;
 use crate::proto::Layout;
@@ -31,7 +31,7 @@ impl PrefillGpu {
         match self.0 {}
     }
 
-    pub(crate) fn progress(&mut self, _: &Agent, _: &mut Vec<StageEnd>, _: &mut Vec<DirectEnd>) {
+    pub(crate) fn progress(&mut self, _: &Agent, _: &mut Vec<StageEnd>, _: &mut Vec<WorkEnded>) {
         match self.0 {}
     }
 

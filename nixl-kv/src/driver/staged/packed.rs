@@ -14,7 +14,7 @@ use nixl_core::cuda::{DeviceBuffer, Staging, StagingEvent};
 use nixl_core::{Agent, Registered, XferRequest, XferStatus};
 use nixl_wire::RoomId;
 
-use super::DirectEnd;
+use super::WorkEnded;
 use crate::driver::packed_chunk::PackedChunk;
 use crate::proto::lower::Work;
 
@@ -86,7 +86,7 @@ impl Packer {
         &mut self,
         agent: &Agent,
         staging: &mut Staging,
-        ended: &mut Vec<DirectEnd>,
+        ended: &mut Vec<WorkEnded>,
     ) {
         let Some(area) = self.area.as_mut() else {
             return;
@@ -95,7 +95,10 @@ impl Packer {
             match step(agent, staging, area, job) {
                 Ok(Step::Waiting) => return,
                 Ok(Step::PieceDone) => continue,
-                Ok(Step::ChunkDone) => ended.push((job.chunk.room, Ok(()))),
+                Ok(Step::ChunkDone) => ended.push(WorkEnded {
+                    room: job.chunk.room,
+                    result: Ok(()),
+                }),
                 Err(reason) => ended.push(job.chunk.failed(reason)),
             }
             self.jobs.pop_front();
