@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 use nixl_core::{Agent, PreparedDescs, XferOp, XferRequest};
 use nixl_wire::{AgentName, RoomId};
 
+use super::host_pack::HostPacker;
 use super::probe::Probe;
+use super::staged::PrefillGpu;
 use super::staged::{ScatterEnd, StageEnd};
 use super::{DecodeIo, PrefillIo, Shared, lock};
 use crate::proto::FailureReason;
@@ -16,12 +18,26 @@ use crate::proto::lower::{ListId, Work};
 use crate::proto::prefill::{Command, Post};
 use crate::proto::route::PackArea;
 
-/// The prefill's prepared descriptor lists, by the core's names for them, and the probe agent
-/// that metadata loads go through.
-#[derive(Default)]
+/// What the prefill's commands run with, behind one lock (`PrefillIo::exec`): the prepared
+/// descriptor lists by the core's names for them, the probe agent that metadata loads go
+/// through, and the GPU and host executors of the staged, direct and packed work.
 pub(crate) struct Lists {
     lists: HashMap<ListId, PreparedDescs>,
     probe: Probe,
+    gpu: Option<PrefillGpu>,
+    host_pack: Option<HostPacker>,
+}
+
+impl Lists {
+    /// With the executors this prefill has.
+    pub(crate) fn new(gpu: Option<PrefillGpu>, host_pack: Option<HostPacker>) -> Self {
+        Self {
+            lists: HashMap::new(),
+            probe: Probe::default(),
+            gpu,
+            host_pack,
+        }
+    }
 }
 
 /// What a command came to, for the core.
@@ -49,13 +65,13 @@ pub(crate) fn drive_prefill(s: &Shared) {
         for cmd in cmds.drain(..) {
             run(&s.agent, p, &mut lists, cmd, &mut outcomes, &mut posted);
         }
-        if let Some(gpu) = &p.gpu {
-            lock(gpu).progress(&s.agent, &mut staged, &mut direct);
+        if let Some(gpu) = &mut lists.gpu {
+            gpu.progress(&s.agent, &mut staged, &mut direct);
             outcomes.extend(staged.drain(..).map(Outcome::Staged));
             outcomes.extend(direct.drain(..).map(|e| Outcome::Done(e.room, e.result)));
         }
-        if let Some(hp) = &p.host_pack {
-            lock(hp).progress(&s.agent, &mut direct);
+        if let Some(hp) = &mut lists.host_pack {
+            hp.progress(&s.agent, &mut direct);
             outcomes.extend(direct.drain(..).map(|e| Outcome::Done(e.room, e.result)));
         }
         if outcomes.is_empty() && posted.is_empty() {
@@ -103,8 +119,8 @@ fn run(
             lists.lists.retain(
                 |id, _| !matches!(id, ListId::Peer { agent, .. } if agent.as_str() == name),
             );
-            if let Some(gpu) = &p.gpu {
-                lock(gpu).forget(&name);
+            if let Some(gpu) = &mut lists.gpu {
+                gpu.forget(&name);
             }
             if let Err(e) = agent.invalidate_remote(&name) {
                 tracing::debug!(peer = %name, error = %e, "remote metadata not invalidated");
@@ -136,8 +152,8 @@ fn run(
             kv_ptrs,
             item_len,
         } => {
-            let res = match &p.gpu {
-                Some(gpu) => lock(gpu).open_direct(name.as_str(), &pools, &kv_ptrs, item_len),
+            let res = match &mut lists.gpu {
+                Some(gpu) => gpu.open_direct(name.as_str(), &pools, &kv_ptrs, item_len),
                 None => Err("this prefill cannot map pools".into()),
             };
             outcomes.push(Outcome::DirectOpened(name, res));
@@ -166,8 +182,8 @@ fn run(
         Command::Stage(w) => {
             // Only a core given a staging buffer stages (`with_staging`), and only a manager
             // with one gives it that.
-            let res = match &p.gpu {
-                Some(gpu) => lock(gpu).stage(w),
+            let res = match &mut lists.gpu {
+                Some(gpu) => gpu.stage(w),
                 None => Err(StageEnd {
                     room: w.room,
                     slot: w.local_slot,
@@ -203,7 +219,7 @@ pub(crate) fn progress(agent: &Agent, p: &PrefillIo) {
 fn execute(
     agent: &Agent,
     p: &PrefillIo,
-    lists: &Lists,
+    lists: &mut Lists,
     post: &Post,
     posted: &mut Vec<(RoomId, XferRequest)>,
 ) -> Result<(), String> {
@@ -220,12 +236,12 @@ fn execute(
         Work::Direct { src, dst, slice } => {
             // Only a core told `with_direct` routes to Direct, and only a prefill with a staging
             // buffer (and its kernels) tells it so.
-            let gpu = p
+            let gpu = lists
                 .gpu
-                .as_ref()
+                .as_mut()
                 .ok_or("this prefill cannot launch direct copies")?;
             let notif = post.notif.clone();
-            lock(gpu).direct(post.room, post.peer.as_str(), src, dst, *slice, notif)?;
+            gpu.direct(post.room, post.peer.as_str(), src, dst, *slice, notif)?;
             &p.made_direct
         }
         Work::Packed { area, .. } => {
@@ -233,12 +249,10 @@ fn execute(
             // buffer's packing slot on GPU pools.
             let notif = post.notif.clone();
             let (room, peer) = (post.room, post.peer.as_str());
-            match (area, &p.host_pack, &p.gpu) {
-                (PackArea::Host { .. }, Some(hp), _) => {
-                    lock(hp).push(room, peer, &post.work, notif)
-                }
+            match (area, &mut lists.host_pack, &mut lists.gpu) {
+                (PackArea::Host { .. }, Some(hp), _) => hp.push(room, peer, &post.work, notif),
                 (PackArea::Gpu { .. }, _, Some(gpu)) => {
-                    lock(gpu).pack(agent, room, peer, &post.work, notif)
+                    gpu.pack(agent, room, peer, &post.work, notif)
                 }
                 _ => Err(format!("this prefill has no packer for {area:?}")),
             }?;

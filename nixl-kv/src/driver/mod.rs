@@ -113,7 +113,8 @@ pub(crate) struct PrefillIo {
     pub(crate) arrivals: Condvar,
     /// When the last decode message arrived (the busy-poll window of `wait_unclaimed`).
     pub(crate) activity: crate::net::busy::Activity,
-    /// Prepared lists; held while commands run, so they run in queue order.
+    /// Prepared lists, the probe and the GPU and host executors; held while commands run, so
+    /// they run in queue order.
     pub(crate) exec: Mutex<exec::Lists>,
     /// Posted requests per room, until their sender sees them end.
     pub(crate) in_flight: Mutex<HashMap<RoomId, Vec<XferRequest>>>,
@@ -122,10 +123,6 @@ pub(crate) struct PrefillIo {
     pub(crate) made_staged: AtomicU64,
     pub(crate) made_direct: AtomicU64,
     pub(crate) made_packed: AtomicU64,
-    /// The staging buffer, when the staged path is on.
-    pub(crate) gpu: Option<Mutex<staged::PrefillGpu>>,
-    /// The host packing areas, when head slices out of host pools go packed.
-    pub(crate) host_pack: Option<Mutex<host_pack::HostPacker>>,
 }
 
 /// The decode's IO state.
@@ -248,15 +245,13 @@ impl KvManager {
                 core: Mutex::new(core),
                 arrivals: Condvar::new(),
                 activity: crate::net::busy::Activity::new(),
-                exec: Mutex::default(),
+                exec: Mutex::new(exec::Lists::new(gpu, host_pack)),
                 in_flight: Mutex::default(),
                 made_prepared: AtomicU64::new(0),
                 made_explicit: AtomicU64::new(0),
                 made_staged: AtomicU64::new(0),
                 made_direct: AtomicU64::new(0),
                 made_packed: AtomicU64::new(0),
-                gpu: gpu.map(Mutex::new),
-                host_pack: host_pack.map(Mutex::new),
             }),
             agent,
             config,
