@@ -174,6 +174,14 @@ pub(crate) fn exchange(
 
 /// Sends raw frames to a ZMQ endpoint from a throw-away PUSH socket (hostile-input tests).
 pub(crate) fn send_raw(endpoint: &str, frames: Vec<Vec<u8>>) {
+    send_messages(
+        endpoint,
+        vec![frames.into_iter().map(bytes::Bytes::from).collect()],
+    );
+}
+
+/// Sends `msgs`, in order, over one throw-away PUSH socket connected to `endpoint`.
+pub(crate) fn send_messages(endpoint: &str, msgs: Vec<Vec<bytes::Bytes>>) {
     use zeromq::{Socket, SocketSend};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -182,10 +190,11 @@ pub(crate) fn send_raw(endpoint: &str, frames: Vec<Vec<u8>>) {
     rt.block_on(async {
         let mut s = zeromq::PushSocket::new();
         s.connect(endpoint).await.unwrap();
-        let frames: Vec<bytes::Bytes> = frames.into_iter().map(bytes::Bytes::from).collect();
-        s.send(zeromq::ZmqMessage::try_from(frames).unwrap())
-            .await
-            .unwrap();
+        for m in msgs {
+            s.send(zeromq::ZmqMessage::try_from(m).unwrap())
+                .await
+                .unwrap();
+        }
         // Let the socket flush before it closes.
         tokio::time::sleep(Duration::from_millis(50)).await;
     });
@@ -211,7 +220,6 @@ pub(crate) fn registration(name: &str, metadata: &[u8]) -> Vec<bytes::Bytes> {
 /// fresh room, all over one connection, so that once the prefill applied the info it has
 /// handled every registration (loaded or refused its metadata).
 pub(crate) fn flood(p: &KvManager, prefix: &str, metadata: &[u8], room: u64, count: usize) {
-    use zeromq::{Socket, SocketSend};
     let room = RoomId::new(room);
     let mut tx = nixl_kv::KvSender::new(p, room).unwrap();
     let mut msgs: Vec<Vec<bytes::Bytes>> = (0..count)
@@ -230,22 +238,7 @@ pub(crate) fn flood(p: &KvManager, prefix: &str, metadata: &[u8], room: u64, cou
         }
         .encode(),
     );
-    let endpoint = format!("tcp://127.0.0.1:{}", p.rank_port());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut s = zeromq::PushSocket::new();
-        s.connect(&endpoint).await.unwrap();
-        for m in msgs {
-            s.send(zeromq::ZmqMessage::try_from(m).unwrap())
-                .await
-                .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    });
-    drop(rt);
+    send_messages(&format!("tcp://127.0.0.1:{}", p.rank_port()), msgs);
     assert_eq!(
         reach(Duration::from_secs(30), KvPoll::WaitingForInput, || tx
             .poll()),
