@@ -131,7 +131,7 @@ fn cpu_seconds() -> f64 {
 
 fn idle_cpu() {
     use nixl_kv::{KvArgs, KvManager, ManagerConfig};
-    let server = nixl_kv::net::bootstrap::BootstrapServer::start("127.0.0.1:0").unwrap();
+    let server = nixl_kv::BootstrapServer::start("127.0.0.1:0").unwrap();
     let make = || {
         let a = Agent::new(&nixl_testkit::unique_name("idle"), &AgentConfig::default()).unwrap();
         a.create_backend(BackendKind::Ucx, &BackendParams::new())

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use nixl_core::{Agent, AgentConfig, BackendKind, BackendParams, HostBuffer, Registered};
-use nixl_kv::net::bootstrap::BootstrapServer;
+use nixl_kv::BootstrapServer;
 use nixl_kv::{KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig, RoomId};
 
 const PAGE: u64 = 4096;

@@ -49,7 +49,7 @@ mod gpu {
 
     use nixl_core::cuda::DeviceBuffer;
     use nixl_core::{HostBuffer, Registered};
-    use nixl_kv::net::bootstrap::BootstrapServer;
+    use nixl_kv::BootstrapServer;
     use nixl_kv::{KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig, RoomId};
     use nixl_kv::{RequestPaths, StagingConfig};
 

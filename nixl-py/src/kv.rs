@@ -10,7 +10,7 @@
 use std::sync::Mutex;
 
 use nixl_core::{Agent, AgentConfig, BackendKind, BackendParams, MemRegion, MemType, Registration};
-use nixl_kv::net::bootstrap::BootstrapServer;
+use nixl_kv::BootstrapServer;
 use nixl_kv::{KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode, RoomId};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;

@@ -18,13 +18,20 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), Error> {
         .name("kv-heartbeat".into())
         .spawn(move || {
             loop {
-                let deadline = Instant::now() + interval;
-                while Instant::now() < deadline {
-                    std::thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
-                    match weak.upgrade() {
-                        Some(s) if !s.stop.load(Ordering::Relaxed) => {}
-                        _ => return,
+                // The core says when the next round is due; a stop wakes the thread earlier.
+                loop {
+                    let Some(s) = weak.upgrade() else { return };
+                    if s.stop.load(Ordering::Relaxed) {
+                        return;
                     }
+                    let Some(d) = s.decode() else { return };
+                    let deadline = lock(&d.core).poll_timeout();
+                    drop(s);
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    std::thread::park_timeout(deadline - now);
                 }
                 let Some(s) = weak.upgrade() else { return };
                 let Some(d) = s.decode() else { return };

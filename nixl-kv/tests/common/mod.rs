@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use nixl_core::{Agent, AgentConfig, BackendKind, BackendParams, HostBuffer, Registered};
-use nixl_kv::net::bootstrap::BootstrapServer;
+use nixl_kv::BootstrapServer;
 use nixl_kv::{FailureReason, KvArgs, KvManager, KvPoll, ManagerConfig, RoomId};
 use nixl_testkit::unique_name;
 

@@ -142,6 +142,11 @@ impl PrefillDirectory {
         true
     }
 
+    /// When the next heartbeat round is due.
+    pub(super) fn next_round(&self, interval: Duration) -> Instant {
+        self.last_heartbeat + interval
+    }
+
     /// The bootstrap servers with cached pool entries.
     pub(super) fn pooled(&self) -> impl Iterator<Item = &BootstrapAddr> {
         self.pools.keys().map(|k| &k.bootstrap)

@@ -727,6 +727,12 @@ impl DecodeCore {
         }
     }
 
+    /// When the driver must next call [`DecodeCore::heartbeat_due`]: the next heartbeat round.
+    /// The heartbeat thread sleeps until then instead of on a tick of its own.
+    pub fn poll_timeout(&self) -> Instant {
+        self.directory.next_round(self.timers.heartbeat_interval)
+    }
+
     /// The bootstrap servers to check now: every `heartbeat_interval`, those with unfinished
     /// rooms or cached connection info (minus servers without `/health`). Empty between rounds.
     pub fn heartbeat_due(&mut self, now: Instant) -> Vec<BootstrapAddr> {

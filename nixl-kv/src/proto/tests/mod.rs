@@ -921,11 +921,13 @@ fn heartbeats_count_failures_on_the_clock_and_fail_only_that_prefills_rooms() {
     for (r, b) in [(1, "b:1"), (2, "b:1"), (3, "other:1")] {
         d.receiver_new(RoomId::new(r), BootstrapAddr::new(b), None, t0);
     }
+    assert_eq!(d.poll_timeout(), t0 + s(5), "the driver sleeps until the first round");
     assert!(
         d.heartbeat_due(t0 + s(4)).is_empty(),
         "not before one interval"
     );
     let due = d.heartbeat_due(t0 + s(5));
+    assert_eq!(d.poll_timeout(), t0 + s(10), "and then until the next");
     assert_eq!(
         due,
         vec![BootstrapAddr::new("b:1"), BootstrapAddr::new("other:1")]

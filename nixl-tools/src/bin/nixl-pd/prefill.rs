@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use nixl_kv::net::bootstrap::BootstrapServer;
+use nixl_kv::BootstrapServer;
 use nixl_kv::{FailureReason, KvManager, KvPoll, KvSender, RoomId};
 use rand::Rng;
 
