@@ -16,6 +16,26 @@ pub enum MessageKind {
     Notification,
     /// A bootstrap HTTP query string.
     RouteQuery,
+    /// SGLang ≥ 0.5.20's registration (24 or 25 frames).
+    KvArgsRegisterV2x,
+    /// SGLang ≥ 0.5.20's TransferInfo (11 frames).
+    TransferInfoV2x,
+    /// `KV_STATUS` (prefill → decode).
+    KvStatus,
+    /// `ABORT` (decode → prefill).
+    Abort,
+    /// `ABORT_ACK` (prefill → decode).
+    AbortAck,
+    /// `CHUNK_READY` (prefill → decode, SGLang's staging).
+    ChunkReady,
+    /// `STAGING_REQ` (prefill → decode, SGLang's staging).
+    StagingReq,
+    /// `STAGING_RSP` (decode → prefill, SGLang's staging).
+    StagingRsp,
+    /// `WATERMARK` (decode → prefill, SGLang's staging).
+    Watermark,
+    /// A frame set arriving at a decode's listener, before it is known which message it is.
+    DecodeInbound,
 }
 
 impl fmt::Display for MessageKind {
@@ -26,6 +46,16 @@ impl fmt::Display for MessageKind {
             Self::TransferInfo => "TransferInfo",
             Self::Notification => "notification",
             Self::RouteQuery => "route query",
+            Self::KvArgsRegisterV2x => "KVArgsRegisterInfo (0.5.2x)",
+            Self::TransferInfoV2x => "TransferInfo (0.5.2x)",
+            Self::KvStatus => "KV_STATUS",
+            Self::Abort => "ABORT",
+            Self::AbortAck => "ABORT_ACK",
+            Self::ChunkReady => "CHUNK_READY",
+            Self::StagingReq => "STAGING_REQ",
+            Self::StagingRsp => "STAGING_RSP",
+            Self::Watermark => "WATERMARK",
+            Self::DecodeInbound => "decode-bound message",
         })
     }
 }
@@ -60,6 +90,11 @@ pub enum Reason {
         /// What was expected.
         expected: &'static str,
     },
+    /// A structure that does not hold together (a packed list's header, a count mismatch).
+    Malformed {
+        /// What is wrong, in words.
+        what: &'static str,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -74,6 +109,7 @@ impl fmt::Display for Reason {
             }
             Self::NegativeIndex { position } => write!(f, "negative index at position {position}"),
             Self::Unexpected { expected } => write!(f, "expected {expected}"),
+            Self::Malformed { what } => f.write_str(what),
         }
     }
 }

@@ -40,6 +40,28 @@ impl<'a> FrameReader<'a> {
         Ok(r)
     }
 
+    /// A reader for a tagged message (`KV_STATUS`, `ABORT`, ...): frame 0 is `tag`, and
+    /// `min..=max` frames in all.
+    pub(crate) fn tagged(
+        frames: &'a [Bytes],
+        message: MessageKind,
+        tag: &'static [u8],
+        (min, max): (usize, usize),
+        expected: &'static str,
+    ) -> Result<Self, DecodeError> {
+        if frames.len() < min || frames.len() > max {
+            return Err(DecodeError::FrameCount {
+                message,
+                expected,
+                got: frames.len(),
+            });
+        }
+        let r = Self { frames, message };
+        let name = std::str::from_utf8(tag).unwrap_or("tag");
+        r.literal(0, "tag", tag, name)?;
+        Ok(r)
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.frames.len()
     }
@@ -85,6 +107,37 @@ impl<'a> FrameReader<'a> {
         AgentName::from_bytes(&self.frames[i]).map_err(|r| self.err(i, "agent name", r))
     }
 
+    pub(crate) fn signed(&self, i: usize, field: &'static str) -> Result<i64, DecodeError> {
+        scalar::parse_signed(&self.frames[i]).map_err(|r| self.err(i, field, r))
+    }
+
+    pub(crate) fn int_lists<T: crate::int_lists::PackedInt>(
+        &self,
+        i: usize,
+        field: &'static str,
+    ) -> Result<Vec<Vec<T>>, DecodeError> {
+        crate::int_lists::unpack_int_lists(&self.frames[i]).map_err(|r| self.err(i, field, r))
+    }
+
+    pub(crate) fn u32s(&self, i: usize, field: &'static str) -> Result<Vec<u32>, DecodeError> {
+        let b = &self.frames[i];
+        if !b.len().is_multiple_of(4) {
+            let reason = Reason::BadLength {
+                len: b.len(),
+                elem_size: 4,
+            };
+            return Err(self.err(i, field, reason));
+        }
+        Ok(b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// An error about frame `i`, for checks the caller makes.
+    pub(crate) fn invalid(&self, i: usize, field: &'static str, what: &'static str) -> DecodeError {
+        self.err(i, field, Reason::Malformed { what })
+    }
+
     pub(crate) fn u64s(&self, i: usize, field: &'static str) -> Result<Vec<u64>, DecodeError> {
         scalar::u64_le_array(&self.frames[i]).map_err(|r| self.err(i, field, r))
     }
@@ -101,6 +154,20 @@ pub(crate) fn u64s_frame(v: &[u64]) -> Bytes {
         out.extend_from_slice(&x.to_le_bytes());
     }
     out.into()
+}
+
+/// Concatenated little-endian u32s.
+pub(crate) fn u32s_frame(v: &[u32]) -> Bytes {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.into()
+}
+
+/// Signed decimal text as a frame (`str(int)`).
+pub(crate) fn signed_frame(v: i64) -> Bytes {
+    v.to_string().into_bytes().into()
 }
 
 /// Decimal text as a frame.

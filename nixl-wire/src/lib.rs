@@ -2,7 +2,8 @@
 //! the ZeroMQ multipart messages, the NIXL notification payloads and the bootstrap HTTP bodies.
 //!
 //! Compatible byte for byte with SGLang 0.5.1.x Python peers (and the three trailing
-//! registration frames later versions append). Pure: no IO, no NIXL, no ZeroMQ, no raw memory code;
+//! registration frames later versions append), and with SGLang 0.5.20–0.5.23 ([`v2x`]): a
+//! [`Profile`] names which family a peer speaks. Pure: no IO, no NIXL, no ZeroMQ, no raw memory code;
 //! it compiles and is fuzzed anywhere.
 //!
 //! Every `decode` returns a [`DecodeError`] naming the message, the frame and the reason, and
@@ -40,15 +41,20 @@ pub mod ext;
 mod frames;
 pub mod http;
 mod ids;
+mod int_lists;
 mod notify;
+mod profile;
 mod register;
 mod scalar;
 mod transfer;
+pub mod v2x;
 
 pub use dispatch::PrefillInbound;
 pub use error::{DecodeError, MessageKind, Reason};
 pub use frames::GUARD;
 pub use ids::{AgentName, ChunkId, GpuId, PageIndex, PpRank, RoomId};
+pub use int_lists::{PackedInt, pack_int_lists, unpack_int_lists};
 pub use notify::{FailReason, MAX_REASON_LEN, Notification};
+pub use profile::{AUX_LAYOUT_0520, AUX_ROOM_BUFFER_0520, Profile, UnknownProfile};
 pub use register::{DecodeTpInfo, KvArgsRegister};
 pub use transfer::TransferInfo;

@@ -6,6 +6,10 @@
 //! | `{room}_kv_{chunk}_{0\|1}_{pp}` | the same from pipeline rank `pp` (later SGLang) |
 //! | `{room}_aux` | the aux row landed |
 //! | `{room}_state_{pp}` | the mamba/SWA state landed (later SGLang) |
+//! | `{room}_kv_{chunk}_{0\|1}_{src}_part_{i}_{n}` | part `i` of `n` of a chunk (0.5.20–0.5.22) |
+//! | `{room}_aux_nokv_{src}_{chunks}` | aux landed; `src` sent `chunks` KV chunks (0.5.20–0.5.22) |
+//! | `{room}_state_{src}_{i}` | state component `i` landed (0.5.20–0.5.22) |
+//! | `{room}_stg_...` | SGLang's staging (0.5.20–0.5.22); decoded, never acted on |
 //! | `{room}_fail_{reason}` | ours: the prefill failed the room; seed decodes ignore it |
 
 use std::fmt;
@@ -43,6 +47,48 @@ pub enum Notification {
         room: RoomId,
         /// The sending pipeline rank.
         pp: PpRank,
+    },
+    /// One part of a KV chunk (0.5.20–0.5.22 mixed-memory or DCP transfers): the chunk is in
+    /// place once all `parts` parts are.
+    KvPart {
+        /// The request.
+        room: RoomId,
+        /// The chunk, counted from 0.
+        chunk: ChunkId,
+        /// Whether this is the request's last chunk.
+        last: bool,
+        /// The sending rank (`pp_rank · tp_size + tp_rank`).
+        src: PpRank,
+        /// This part, counted from 0.
+        part: u32,
+        /// How many parts the chunk has.
+        parts: u32,
+    },
+    /// The aux row of `room` is in place and `src` sent `chunks` KV chunks in all (its last
+    /// chunk had no pages, so no KV notification said so; 0.5.20–0.5.22).
+    AuxNoKv {
+        /// The request.
+        room: RoomId,
+        /// The sending rank.
+        src: PpRank,
+        /// KV chunks that rank sent.
+        chunks: u32,
+    },
+    /// State component `component` of `room` from rank `src` is in place (0.5.20–0.5.22).
+    StatePart {
+        /// The request.
+        room: RoomId,
+        /// The sending rank.
+        src: PpRank,
+        /// The state component.
+        component: u32,
+    },
+    /// SGLang's own staging path (`{room}_stg_...`); the rest is kept as it came.
+    Staged {
+        /// The request.
+        room: RoomId,
+        /// What follows `stg_`.
+        rest: String,
     },
     /// The prefill failed `room`.
     Fail {
@@ -100,6 +146,10 @@ impl Notification {
             Self::Kv { room, .. }
             | Self::Aux { room }
             | Self::State { room, .. }
+            | Self::KvPart { room, .. }
+            | Self::AuxNoKv { room, .. }
+            | Self::StatePart { room, .. }
+            | Self::Staged { room, .. }
             | Self::Fail { room, .. } => *room,
         }
     }
@@ -131,6 +181,39 @@ impl Notification {
                 out.extend_from_slice(b"_state_");
                 scalar::push_decimal(out, pp.get().into());
             }
+            Self::KvPart {
+                chunk,
+                last,
+                src,
+                part,
+                parts,
+                ..
+            } => {
+                out.extend_from_slice(b"_kv_");
+                scalar::push_decimal(out, chunk.get().into());
+                out.extend_from_slice(if *last { b"_1_" } else { b"_0_" });
+                scalar::push_decimal(out, src.get().into());
+                out.extend_from_slice(b"_part_");
+                scalar::push_decimal(out, (*part).into());
+                out.push(b'_');
+                scalar::push_decimal(out, (*parts).into());
+            }
+            Self::AuxNoKv { src, chunks, .. } => {
+                out.extend_from_slice(b"_aux_nokv_");
+                scalar::push_decimal(out, src.get().into());
+                out.push(b'_');
+                scalar::push_decimal(out, (*chunks).into());
+            }
+            Self::StatePart { src, component, .. } => {
+                out.extend_from_slice(b"_state_");
+                scalar::push_decimal(out, src.get().into());
+                out.push(b'_');
+                scalar::push_decimal(out, (*component).into());
+            }
+            Self::Staged { rest, .. } => {
+                out.extend_from_slice(b"_stg_");
+                out.extend_from_slice(rest.as_bytes());
+            }
             Self::Fail { reason, .. } => {
                 out.extend_from_slice(b"_fail_");
                 out.extend_from_slice(reason.0.as_bytes());
@@ -157,27 +240,50 @@ impl Notification {
                 .map(|v| v as u32)
                 .map_err(|r| err(part, field, r))
         };
+        let last_flag = |s: &str| match s {
+            "0" => Ok(false),
+            "1" => Ok(true),
+            _ => Err(err(3, "last", Reason::Unexpected { expected: "0 or 1" })),
+        };
         match (tag, rest) {
             (Some("aux"), None) => Ok(Self::Aux { room }),
+            (Some("aux"), Some(rest)) => match rest.split('_').collect::<Vec<_>>()[..] {
+                ["nokv", src, chunks] => Ok(Self::AuxNoKv {
+                    room,
+                    src: PpRank::new(u32_field(src, 3, "source rank")?),
+                    chunks: u32_field(chunks, 4, "chunks")?,
+                }),
+                _ => Err(err(2, "aux suffix", Reason::Unexpected { expected: "nokv_{src}_{chunks}" })),
+            },
+            (Some("stg"), Some(rest)) if !rest.is_empty() => Ok(Self::Staged {
+                room,
+                rest: rest.to_owned(),
+            }),
             (Some("kv"), Some(rest)) => {
                 let f: Vec<&str> = rest.split('_').collect();
                 let (chunk, last, pp) = match f[..] {
                     [c, l] => (c, l, None),
                     [c, l, p] => (c, l, Some(p)),
+                    [c, l, src, "part", i, n] => {
+                        return Ok(Self::KvPart {
+                            room,
+                            chunk: ChunkId::new(u32_field(c, 2, "chunk")?),
+                            last: last_flag(l)?,
+                            src: PpRank::new(u32_field(src, 4, "source rank")?),
+                            part: u32_field(i, 6, "part")?,
+                            parts: u32_field(n, 7, "parts")?,
+                        });
+                    }
                     _ => {
                         return Err(DecodeError::FrameCount {
                             message: MessageKind::Notification,
-                            expected: "4 or 5 parts",
+                            expected: "4, 5 or 8 parts",
                             got: f.len() + 2,
                         });
                     }
                 };
                 let chunk = ChunkId::new(u32_field(chunk, 2, "chunk")?);
-                let last = match last {
-                    "0" => false,
-                    "1" => true,
-                    _ => return Err(err(3, "last", Reason::Unexpected { expected: "0 or 1" })),
-                };
+                let last = last_flag(last)?;
                 let pp = pp
                     .map(|p| u32_field(p, 4, "pp rank").map(PpRank::new))
                     .transpose()?;
@@ -188,10 +294,17 @@ impl Notification {
                     pp,
                 })
             }
-            (Some("state"), Some(pp)) => Ok(Self::State {
-                room,
-                pp: PpRank::new(u32_field(pp, 2, "pp rank")?),
-            }),
+            (Some("state"), Some(rest)) => match rest.split_once('_') {
+                None => Ok(Self::State {
+                    room,
+                    pp: PpRank::new(u32_field(rest, 2, "pp rank")?),
+                }),
+                Some((src, i)) => Ok(Self::StatePart {
+                    room,
+                    src: PpRank::new(u32_field(src, 2, "source rank")?),
+                    component: u32_field(i, 3, "component")?,
+                }),
+            },
             (Some("fail"), Some(reason))
                 if !reason.is_empty() && reason.len() <= MAX_REASON_LEN =>
             {
@@ -205,7 +318,7 @@ impl Notification {
                 1,
                 "tag",
                 Reason::Unexpected {
-                    expected: "kv, aux, state or fail",
+                    expected: "kv, aux, state, stg or fail",
                 },
             )),
         }
@@ -243,6 +356,35 @@ mod tests {
             matches!(rt("5_kv_3_0_2"), Notification::Kv { pp: Some(p), last: false, .. } if p.get() == 2)
         );
         assert!(matches!(rt("5_state_1"), Notification::State { .. }));
+        // 0.5.20–0.5.22's forms.
+        assert_eq!(
+            rt("5_kv_2_1_3_part_0_2"),
+            Notification::KvPart {
+                room: RoomId::new(5),
+                chunk: ChunkId::new(2),
+                last: true,
+                src: PpRank::new(3),
+                part: 0,
+                parts: 2
+            }
+        );
+        assert_eq!(
+            rt("5_aux_nokv_1_4"),
+            Notification::AuxNoKv {
+                room: RoomId::new(5),
+                src: PpRank::new(1),
+                chunks: 4
+            }
+        );
+        assert_eq!(
+            rt("5_state_1_0"),
+            Notification::StatePart {
+                room: RoomId::new(5),
+                src: PpRank::new(1),
+                component: 0
+            }
+        );
+        assert!(matches!(rt("5_stg_0_1_0_0_0_4_decode-agent"), Notification::Staged { .. }));
         assert!(
             matches!(rt("5_fail_peer_gone: timeout"), Notification::Fail { ref reason, .. } if reason.as_str() == "peer_gone: timeout")
         );
@@ -266,6 +408,12 @@ mod tests {
             "05_aux",
             "-5_aux",
             "5_state_",
+            "5_state_1_",
+            "5_aux_nokv_1",
+            "5_aux_x_1_2",
+            "5_kv_1_1_0_part_0",
+            "5_kv_1_1_0_prt_0_1",
+            "5_stg_",
         ] {
             assert!(
                 Notification::decode(bad.as_bytes()).is_err(),

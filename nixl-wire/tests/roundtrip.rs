@@ -94,6 +94,30 @@ fn notification() -> impl Strategy<Value = Notification> {
             room,
             pp: PpRank::new(pp)
         }),
+        (room.clone(), any::<u32>(), any::<bool>(), any::<u32>(), any::<u32>(), any::<u32>())
+            .prop_map(|(room, c, last, src, part, parts)| Notification::KvPart {
+                room,
+                chunk: ChunkId::new(c),
+                last,
+                src: PpRank::new(src),
+                part,
+                parts,
+            }),
+        (room.clone(), any::<u32>(), any::<u32>()).prop_map(|(room, src, chunks)| {
+            Notification::AuxNoKv {
+                room,
+                src: PpRank::new(src),
+                chunks,
+            }
+        }),
+        (room.clone(), any::<u32>(), any::<u32>()).prop_map(|(room, src, component)| {
+            Notification::StatePart {
+                room,
+                src: PpRank::new(src),
+                component,
+            }
+        }),
+        (room.clone(), "[!-~]{1,60}").prop_map(|(room, rest)| Notification::Staged { room, rest }),
         (room, ".{0,300}").prop_map(|(room, reason)| Notification::fail(room, &reason)),
     ]
 }

@@ -2,7 +2,9 @@
 //! on the stable toolchain (the sanitizer-coverage passes are stable codegen options; only ASan
 //! would need nightly) and runs them for a bounded time each.
 //!
-//! Targets (`fuzz/fuzz_targets`): `dispatch` (nixl-wire's frame-level decoders), `zmtp_stream`
+//! Targets (`fuzz/fuzz_targets`): `dispatch` (nixl-wire's frame-level decoders of what a prefill
+//! receives, every profile), `decode_inbound` (what a 0.5.2x decode's listener receives, and
+//! packed integer lists), `zmtp_stream`
 //! (raw ZMTP byte streams into the prefill's PULL listener), `http_stream` (raw HTTP into the
 //! bootstrap server). Each runs on `target/fuzz/corpus/NAME` (kept between runs) plus the
 //! committed seeds in `fuzz/seeds/NAME`, with its dictionary from `fuzz/dicts` when there is
@@ -47,6 +49,11 @@ const TARGETS: &[Target] = &[
         dict: Some("http.dict"),
     },
     Target {
+        name: "decode_inbound",
+        max_len: 1024,
+        dict: None,
+    },
+    Target {
         name: "metadata",
         // The captured seed is 3.5 KiB; room to grow it.
         max_len: 8192,
@@ -59,7 +66,8 @@ pub(crate) struct FuzzArgs {
     /// How long to fuzz each target, in seconds.
     #[arg(long, default_value_t = 15)]
     pub(crate) seconds: u32,
-    /// One target (`dispatch`, `zmtp_stream`, `http_stream`, `metadata`); default: each in turn.
+    /// One target (`dispatch`, `decode_inbound`, `zmtp_stream`, `http_stream`, `metadata`);
+    /// default: each in turn.
     #[arg(long)]
     pub(crate) target: Option<String>,
 }

@@ -4,6 +4,8 @@
 //! separators, non-ASCII escaped); [`to_python_json`] writes the same bytes, so a Rust bootstrap
 //! server answers exactly like the Python one.
 
+pub mod v2x;
+
 use std::io;
 
 use serde::{Deserialize, Serialize};
