@@ -233,8 +233,7 @@ fn thousands_of_rooms_leave_every_table_empty() {
 
 #[test]
 fn against_a_seed_bootstrap_server_heartbeats_are_off_and_the_waiting_timeout_applies() {
-    let bs =
-        nixl_kv::BootstrapServer::start_seed_compatible("127.0.0.1:0").unwrap();
+    let bs = nixl_kv::BootstrapServer::start_seed_compatible("127.0.0.1:0").unwrap();
     let addr = bs.addr().to_string();
     let p = prefill(&addr, 2, 16, 1024, ManagerConfig::default());
     let cfg = ManagerConfig::default()

@@ -117,11 +117,12 @@ mod tests {
         let b = pack_int_lists(&[vec![1u32, 2], vec![]]);
         assert_eq!(
             b,
-            [
-                2, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0
-            ]
+            [2, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0]
         );
-        assert_eq!(unpack_int_lists::<u32>(&b).unwrap(), vec![vec![1, 2], vec![]]);
+        assert_eq!(
+            unpack_int_lists::<u32>(&b).unwrap(),
+            vec![vec![1, 2], vec![]]
+        );
         let neg = pack_int_lists(&[vec![-1i32]]);
         assert_eq!(neg, [1, 0, 0, 0, 4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(unpack_int_lists::<i32>(&neg).unwrap(), vec![vec![-1]]);

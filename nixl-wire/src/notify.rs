@@ -253,7 +253,13 @@ impl Notification {
                     src: PpRank::new(u32_field(src, 3, "source rank")?),
                     chunks: u32_field(chunks, 4, "chunks")?,
                 }),
-                _ => Err(err(2, "aux suffix", Reason::Unexpected { expected: "nokv_{src}_{chunks}" })),
+                _ => Err(err(
+                    2,
+                    "aux suffix",
+                    Reason::Unexpected {
+                        expected: "nokv_{src}_{chunks}",
+                    },
+                )),
             },
             (Some("stg"), Some(rest)) if !rest.is_empty() => Ok(Self::Staged {
                 room,
@@ -384,7 +390,10 @@ mod tests {
                 component: 0
             }
         );
-        assert!(matches!(rt("5_stg_0_1_0_0_0_4_decode-agent"), Notification::Staged { .. }));
+        assert!(matches!(
+            rt("5_stg_0_1_0_0_0_4_decode-agent"),
+            Notification::Staged { .. }
+        ));
         assert!(
             matches!(rt("5_fail_peer_gone: timeout"), Notification::Fail { ref reason, .. } if reason.as_str() == "peer_gone: timeout")
         );

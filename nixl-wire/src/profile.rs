@@ -117,7 +117,10 @@ mod tests {
             assert_eq!(p.name().parse::<Profile>(), Ok(p));
         }
         assert!("sglang-0.5.22".parse::<Profile>().is_err());
-        assert_eq!(Profile::for_release("0.5.1.post3"), Some(Profile::Sglang051));
+        assert_eq!(
+            Profile::for_release("0.5.1.post3"),
+            Some(Profile::Sglang051)
+        );
         assert_eq!(Profile::for_release("0.5.1"), Some(Profile::Sglang051));
         assert_eq!(Profile::for_release("0.5.20"), Some(Profile::Sglang0520));
         assert_eq!(Profile::for_release("0.5.22"), Some(Profile::Sglang0520));

@@ -8,9 +8,9 @@
 use std::path::PathBuf;
 
 use bytes::Bytes;
+use nixl_wire::http::RankInfo;
 use nixl_wire::http::to_python_json;
 use nixl_wire::http::v2x::{PrefillRegistration, PrefillServerInfo, RouteQuery};
-use nixl_wire::http::RankInfo;
 use nixl_wire::v2x::{DecodeInbound, MemKind};
 use nixl_wire::{PrefillInbound, Profile};
 use serde_json::Value;

@@ -94,7 +94,14 @@ fn notification() -> impl Strategy<Value = Notification> {
             room,
             pp: PpRank::new(pp)
         }),
-        (room.clone(), any::<u32>(), any::<bool>(), any::<u32>(), any::<u32>(), any::<u32>())
+        (
+            room.clone(),
+            any::<u32>(),
+            any::<bool>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>()
+        )
             .prop_map(|(room, c, last, src, part, parts)| Notification::KvPart {
                 room,
                 chunk: ChunkId::new(c),

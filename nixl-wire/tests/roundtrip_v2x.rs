@@ -97,14 +97,20 @@ prop_compose! {
 fn decode_inbound() -> impl Strategy<Value = DecodeInbound> {
     let room = any::<u64>().prop_map(RoomId::new);
     prop_oneof![
-        (room.clone(), any::<u32>(), any::<u32>(), prop::option::of(".{0,80}")).prop_map(
-            |(room, status, prefill_rank, reason)| DecodeInbound::KvStatus(KvStatus {
-                room,
-                status,
-                prefill_rank,
-                reason
-            })
-        ),
+        (
+            room.clone(),
+            any::<u32>(),
+            any::<u32>(),
+            prop::option::of(".{0,80}")
+        )
+            .prop_map(
+                |(room, status, prefill_rank, reason)| DecodeInbound::KvStatus(KvStatus {
+                    room,
+                    status,
+                    prefill_rank,
+                    reason
+                })
+            ),
         (room.clone(), any::<u32>(), prop::option::of(any::<u64>())).prop_map(
             |(room, prefill_rank, generation)| DecodeInbound::AbortAck(AbortAck {
                 room,
@@ -112,20 +118,34 @@ fn decode_inbound() -> impl Strategy<Value = DecodeInbound> {
                 generation
             })
         ),
-        (room.clone(), any::<u64>(), any::<u64>(), any::<u64>(), agent(), any::<u32>()).prop_map(
-            |(room, chunk, page_start, num_pages, writer, prefill_rank)| {
-                DecodeInbound::ChunkReady(ChunkReady {
-                    room,
-                    chunk,
-                    page_start,
-                    num_pages,
-                    writer,
-                    prefill_rank,
-                })
-            }
-        ),
-        (room, any::<u64>(), any::<u64>(), "[ -~]{0,40}", prop::option::of(any::<u32>())).prop_map(
-            |(room, chunk, chunk_pages, session, pp_rank)| {
+        (
+            room.clone(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            agent(),
+            any::<u32>()
+        )
+            .prop_map(
+                |(room, chunk, page_start, num_pages, writer, prefill_rank)| {
+                    DecodeInbound::ChunkReady(ChunkReady {
+                        room,
+                        chunk,
+                        page_start,
+                        num_pages,
+                        writer,
+                        prefill_rank,
+                    })
+                }
+            ),
+        (
+            room,
+            any::<u64>(),
+            any::<u64>(),
+            "[ -~]{0,40}",
+            prop::option::of(any::<u32>())
+        )
+            .prop_map(|(room, chunk, chunk_pages, session, pp_rank)| {
                 DecodeInbound::StagingReq(StagingReq {
                     room,
                     chunk,
@@ -133,8 +153,7 @@ fn decode_inbound() -> impl Strategy<Value = DecodeInbound> {
                     session,
                     pp_rank,
                 })
-            }
-        ),
+            }),
     ]
 }
 
@@ -153,8 +172,15 @@ fn prefill_tagged() -> impl Strategy<Value = PrefillInbound> {
                     generation
                 }),
             })),
-        (room, any::<u64>(), any::<i64>(), any::<i64>(), any::<i64>(), "[ -~]{0,40}").prop_map(
-            |(room, chunk, offset, round, end, session)| {
+        (
+            room,
+            any::<u64>(),
+            any::<i64>(),
+            any::<i64>(),
+            any::<i64>(),
+            "[ -~]{0,40}"
+        )
+            .prop_map(|(room, chunk, offset, round, end, session)| {
                 PrefillInbound::StagingRsp(StagingRsp {
                     room,
                     chunk,
@@ -163,8 +189,7 @@ fn prefill_tagged() -> impl Strategy<Value = PrefillInbound> {
                     end,
                     session,
                 })
-            }
-        ),
+            }),
         (any::<i64>(), any::<i64>(), prop::option::of("[ -~]{0,40}")).prop_map(
             |(round, tail, session)| PrefillInbound::Watermark(Watermark {
                 round,
@@ -265,14 +290,34 @@ fn malformed_v2x_fields_are_errors_naming_the_frame() {
         f[i] = Bytes::from_static(b);
         PrefillInbound::decode(&f).unwrap_err().to_string()
     };
-    assert!(with(18, b"VRAM").contains("frame 18"), "one kind for two buffers");
+    assert!(
+        with(18, b"VRAM").contains("frame 18"),
+        "one kind for two buffers"
+    );
     assert!(with(18, b"VRAM,HBM").contains("frame 18"));
-    assert!(with(19, &[0; 8]).contains("frame 19"), "one item length for two buffers");
-    assert!(with(8, &[9, 0, 0, 0]).contains("frame 8"), "a list count the frame cannot hold");
-    assert!(with(15, &[0; 8]).contains("frame 15"), "a staging base without a size");
-    assert!(PrefillInbound::decode(&good[..23]).is_err(), "23 frames is no release's");
+    assert!(
+        with(19, &[0; 8]).contains("frame 19"),
+        "one item length for two buffers"
+    );
+    assert!(
+        with(8, &[9, 0, 0, 0]).contains("frame 8"),
+        "a list count the frame cannot hold"
+    );
+    assert!(
+        with(15, &[0; 8]).contains("frame 15"),
+        "a staging base without a size"
+    );
+    assert!(
+        PrefillInbound::decode(&good[..23]).is_err(),
+        "23 frames is no release's"
+    );
     // SGLang's own dispatch would let these kill its thread; ours names them.
     let mut f = good.clone();
     f[2] = Bytes::from_static(b"\xff");
-    assert!(PrefillInbound::decode(&f).unwrap_err().to_string().contains("frame 2"));
+    assert!(
+        PrefillInbound::decode(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("frame 2")
+    );
 }

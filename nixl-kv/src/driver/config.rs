@@ -64,6 +64,11 @@ pub struct ManagerConfig {
     /// decode side is passive (SGLang's decodes included). `None` (the default): per-token
     /// descriptors.
     pub host_packing: Option<HostPacking>,
+    /// Prefill: tokens per page and the KV cache's dtype name (`bfloat16`, ...), as SGLang
+    /// 0.5.20–0.5.23 decodes check them against their own. Given, the prefill registers with
+    /// its bootstrap server in a form every SGLang release reads (docs/protocol.md §10.7), so
+    /// that 0.5.2x decodes can bootstrap from it; `None` (the default): 0.5.1's form only.
+    pub sglang_pages: Option<(u32, String)>,
 }
 
 /// The packed path on host pools: the KV pools themselves, as the engine shares them with the
@@ -215,11 +220,20 @@ impl Default for ManagerConfig {
             sliced_tp: false,
             busy_poll: Duration::ZERO,
             host_packing: None,
+            sglang_pages: None,
         }
     }
 }
 
 impl ManagerConfig {
+    /// Announces tokens per page and the KV dtype name to 0.5.20–0.5.23 decodes (see
+    /// [`ManagerConfig::sglang_pages`]).
+    #[must_use]
+    pub fn sglang_pages(mut self, page_size: u32, kv_cache_dtype: &str) -> Self {
+        self.sglang_pages = Some((page_size, kv_cache_dtype.to_owned()));
+        self
+    }
+
     /// Sets the IP to bind and advertise.
     #[must_use]
     pub fn local_ip(mut self, ip: &str) -> Self {

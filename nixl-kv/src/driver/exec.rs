@@ -62,8 +62,26 @@ pub(crate) fn drive_prefill(s: &Shared) {
         lock(&p.core).drain_commands(&mut cmds);
         let mut outcomes = Vec::new();
         let mut posted = Vec::new();
+        let mut statuses = Vec::new();
         for cmd in cmds.drain(..) {
+            if let Command::SendStatus { endpoint, frames } = cmd {
+                statuses.push((endpoint, frames));
+                continue;
+            }
             run(&s.agent, p, &mut lists, cmd, &mut outcomes, &mut posted);
+        }
+        if !statuses.is_empty() {
+            // Queued, not awaited: a slow decode listener must not hold the transfers.
+            let zmq = lock(&s.zmq);
+            for (endpoint, frames) in statuses {
+                let res = zmq
+                    .as_ref()
+                    .ok_or_else(|| "zmq thread stopped".to_owned())
+                    .and_then(|z| z.post(&endpoint, frames));
+                if let Err(e) = res {
+                    tracing::warn!(%endpoint, error = %e, "status not sent");
+                }
+            }
         }
         if let Some(gpu) = &mut lists.gpu {
             gpu.progress(&s.agent, &mut staged, &mut direct);
@@ -146,6 +164,8 @@ fn run(
         Command::Release(id) => {
             lists.lists.remove(&id);
         }
+        // Taken out of the queue by the caller, which holds the ZMQ thread.
+        Command::SendStatus { .. } => {}
         Command::OpenDirect {
             agent: name,
             pools,
@@ -268,7 +288,8 @@ fn make(agent: &Agent, lists: &Lists, post: &Post) -> Result<XferRequest, String
     if post.work.is_empty() {
         return Err("nothing to transfer (the decode registered no matching buffers)".into());
     }
-    let notif = Some(&post.notif[..]);
+    // 0.5.23 decodes get no notification (docs/protocol.md §10.8).
+    let notif = (!post.notif.is_empty()).then_some(&post.notif[..]);
     match &post.work {
         Work::Indexed {
             local,

@@ -271,7 +271,15 @@ impl KvManager {
             rank_port,
             engine_rank: args.engine_rank(),
         };
-        BootstrapClient::new(bootstrap, shared.config.http_timeout).register(&reg)?;
+        let client = BootstrapClient::new(bootstrap, shared.config.http_timeout);
+        match &shared.config.sglang_pages {
+            Some((page_size, dtype)) => {
+                let v2 =
+                    nixl_wire::http::v2x::PrefillRegistration::from_seed(&reg, *page_size, dtype);
+                client.register_body(&v2.body_for_every_release(&reg))?;
+            }
+            None => client.register(&reg)?,
+        }
         tracing::info!(port = rank_port, bootstrap, "prefill manager ready");
         Ok(Self { shared })
     }

@@ -104,7 +104,7 @@ impl PackedChunk {
             remote.push(dst, len, u64::from(self.remote_gpu));
         }
         let last = self.next + 1 == self.pieces.len();
-        let notif = last.then_some(self.notif.as_slice());
+        let notif = (last && !self.notif.is_empty()).then_some(self.notif.as_slice());
         let req = agent
             .create_request(XferOp::Write, &local, &remote, &self.peer, notif)
             .map_err(|e| e.to_string())?;

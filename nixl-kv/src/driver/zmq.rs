@@ -100,6 +100,16 @@ impl ZmqThread {
     }
 }
 
+impl ZmqThread {
+    /// Queues a multipart message to `endpoint` without waiting for it (see `Pusher::post`).
+    pub(crate) fn post(&self, endpoint: &str, frames: Vec<Bytes>) -> Result<(), String> {
+        self.pusher
+            .as_ref()
+            .ok_or("zmq thread stopped")?
+            .post(endpoint, frames)
+    }
+}
+
 impl Drop for ZmqThread {
     fn drop(&mut self) {
         drop(self.pusher.take());

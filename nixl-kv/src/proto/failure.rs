@@ -77,6 +77,12 @@ pub enum FailureReason {
     /// The scheduler aborted the request.
     #[error("aborted: {0}")]
     Aborted(String),
+    /// The decode sent `ABORT` for the room (SGLang ≥ 0.5.20).
+    #[error("aborted by the decode")]
+    AbortedByDecode,
+    /// The decode asked for something we do not transfer yet (docs/protocol.md §10.10).
+    #[error("not supported: {0}")]
+    Unsupported(String),
     /// The prefill reported a failure (its `_fail_` notification).
     #[error("prefill failed the transfer: {0}")]
     PrefillFailed(String),

@@ -85,6 +85,56 @@ pub struct PrefillRegistration {
 }
 
 impl PrefillRegistration {
+    /// The 0.5.2x registration of the rank that `seed` registers in 0.5.1's form: attention
+    /// TP and DP from its sizes, no pipeline or context parallelism, DP by bootstrap room.
+    pub fn from_seed(
+        seed: &crate::http::PrefillRegistration,
+        page_size: u32,
+        kv_cache_dtype: &str,
+    ) -> Self {
+        let dp = seed.dp_size.max(1);
+        let attn_tp = (seed.tp_size / dp).max(1);
+        Self {
+            attn_tp_size: attn_tp,
+            attn_tp_rank: seed.engine_rank % attn_tp,
+            attn_cp_size: 1,
+            attn_cp_rank: 0,
+            attn_dp_size: dp,
+            attn_dp_rank: seed.engine_rank / attn_tp,
+            pp_size: 1,
+            pp_rank: 0,
+            system_dp_size: 1,
+            system_dp_rank: 0,
+            rank_ip: seed.rank_ip.clone(),
+            rank_port: seed.rank_port,
+            page_size,
+            kv_cache_dtype: kv_cache_dtype.to_owned(),
+            kv_layout: None,
+            dsv41_spec_layout: None,
+            load_balance_method: Some("follow_bootstrap_room".into()),
+            enable_dsa_cache_layer_split: Some(false),
+            enable_kv_cache_sharding: None,
+            prefill_http_port: None,
+            decode_allocation_policy: None,
+        }
+    }
+
+    /// One `PUT /route` body that every release's server reads: 0.5.1's `role`, `tp_size`,
+    /// `dp_size` and `engine_rank` followed by this registration's keys (each server ignores
+    /// the keys it does not know; `rank_ip` and `rank_port` are shared).
+    pub fn body_for_every_release(&self, seed: &crate::http::PrefillRegistration) -> String {
+        let head = format!(
+            "{{\"role\": {}, \"tp_size\": {}, \"dp_size\": {}, \"engine_rank\": {}, ",
+            crate::http::to_python_json(&seed.role),
+            seed.tp_size,
+            seed.dp_size,
+            seed.engine_rank
+        );
+        let own = crate::http::to_python_json(self);
+        // `own` is a JSON object with at least the required keys: `{...}`.
+        head + own.strip_prefix('{').unwrap_or(&own)
+    }
+
     /// The DP group this rank belongs to, as SGLang's server computes it.
     pub fn dp_group(&self) -> u32 {
         if self.system_dp_size == 1 {
@@ -307,8 +357,36 @@ mod tests {
         assert!(!RouteQuery::is_v2x("engine_rank=-1&target_dp_group=-1"));
         assert!(RouteQuery::parse("prefill_dp_rank=0&prefill_cp_rank=0&target_tp_rank=0").is_err());
         assert!(
-            RouteQuery::parse("prefill_dp_rank=&prefill_cp_rank=0&target_tp_rank=0&target_pp_rank=0")
-                .is_err()
+            RouteQuery::parse(
+                "prefill_dp_rank=&prefill_cp_rank=0&target_tp_rank=0&target_pp_rank=0"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn one_body_reads_as_either_releases_registration() {
+        let seed = crate::http::PrefillRegistration {
+            role: "Prefill".into(),
+            tp_size: 4,
+            dp_size: 2,
+            rank_ip: "10.0.0.1".into(),
+            rank_port: 5000,
+            engine_rank: 3,
+        };
+        let v2 = PrefillRegistration::from_seed(&seed, 16, "bfloat16");
+        assert_eq!(
+            (v2.attn_tp_size, v2.attn_tp_rank, v2.attn_dp_rank),
+            (2, 1, 1)
+        );
+        let body = v2.body_for_every_release(&seed);
+        let back: crate::http::PrefillRegistration = serde_json::from_str(&body).unwrap();
+        assert_eq!(back, seed);
+        let back: PrefillRegistration = serde_json::from_str(&body).unwrap();
+        assert_eq!(back, v2);
+        assert!(
+            body.starts_with(r#"{"role": "Prefill", "tp_size": 4"#),
+            "{body}"
         );
     }
 
@@ -322,19 +400,39 @@ mod tests {
                 "kv_layout": null, "unknown_future_key": 1}"#,
         )
         .unwrap();
-        assert_eq!(first.kv_layout, Some(Value::Null), "present null stays present");
+        assert_eq!(
+            first.kv_layout,
+            Some(Value::Null),
+            "present null stays present"
+        );
         assert_eq!(first.dsv41_spec_layout, None);
         let new = to_python_json(&PrefillServerInfo::for_profile(Profile::Sglang0523, &first));
-        assert!(new.contains(r#""decode_allocation_policy": "early", "enable_kv_cache_sharding": false"#), "{new}");
+        assert!(
+            new.contains(
+                r#""decode_allocation_policy": "early", "enable_kv_cache_sharding": false"#
+            ),
+            "{new}"
+        );
         let old = to_python_json(&PrefillServerInfo::for_profile(Profile::Sglang0520, &first));
-        for key in ["decode_allocation_policy", "enable_kv_cache_sharding", "kv_layout", "dsv41"] {
+        for key in [
+            "decode_allocation_policy",
+            "enable_kv_cache_sharding",
+            "kv_layout",
+            "dsv41",
+        ] {
             assert!(!old.contains(key), "{key} in {old}");
         }
         assert!(old.starts_with(r#"{"attn_tp_size": 2, "attn_cp_size": 1, "dp_size": 1"#));
-        assert_eq!(to_python_json(&PrefillServerInfo::for_every_profile(&first)), old);
+        assert_eq!(
+            to_python_json(&PrefillServerInfo::for_every_profile(&first)),
+            old
+        );
         let mut sharded = first.clone();
         sharded.enable_kv_cache_sharding = Some(true);
         let only_new = to_python_json(&PrefillServerInfo::for_every_profile(&sharded));
-        assert!(only_new.contains(r#""enable_kv_cache_sharding": true"#), "{only_new}");
+        assert!(
+            only_new.contains(r#""enable_kv_cache_sharding": true"#),
+            "{only_new}"
+        );
     }
 }

@@ -140,9 +140,7 @@ impl KvArgsRegister {
         let message = MessageKind::KvArgsRegisterV2x;
         let r = FrameReader::new(frames, message, FRAMES_0520, "24 or 25")?;
         r.literal(1, "room", NONE, "None")?;
-        let own = if frames.len() == FRAMES_0520
-            || frames[FRAMES_0520].starts_with(EXT_PREFIX)
-        {
+        let own = if frames.len() == FRAMES_0520 || frames[FRAMES_0520].starts_with(EXT_PREFIX) {
             FRAMES_0520
         } else {
             FRAMES_0523

@@ -80,8 +80,13 @@ pub struct StagingReq {
 impl StagingReq {
     /// Decodes the frames, tag included.
     pub fn decode(frames: &[Bytes]) -> Result<Self, DecodeError> {
-        let r =
-            FrameReader::tagged(frames, MessageKind::StagingReq, STAGING_REQ, (5, 6), "5 or 6")?;
+        let r = FrameReader::tagged(
+            frames,
+            MessageKind::StagingReq,
+            STAGING_REQ,
+            (5, 6),
+            "5 or 6",
+        )?;
         Ok(Self {
             room: RoomId::new(r.unsigned(1, "room", u64::MAX)?),
             chunk: r.unsigned(2, "chunk", u64::MAX)?,

@@ -246,6 +246,7 @@ impl PrefillGpu {
         self.direct.retain(|(room, peer, notif, ev)| {
             let res = match ev.is_done() {
                 Ok(false) => return true,
+                Ok(true) if notif.is_empty() => Ok(()),
                 Ok(true) => agent
                     .send_notification(peer, notif)
                     .map_err(|e| format!("notification: {e}")),

@@ -80,12 +80,17 @@ impl BootstrapClient {
 
     /// `PUT /route` with a prefill rank's registration.
     pub fn register(&self, reg: &PrefillRegistration) -> Result<(), BootstrapError> {
+        self.register_body(&to_python_json(reg))
+    }
+
+    /// `PUT /route` with a registration body already written (one that every release's server
+    /// reads, `nixl_wire::http::v2x::PrefillRegistration::body_for_every_release`).
+    pub fn register_body(&self, body: &str) -> Result<(), BootstrapError> {
         let url = format!("{}/route", self.base);
         let err = |reason: String| BootstrapError::Request {
             url: url.clone(),
             reason,
         };
-        let body = to_python_json(reg);
         let resp = self
             .agent
             .put(&url)

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use nixl_wire::http::v2x::{self, PrefillServerInfo};
 use nixl_wire::http::{ParallelInfo, PrefillRegistration, RankInfo, RouteQuery, to_python_json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -69,6 +70,8 @@ struct Table {
     dp_size: Option<u32>,
     ranks: HashMap<u32, HashMap<u32, RankInfo>>,
     entries: usize,
+    /// The first registration in SGLang 0.5.2x's form: what 0.5.2x decodes are told.
+    v2x: Option<v2x::PrefillRegistration>,
 }
 
 /// How a registration for a taken (group, rank) learns whether the registered rank is alive.
@@ -262,6 +265,7 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, state: &State) -> Resp
     match (path.as_str(), req.method()) {
         ("/health", &Method::GET) if state.health => respond(StatusCode::OK, "OK", false),
         ("/route", &Method::PUT) => put_route(req, peer, state).await,
+        ("/route", &Method::GET) if v2x::RouteQuery::is_v2x(&query) => get_route_v2x(&query, state),
         ("/route", &Method::GET) => get_route(&query, state),
         ("/route", _) => respond(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed", true),
         _ => respond(StatusCode::NOT_FOUND, "Not Found", false),
@@ -294,6 +298,86 @@ fn get_route(query: &str, state: &State) -> Response<Full<Bytes>> {
         Some(info) => respond(StatusCode::OK, to_python_json(&info), true),
         None => respond(StatusCode::NOT_FOUND, "Bootstrap info not Found", false),
     }
+}
+
+/// A 0.5.20–0.5.23 decode's lookup (docs/protocol.md §10.7): 503 until every rank of a
+/// prefill that registered in 0.5.2x's form is in, then the parallel info that every 0.5.2x
+/// release reads, or a rank's address.
+fn get_route_v2x(query: &str, state: &State) -> Response<Full<Bytes>> {
+    let Ok(q) = v2x::RouteQuery::parse(query) else {
+        return respond(
+            StatusCode::BAD_REQUEST,
+            "Missing inputs for bootstrap server.",
+            false,
+        );
+    };
+    let t = state.table.lock().unwrap_or_else(|p| p.into_inner());
+    let ready = t.v2x.is_some() && t.tp_size.is_some_and(|n| t.entries as u64 >= u64::from(n));
+    let Some(first) = t.v2x.clone().filter(|_| ready) else {
+        let n = t.entries;
+        drop(t);
+        return respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Prefill server not fully registered yet ({n} workers registered)."),
+            false,
+        );
+    };
+    if q.is_parallel_info() {
+        drop(t);
+        let info = PrefillServerInfo::for_every_profile(&first);
+        return respond(StatusCode::OK, to_python_json(&info), true);
+    }
+    let found = (q.prefill_cp_rank == 0 && q.target_pp_rank == 0)
+        .then(|| {
+            let g = u32::try_from(q.prefill_dp_rank).ok()?;
+            let r = u32::try_from(q.target_tp_rank).ok()?;
+            t.ranks.get(&g).and_then(|m| m.get(&r)).cloned()
+        })
+        .flatten();
+    drop(t);
+    match found {
+        Some(info) => respond(StatusCode::OK, to_python_json(&info), true),
+        None => respond(
+            StatusCode::NOT_FOUND,
+            format!(
+                "Bootstrap info not found for dp_rank={} cp_rank={} tp_rank={} pp_rank={}",
+                q.prefill_dp_rank, q.prefill_cp_rank, q.target_tp_rank, q.target_pp_rank
+            ),
+            false,
+        ),
+    }
+}
+
+/// A `PUT /route` body in either release's form (a body with `attn_tp_size` is 0.5.2x's,
+/// possibly with 0.5.1's keys as well), as 0.5.1's registration plus the 0.5.2x one.
+fn parse_registration(
+    body: &[u8],
+) -> Result<(PrefillRegistration, Option<v2x::PrefillRegistration>), String> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if value.get("attn_tp_size").is_none() {
+        return serde_json::from_value(value)
+            .map(|r| (r, None))
+            .map_err(|e| e.to_string());
+    }
+    let v2: v2x::PrefillRegistration = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    if v2.attn_cp_size != 1 || v2.pp_size != 1 {
+        return Err("context or pipeline parallel prefills are not supported".into());
+    }
+    if v2.attn_tp_size == 0 || v2.attn_tp_rank >= v2.attn_tp_size || v2.dp_size() == 0 {
+        return Err("attention TP rank outside its size".into());
+    }
+    let seed = PrefillRegistration {
+        role: "Prefill".into(),
+        tp_size: v2.attn_tp_size.saturating_mul(v2.dp_size()),
+        dp_size: v2.dp_size(),
+        rank_ip: v2.rank_ip.clone(),
+        rank_port: v2.rank_port,
+        engine_rank: v2
+            .dp_group()
+            .saturating_mul(v2.attn_tp_size)
+            .saturating_add(v2.attn_tp_rank),
+    };
+    Ok((seed, Some(v2)))
 }
 
 async fn put_route(
@@ -335,8 +419,14 @@ async fn put_route(
             return respond(StatusCode::REQUEST_TIMEOUT, "Request body timed out", false);
         }
     };
-    let reg = match serde_json::from_slice::<PrefillRegistration>(&body) {
-        Ok(reg) => reg,
+    let reg = match parse_registration(&body) {
+        Ok((reg, v2)) => {
+            if let Some(v2) = v2 {
+                let mut t = state.table.lock().unwrap_or_else(|p| p.into_inner());
+                t.v2x.get_or_insert(v2);
+            }
+            reg
+        }
         Err(e) => {
             warn_limited!(state, %peer, error = %e, "bad bootstrap registration; dropped");
             return respond(

@@ -131,6 +131,27 @@ impl Pusher {
     }
 }
 
+impl Pusher {
+    /// Queues a multipart message to `endpoint` without waiting for it: a status a peer is
+    /// owed, where a slow peer must not hold the caller. A failure is logged.
+    pub(crate) fn post(&self, endpoint: &str, frames: Vec<Bytes>) -> Result<(), String> {
+        let budget = self.limits.connect_timeout + self.limits.send_timeout;
+        // Nobody waits on the outcome: `run` logs it when the receiver is gone.
+        let (done, _) = std_mpsc::channel();
+        if let Some(hot) = &self.hot {
+            hot.touch();
+        }
+        self.tx
+            .send(Job {
+                endpoint: endpoint.to_owned(),
+                frames,
+                deadline: Instant::now() + budget,
+                done,
+            })
+            .map_err(|_| "zmq thread stopped".to_owned())
+    }
+}
+
 /// Hands every job to its endpoint's task, starting one where there is none; ends when every
 /// [`Pusher`] is gone.
 pub(crate) async fn route(mut jobs: mpsc::UnboundedReceiver<Job>, limits: Arc<PushLimits>) {
@@ -223,7 +244,9 @@ async fn answer_ping(endpoint: &str, link: &mut Option<Link>, pong: &[u8], l: &P
 /// Runs one job and reports its outcome to the sender.
 async fn run(endpoint: &str, link: &mut Option<Link>, job: Job, limits: &PushLimits) {
     let res = send(endpoint, link, &job, limits).await;
-    let _ = job.done.send(res);
+    if let Err(std_mpsc::SendError(Err(e))) = job.done.send(res) {
+        tracing::warn!(%endpoint, error = %e, "message not delivered");
+    }
 }
 
 async fn send(

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use nixl_core::MemType;
 use nixl_wire::ext::{self, FreedMessage, IpcPools, ProofNotice, Ring, StagedNotice};
 use nixl_wire::{
-    AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PrefillInbound, RoomId,
+    AgentName, DecodeTpInfo, GpuId, KvArgsRegister, Notification, PrefillInbound, Profile, RoomId,
     TransferInfo,
 };
 
@@ -43,6 +43,12 @@ pub struct Peer {
     pub ring: Option<Ring>,
     /// Its exported KV pools, if it advertised `direct` with a well-formed ipc frame (ours).
     pub ipc: Option<IpcPools>,
+    /// The wire format it speaks: how Success and failures reach it (docs/protocol.md §10).
+    pub profile: Profile,
+    /// It sent our capability frame: a decode of ours, which reads notifications in any profile.
+    pub ours: bool,
+    /// What it announced that we do not transfer yet: every room to it fails with this.
+    pub unsupported: Option<String>,
 }
 
 /// One chunk (or aux row) to move, lowered: how it moves and the notification the decode gets
@@ -93,6 +99,14 @@ pub enum Command {
     },
     /// Gather, then WRITE one staged piece; report with [`PrefillCore::staged_done`].
     Stage(StagedWrite),
+    /// Send a message to a decode's listener without waiting (0.5.2x `KV_STATUS` and
+    /// `ABORT_ACK`, docs/protocol.md §10.5).
+    SendStatus {
+        /// `tcp://HOST:PORT` of the decode's PULL listener.
+        endpoint: String,
+        /// The frames.
+        frames: Vec<Bytes>,
+    },
     /// Map a same-node decode's exported KV pools; report with [`PrefillCore::direct_opened`].
     OpenDirect {
         /// The agent as NIXL knows it.
@@ -318,6 +332,16 @@ impl PrefillCore {
             PrefillInbound::Register(r) => self.handle_register(r, now),
             PrefillInbound::Transfer(t) => self.handle_transfer_info(t, now),
             PrefillInbound::Freed(f) => self.handle_freed(&f, now),
+            PrefillInbound::RegisterV2x(r) => self.handle_register_v2x(r, now),
+            PrefillInbound::TransferV2x(t) => self.handle_transfer_v2x(t, now),
+            PrefillInbound::Abort(a) => self.handle_abort(&a),
+            PrefillInbound::StagingRsp(m) => {
+                tracing::warn!(room = %m.room, "STAGING_RSP: SGLang's staging path is not supported");
+                self.fail(
+                    m.room,
+                    FailureReason::Unsupported("SGLang's staging path".into()),
+                );
+            }
             other => tracing::warn!(?other, "unexpected prefill-bound message; dropped"),
         }
     }
@@ -536,13 +560,7 @@ impl PrefillCore {
                 src: pages,
                 dst: &dst,
             };
-            let notif = Notification::Kv {
-                room,
-                chunk: chunk.into(),
-                last,
-                pp: None,
-            }
-            .encode();
+            let notif = self.kv_notif(&peer, room, chunk, last);
             let route = self
                 .rooms
                 .get(&room)
@@ -578,7 +596,7 @@ impl PrefillCore {
                     room,
                     peer: info.agent.clone(),
                     kind: ListKind::Aux,
-                    notif: Notification::Aux { room }.encode(),
+                    notif: self.aux_notif(&peer, room),
                     work,
                 });
             }
@@ -712,8 +730,11 @@ impl PrefillCore {
             return;
         };
         r.in_flight = r.in_flight.saturating_sub(1);
-        if let Err(reason) = outcome {
-            self.fail(room, reason);
+        match outcome {
+            Err(reason) => {
+                self.fail(room, reason);
+            }
+            Ok(()) => self.settle(room),
         }
     }
 
@@ -762,17 +783,13 @@ impl PrefillCore {
         r.merge(KvPoll::Failed);
         if !r.pushed {
             r.pushed = true;
-            let agents: Vec<AgentName> = r
-                .infos
-                .iter()
-                .filter(|i| !i.is_dummy())
-                .map(|i| i.agent.clone())
-                .collect();
+            let agents = self.fail_targets(room, &first);
             if !agents.is_empty() {
                 let payload = Notification::fail(room, &first.to_string()).encode();
                 self.commands.push_back(Command::Notify { agents, payload });
             }
         }
+        self.settle(room);
         reason
     }
 
@@ -919,6 +936,7 @@ impl PrefillCore {
     }
 }
 
+mod dialect;
 mod direct;
 mod origin;
 mod peer_table;

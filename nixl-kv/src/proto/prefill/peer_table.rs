@@ -126,6 +126,9 @@ mod tests {
             proves: false,
             ring: None,
             ipc: None,
+            profile: nixl_wire::Profile::Sglang051,
+            ours: false,
+            unsupported: None,
         }
     }
 

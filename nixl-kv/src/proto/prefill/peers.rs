@@ -6,6 +6,18 @@ use super::*;
 
 impl PrefillCore {
     pub(super) fn handle_register(&mut self, r: KvArgsRegister, now: Instant) {
+        self.register(r, Profile::Sglang051, None, now);
+    }
+
+    /// Admits a registration (any profile's, in 0.5.1's form), remembering how the decode
+    /// speaks and what it asked that we do not transfer yet.
+    pub(super) fn register(
+        &mut self,
+        r: KvArgsRegister,
+        profile: Profile,
+        unsupported: Option<String>,
+        now: Instant,
+    ) {
         match self.peers.admit(&r.agent, now) {
             Admission::Load => {}
             Admission::Known => {
@@ -38,6 +50,9 @@ impl PrefillCore {
             proves,
             ring,
             ipc,
+            profile,
+            ours: r.trailing.iter().any(|f| f.starts_with(ext::EXT_PREFIX)),
+            unsupported,
         };
         self.peers.loading(r.agent.clone(), peer, now);
         self.commands.push_back(Command::LoadRemote {

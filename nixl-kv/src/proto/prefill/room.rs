@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use nixl_wire::{AgentName, TransferInfo};
 
 use super::staged::StagedRoom;
@@ -33,6 +35,13 @@ pub(super) struct Room {
     pub(super) staged: Vec<StagedRoom>,
     /// The route to each real decode, chosen at the first chunk (empty before it).
     pub(super) routes: Vec<(AgentName, Route)>,
+    /// Messages to 0.5.2x decode listeners that wait until nothing of the room is in flight
+    /// (`KV_STATUS` 0, `ABORT_ACK`): endpoint and frames.
+    pub(super) owed: Vec<(String, Vec<Bytes>)>,
+    /// `KV_STATUS` 4 went to the room's 0.5.23 decodes.
+    pub(super) concluded: bool,
+    /// The listener of each real decode that sent a 0.5.2x TransferInfo.
+    pub(super) listeners: Vec<(AgentName, String)>,
 }
 
 impl Room {
@@ -47,6 +56,9 @@ impl Room {
             touched: now,
             staged: Vec::new(),
             routes: Vec::new(),
+            owed: Vec::new(),
+            concluded: false,
+            listeners: Vec::new(),
         }
     }
 

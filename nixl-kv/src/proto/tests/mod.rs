@@ -95,6 +95,8 @@ struct FakeDriver {
     /// Our pool and each decode's, for the posts that name pages rather than descriptors
     /// (direct copies and packed chunks): see [`FakeDriver::with_pools`].
     pools: Option<(Layout, HashMap<String, Layout>)>,
+    /// Messages to decode listeners (0.5.2x `KV_STATUS`, `ABORT_ACK`), in order.
+    statuses: Vec<(String, Vec<Bytes>)>,
 }
 
 impl FakeDriver {
@@ -126,6 +128,7 @@ impl FakeDriver {
                 Command::Post(post) => self.posts.push(post),
                 Command::Notify { agents, payload } => self.notified.push((agents, payload)),
                 Command::Stage(w) => self.stages.push(w),
+                Command::SendStatus { endpoint, frames } => self.statuses.push((endpoint, frames)),
                 Command::OpenDirect { agent, .. } => {
                     self.opened.push(agent.clone());
                     if let Some(ok) = self.open_ok {
@@ -921,7 +924,11 @@ fn heartbeats_count_failures_on_the_clock_and_fail_only_that_prefills_rooms() {
     for (r, b) in [(1, "b:1"), (2, "b:1"), (3, "other:1")] {
         d.receiver_new(RoomId::new(r), BootstrapAddr::new(b), None, t0);
     }
-    assert_eq!(d.poll_timeout(), t0 + s(5), "the driver sleeps until the first round");
+    assert_eq!(
+        d.poll_timeout(),
+        t0 + s(5),
+        "the driver sleeps until the first round"
+    );
     assert!(
         d.heartbeat_due(t0 + s(4)).is_empty(),
         "not before one interval"
@@ -1104,6 +1111,7 @@ fn golden_frames_drive_the_prefill_and_golden_notifications_the_decode() {
     assert_eq!(d.poll(t.room, now), KvPoll::Success);
 }
 
+mod dialect;
 mod direct;
 mod origin;
 mod pair;

@@ -1,0 +1,298 @@
+//! Each decode answered in its own profile (docs/protocol.md §10): 0.5.23 decodes get
+//! `KV_STATUS` and no notification, 0.5.20 ones notifications with our rank, failures and
+//! acknowledgements wait until nothing of the room is in flight.
+
+use nixl_wire::v2x::{self, Abort, AbortAck, AbortReply, DecodeInbound, KvStatus, MemKind};
+
+use super::*;
+
+fn register_v2x(name: &str, profile: nixl_wire::Profile) -> PrefillInbound {
+    let peer = layout(0x9000_0000);
+    PrefillInbound::RegisterV2x(v2x::KvArgsRegister {
+        local_ip: "127.0.0.1".into(),
+        rank_port: 7100,
+        agent: agent(name),
+        metadata: Bytes::from_static(b"md"),
+        kv_ptrs: peer.kv_ptrs.clone(),
+        aux_ptrs: peer.aux_ptrs.clone(),
+        state_ptrs: Vec::new(),
+        gpu_id: GpuId::new(0),
+        decode_tp_size: 1,
+        decode_tp_rank: 0,
+        dst_kv_item_len: 4096,
+        state_item_lens: Vec::new(),
+        state_dims: Vec::new(),
+        staging: None,
+        dst_num_slots: Some(64),
+        kv_mem_kinds: vec![MemKind::Dram; 2],
+        kv_item_lens: vec![4096; 2],
+        state_layer_ids: Vec::new(),
+        kv_layer_ids: Vec::new(),
+        dcp_size: 1,
+        dcp_rank: 0,
+        state_data_lens: (profile == nixl_wire::Profile::Sglang0523).then(Vec::new),
+        trailing: Vec::new(),
+    })
+}
+
+fn info_v2x(room: u64, name: &str, pages: &[u32], prefix: u64) -> PrefillInbound {
+    PrefillInbound::TransferV2x(v2x::TransferInfo {
+        room: RoomId::new(room),
+        local_ip: "127.0.0.1".into(),
+        rank_port: 7100,
+        agent: agent(name),
+        dst_pages: pages.iter().copied().map(PageIndex::new).collect(),
+        dst_aux_index: 2,
+        required_dst_info_num: 1,
+        state_indices: Vec::new(),
+        decode_prefix_len: prefix,
+        is_dummy: false,
+        trailing: Vec::new(),
+    })
+}
+
+fn prefill_with(
+    name: &str,
+    profile: nixl_wire::Profile,
+    now: Instant,
+) -> (PrefillCore, FakeDriver) {
+    let mut drv = FakeDriver::new();
+    let mut p = PrefillCore::new(layout(0x1000_0000), Duration::from_secs(300));
+    p.handle_inbound(register_v2x(name, profile), now);
+    drv.run(&mut p);
+    assert!(p.has_peer(&agent(name)));
+    (p, drv)
+}
+
+/// The statuses sent so far, decoded as a 0.5.2x decode's listener reads them.
+fn statuses(drv: &mut FakeDriver) -> Vec<(String, DecodeInbound)> {
+    drv.statuses
+        .drain(..)
+        .map(|(ep, f)| (ep, DecodeInbound::decode(&f).unwrap()))
+        .collect()
+}
+
+const LISTENER: &str = "tcp://127.0.0.1:7100";
+
+#[test]
+fn a_0523_decode_gets_no_notification_and_one_kv_status_after_the_last_write() {
+    let now = Instant::now();
+    let (mut p, mut drv) = prefill_with("d23", nixl_wire::Profile::Sglang0523, now);
+    let room = RoomId::new(41);
+    p.sender_new(room, now);
+    p.handle_inbound(info_v2x(41, "d23", &[10, 11, 12], 0), now);
+    p.sender_init(room, 3, 1).unwrap();
+    p.sender_send(room, &[1, 2], now).unwrap();
+    p.sender_send(room, &[3], now).unwrap();
+    drv.run(&mut p);
+    let posts = drv.take_posts();
+    assert_eq!(posts.len(), 3, "two KV chunks and the aux rows");
+    assert!(
+        posts.iter().all(|c| c.notif.is_empty()),
+        "0.5.23 reads no notification"
+    );
+    for _ in 0..2 {
+        p.transfer_done(room, Ok(()));
+        drv.run(&mut p);
+        assert!(drv.statuses.is_empty(), "not before every WRITE completed");
+    }
+    p.transfer_done(room, Ok(()));
+    drv.run(&mut p);
+    assert_eq!(p.sender_poll(room), KvPoll::Success);
+    assert_eq!(
+        statuses(&mut drv),
+        vec![(
+            LISTENER.into(),
+            DecodeInbound::KvStatus(KvStatus::success(room, 0))
+        )]
+    );
+    // Polling again or a late completion sends nothing more.
+    assert_eq!(p.sender_poll(room), KvPoll::Success);
+    p.transfer_done(room, Ok(()));
+    drv.run(&mut p);
+    assert!(drv.statuses.is_empty(), "at most once per room");
+}
+
+#[test]
+fn a_0520_decode_gets_notifications_with_our_rank_and_no_success_status() {
+    let now = Instant::now();
+    let (mut p, mut drv) = prefill_with("d20", nixl_wire::Profile::Sglang0520, now);
+    let room = RoomId::new(42);
+    p.sender_new(room, now);
+    p.handle_inbound(info_v2x(42, "d20", &[10, 11], 0), now);
+    p.sender_init(room, 2, 1).unwrap();
+    p.sender_send(room, &[1, 2], now).unwrap();
+    drv.run(&mut p);
+    let posts = drv.take_posts();
+    let notifs: Vec<&[u8]> = posts.iter().map(|c| c.notif.as_slice()).collect();
+    assert_eq!(notifs, vec![&b"42_kv_0_1_0"[..], b"42_aux"]);
+    p.transfer_done(room, Ok(()));
+    p.transfer_done(room, Ok(()));
+    drv.run(&mut p);
+    assert_eq!(p.sender_poll(room), KvPoll::Success);
+    assert!(
+        drv.statuses.is_empty(),
+        "0.5.20–0.5.22 prefills send no KV_STATUS 4"
+    );
+}
+
+#[test]
+fn a_failure_reaches_a_0523_decode_as_kv_status_once_its_writes_settled() {
+    let now = Instant::now();
+    let (mut p, mut drv) = prefill_with("d23", nixl_wire::Profile::Sglang0523, now);
+    let room = RoomId::new(43);
+    p.sender_new(room, now);
+    p.handle_inbound(info_v2x(43, "d23", &[10, 11], 0), now);
+    p.sender_init(room, 2, 1).unwrap();
+    p.sender_send(room, &[1], now).unwrap();
+    drv.run(&mut p);
+    p.abort(room, FailureReason::Aborted("scheduler".into()));
+    drv.run(&mut p);
+    assert!(
+        drv.notified.is_empty(),
+        "no notification to SGLang's 0.5.23"
+    );
+    assert!(drv.statuses.is_empty(), "a WRITE is still in flight");
+    p.transfer_done(room, Ok(()));
+    drv.run(&mut p);
+    let why = FailureReason::Aborted("scheduler".into()).to_string();
+    assert_eq!(
+        statuses(&mut drv),
+        vec![(
+            LISTENER.into(),
+            DecodeInbound::KvStatus(KvStatus::failed(room, 0, &why))
+        )]
+    );
+}
+
+#[test]
+fn abort_fails_the_room_and_is_acknowledged_with_its_generation_once_drained() {
+    let now = Instant::now();
+    let (mut p, mut drv) = prefill_with("d23", nixl_wire::Profile::Sglang0523, now);
+    let room = RoomId::new(44);
+    p.sender_new(room, now);
+    p.handle_inbound(info_v2x(44, "d23", &[10, 11], 0), now);
+    p.sender_init(room, 2, 1).unwrap();
+    p.sender_send(room, &[1], now).unwrap();
+    drv.run(&mut p);
+    let abort = |room: RoomId| {
+        PrefillInbound::Abort(Abort {
+            room,
+            reply: Some(AbortReply {
+                ip: "127.0.0.1".into(),
+                port: 7100,
+                generation: Some(3),
+            }),
+        })
+    };
+    p.handle_inbound(abort(room), now);
+    drv.run(&mut p);
+    assert_eq!(p.sender_poll(room), KvPoll::Failed);
+    assert_eq!(p.failure(room), Some(&FailureReason::AbortedByDecode));
+    assert!(drv.statuses.is_empty(), "not while a WRITE is in flight");
+    p.transfer_done(room, Ok(()));
+    drv.run(&mut p);
+    let ack = AbortAck {
+        room,
+        prefill_rank: 0,
+        generation: Some(3),
+    };
+    assert_eq!(
+        statuses(&mut drv),
+        vec![(LISTENER.into(), DecodeInbound::AbortAck(ack))],
+        "the ACK and no KV_STATUS: the decode itself gave up"
+    );
+    // A room this prefill does not hold (or no longer holds) is acknowledged at once.
+    let other = RoomId::new(45);
+    p.handle_inbound(abort(other), now);
+    drv.run(&mut p);
+    assert!(
+        matches!(&statuses(&mut drv)[..], [(_, DecodeInbound::AbortAck(a))] if a.room == other)
+    );
+    // Without a generation the decode waits for nothing: no ACK.
+    p.handle_inbound(
+        PrefillInbound::Abort(Abort {
+            room: RoomId::new(46),
+            reply: None,
+        }),
+        now,
+    );
+    drv.run(&mut p);
+    assert!(drv.statuses.is_empty());
+}
+
+#[test]
+fn what_we_do_not_transfer_fails_the_room_on_both_sides_with_the_feature_named() {
+    let now = Instant::now();
+    let (mut p, mut drv) = prefill_with("d23", nixl_wire::Profile::Sglang0523, now);
+    let room = RoomId::new(47);
+    p.sender_new(room, now);
+    p.handle_inbound(info_v2x(47, "d23", &[], 16), now);
+    drv.run(&mut p);
+    assert_eq!(p.sender_poll(room), KvPoll::Failed);
+    let why = p.failure(room).unwrap().to_string();
+    assert!(why.contains("decode_prefix_len"), "{why}");
+    let sent = statuses(&mut drv);
+    assert!(
+        matches!(&sent[..], [(ep, DecodeInbound::KvStatus(s))]
+            if ep == LISTENER && s.status == KvStatus::FAILED && s.reason.as_deref() == Some(why.as_str())),
+        "{sent:?}"
+    );
+    // A decode whose registration announced hybrid state: every room to it fails.
+    let PrefillInbound::RegisterV2x(mut r) = register_v2x("hybrid", nixl_wire::Profile::Sglang0523)
+    else {
+        unreachable!()
+    };
+    r.state_ptrs = vec![vec![0x5000]];
+    p.handle_inbound(PrefillInbound::RegisterV2x(r), now);
+    drv.run(&mut p);
+    let room = RoomId::new(48);
+    p.handle_inbound(info_v2x(48, "hybrid", &[1], 0), now);
+    p.sender_new(room, now);
+    drv.run(&mut p);
+    assert_eq!(p.sender_poll(room), KvPoll::Failed);
+    assert!(
+        p.failure(room)
+            .unwrap()
+            .to_string()
+            .contains("hybrid-model state")
+    );
+}
+
+#[test]
+fn one_prefill_answers_a_051_and_a_0523_decode_each_in_its_own_way() {
+    let now = Instant::now();
+    let (mut p, mut drv) = prefill_with("d23", nixl_wire::Profile::Sglang0523, now);
+    p.handle_inbound(register("d51"), now);
+    drv.run(&mut p);
+    let (a, b) = (RoomId::new(50), RoomId::new(51));
+    p.handle_inbound(info_v2x(50, "d23", &[1], 0), now);
+    p.handle_inbound(info(51, "d51", &[1], 1), now);
+    for room in [a, b] {
+        p.sender_new(room, now);
+        p.sender_init(room, 1, 0).unwrap();
+        p.sender_send(room, &[4], now).unwrap();
+    }
+    drv.run(&mut p);
+    let posts = drv.take_posts();
+    let of = |room: RoomId| -> Vec<Vec<u8>> {
+        posts
+            .iter()
+            .filter(|c| c.room == room)
+            .map(|c| c.notif.clone())
+            .collect()
+    };
+    assert_eq!(of(a), vec![Vec::<u8>::new(), Vec::new()]);
+    assert_eq!(of(b), vec![b"51_kv_0_1".to_vec(), b"51_aux".to_vec()]);
+    for room in [a, a, b, b] {
+        p.transfer_done(room, Ok(()));
+    }
+    drv.run(&mut p);
+    let sent = statuses(&mut drv);
+    assert_eq!(
+        sent.len(),
+        1,
+        "only the 0.5.23 decode gets a KV_STATUS: {sent:?}"
+    );
+    assert!(matches!(&sent[0].1, DecodeInbound::KvStatus(s) if s.room == a));
+}
