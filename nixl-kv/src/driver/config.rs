@@ -69,6 +69,11 @@ pub struct ManagerConfig {
     /// its bootstrap server in a form every SGLang release reads (docs/protocol.md §10.7), so
     /// that 0.5.2x decodes can bootstrap from it; `None` (the default): 0.5.1's form only.
     pub sglang_pages: Option<(u32, String)>,
+    /// Decode: the wire format it speaks to its prefills (docs/protocol.md §10); from
+    /// `sglang-0.5.20` on it binds a PULL listener for `KV_STATUS` and `ABORT_ACK`. A prefill
+    /// answers each decode in the decode's own profile whatever this says. Default
+    /// `sglang-0.5.1`.
+    pub profile: nixl_wire::Profile,
 }
 
 /// The packed path on host pools: the KV pools themselves, as the engine shares them with the
@@ -221,6 +226,7 @@ impl Default for ManagerConfig {
             busy_poll: Duration::ZERO,
             host_packing: None,
             sglang_pages: None,
+            profile: nixl_wire::Profile::Sglang051,
         }
     }
 }
@@ -231,6 +237,13 @@ impl ManagerConfig {
     #[must_use]
     pub fn sglang_pages(mut self, page_size: u32, kv_cache_dtype: &str) -> Self {
         self.sglang_pages = Some((page_size, kv_cache_dtype.to_owned()));
+        self
+    }
+
+    /// Sets the wire format a decode speaks (see [`ManagerConfig::profile`]).
+    #[must_use]
+    pub fn profile(mut self, profile: nixl_wire::Profile) -> Self {
+        self.profile = profile;
         self
     }
 

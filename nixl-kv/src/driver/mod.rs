@@ -22,7 +22,7 @@ mod zmq;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -127,7 +127,8 @@ pub(crate) struct PrefillIo {
 
 /// The decode's IO state.
 pub(crate) struct DecodeIo {
-    pub(crate) core: Mutex<DecodeCore>,
+    /// Shared with the ZMQ thread's listener (0.5.2x), which must not hold the manager.
+    pub(crate) core: Arc<Mutex<DecodeCore>>,
     /// Held while queued frames are sent, so they leave in queue order.
     pub(crate) sending: Mutex<()>,
     /// The staging ring, when the staged path is on.
@@ -288,12 +289,32 @@ impl KvManager {
     /// (the registration carries the agent's metadata as it is now).
     pub fn decode(agent: Agent, args: KvArgs, config: ManagerConfig) -> Result<Self, Error> {
         let config = config.resolved(args.kv()[0].0.mem);
-        let (zmq, _) =
-            zmq::ZmqThread::start(None, Box::new(|_| {}), config.busy_poll).map_err(Error::Zmq)?;
-        // SGLang advertises a port it never binds; so do we (a free one, for fidelity).
-        let rank_port = std::net::TcpListener::bind((config.local_ip.as_str(), 0))
-            .and_then(|l| l.local_addr())
-            .map_or(0, |a| a.port());
+        // From 0.5.20 on the decode listens for KV_STATUS and ABORT_ACK. The listener reaches
+        // the core only (never the manager, whose last reference it must not drop on the ZMQ
+        // thread); what arrives before the core exists is dropped (no room can be meant yet).
+        let listener: Arc<OnceLock<Weak<Mutex<DecodeCore>>>> = Arc::new(OnceLock::new());
+        let (zmq, port) = if config.profile.decode_listens() {
+            let to = Arc::clone(&listener);
+            let on_message = Box::new(move |frames: Vec<bytes::Bytes>| {
+                if let Some(core) = to.get().and_then(Weak::upgrade) {
+                    lock(&core).handle_listener(&frames);
+                }
+            });
+            zmq::ZmqThread::start(
+                Some(format!("tcp://{}:0", config.local_ip)),
+                on_message,
+                config.busy_poll,
+            )
+        } else {
+            zmq::ZmqThread::start(None, Box::new(|_| {}), config.busy_poll)
+        }
+        .map_err(Error::Zmq)?;
+        // SGLang 0.5.1 advertises a port it never binds; so do we (a free one, for fidelity).
+        let rank_port = port.unwrap_or_else(|| {
+            std::net::TcpListener::bind((config.local_ip.as_str(), 0))
+                .and_then(|l| l.local_addr())
+                .map_or(0, |a| a.port())
+        });
         let name = agent.name().to_owned();
         let agent_name = AgentName::new(&name).map_err(|reason| Error::AgentName {
             name: name.clone(),
@@ -325,15 +346,23 @@ impl KvManager {
             staging,
             direct,
             sliced_tp: config.sliced_tp,
+            profile: config.profile,
+            kv_mem: match args.kv()[0].0.mem {
+                nixl_core::MemType::Vram => nixl_wire::v2x::MemKind::Vram,
+                _ => nixl_wire::v2x::MemKind::Dram,
+            },
+            sglang_pages: config.sglang_pages.clone(),
         };
         let timers = DecodeTimers::new(
             config.waiting_timeout,
             config.heartbeat_interval,
             config.heartbeat_max_failures,
         );
+        let core = Arc::new(Mutex::new(DecodeCore::new(me, timers, Instant::now())));
+        let _ = listener.set(Arc::downgrade(&core));
         let shared = Arc::new(Shared {
             role: Role::Decode(DecodeIo {
-                core: Mutex::new(DecodeCore::new(me, timers, Instant::now())),
+                core,
                 sending: Mutex::new(()),
                 gpu,
             }),

@@ -57,18 +57,29 @@ impl KvReceiver {
         let addr = BootstrapAddr::new(bootstrap);
         lock(&d.core).receiver_new(room, addr.clone(), dp_rank, Instant::now());
         let client = BootstrapClient::new(bootstrap, shared.config.http_timeout);
+        // 0.5.2x decodes ask in 0.5.2x's form (docs/protocol.md §10.7).
+        let v2x = shared.config.profile.decode_listens();
         for _ in 0..MAX_LOOKUPS {
             let lookup = lock(&d.core).next_lookup(room);
             match lookup {
+                Lookup::Parallel(_) if v2x => {
+                    let info = client.server_info().map_err(|e| e.to_string());
+                    lock(&d.core).server_info_learned(room, info);
+                }
                 Lookup::Parallel(_) => {
                     let info = client.parallel_info().map_err(|e| e.to_string());
                     lock(&d.core).parallel_learned(room, info);
                 }
                 Lookup::Ranks { key, ranks } => {
-                    let infos = ranks
-                        .iter()
-                        .map(|&r| client.rank_info(r, key.dp_group).map_err(|e| e.to_string()))
-                        .collect();
+                    let ask = |r: u32| {
+                        if v2x {
+                            client.rank_info_v2x(r, key.dp_group)
+                        } else {
+                            client.rank_info(r, key.dp_group)
+                        }
+                        .map_err(|e| e.to_string())
+                    };
+                    let infos = ranks.iter().map(|&r| ask(r)).collect();
                     lock(&d.core).ranks_learned(room, key, infos);
                 }
                 _ => break,
@@ -115,7 +126,12 @@ impl KvReceiver {
         if !notifs.is_empty() || d.gpu.is_some() {
             exec::try_drive_decode(&self.shared);
         }
-        lock(&d.core).poll(self.room, Instant::now())
+        let state = lock(&d.core).poll(self.room, Instant::now());
+        if state == KvPoll::Failed {
+            // A waiting timeout queues ABORT to the prefill ranks (0.5.2x).
+            exec::try_drive_decode(&self.shared);
+        }
+        state
     }
 
     /// Why the request failed.
@@ -128,6 +144,8 @@ impl KvReceiver {
     pub fn abort(&mut self, reason: &str) {
         if let Some(d) = self.io() {
             lock(&d.core).fail(self.room, FailureReason::Aborted(reason.to_owned()));
+            // 0.5.2x prefills are told (ABORT).
+            exec::drive_decode(&self.shared);
         }
     }
 

@@ -131,6 +131,25 @@ impl BootstrapClient {
         self.get_json(&format!("/route?{}", q.to_query_string()))
     }
 
+    /// A 0.5.2x server's parallel info (`PrefillServerInfo`, docs/protocol.md §10.7); a
+    /// server still waiting for ranks answers 503, an error here.
+    pub fn server_info(&self) -> Result<nixl_wire::http::v2x::PrefillServerInfo, BootstrapError> {
+        let q = nixl_wire::http::v2x::RouteQuery::PARALLEL_INFO;
+        self.get_json(&format!("/route?{}", q.to_query_string()))
+    }
+
+    /// Where TP rank `tp_rank` of DP group `dp_group` listens, asked as 0.5.2x decodes ask
+    /// (context and pipeline rank 0).
+    pub fn rank_info_v2x(&self, tp_rank: u32, dp_group: u32) -> Result<RankInfo, BootstrapError> {
+        let q = nixl_wire::http::v2x::RouteQuery {
+            prefill_dp_rank: i64::from(dp_group),
+            prefill_cp_rank: 0,
+            target_tp_rank: i64::from(tp_rank),
+            target_pp_rank: 0,
+        };
+        self.get_json(&format!("/route?{}", q.to_query_string()))
+    }
+
     /// `GET /health`.
     pub fn health(&self) -> Health {
         match self.get("/health") {

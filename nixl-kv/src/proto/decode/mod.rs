@@ -19,6 +19,8 @@ use super::staging::{QUARANTINE, Scattered, SlotRing};
 use super::targeting::{TargetingError, Targets, dp_group, targets_sliced};
 use super::{BootstrapAddr, FailureReason, KvPoll};
 
+mod dialect;
+
 /// An active decode sends its registration again before a transfer info when the last one to
 /// that prefill rank is older than this, so a prefill that forgot it as idle (or restarted on
 /// the same endpoint) knows it again before its next request. SGLang prefills ignore repeats.
@@ -66,6 +68,13 @@ pub struct DecodeConfig {
     /// Ask a smaller prefill for head slices when the model is not MLA (its prefills must
     /// support them); off: such pairs fail, as in SGLang 0.5.1.
     pub sliced_tp: bool,
+    /// The wire format this decode speaks (docs/protocol.md §10). From 0.5.20 on,
+    /// `rank_port` is the port of our bound PULL listener.
+    pub profile: nixl_wire::Profile,
+    /// Where our KV buffers live, as 0.5.2x registrations name it.
+    pub kv_mem: nixl_wire::v2x::MemKind,
+    /// Tokens per page and the KV dtype name: a 0.5.2x prefill announcing others is refused.
+    pub sglang_pages: Option<(u32, String)>,
 }
 
 /// A decode's staging ring (docs/protocol.md §3.5): announced in its registrations, and up to
@@ -232,6 +241,10 @@ struct Room {
     writers: u32,
     /// With several writers, what each (by agent name) has sent.
     per_writer: Vec<(String, Progress)>,
+    /// Prefill ranks that sent `KV_STATUS` 4 (0.5.23).
+    succeeded: Vec<u32>,
+    /// `ABORT` went to its prefill ranks.
+    aborted: bool,
 }
 
 /// One writer's chunks, last chunk and aux row.
@@ -240,15 +253,61 @@ struct Progress {
     chunks: Vec<u32>,
     expected: Option<u32>,
     aux: bool,
+    /// Parts of chunks that come in parts (0.5.20–0.5.22): chunk, parts in all, parts seen.
+    parts: Vec<(u32, u32, Vec<u32>)>,
 }
 
+/// Parts one chunk may come in at most.
+const MAX_PARTS: u32 = 64;
+
 impl Progress {
-    /// A `_kv_` or aux notification (anything else changes nothing).
+    /// A KV, aux or part notification (anything else changes nothing).
     fn note(&mut self, n: &Notification) {
         match n {
             Notification::Kv { chunk, last, .. } => self.chunk(chunk.get(), *last),
             Notification::Aux { .. } => self.aux = true,
+            // The last chunk had no pages: `chunks` KV chunks came before it (0.5.20–0.5.22).
+            Notification::AuxNoKv { chunks, .. } => {
+                self.aux = true;
+                self.expected = Some(*chunks);
+            }
+            Notification::KvPart {
+                chunk,
+                last,
+                part,
+                parts,
+                ..
+            } => self.part(chunk.get(), *last, *part, *parts),
             _ => {}
+        }
+    }
+
+    /// Part `part` of `parts` of `chunk`: the chunk counts once every part arrived.
+    fn part(&mut self, chunk: u32, last: bool, part: u32, parts: u32) {
+        if parts <= 1 {
+            return self.chunk(chunk, last);
+        }
+        if parts > MAX_PARTS || part >= parts {
+            tracing::debug!(chunk, part, parts, "implausible chunk part; dropped");
+            return;
+        }
+        let entry = match self.parts.iter().position(|(c, _, _)| *c == chunk) {
+            Some(i) => &mut self.parts[i],
+            None => {
+                self.parts.push((chunk, parts, Vec::new()));
+                let n = self.parts.len() - 1;
+                &mut self.parts[n]
+            }
+        };
+        if entry.1 != parts {
+            tracing::debug!(chunk, "chunk parts announced differently; dropped");
+            return;
+        }
+        if !entry.2.contains(&part) {
+            entry.2.push(part);
+        }
+        if entry.2.len() as u32 == parts {
+            self.chunk(chunk, last);
         }
     }
 
@@ -281,6 +340,8 @@ pub struct DecodeCore {
     commands: VecDeque<Command>,
     /// Our staging ring's slots (`None`: the staged path is off).
     ring: Option<SlotRing>,
+    /// The last `ABORT` generation armed (0.5.23 numbers them per manager from 1).
+    abort_generation: u64,
 }
 
 impl DecodeCore {
@@ -295,6 +356,7 @@ impl DecodeCore {
             ring: me
                 .staging
                 .map(|st| SlotRing::new(st.ring.slots, QUARANTINE)),
+            abort_generation: 0,
             me,
         }
     }
@@ -345,6 +407,8 @@ impl DecodeCore {
                 slot_targets: Vec::new(),
                 writers: 1,
                 per_writer: Vec::new(),
+                succeeded: Vec::new(),
+                aborted: false,
             },
         );
     }
@@ -470,6 +534,9 @@ impl DecodeCore {
 
     fn registration(&self) -> Vec<Bytes> {
         let me = &self.me;
+        if me.profile.decode_listens() {
+            return self.registration_v2x(self.ext_frames());
+        }
         KvArgsRegister {
             local_ip: me.local_ip.clone(),
             rank_port: me.rank_port,
@@ -483,24 +550,27 @@ impl DecodeCore {
                 decode_tp_rank: me.engine_rank,
                 dst_kv_item_len: me.kv_item_len,
             }),
-            // SGLang prefills ignore them; ours then prove their transfer infos' origin, and
-            // stage into our ring if we have one.
-            trailing: {
-                let mut caps = vec![ext::CAP_PROOF];
-                let mut frames = Vec::new();
-                if let Some(st) = me.staging {
-                    caps.push(ext::CAP_STAGING);
-                    frames.push(st.ring.frame());
-                }
-                if let Some(ipc) = &me.direct {
-                    caps.push(ext::CAP_DIRECT);
-                    frames.push(ipc.frame());
-                }
-                frames.insert(0, ext::caps_frame(&caps));
-                frames
-            },
+            trailing: self.ext_frames(),
         }
         .encode()
+    }
+
+    /// Our extension frames after a registration: SGLang prefills ignore them; ours then prove
+    /// their transfer infos' origin, and stage into our ring if we have one.
+    fn ext_frames(&self) -> Vec<Bytes> {
+        let me = &self.me;
+        let mut caps = vec![ext::CAP_PROOF];
+        let mut frames = Vec::new();
+        if let Some(st) = me.staging {
+            caps.push(ext::CAP_STAGING);
+            frames.push(st.ring.frame());
+        }
+        if let Some(ipc) = &me.direct {
+            caps.push(ext::CAP_DIRECT);
+            frames.push(ipc.frame());
+        }
+        frames.insert(0, ext::caps_frame(&caps));
+        frames
     }
 
     /// The receiver asks for the request: destination `pages` of our pool, aux row `aux_index`.
@@ -596,10 +666,15 @@ impl DecodeCore {
                 required_dst_info_num: r.required,
                 trailing,
             };
+            let frames = if self.me.profile.decode_listens() {
+                dialect::transfer_info_v2x(info, t.dummy)
+            } else {
+                info.encode()
+            };
             self.commands.push_back(Command::Send {
                 room,
                 endpoint: t.endpoint.clone(),
-                frames: info.encode(),
+                frames,
             });
         }
         r.started = true;
@@ -648,14 +723,24 @@ impl DecodeCore {
         if r.concluded.is_some() {
             return;
         }
-        if r.writers > 1
-            && matches!(n, Notification::Kv { .. } | Notification::Aux { .. })
-            && !note_writer(r, peer, |p| p.note(&n))
-        {
+        let progress = matches!(
+            n,
+            Notification::Kv { .. }
+                | Notification::Aux { .. }
+                | Notification::AuxNoKv { .. }
+                | Notification::KvPart { .. }
+        );
+        if r.writers > 1 && progress && !note_writer(r, peer, |p| p.note(&n)) {
             return;
         }
         match n {
-            Notification::Kv { .. } | Notification::Aux { .. } => r.progress.note(&n),
+            _ if progress => r.progress.note(&n),
+            Notification::Staged { .. } | Notification::StatePart { .. } => {
+                let why = "SGLang's staging or hybrid-model state, which we do not receive yet";
+                r.failure = Some(FailureReason::Unsupported(why.into()));
+                r.concluded = Some(KvPoll::Failed);
+                self.end_slots(room, false);
+            }
             Notification::Fail { reason, .. } => {
                 r.failure = Some(FailureReason::PrefillFailed(reason.as_str().to_owned()));
                 r.concluded = Some(KvPoll::Failed);
@@ -679,10 +764,17 @@ impl DecodeCore {
         if !r.started {
             return KvPoll::WaitingForInput;
         }
-        let done = if r.writers > 1 {
+        let by_notifications = if r.writers > 1 {
             r.per_writer.len() as u32 == r.writers && r.per_writer.iter().all(|(_, p)| p.complete())
         } else {
             r.progress.complete()
+        };
+        // 0.5.23 prefills signal by KV_STATUS only; ours send notifications as well, which
+        // staged rooms still need (a piece counts once scattered).
+        let done = if self.me.profile.success_by_status() {
+            r.succeeded.len() as u32 >= r.writers && (r.slot_targets.is_empty() || by_notifications)
+        } else {
+            by_notifications
         };
         if done {
             r.concluded = Some(KvPoll::Success);
@@ -694,6 +786,10 @@ impl DecodeCore {
         {
             r.failure = Some(FailureReason::WaitingTimeout(t));
             r.concluded = Some(KvPoll::Failed);
+            self.send_abort(room);
+            let Some(r) = self.rooms.get_mut(&room) else {
+                return KvPoll::Failed;
+            };
             // The prefill may have lost our registration (a load that failed while the link
             // was down): the next request to these ranks registers again.
             for target in &r.targets {
@@ -717,6 +813,7 @@ impl DecodeCore {
             r.failure.get_or_insert(reason);
             r.concluded = Some(KvPoll::Failed);
             self.end_slots(room, false);
+            self.send_abort(room);
         }
     }
 

@@ -296,3 +296,176 @@ fn one_prefill_answers_a_051_and_a_0523_decode_each_in_its_own_way() {
     );
     assert!(matches!(&sent[0].1, DecodeInbound::KvStatus(s) if s.room == a));
 }
+
+/// A decode core speaking `profile`, bootstrapped for `room` against one prefill rank.
+fn decode_speaking(profile: nixl_wire::Profile, room: RoomId, now: Instant) -> DecodeCore {
+    let mut me = identity();
+    me.profile = profile;
+    me.rank_port = 7100;
+    let timers = DecodeTimers::new(Some(Duration::from_secs(5)), Duration::from_secs(5), 2);
+    let mut d = DecodeCore::new(me, timers, now);
+    bootstrap(&mut d, room, 5000, now);
+    d
+}
+
+/// Runs everything the decode queued through the prefill (its registration and infos).
+fn deliver(d: &mut DecodeCore, p: &mut PrefillCore, drv: &mut FakeDriver, now: Instant) {
+    for (_, frames) in sends(d) {
+        p.handle_inbound(PrefillInbound::decode(&frames).unwrap(), now);
+        drv.run(p);
+    }
+}
+
+#[test]
+fn our_0523_decode_and_our_prefill_complete_by_kv_status_and_abort_each_other_cleanly() {
+    let now = Instant::now();
+    let room = RoomId::new(60);
+    let mut d = decode_speaking(nixl_wire::Profile::Sglang0523, room, now);
+    let mut drv = FakeDriver::new();
+    let mut p = PrefillCore::new(layout(0x1000_0000), Duration::from_secs(300));
+    d.receiver_init(room, &[3, 4], 1, now);
+    let frames = sends(&mut d);
+    assert_eq!(frames.len(), 2, "registration and TransferInfo");
+    assert_eq!(frames[0].1.len(), 26, "25 frames and our capability frame");
+    assert!(matches!(
+        PrefillInbound::decode(&frames[0].1),
+        Ok(PrefillInbound::RegisterV2x(r)) if r.profile() == nixl_wire::Profile::Sglang0523 && r.rank_port == 7100
+    ));
+    for (_, f) in &frames {
+        p.handle_inbound(PrefillInbound::decode(f).unwrap(), now);
+        drv.run(&mut p);
+    }
+    p.sender_new(room, now);
+    p.sender_init(room, 2, 0).unwrap();
+    p.sender_send(room, &[8, 9], now).unwrap();
+    drv.run(&mut p);
+    let posts = drv.take_posts();
+    assert!(
+        posts.iter().all(|c| !c.notif.is_empty()),
+        "a decode of ours reads notifications in every profile"
+    );
+    for n in posts.iter().map(|c| c.notif.clone()) {
+        d.handle_notification("p", &n);
+    }
+    assert_ne!(
+        d.poll(room, now),
+        KvPoll::Success,
+        "0.5.23 waits for KV_STATUS"
+    );
+    p.transfer_done(room, Ok(()));
+    p.transfer_done(room, Ok(()));
+    drv.run(&mut p);
+    let (endpoint, status) = drv.statuses.pop().unwrap();
+    assert_eq!(endpoint, "tcp://127.0.0.1:7100");
+    d.handle_listener(&status);
+    assert_eq!(d.poll(room, now), KvPoll::Success);
+
+    // A second room fails here (the scheduler aborts it): ABORT with a generation goes to the
+    // prefill, which fails the room and acknowledges.
+    let room = RoomId::new(61);
+    bootstrap(&mut d, room, 5000, now);
+    d.receiver_init(room, &[5], 1, now);
+    deliver(&mut d, &mut p, &mut drv, now);
+    p.sender_new(room, now);
+    d.fail(room, FailureReason::Aborted("client went away".into()));
+    let abort = sends(&mut d);
+    assert_eq!(abort.len(), 1);
+    assert!(matches!(
+        PrefillInbound::decode(&abort[0].1),
+        Ok(PrefillInbound::Abort(Abort {
+            reply: Some(AbortReply {
+                generation: Some(1),
+                ..
+            }),
+            ..
+        }))
+    ));
+    p.handle_inbound(PrefillInbound::decode(&abort[0].1).unwrap(), now);
+    drv.run(&mut p);
+    assert_eq!(p.sender_poll(room), KvPoll::Failed);
+    let acks = statuses(&mut drv);
+    assert!(matches!(&acks[..], [(_, DecodeInbound::AbortAck(a))] if a.generation == Some(1)));
+    d.fail(room, FailureReason::Aborted("again".into()));
+    assert!(sends(&mut d).is_empty(), "ABORT goes once");
+}
+
+#[test]
+fn a_kv_status_failure_fails_the_room_with_the_prefills_reason_and_junk_is_dropped() {
+    let now = Instant::now();
+    let room = RoomId::new(62);
+    let mut d = decode_speaking(nixl_wire::Profile::Sglang0520, room, now);
+    d.receiver_init(room, &[3], 1, now);
+    let frames = sends(&mut d);
+    assert!(matches!(
+        PrefillInbound::decode(&frames[0].1),
+        Ok(PrefillInbound::RegisterV2x(r)) if r.profile() == nixl_wire::Profile::Sglang0520
+    ));
+    assert!(matches!(
+        PrefillInbound::decode(&frames[1].1),
+        Ok(PrefillInbound::TransferV2x(_))
+    ));
+    for junk in [
+        vec![Bytes::from_static(b"KV_STATUS")],
+        vec![Bytes::from_static(b"HELLO"), Bytes::from_static(b"1")],
+        Vec::new(),
+    ] {
+        d.handle_listener(&junk);
+    }
+    assert_eq!(d.poll(room, now), KvPoll::WaitingForInput);
+    // 0.5.20 Success rides on notifications with the prefill's rank appended.
+    d.handle_notification("p", b"62_kv_0_1_0");
+    d.handle_notification("p", b"62_aux");
+    assert_eq!(d.poll(room, now), KvPoll::Success);
+    let room = RoomId::new(63);
+    bootstrap(&mut d, room, 5000, now);
+    d.receiver_init(room, &[4], 1, now);
+    let _ = sends(&mut d);
+    d.handle_listener(&KvStatus::failed(room, 0, "NIXL_ERR_INVALID_PARAM").encode());
+    assert_eq!(d.poll(room, now), KvPoll::Failed);
+    assert_eq!(
+        d.failure(room),
+        Some(&FailureReason::PrefillFailed(
+            "NIXL_ERR_INVALID_PARAM".into()
+        ))
+    );
+    assert!(
+        sends(&mut d).is_empty(),
+        "no ABORT to a prefill that failed the room itself"
+    );
+}
+
+#[test]
+fn a_0520_prefills_parts_and_page_less_last_chunk_complete_a_room() {
+    let now = Instant::now();
+    let room = RoomId::new(64);
+    let mut d = decode_speaking(nixl_wire::Profile::Sglang0520, room, now);
+    d.receiver_init(room, &[3, 4], 1, now);
+    let _ = sends(&mut d);
+    for n in [
+        "64_kv_0_0_0_part_1_2",
+        "64_aux_nokv_0_1",
+        "64_kv_0_0_0_part_1_2",
+    ] {
+        d.handle_notification("p", n.as_bytes());
+        assert_ne!(
+            d.poll(room, now),
+            KvPoll::Success,
+            "chunk 0 has one of two parts"
+        );
+    }
+    d.handle_notification("p", b"64_kv_0_0_0_part_0_2");
+    assert_eq!(d.poll(room, now), KvPoll::Success);
+    // Hybrid-model state or SGLang's staging fail the room with the reason named.
+    let room = RoomId::new(65);
+    bootstrap(&mut d, room, 5000, now);
+    d.receiver_init(room, &[5], 1, now);
+    let _ = sends(&mut d);
+    d.handle_notification("p", b"65_state_0_0");
+    assert_eq!(d.poll(room, now), KvPoll::Failed);
+    assert!(
+        d.failure(room)
+            .unwrap()
+            .to_string()
+            .contains("not supported")
+    );
+}

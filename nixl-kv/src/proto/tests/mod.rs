@@ -734,6 +734,9 @@ fn identity() -> DecodeConfig {
         staging: None,
         direct: None,
         sliced_tp: false,
+        profile: nixl_wire::Profile::Sglang051,
+        kv_mem: nixl_wire::v2x::MemKind::Dram,
+        sglang_pages: None,
     }
 }
 
