@@ -51,13 +51,14 @@ pub struct PullLimits {
 }
 
 impl Default for PullLimits {
-    /// Frames ≤ 64 MiB (NIXL agent metadata is KB to a few MB), ≤ 16 frames a message (SGLang
-    /// sends 8 to 13; trailing frames must not be refused here), messages ≤ 128 MiB, 1024 peers,
+    /// Frames ≤ 64 MiB (NIXL agent metadata is KB to a few MB), ≤ 32 frames a message (SGLang
+    /// 0.5.1 sends 8 to 13, 0.5.23 up to 25, ours add up to three; trailing frames must not be
+    /// refused here), messages ≤ 128 MiB, 1024 peers,
     /// 10 s for the handshake, 60 s for one message.
     fn default() -> Self {
         Self {
             max_frame: 64 << 20,
-            max_frames: 16,
+            max_frames: 32,
             max_message: 128 << 20,
             max_peers: 1024,
             handshake_timeout: Duration::from_secs(10),
