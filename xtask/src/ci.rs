@@ -131,6 +131,18 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
         || ptx::check_hash(root),
     )?;
     step(
+        "sglang 0.5.23 (our prefill and decode against SGLang 0.5.23's own classes, both ways)",
+        || {
+            let venv = wheel::release_venv(root, &wheel::SGLANG_0523)?;
+            cmd::run(
+                cargo()
+                    .args(["test", "-p", "nixl-kv", "--locked"])
+                    .args(["--features", "sglang-tests", "--test", "sglang0523"])
+                    .env("NIXL_KV_SGLANG0523_PYTHON", venv.join("bin/python")),
+            )
+        },
+    )?;
+    step(
         "python (nixl-rs wheel; SGLang 0.5.1.post3's HiCacheNixl suite and KV interop)",
         || {
             let built = wheel::build(root)?;

@@ -1,5 +1,6 @@
 //! `cargo xtask wheel [--test]`: the `nixl-rs` Python wheel (crate `nixl-py`) built with
-//! maturin into `target/wheels/`, and its tests against the real SGLang 0.5.1.post3.
+//! maturin into `target/wheels/`, and its tests against the real SGLang 0.5.1.post3. The
+//! SGLang 0.5.23 venv of nixl-kv's `sglang-tests` is made the same way ([`SGLANG_0523`]).
 //!
 //! maturin comes from PyPI into `target/maturin-venv`. The tests need SGLang's Python world
 //! (torch 2.8.0 and the modules SGLang's disaggregation and HiCache code import; about 6.5 GB,
@@ -163,17 +164,49 @@ pub(crate) fn test_venv(root: &Path, wheel: &Path) -> anyhow::Result<PathBuf> {
     Ok(venv)
 }
 
-/// The machine-wide SGLang venv, created when missing (see the module docs).
+/// An SGLang release the tests run against: its PyPI version, the torch it pins and the file
+/// of what its tested modules import.
+pub(crate) struct Release {
+    pub(crate) sglang: &'static str,
+    torch: &'static str,
+    requirements: &'static str,
+}
+
+/// SGLang 0.5.1.post3 (the wheel's tests, `cargo xtask bench py`).
+pub(crate) const SGLANG_0501: Release = Release {
+    sglang: SGLANG,
+    torch: "2.8.0",
+    requirements: REQUIREMENTS,
+};
+
+/// SGLang 0.5.23 (nixl-kv's `sglang-tests` against its own classes).
+pub(crate) const SGLANG_0523: Release = Release {
+    sglang: "0.5.23",
+    torch: "2.14.1",
+    requirements: "nixl-py/tests/sglang-0523-requirements.txt",
+};
+
+/// The machine-wide SGLang 0.5.1 venv, created when missing (see the module docs).
 pub(crate) fn sglang_venv(root: &Path) -> anyhow::Result<PathBuf> {
-    let reqs = std::fs::read(root.join(REQUIREMENTS))
-        .with_context(|| format!("cannot read {REQUIREMENTS}"))?;
+    release_venv(root, &SGLANG_0501)
+}
+
+/// The machine-wide venv of `release`, created when missing (see the module docs).
+pub(crate) fn release_venv(root: &Path, release: &Release) -> anyhow::Result<PathBuf> {
+    let Release {
+        sglang,
+        torch,
+        requirements,
+    } = release;
+    let reqs = std::fs::read(root.join(requirements))
+        .with_context(|| format!("cannot read {requirements}"))?;
     python_required()?;
     let py = cmd::output(Command::new("python3").args([
         "-c",
         "import sys; print(f'py{sys.version_info[0]}{sys.version_info[1]}')",
     ]))?;
     let name = format!(
-        "sglang-{SGLANG}-torch-2.8.0-{}-{:016x}",
+        "sglang-{sglang}-torch-{torch}-{}-{:016x}",
         py.trim(),
         fnv1a(&reqs)
     );
@@ -189,7 +222,7 @@ pub(crate) fn sglang_venv(root: &Path) -> anyhow::Result<PathBuf> {
     let tmp = cache.join(format!("{name}.tmp-{}", std::process::id()));
     std::fs::create_dir_all(&cache)?;
     println!(
-        "installing SGLang {SGLANG}, torch 2.8.0 and what they import into {} (once per machine)",
+        "installing SGLang {sglang}, torch {torch} and what they import into {} (once per machine)",
         venv.display()
     );
     let start = Instant::now();
@@ -197,11 +230,11 @@ pub(crate) fn sglang_venv(root: &Path) -> anyhow::Result<PathBuf> {
     cmd::run(
         Command::new(tmp.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-            .arg(root.join(REQUIREMENTS)),
+            .arg(root.join(requirements)),
     )?;
     pip(
         &tmp,
-        &["install", "--no-deps", &format!("sglang=={SGLANG}")],
+        &["install", "--no-deps", &format!("sglang=={sglang}")],
     )?;
     std::fs::write(tmp.join(".ready"), b"")?;
     // Venvs hard-code their path in scripts; ours only ever run `bin/python` and `bin/pip`
@@ -211,7 +244,7 @@ pub(crate) fn sglang_venv(root: &Path) -> anyhow::Result<PathBuf> {
     }
     std::fs::rename(&tmp, &venv)?;
     println!(
-        "SGLang venv ready in {:.0}s ({})",
+        "SGLang {sglang} venv ready in {:.0}s ({})",
         start.elapsed().as_secs_f64(),
         venv.display()
     );
