@@ -1,8 +1,10 @@
 //! Against SGLang 0.5.23's own NIXL classes (`nixl-py/tests/sglang0523_pd.py` runs them on host
 //! memory): our prefill serving SGLang's decode, and SGLang's prefill serving our decode, every
 //! KV byte and all ten aux rows checked, an ABORT acknowledged and a failure with its reason,
-//! both ways. Needs the NIXL runtime and the SGLang 0.5.23 venv: `NIXL_KV_SGLANG0523_PYTHON`
-//! names its interpreter (`cargo xtask ci` provisions it; see xtask/src/wheel.rs).
+//! both ways; and one prefill of ours serving SGLang 0.5.1.post3's and 0.5.23's decodes at once.
+//! Needs the NIXL runtime and both SGLang venvs: `NIXL_KV_SGLANG0523_PYTHON` and
+//! `NIXL_KV_SGLANG051_PYTHON` name their interpreters (`cargo xtask ci` provisions them; see
+//! xtask/src/wheel.rs).
 #![cfg(feature = "sglang-tests")]
 #![allow(clippy::unwrap_used, reason = "test code")]
 
@@ -353,4 +355,163 @@ fn sglang_0523s_prefill_serves_our_decode_every_byte_and_an_abort() {
             assert_eq!(r["ok"], true, "{r}");
         }
     }
+}
+
+/// SGLang 0.5.1.post3's own decode (`nixl-py/tests/test_kv_interop.py --worker sglang`): three
+/// rooms 1000..1002 of 8 pages, each page `p` of buffer `b` expected to hold
+/// `(j + 131 b + 7 p) % 251` for its source page `p = 10 + 8 r + n`, and aux buffer 0's row
+/// `(j + 13 r + 1) % 253`.
+struct Worker051 {
+    peer: Peer,
+}
+
+impl Worker051 {
+    fn start() -> Self {
+        let python = std::env::var("NIXL_KV_SGLANG051_PYTHON").expect(
+            "NIXL_KV_SGLANG051_PYTHON must name the SGLang 0.5.1.post3 venv's python \
+             (cargo xtask ci provisions it)",
+        );
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../nixl-py/tests/test_kv_interop.py"
+        );
+        let mut child = Command::new(python)
+            .args([script, "--worker", "sglang"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let lines = Box::new(
+            out.lines()
+                .map_while(Result::ok)
+                .filter_map(|l| serde_json::from_str::<Value>(&l).ok()),
+        );
+        let mut peer = Peer {
+            child,
+            lines,
+            stdin,
+        };
+        let ready = peer.lines.next().expect("the 0.5.1 worker ended at start");
+        assert_eq!(ready["ready"], true, "{ready}");
+        Self { peer }
+    }
+
+    fn decode(&mut self, bootstrap_port: u16) {
+        let stdin = self.peer.stdin.as_mut().unwrap();
+        writeln!(
+            stdin,
+            "{}",
+            serde_json::json!({"op": "decode", "port": bootstrap_port})
+        )
+        .unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn result(&mut self) -> Value {
+        self.peer.lines.next().expect("the 0.5.1 worker ended")
+    }
+}
+
+#[test]
+fn one_prefill_serves_sglang_051_and_0523_decodes_at_once() {
+    let bs = server();
+    let addr = bs.addr().to_string();
+    // Pages 0..129 hold the 0.5.23 harness's pattern, 200..224 what the 0.5.1 decode expects
+    // of its source pages 10..34.
+    let mut p = side(256, Some(&addr), config());
+    for (b, buf) in p.kv.iter_mut().enumerate() {
+        for (q, page) in buf
+            .buffer_mut()
+            .as_mut_slice()
+            .chunks_mut(PAGE as usize)
+            .enumerate()
+        {
+            for (j, byte) in page.iter_mut().enumerate() {
+                *byte = if q >= 200 {
+                    ((j + 131 * b + 7 * (q - 190)) % 251) as u8
+                } else {
+                    kv_byte(b, q as u32, j)
+                };
+            }
+        }
+    }
+    for i in 0..REQUESTS {
+        let (room, slot) = (ROOM_BASE + i, i as usize);
+        for (k, aux) in p.aux.iter_mut().enumerate() {
+            let item = AUX_LAYOUT_0520[k] as usize;
+            for (j, byte) in aux.buffer_mut().as_mut_slice()[slot * item..(slot + 1) * item]
+                .iter_mut()
+                .enumerate()
+            {
+                *byte = aux_byte(room, k, j);
+            }
+        }
+    }
+    for r in 0..3usize {
+        let slot = 20 + r;
+        let row = &mut p.aux[0].buffer_mut().as_mut_slice()[slot * 64..(slot + 1) * 64];
+        for (j, byte) in row.iter_mut().enumerate() {
+            *byte = ((j + 13 * r + 1) % 253) as u8;
+        }
+    }
+    let mut old = Worker051::start();
+    let mut new = Peer::start("decode", &["--bootstrap", &addr]);
+    new.next("ready");
+    old.decode(bs.addr().port());
+    let mgr = &p.mgr;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for r in 0..3u32 {
+                let mut tx = KvSender::new(mgr, RoomId::new(1000 + u64::from(r))).unwrap();
+                assert_eq!(
+                    reach(T, KvPoll::WaitingForInput, || tx.poll()),
+                    KvPoll::WaitingForInput
+                );
+                tx.init(8, 20 + r);
+                let src: Vec<u32> = (0..8).map(|n| 200 + 8 * r + n).collect();
+                tx.send(&src[..4]);
+                tx.send(&src[4..]);
+                assert_eq!(
+                    until(T, || tx.poll()),
+                    KvPoll::Success,
+                    "0.5.1 room {r}: {:?}",
+                    tx.failure()
+                );
+            }
+        });
+        s.spawn(|| {
+            for i in 0..REQUESTS {
+                let mut tx = KvSender::new(mgr, RoomId::new(ROOM_BASE + i)).unwrap();
+                assert_eq!(
+                    reach(T, KvPoll::WaitingForInput, || tx.poll()),
+                    KvPoll::WaitingForInput
+                );
+                tx.init(pages_per_request(), i as u32);
+                for c in src_pages(i).chunks(PER_CHUNK as usize) {
+                    tx.send(c);
+                }
+                assert_eq!(
+                    until(T, || tx.poll()),
+                    KvPoll::Success,
+                    "0.5.23 room {i}: {:?}",
+                    tx.failure()
+                );
+            }
+        });
+    });
+    let verdict = old.result();
+    assert_eq!(
+        verdict["ok"], true,
+        "SGLang 0.5.1.post3's decode: {verdict}"
+    );
+    assert!(
+        verdict["result"].as_str().unwrap().starts_with("VERIFIED"),
+        "{verdict}"
+    );
+    let (results, done) = new.results();
+    assert!(results.iter().all(|r| r["pass"] == true), "{results:?}");
+    assert_eq!(done["pass"], true, "SGLang 0.5.23's decode: {done}");
 }

@@ -131,14 +131,16 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
         || ptx::check_hash(root),
     )?;
     step(
-        "sglang 0.5.23 (our prefill and decode against SGLang 0.5.23's own classes, both ways)",
+        "sglang 0.5.23 (our prefill and decode against SGLang 0.5.23's own classes, both ways; one prefill serving 0.5.1.post3 and 0.5.23 decodes at once)",
         || {
-            let venv = wheel::release_venv(root, &wheel::SGLANG_0523)?;
+            let new = wheel::release_venv(root, &wheel::SGLANG_0523)?;
+            let old = wheel::sglang_venv(root)?;
             cmd::run(
                 cargo()
                     .args(["test", "-p", "nixl-kv", "--locked"])
                     .args(["--features", "sglang-tests", "--test", "sglang0523"])
-                    .env("NIXL_KV_SGLANG0523_PYTHON", venv.join("bin/python")),
+                    .env("NIXL_KV_SGLANG0523_PYTHON", new.join("bin/python"))
+                    .env("NIXL_KV_SGLANG051_PYTHON", old.join("bin/python")),
             )
         },
     )?;
