@@ -90,6 +90,13 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
         || demo::run(root, &demo::DemoArgs::smoke()),
     )?;
     step(
+        "demo --profile sglang-0.5.20 and sglang-0.5.23 (both sides in that release's dialect and aux layout)",
+        || {
+            demo::run(root, &demo::DemoArgs::profile_smoke("sglang-0.5.20"))?;
+            demo::run(root, &demo::DemoArgs::profile_smoke("sglang-0.5.23"))
+        },
+    )?;
+    step(
         "demo --tp 2:4 and 4:2 (prefill and decode ranks of different TP sizes, head slicing, every byte verified)",
         || {
             demo::run(root, &demo::DemoArgs::tp_smoke("2:4"))?;

@@ -38,6 +38,10 @@ pub(crate) struct DemoArgs {
     /// getting its KV heads sliced out of the prefill ranks' pages (for example `2:4`).
     #[arg(long)]
     tp: Option<String>,
+    /// The SGLang release family both sides speak and lay their aux buffers out as:
+    /// `sglang-0.5.1`, `sglang-0.5.20` or `sglang-0.5.23`.
+    #[arg(long, default_value = "sglang-0.5.1")]
+    profile: String,
 }
 
 /// Builds the `nixl-pd` program in release and returns its path (demo, `bench kv` and `gpu`
@@ -71,6 +75,16 @@ impl DemoArgs {
             chunk_pages: 4,
             concurrency: 4,
             tp: None,
+            profile: "sglang-0.5.1".into(),
+        }
+    }
+
+    /// What CI runs for `--profile`: the smoke run in that release's dialect.
+    pub(crate) fn profile_smoke(profile: &str) -> Self {
+        Self {
+            requests: 60,
+            profile: profile.to_owned(),
+            ..Self::smoke()
         }
     }
 
@@ -102,7 +116,8 @@ pub(crate) fn run(root: &Path, args: &DemoArgs) -> anyhow::Result<()> {
             "--page-bytes",
             &args.page_bytes.to_string(),
         ])
-        .args(["--pages", &pages.to_string()]);
+        .args(["--pages", &pages.to_string()])
+        .args(["--profile", &args.profile]);
     };
     let mut prefill = Command::new(&pd);
     prefill.args([
@@ -149,8 +164,8 @@ pub(crate) fn run(root: &Path, args: &DemoArgs) -> anyhow::Result<()> {
         .args(["--concurrency", &args.concurrency.to_string()]);
     pool(&mut decode);
     println!(
-        "running {} requests of {} pages on the decode",
-        args.requests, args.pages_per_request
+        "running {} requests of {} pages on the decode ({})",
+        args.requests, args.pages_per_request, args.profile
     );
     let status = decode.status().context("running nixl-pd decode");
     let _ = child.kill();

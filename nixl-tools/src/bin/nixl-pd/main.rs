@@ -7,6 +7,7 @@
 //!                 [--no-staging | --staging] [--staging-slots S] [--staging-slot-mib M]
 //!                 [--no-direct] [--no-spin | --spin] [--busy-poll-us U]
 //!                 [--tp-size P --tp-rank R --heads H [--page-tokens T]] [--join HOST:PORT]
+//!                 [--profile sglang-0.5.1|sglang-0.5.20|sglang-0.5.23]
 //! nixl-pd decode  --bootstrap HOST:P --layers L [--mla] --page-bytes B --pages N
 //!                 [--prefill-pages NP] [--hidden-size H] [--aux-layout sglang|legacy]
 //!                 --requests R --pages-per-request M [--concurrency C] [--seed X]
@@ -16,6 +17,7 @@
 //!                 [--no-staging | --staging] [--staging-slots S] [--staging-slot-mib M]
 //!                 [--no-direct] [--no-spin | --spin] [--busy-poll-us U]
 //!                 [--tp-size D --tp-rank R --heads H [--page-tokens T] --sliced-tp]
+//!                 [--profile sglang-0.5.1|sglang-0.5.20|sglang-0.5.23]
 //! nixl-pd doctor  [--device cpu|gpu:N] [--peer-device cpu|gpu:N]
 //! ```
 //!
@@ -25,8 +27,15 @@
 //!
 //! The aux (metadata) buffers are SGLang 0.5.1's `MetadataBuffers`, six per slot: output ids
 //! (16 × int32), logprob values (16 × f32), logprob indices (16 × int32), top-logprob values
-//! (128 × f32), top-logprob indices (128 × int32) and hidden states (`--hidden-size` × bf16).
-//! Both sides must agree on the layout: a prefill lowers aux copies with its own row lengths.
+//! (128 × f32), top-logprob indices (128 × int32) and hidden states (`--hidden-size` × bf16);
+//! with `--profile sglang-0.5.20` or `sglang-0.5.23`, the ten of those releases. A prefill
+//! copies every aux row to a decode of the same layout and the first row only to others (as
+//! SGLang 0.5.1 does; such a decode checks with `--aux-verify first`).
+//!
+//! `--profile` (default `sglang-0.5.1`) picks the wire format a decode speaks (docs/protocol.md
+//! §10: 0.5.20 on, it binds a listener for `KV_STATUS`); a prefill serves decodes of every
+//! profile at once, each in its own, and registers with its bootstrap server in a form every
+//! release reads (`--page-tokens` is the page size it announces).
 //!
 //! Agent names carry a random UUID (version 4) and rooms are random 63-bit ids, both from the
 //! OS's entropy, as SGLang's: a peer on the network can guess neither. `--seed` makes a decode's
@@ -79,19 +88,14 @@ use nixl_kv::FailureReason;
 /// Which aux buffers each slot has.
 #[derive(Clone, Copy, ValueEnum)]
 enum AuxLayout {
-    /// SGLang 0.5.1's `MetadataBuffers`: six buffers of 64, 64, 64, 512, 512 and
-    /// 2 × hidden-size bytes per slot.
+    /// SGLang's `MetadataBuffers` of the `--profile` release: 0.5.1's six buffers of 64, 64,
+    /// 64, 512, 512 and 2 × hidden-size bytes per slot, or 0.5.20–0.5.23's ten (64, 64, 64, 64,
+    /// 512, 512, 64, 128, 64, 64).
     Sglang,
     /// Three buffers of 64, 64 and 512 bytes per slot (what earlier versions of this program
     /// registered).
     Legacy,
 }
-
-/// Row lengths of SGLang 0.5.1's `MetadataBuffers` (`disaggregation/utils.py`), hidden states
-/// last: 16 int32 output ids (padded to 64 B, the smallest RDMA write SGLang allows), 16 f32
-/// logprob values, 16 int32 logprob indices, 128 f32 top-logprob values, 128 int32 top-logprob
-/// indices.
-const SGLANG_AUX_ITEMS: [u64; 5] = [16 * 4, 16 * 4, 16 * 4, 128 * 4, 128 * 4];
 
 #[derive(Parser)]
 #[command(
@@ -107,12 +111,8 @@ impl Pool {
     /// The row length of each aux buffer.
     fn aux_items(&self) -> Vec<u64> {
         match self.aux_layout {
-            AuxLayout::Sglang => {
-                let mut v = SGLANG_AUX_ITEMS.to_vec();
-                // bf16 hidden states.
-                v.push(2 * self.hidden_size);
-                v
-            }
+            // 0.5.1: bf16 hidden states last; 0.5.2x: its ten default buffers.
+            AuxLayout::Sglang => self.profile.aux_layout(2 * self.hidden_size),
             AuxLayout::Legacy => vec![64, 64, 512],
         }
     }
@@ -205,6 +205,16 @@ struct Pool {
     /// Decode: take head slices from prefills of another TP size (they must slice heads).
     #[arg(long)]
     sliced_tp: bool,
+    /// The SGLang release family whose wire format and default aux layout this side has
+    /// (docs/protocol.md §10): on a decode, the dialect it speaks; on a prefill, its aux layout
+    /// (it serves decodes of every profile, each in its own).
+    #[arg(long, default_value = "sglang-0.5.1", value_parser = parse_profile)]
+    profile: nixl_kv::Profile,
+}
+
+fn parse_profile(s: &str) -> Result<nixl_kv::Profile, String> {
+    s.parse()
+        .map_err(|e: nixl_kv::UnknownProfile| e.to_string())
 }
 
 impl Pool {
@@ -230,7 +240,11 @@ impl Pool {
         let config = nixl_kv::ManagerConfig::default()
             .staging(staging)
             .auto_staging(false)
-            .sliced_tp(self.sliced_tp);
+            .sliced_tp(self.sliced_tp)
+            .profile(self.profile)
+            // Announced to (and, on a decode, checked against) 0.5.2x peers; a prefill then
+            // registers in a form every SGLang release reads.
+            .sglang_pages(self.page_tokens, "bfloat16");
         Ok(match self.busy_poll_us {
             Some(us) => config
                 .busy_poll(Duration::from_micros(us))
