@@ -2,8 +2,9 @@
 //! memory): our prefill serving SGLang's decode, and SGLang's prefill serving our decode, every
 //! KV byte and all ten aux rows checked, an ABORT acknowledged and a failure with its reason,
 //! both ways; and one prefill of ours serving SGLang 0.5.1.post3's and 0.5.23's decodes at once.
-//! Needs the NIXL runtime and both SGLang venvs: `NIXL_KV_SGLANG0523_PYTHON` and
-//! `NIXL_KV_SGLANG051_PYTHON` name their interpreters (`cargo xtask ci` provisions them; see
+//! The same against SGLang 0.5.22, whose wire format is the 0.5.20 profile's.
+//! Needs the NIXL runtime and the SGLang venvs: `NIXL_KV_SGLANG0523_PYTHON`,
+//! `NIXL_KV_SGLANG0522_PYTHON` and `NIXL_KV_SGLANG051_PYTHON` name their interpreters (`cargo xtask ci` provisions them; see
 //! xtask/src/wheel.rs).
 #![cfg(feature = "sglang-tests")]
 #![allow(clippy::unwrap_used, reason = "test code")]
@@ -83,12 +84,41 @@ struct Peer {
     stdin: Option<ChildStdin>,
 }
 
+/// An SGLang release under test: the variable naming its venv's python, and the profile
+/// our side speaks to it.
+#[derive(Clone, Copy)]
+struct Release {
+    python: &'static str,
+    version: &'static str,
+    profile: Profile,
+}
+
+/// SGLang 0.5.23.
+const V0523: Release = Release {
+    python: "NIXL_KV_SGLANG0523_PYTHON",
+    version: "0.5.23",
+    profile: Profile::Sglang0523,
+};
+
+/// SGLang 0.5.22, of the 0.5.20 profile (installed over 0.5.23's packages).
+const V0522: Release = Release {
+    python: "NIXL_KV_SGLANG0522_PYTHON",
+    version: "0.5.22",
+    profile: Profile::Sglang0520,
+};
+
 impl Peer {
     fn start(role: &str, extra: &[&str]) -> Self {
-        let python = std::env::var("NIXL_KV_SGLANG0523_PYTHON").expect(
-            "NIXL_KV_SGLANG0523_PYTHON must name the SGLang 0.5.23 venv's python \
-             (cargo xtask ci provisions it)",
-        );
+        Self::start_of(V0523, role, extra)
+    }
+
+    fn start_of(release: Release, role: &str, extra: &[&str]) -> Self {
+        let python = std::env::var(release.python).unwrap_or_else(|_| {
+            panic!(
+                "{} must name the SGLang venv's python (cargo xtask ci provisions it)",
+                release.python
+            )
+        });
         let script = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../nixl-py/tests/sglang0523_pd.py"
@@ -203,16 +233,29 @@ fn side(pages: u64, prefill_at: Option<&str>, config: ManagerConfig) -> Side {
 }
 
 fn config() -> ManagerConfig {
+    config_for(V0523)
+}
+
+fn config_for(release: Release) -> ManagerConfig {
     ManagerConfig::default()
-        .profile(Profile::Sglang0523)
+        .profile(release.profile)
         .sglang_pages(16, "bfloat16")
 }
 
 #[test]
 fn our_prefill_serves_sglang_0523s_decode_every_byte_an_abort_and_a_bad_page() {
+    our_prefill_serves(V0523);
+}
+
+#[test]
+fn our_prefill_serves_sglang_0522s_decode_every_byte_an_abort_and_a_bad_page() {
+    our_prefill_serves(V0522);
+}
+
+fn our_prefill_serves(release: Release) {
     let bs = server();
     let addr = bs.addr().to_string();
-    let mut p = side(PREFILL_PAGES, Some(&addr), config());
+    let mut p = side(PREFILL_PAGES, Some(&addr), config_for(release));
     for (b, buf) in p.kv.iter_mut().enumerate() {
         for (q, page) in buf
             .buffer_mut()
@@ -226,7 +269,8 @@ fn our_prefill_serves_sglang_0523s_decode_every_byte_an_abort_and_a_bad_page() {
         }
     }
     let (abort_i, bad_i) = (2u64, 5u64);
-    let mut decode = Peer::start(
+    let mut decode = Peer::start_of(
+        release,
         "decode",
         &[
             "--bootstrap",
@@ -239,7 +283,11 @@ fn our_prefill_serves_sglang_0523s_decode_every_byte_an_abort_and_a_bad_page() {
             "1",
         ],
     );
-    decode.next("ready");
+    let ready = decode.next("ready");
+    assert_eq!(
+        ready["sglang"], release.version,
+        "the SGLang release under test"
+    );
     for i in 0..REQUESTS {
         let room = ROOM_BASE + i;
         let slot = (i % AUX_SLOTS) as usize;
@@ -302,10 +350,23 @@ fn our_prefill_serves_sglang_0523s_decode_every_byte_an_abort_and_a_bad_page() {
 
 #[test]
 fn sglang_0523s_prefill_serves_our_decode_every_byte_and_an_abort() {
-    let mut prefill = Peer::start("prefill", &[]);
+    prefill_serves_ours(V0523);
+}
+
+#[test]
+fn sglang_0522s_prefill_serves_our_decode_every_byte_and_an_abort() {
+    prefill_serves_ours(V0522);
+}
+
+fn prefill_serves_ours(release: Release) {
+    let mut prefill = Peer::start_of(release, "prefill", &[]);
     let ready = prefill.next("ready");
+    assert_eq!(
+        ready["sglang"], release.version,
+        "the SGLang release under test"
+    );
     let addr = ready["bootstrap"].as_str().unwrap().to_owned();
-    let d = side(DECODE_PAGES, None, config());
+    let d = side(DECODE_PAGES, None, config_for(release));
     let abort_i = 3u64;
     for i in 0..REQUESTS {
         let room = ROOM_BASE + i;
@@ -459,7 +520,7 @@ fn one_prefill_serves_sglang_051_and_0523_decodes_at_once() {
     }
     let mut old = Worker051::start();
     let mut new = Peer::start("decode", &["--bootstrap", &addr]);
-    new.next("ready");
+    assert_eq!(new.next("ready")["sglang"], "0.5.23");
     old.decode(bs.addr().port());
     let mgr = &p.mgr;
     std::thread::scope(|s| {

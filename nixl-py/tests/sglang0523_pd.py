@@ -65,7 +65,7 @@ stdout carries only JSON objects, one per line, flushed (fd 1 is pointed at stde
 prints and logs cannot corrupt it). Events:
 
   {"event":"ready","role":"prefill","bootstrap":"127.0.0.1:P","rank_port":N,"agent":"...",
-   "pid":N,"bootstrap_server":true,"import_s":F,"rooms":[...]}        manager up, registered
+   "sglang":"0.5.23","pid":N,"bootstrap_server":true,"import_s":F,"rooms":[...]}        manager up, registered
   {"event":"ready","role":"decode","bootstrap":"...","rank_port":N,"agent":"...","pid":N,...}
   {"event":"ready","role":"bootstrap","bootstrap":"127.0.0.1:P","pid":N,"server":"..."}
   {"event":"sent","role":"prefill","i":I,"room":R,"src_pages":[...],"chunks":C}
@@ -208,6 +208,12 @@ def publish_server_args(role, host, bootstrap_port, http_port):
     rc.publish(sa, role="scheduler", ranks=rc.SpawnRanks(world_rank=0, dp_rank=None, gpu_id=0))
     rc.get_parallel().override_permanently(pp_group=None)
     return sa
+
+
+def sglang_version():
+    import sglang
+
+    return sglang.__version__
 
 
 def classes():
@@ -356,6 +362,7 @@ def run_prefill(a, out, t_import):
     wait_registered(addr, a.timeout)  # register_to_bootstrap only logs a failed PUT
     rooms = [room_of(a, i) for i in range(a.requests)]
     out("ready", bootstrap=addr, rank_port=mgr.rank_port, agent=mgr.agent.name, pid=os.getpid(),
+        sglang=sglang_version(),
         bootstrap_server=server is not None, import_s=round(t_import, 2), rooms=rooms)
 
     # As the scheduler does at request arrival: one sender per room. Then, per room, once
@@ -445,6 +452,7 @@ def run_decode(a, out, t_import):
     mgr = c[KVClassType.MANAGER](make_kv_args(c, a, kv, aux_infos), DisaggregationMode.DECODE,
                                  None, False)
     out("ready", bootstrap=addr, rank_port=mgr.rank_port, agent=mgr.agent.name, pid=os.getpid(),
+        sglang=sglang_version(),
         import_s=round(t_import, 2))
 
     # Parallel info, as the decode's prealloc queue does before init() (retried until the

@@ -138,15 +138,17 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
         || ptx::check_hash(root),
     )?;
     step(
-        "sglang 0.5.23 (our prefill and decode against SGLang 0.5.23's own classes, both ways; one prefill serving 0.5.1.post3 and 0.5.23 decodes at once)",
+        "sglang 0.5.23 and 0.5.22 (our prefill and decode against their own classes, both ways; one prefill serving 0.5.1.post3 and 0.5.23 decodes at once)",
         || {
             let new = wheel::release_venv(root, &wheel::SGLANG_0523)?;
+            let v22 = wheel::overlay_venv(root, &wheel::SGLANG_0523, wheel::SGLANG_0522)?;
             let old = wheel::sglang_venv(root)?;
             cmd::run(
                 cargo()
                     .args(["test", "-p", "nixl-kv", "--locked"])
                     .args(["--features", "sglang-tests", "--test", "sglang0523"])
                     .env("NIXL_KV_SGLANG0523_PYTHON", new.join("bin/python"))
+                    .env("NIXL_KV_SGLANG0522_PYTHON", v22.join("bin/python"))
                     .env("NIXL_KV_SGLANG051_PYTHON", old.join("bin/python")),
             )
         },

@@ -191,6 +191,47 @@ pub(crate) fn sglang_venv(root: &Path) -> anyhow::Result<PathBuf> {
     release_venv(root, &SGLANG_0501)
 }
 
+/// SGLang 0.5.22 (the 0.5.20 profile), installed over [`SGLANG_0523`]'s packages: it pins the
+/// same torch, transformers and tokenizers, so only SGLang itself differs.
+pub(crate) const SGLANG_0522: &str = "0.5.22";
+
+/// A machine-wide venv holding SGLang `sglang` alone and seeing `base`'s packages through a
+/// `.pth` path line (its own SGLang comes first), created when missing.
+pub(crate) fn overlay_venv(root: &Path, base: &Release, sglang: &str) -> anyhow::Result<PathBuf> {
+    let under = release_venv(root, base)?;
+    let name = format!(
+        "sglang-{sglang}-over-{}",
+        under
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    );
+    let venv = under.with_file_name(&name);
+    if venv.join(".ready").is_file() {
+        return Ok(venv);
+    }
+    let tmp = under.with_file_name(format!("{name}.tmp-{}", std::process::id()));
+    println!(
+        "installing SGLang {sglang} over {} (once per machine)",
+        under.display()
+    );
+    cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&tmp))?;
+    std::fs::write(
+        site_packages(&tmp)?.join("nixl_rs_sglang_base.pth"),
+        format!("{}\n", site_packages(&under)?.display()),
+    )?;
+    pip(
+        &tmp,
+        &["install", "--no-deps", &format!("sglang=={sglang}")],
+    )?;
+    std::fs::write(tmp.join(".ready"), b"")?;
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)?;
+    }
+    std::fs::rename(&tmp, &venv)?;
+    Ok(venv)
+}
+
 /// The machine-wide venv of `release`, created when missing (see the module docs).
 pub(crate) fn release_venv(root: &Path, release: &Release) -> anyhow::Result<PathBuf> {
     let Release {
