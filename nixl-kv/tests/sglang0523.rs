@@ -11,81 +11,59 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
 use common::{agent, reach, server, until};
 use nixl_core::{HostBuffer, Registered};
 use nixl_kv::{KvArgs, KvManager, KvPoll, KvReceiver, KvSender, ManagerConfig, RoomId};
+use nixl_testkit::sglang::{ROOM_BASE, SglangPeer, Workload};
 use nixl_wire::{AUX_LAYOUT_0520, Profile};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
-/// The harness's workload options; both sides derive rooms, pages and bytes from them.
 const REQUESTS: u64 = 8;
-const CHUNKS: u32 = 4;
 const PER_CHUNK: u32 = 4;
 const LAYERS: usize = 2;
 const PAGE: u64 = 4096;
 const PREFILL_PAGES: u64 = 129;
 const DECODE_PAGES: u64 = 256;
 const AUX_SLOTS: u64 = 32;
-const ROOM_BASE: u64 = (1 << 62) + 12345;
-/// `--hidden 32`: SGLang's hidden-state row is 2 × 32 bytes, the default layout's 64.
-const OPTIONS: &[&str] = &[
-    "--requests",
-    "8",
-    "--chunks",
-    "4",
-    "--pages-per-chunk",
-    "4",
-    "--layers",
-    "2",
-    "--page-bytes",
-    "4096",
-    "--page-tokens",
-    "16",
-    "--prefill-pages",
-    "129",
-    "--decode-pages",
-    "256",
-    "--aux-slots",
-    "32",
-    "--hidden",
-    "32",
-    "--timeout",
-    "60",
-];
+
+/// The harness's workload: both sides derive rooms, pages and bytes from it.
+fn workload(window: u32) -> Workload {
+    Workload {
+        requests: REQUESTS,
+        chunks: 4,
+        pages_per_chunk: PER_CHUNK,
+        layers: LAYERS,
+        page_bytes: PAGE,
+        prefill_pages: PREFILL_PAGES,
+        decode_pages: DECODE_PAGES,
+        aux_slots: AUX_SLOTS,
+        window,
+    }
+}
 
 fn pages_per_request() -> u32 {
-    CHUNKS * PER_CHUNK
+    workload(1).pages()
 }
 
 fn src_pages(i: u64) -> Vec<u32> {
-    let t = u64::from(pages_per_request());
-    (0..t)
-        .map(|n| (((i * t + n) * 7) % PREFILL_PAGES) as u32)
-        .collect()
+    workload(1).src_pages(i)
 }
 
 fn kv_byte(b: usize, p: u32, j: usize) -> u8 {
-    ((7 * b + 13 * p as usize + j) % 251) as u8
+    Workload::kv_byte(b, p, j)
 }
 
 fn aux_byte(room: u64, k: usize, j: usize) -> u8 {
-    ((room % 256) as usize + 17 * k + j) as u8
+    Workload::aux_byte(room, k, j)
 }
 
-/// The SGLang 0.5.23 harness, killed if the test ends first.
-struct Peer {
-    child: Child,
-    lines: Box<dyn Iterator<Item = Value>>,
-    stdin: Option<ChildStdin>,
-}
-
-/// An SGLang release under test: the variable naming its venv's python, and the profile
-/// our side speaks to it.
+/// An SGLang release under test: the variable naming its venv's python, its version, and the
+/// profile our side speaks to it.
 #[derive(Clone, Copy)]
 struct Release {
     python: &'static str,
@@ -107,92 +85,15 @@ const V0522: Release = Release {
     profile: Profile::Sglang0520,
 };
 
-impl Peer {
-    fn start(role: &str, extra: &[&str]) -> Self {
-        Self::start_of(V0523, role, extra)
-    }
-
-    fn start_of(release: Release, role: &str, extra: &[&str]) -> Self {
-        let python = std::env::var(release.python).unwrap_or_else(|_| {
-            panic!(
-                "{} must name the SGLang venv's python (cargo xtask ci provisions it)",
-                release.python
-            )
-        });
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../nixl-py/tests/sglang0523_pd.py"
-        );
-        let mut child = Command::new(python)
-            .arg(script)
-            .arg(role)
-            .args(OPTIONS)
-            .args(extra)
-            .env("SGLANG_HOST_IP", "127.0.0.1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let lines = Box::new(
-            out.lines()
-                .map_while(Result::ok)
-                .filter_map(|l| serde_json::from_str::<Value>(&l).ok()),
-        );
-        Self {
-            child,
-            lines,
-            stdin,
-        }
-    }
-
-    /// The next event named `event`, failing on an `error` event or the end of the output.
-    fn next(&mut self, event: &str) -> Value {
-        for v in self.lines.by_ref() {
-            assert_ne!(v["event"], "error", "{v}");
-            if v["event"] == event {
-                return v;
-            }
-        }
-        panic!("the SGLang peer ended before {event}");
-    }
-
-    /// Every `result` up to `done`, and `done`.
-    fn results(&mut self) -> (Vec<Value>, Value) {
-        let mut results = Vec::new();
-        for v in self.lines.by_ref() {
-            assert_ne!(v["event"], "error", "{v}");
-            match v["event"].as_str() {
-                Some("result") => results.push(v),
-                Some("done") => return (results, v),
-                _ => {}
-            }
-        }
-        panic!("the SGLang peer ended before done");
-    }
-
-    fn quit(&mut self) {
-        if let Some(mut s) = self.stdin.take() {
-            let _ = writeln!(s, "quit");
-        }
-    }
+fn python(var: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{var} must name the SGLang venv's python (cargo xtask ci provisions it)")
+    })
 }
 
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.quit();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The harness as `role` against `release`, with `window` requests in flight on a decode.
+fn harness(release: Release, role: &str, window: u32, extra: &[&str]) -> SglangPeer {
+    SglangPeer::start(&python(release.python), role, &workload(window), extra).unwrap()
 }
 
 struct Side {
@@ -232,10 +133,6 @@ fn side(pages: u64, prefill_at: Option<&str>, config: ManagerConfig) -> Side {
     Side { mgr, kv, aux }
 }
 
-fn config() -> ManagerConfig {
-    config_for(V0523)
-}
-
 fn config_for(release: Release) -> ManagerConfig {
     ManagerConfig::default()
         .profile(release.profile)
@@ -269,9 +166,10 @@ fn our_prefill_serves(release: Release) {
         }
     }
     let (abort_i, bad_i) = (2u64, 5u64);
-    let mut decode = Peer::start_of(
+    let mut decode = harness(
         release,
         "decode",
+        1,
         &[
             "--bootstrap",
             &addr,
@@ -279,11 +177,9 @@ fn our_prefill_serves(release: Release) {
             "2",
             "--bad-page",
             "5",
-            "--window",
-            "1",
         ],
     );
-    let ready = decode.next("ready");
+    let ready = decode.next("ready").unwrap();
     assert_eq!(
         ready["sglang"], release.version,
         "the SGLang release under test"
@@ -323,7 +219,7 @@ fn our_prefill_serves(release: Release) {
             _ => assert_eq!(end, KvPoll::Success, "room {i}: {:?}", tx.failure()),
         }
     }
-    let (results, done) = decode.results();
+    let (results, done) = decode.results("decode").unwrap();
     assert_eq!(results.len() as u64, REQUESTS);
     for r in &results {
         assert_eq!(r["pass"], true, "{r}");
@@ -359,8 +255,8 @@ fn sglang_0522s_prefill_serves_our_decode_every_byte_and_an_abort() {
 }
 
 fn prefill_serves_ours(release: Release) {
-    let mut prefill = Peer::start_of(release, "prefill", &[]);
-    let ready = prefill.next("ready");
+    let mut prefill = harness(release, "prefill", 4, &[]);
+    let ready = prefill.next("ready").unwrap();
     assert_eq!(
         ready["sglang"], release.version,
         "the SGLang release under test"
@@ -402,7 +298,7 @@ fn prefill_serves_ours(release: Release) {
             assert_eq!(row, want.as_slice(), "room {i} aux buffer {k}");
         }
     }
-    let (results, done) = prefill.results();
+    let (results, done) = prefill.results("prefill").unwrap();
     prefill.quit();
     assert_eq!(results.len() as u64, REQUESTS, "{done}");
     for r in &results {
@@ -423,56 +319,31 @@ fn prefill_serves_ours(release: Release) {
 /// `(j + 131 b + 7 p) % 251` for its source page `p = 10 + 8 r + n`, and aux buffer 0's row
 /// `(j + 13 r + 1) % 253`.
 struct Worker051 {
-    peer: Peer,
+    peer: SglangPeer,
 }
 
 impl Worker051 {
     fn start() -> Self {
-        let python = std::env::var("NIXL_KV_SGLANG051_PYTHON").expect(
-            "NIXL_KV_SGLANG051_PYTHON must name the SGLang 0.5.1.post3 venv's python \
-             (cargo xtask ci provisions it)",
-        );
         let script = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../nixl-py/tests/test_kv_interop.py"
         );
-        let mut child = Command::new(python)
-            .args([script, "--worker", "sglang"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let lines = Box::new(
-            out.lines()
-                .map_while(Result::ok)
-                .filter_map(|l| serde_json::from_str::<Value>(&l).ok()),
-        );
-        let mut peer = Peer {
-            child,
-            lines,
-            stdin,
-        };
-        let ready = peer.lines.next().expect("the 0.5.1 worker ended at start");
+        let mut peer = SglangPeer::spawn(
+            Command::new(python("NIXL_KV_SGLANG051_PYTHON")).args([script, "--worker", "sglang"]),
+        )
+        .unwrap();
+        let ready = peer.line().unwrap();
         assert_eq!(ready["ready"], true, "{ready}");
         Self { peer }
     }
 
     fn decode(&mut self, bootstrap_port: u16) {
-        let stdin = self.peer.stdin.as_mut().unwrap();
-        writeln!(
-            stdin,
-            "{}",
-            serde_json::json!({"op": "decode", "port": bootstrap_port})
-        )
-        .unwrap();
-        stdin.flush().unwrap();
+        let cmd = serde_json::json!({"op": "decode", "port": bootstrap_port});
+        self.peer.send(&cmd.to_string()).unwrap();
     }
 
     fn result(&mut self) -> Value {
-        self.peer.lines.next().expect("the 0.5.1 worker ended")
+        self.peer.line().unwrap()
     }
 }
 
@@ -482,7 +353,7 @@ fn one_prefill_serves_sglang_051_and_0523_decodes_at_once() {
     let addr = bs.addr().to_string();
     // Pages 0..129 hold the 0.5.23 harness's pattern, 200..224 what the 0.5.1 decode expects
     // of its source pages 10..34.
-    let mut p = side(256, Some(&addr), config());
+    let mut p = side(256, Some(&addr), config_for(V0523));
     for (b, buf) in p.kv.iter_mut().enumerate() {
         for (q, page) in buf
             .buffer_mut()
@@ -519,8 +390,8 @@ fn one_prefill_serves_sglang_051_and_0523_decodes_at_once() {
         }
     }
     let mut old = Worker051::start();
-    let mut new = Peer::start("decode", &["--bootstrap", &addr]);
-    assert_eq!(new.next("ready")["sglang"], "0.5.23");
+    let mut new = harness(V0523, "decode", 4, &["--bootstrap", &addr]);
+    assert_eq!(new.next("ready").unwrap()["sglang"], "0.5.23");
     old.decode(bs.addr().port());
     let mgr = &p.mgr;
     std::thread::scope(|s| {
@@ -572,7 +443,7 @@ fn one_prefill_serves_sglang_051_and_0523_decodes_at_once() {
         verdict["result"].as_str().unwrap().starts_with("VERIFIED"),
         "{verdict}"
     );
-    let (results, done) = new.results();
+    let (results, done) = new.results("decode").unwrap();
     assert!(results.iter().all(|r| r["pass"] == true), "{results:?}");
     assert_eq!(done["pass"], true, "SGLang 0.5.23's decode: {done}");
 }

@@ -6,6 +6,7 @@
 //!   (`nixl-testkit-peer`) driven over its stdin/stdout.
 //! - [`pattern`]: deterministic fill/verify helpers.
 //! - [`S3Server`]: a local S3 endpoint (moto) on 127.0.0.1 with a bucket, stopped on drop.
+//! - [`sglang`]: SGLang 0.5.20–0.5.23's own NIXL classes as a peer process, and its workload.
 //! - [`tempdir`]: temporary directories, removed on drop.
 //!
 //! Everything here uses the real NIXL runtime that `cargo xtask runtime` provisions; nothing is
@@ -16,6 +17,7 @@ mod child;
 mod loopback;
 pub mod pattern;
 mod s3;
+pub mod sglang;
 
 pub use child::ChildPeer;
 pub use loopback::{LoopbackPair, unique_name, wait_for_notification};

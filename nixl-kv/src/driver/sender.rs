@@ -138,6 +138,8 @@ impl Drop for KvSender {
         if let Some(p) = self.io() {
             drop(lock(&p.in_flight).remove(&self.room));
             lock(&p.core).release(self.room);
+            // What the room still owed its decodes leaves now.
+            exec::drive_prefill(&self.shared);
         }
     }
 }

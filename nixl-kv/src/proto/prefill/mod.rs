@@ -793,9 +793,16 @@ impl PrefillCore {
         reason
     }
 
-    /// The sender is gone: forget the room.
+    /// The sender is gone: forget the room. What it still owes its 0.5.2x decodes (a failure
+    /// or an acknowledgement waiting for WRITEs to settle) goes now: nobody reaps those WRITEs
+    /// any more, and a decode must not wait for a message that would never come.
     pub fn release(&mut self, room: RoomId) {
-        self.rooms.remove(&room);
+        if let Some(mut r) = self.rooms.remove(&room) {
+            for (endpoint, frames) in r.owed.drain(..) {
+                self.commands
+                    .push_back(Command::SendStatus { endpoint, frames });
+            }
+        }
     }
 
     /// Drops rooms without a sender that saw nothing for the orphan timeout (a decode gave up,

@@ -166,6 +166,36 @@ fn a_failure_reaches_a_0523_decode_as_kv_status_once_its_writes_settled() {
 }
 
 #[test]
+fn a_failed_rooms_status_still_goes_when_its_sender_is_released_before_the_writes_settle() {
+    let now = Instant::now();
+    let (mut p, mut drv) = prefill_with("d23", nixl_wire::Profile::Sglang0523, now);
+    let room = RoomId::new(49);
+    p.sender_new(room, now);
+    p.handle_inbound(info_v2x(49, "d23", &[10, 11], 0), now);
+    p.sender_init(room, 2, 1).unwrap();
+    p.sender_send(room, &[1], now).unwrap();
+    p.sender_send(room, &[2], now).unwrap();
+    drv.run(&mut p);
+    let died = FailureReason::Transfer {
+        peer: "d23".into(),
+        reason: "NIXL_ERR_REMOTE_DISCONNECT".into(),
+    };
+    p.transfer_done(room, Err(died.clone()));
+    drv.run(&mut p);
+    assert!(drv.statuses.is_empty(), "two WRITEs still in flight");
+    // The scheduler saw Failed and dropped the sender; nothing reaps the WRITEs any more.
+    p.release(room);
+    drv.run(&mut p);
+    assert_eq!(
+        statuses(&mut drv),
+        vec![(
+            LISTENER.into(),
+            DecodeInbound::KvStatus(KvStatus::failed(room, 0, &died.to_string()))
+        )]
+    );
+}
+
+#[test]
 fn abort_fails_the_room_and_is_acknowledged_with_its_generation_once_drained() {
     let now = Instant::now();
     let (mut p, mut drv) = prefill_with("d23", nixl_wire::Profile::Sglang0523, now);
