@@ -34,6 +34,6 @@ pub use driver::{
 };
 pub use error::{ArgsError, Error};
 pub use net::bootstrap::BootstrapServer;
-pub use nixl_wire::{Profile, RoomId, UnknownProfile};
+pub use nixl_wire::{AUX_LAYOUT_0520, Profile, RoomId, UnknownProfile};
 pub use proto::prefill::UnclaimedRoom;
 pub use proto::{BootstrapAddr, FailureReason, KvPoll};

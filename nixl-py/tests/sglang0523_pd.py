@@ -367,14 +367,20 @@ def run_prefill(a, out, t_import):
 
     # As the scheduler does at request arrival: one sender per room. Then, per room, once
     # bootstrapped (WaitingForInput): init(), the aux row, one send() per chunk; poll to the end.
+    # With --prefill-window K, senders are created as rooms conclude, K at most at once (as a
+    # scheduler meets requests one by one); by default all at once.
     state = {}
-    for i, room in enumerate(rooms):
-        tx = c[KVClassType.SENDER](mgr, addr, room)
-        state[i] = {"tx": tx, "t0": time.monotonic(), "t_boot": None, "t_sent": None}
-    pending = set(state)
+    window = a.prefill_window or len(rooms)
+    next_i = 0
+    pending = set()
     n_ok = n_failed = 0
     deadline_fail = []
-    while pending:
+    while pending or next_i < len(rooms):
+        while next_i < len(rooms) and len(pending) < window:
+            tx = c[KVClassType.SENDER](mgr, addr, rooms[next_i])
+            state[next_i] = {"tx": tx, "t0": time.monotonic(), "t_boot": None, "t_sent": None}
+            pending.add(next_i)
+            next_i += 1
         progressed = False
         for i in sorted(pending):
             st = state[i]
@@ -630,6 +636,7 @@ def run_bootstrap(a, out, t_import):
 
 WORKLOAD = ("requests", "chunks", "pages_per_chunk", "room_base", "layers", "page_bytes",
             "page_tokens", "prefill_pages", "decode_pages", "aux_slots", "hidden", "window",
+            "prefill_window",
             "timeout", "nap", "http_port")
 
 
@@ -743,6 +750,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=64,
                     help="hidden size: aux buffer 8 holds 2*hidden bytes per slot (bf16)")
     ap.add_argument("--window", type=int, default=4, help="decode: requests in flight")
+    ap.add_argument("--prefill-window", type=int, default=0,
+                    help="prefill: senders alive at once, created in room order (0: all)")
     ap.add_argument("--timeout", type=float, default=60.0, help="per request / per wait, s")
     ap.add_argument("--nap", type=float, default=0.0002, help="poll-loop sleep, s")
     ap.add_argument("--abort-room-after-metadata", type=int, nargs="?", const=0, default=None,

@@ -108,10 +108,12 @@ pub fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixl-py/tests/sglang0523_pd.py")
 }
 
-/// One harness process (prefill, decode or pair), killed if still running when dropped.
+/// One harness process (prefill, decode or pair), killed if still running when dropped. Its
+/// stdout is read on a thread of its own as it comes, so that a peer never blocks on a full
+/// pipe while the caller waits on another one.
 pub struct SglangPeer {
     child: Child,
-    lines: Box<dyn Iterator<Item = Value>>,
+    lines: std::sync::mpsc::Receiver<Value>,
     stdin: Option<ChildStdin>,
 }
 
@@ -143,12 +145,18 @@ impl SglangPeer {
             .stdout
             .take()
             .ok_or_else(|| crate::Error::Setup("no stdout".into()))?;
-        let lines = Box::new(
-            BufReader::new(out)
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let parsed = BufReader::new(out)
                 .lines()
                 .map_while(Result::ok)
-                .filter_map(|l| serde_json::from_str::<Value>(&l).ok()),
-        );
+                .filter_map(|l| serde_json::from_str::<Value>(&l).ok());
+            for v in parsed {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
         Ok(Self {
             child,
             lines,
@@ -164,8 +172,8 @@ impl SglangPeer {
     /// The next JSON line, whatever it is.
     pub fn line(&mut self) -> crate::Result<Value> {
         self.lines
-            .next()
-            .ok_or_else(|| crate::Error::Setup("the SGLang peer ended".into()))
+            .recv()
+            .map_err(|_| crate::Error::Setup("the SGLang peer ended".into()))
     }
 
     /// The next event named `event`; an `error` event or the end of the output is an error.

@@ -10,8 +10,8 @@ use crate::{cmd, runtime};
 #[derive(clap::Args, Debug)]
 pub(crate) struct BenchArgs {
     /// Which suite: core, wire, kv, hicache, sliced (head slicing 1 → 2 against the same TP,
-    /// host memory) or py (SGLang 0.5.1.post3's Python classes against the nixl-rs wheel under
-    /// their names).
+    /// host memory), py (SGLang 0.5.1.post3's Python classes against the nixl-rs wheel under
+    /// their names) or sglang (SGLang 0.5.23's own classes against ours, each mix).
     suite: String,
     /// Extra arguments for the benchmark binary (after `--`).
     #[arg(last = true)]
@@ -24,6 +24,9 @@ pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.suite == "sliced" {
         return sliced(root);
+    }
+    if args.suite == "sglang" {
+        return sglang(root, &args.rest);
     }
     let (package, bench, features) = match args.suite.as_str() {
         "core" => {
@@ -40,7 +43,9 @@ pub(crate) fn run(root: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             crate::demo::build_pd(root)?;
             ("nixl-bench", "kv", "")
         }
-        other => bail!("unknown suite `{other}`; choose core, wire, kv, hicache, sliced or py"),
+        other => {
+            bail!("unknown suite `{other}`; choose core, wire, kv, hicache, sliced, py or sglang")
+        }
     };
     cmd::run(
         Command::new("cargo")
@@ -116,4 +121,17 @@ fn sliced(root: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cargo xtask bench sglang`: `sglang-bench` (nixl-bench) with SGLang 0.5.23's venv: its
+/// classes against ours, each mix, time to Success and idle CPU; `rest` goes to the program.
+fn sglang(root: &Path, rest: &[String]) -> anyhow::Result<()> {
+    runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
+    let venv = crate::wheel::release_venv(root, &crate::wheel::SGLANG_0523)?;
+    let bin = crate::demo::build_bin(root, "nixl-bench", "sglang-bench")?;
+    cmd::run(
+        Command::new(bin)
+            .env("SGLANG_PYTHON", venv.join("bin/python"))
+            .args(rest),
+    )
 }

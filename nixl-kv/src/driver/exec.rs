@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use nixl_core::{Agent, PreparedDescs, XferOp, XferRequest};
+use nixl_core::{Agent, PreparedDescs, XferOp, XferRequest, XferStatus};
 use nixl_wire::{AgentName, RoomId};
 
 use super::host_pack::HostPacker;
@@ -51,6 +51,57 @@ enum Outcome {
 
 /// Runs the prefill core's queue until it is empty (outcomes can queue more commands), moving
 /// staged pieces on each round. Posted requests go to the in-flight table of their room.
+/// Checks the posted requests of `room` (every room's with `None`) and reports those that
+/// ended to the core. Returns whether any of them is still in flight (for `None`: any at all).
+pub(crate) fn reap(p: &PrefillIo, room: Option<RoomId>) -> bool {
+    let taken: Vec<(RoomId, Vec<XferRequest>)> = {
+        let mut table = lock(&p.in_flight);
+        match room {
+            Some(r) => table.remove(&r).map(|v| vec![(r, v)]).unwrap_or_default(),
+            None => table.drain().collect(),
+        }
+    };
+    let mut ended = Vec::new();
+    let mut kept = Vec::new();
+    for (room, mut reqs) in taken {
+        reqs.retain(|req| match req.status() {
+            Ok(XferStatus::InProgress) => true,
+            Ok(XferStatus::Done) => {
+                ended.push((room, Ok(())));
+                false
+            }
+            Err(e) => {
+                let reason = FailureReason::Transfer {
+                    peer: req.peer().to_owned(),
+                    reason: e.to_string(),
+                };
+                ended.push((room, Err(reason)));
+                false
+            }
+        });
+        if !reqs.is_empty() {
+            kept.push((room, reqs));
+        }
+    }
+    let left = {
+        let mut table = lock(&p.in_flight);
+        for (room, reqs) in kept {
+            table.entry(room).or_default().extend(reqs);
+        }
+        match room {
+            Some(r) => table.contains_key(&r),
+            None => !table.is_empty(),
+        }
+    };
+    if !ended.is_empty() {
+        let mut core = lock(&p.core);
+        for (room, outcome) in ended {
+            core.transfer_done(room, outcome);
+        }
+    }
+    left
+}
+
 pub(crate) fn drive_prefill(s: &Shared) {
     let Some(p) = s.prefill() else { return };
     let mut lists = lock(&p.exec);

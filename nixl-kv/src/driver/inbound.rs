@@ -21,6 +21,8 @@ const QUEUE: usize = 4096;
 /// How often the agent is progressed when nothing else wakes the thread (freed-slot notices of
 /// our decodes arrive as notifications).
 const PROGRESS: Duration = Duration::from_secs(1);
+/// How soon the inbound thread looks at posted requests again while any are in flight.
+const REAP: Duration = Duration::from_micros(100);
 
 pub(crate) fn queue() -> (Sender<Vec<Bytes>>, Receiver<Vec<Bytes>>) {
     channel::bounded(QUEUE)
@@ -77,8 +79,14 @@ fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, busy: Duration) {
     let mut next_timeout: Option<Instant> = None;
     // What is left of the busy window the last message opened.
     let mut spin = Duration::ZERO;
+    // Requests were in flight at the last look: look again soon, so that a room's end (and the
+    // `KV_STATUS` a 0.5.23 decode waits for) does not wait for its sender's next poll.
+    let mut in_flight = false;
     loop {
-        let wake = next_timeout.map_or(next_progress, |t| t.min(next_progress));
+        let mut wake = next_timeout.map_or(next_progress, |t| t.min(next_progress));
+        if in_flight {
+            wake = wake.min(Instant::now() + REAP);
+        }
         let wait = wake.saturating_duration_since(Instant::now());
         let got = next(rx, wait, spin);
         let Some(s) = weak.upgrade() else { return };
@@ -108,6 +116,7 @@ fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, busy: Duration) {
                 tracing::debug!(expired, "orphan rooms dropped");
             }
         }
+        in_flight = exec::reap(p, None);
         exec::drive_prefill(&s);
         // After the commands ran: a room naming a decode whose metadata just loaded counts.
         p.arrivals.notify_all();

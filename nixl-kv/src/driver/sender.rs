@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use nixl_core::XferStatus;
 use nixl_wire::RoomId;
 
 use super::{KvManager, Mode, PrefillIo, Shared, exec, lock};
@@ -75,35 +74,7 @@ impl KvSender {
         let Some(p) = self.io() else {
             return KvPoll::Failed;
         };
-        let mut reqs = lock(&p.in_flight).remove(&self.room).unwrap_or_default();
-        let mut ended = Vec::new();
-        reqs.retain(|req| match req.status() {
-            Ok(XferStatus::InProgress) => true,
-            Ok(XferStatus::Done) => {
-                ended.push(Ok(()));
-                false
-            }
-            Err(e) => {
-                ended.push(Err(FailureReason::Transfer {
-                    peer: req.peer().to_owned(),
-                    reason: e.to_string(),
-                }));
-                false
-            }
-        });
-        let idle = reqs.is_empty();
-        if !idle {
-            lock(&p.in_flight)
-                .entry(self.room)
-                .or_default()
-                .extend(reqs);
-        }
-        if !ended.is_empty() {
-            let mut core = lock(&p.core);
-            for outcome in ended {
-                core.transfer_done(self.room, outcome);
-            }
-        }
+        let idle = !exec::reap(p, Some(self.room));
         if idle {
             // Progress the agent anyway: a failure push (a stand-alone notification) leaves
             // only when its sender is progressed, and no progress thread runs by default.
