@@ -499,3 +499,26 @@ fn a_0520_prefills_parts_and_page_less_last_chunk_complete_a_room() {
             .contains("not supported")
     );
 }
+
+/// A prefill core with one 0.5.23 decode of SGLang's ("d23") registered, for the capture replay.
+pub(super) fn prefill_for_capture(now: Instant) -> (PrefillCore, FakeDriver) {
+    prefill_with("d23", nixl_wire::Profile::Sglang0523, now)
+}
+
+/// A TransferInfo of "d23" for `room` and `pages` pages.
+pub(super) fn info_for_capture(room: RoomId, pages: u32) -> PrefillInbound {
+    let dst: Vec<u32> = (10..10 + pages).collect();
+    info_v2x(room.get(), "d23", &dst, 0)
+}
+
+/// "d23"'s ABORT of `room`, armed with generation 1.
+pub(super) fn abort_for_capture(room: RoomId) -> PrefillInbound {
+    PrefillInbound::Abort(Abort {
+        room,
+        reply: Some(AbortReply {
+            ip: "127.0.0.1".into(),
+            port: 7100,
+            generation: Some(1),
+        }),
+    })
+}

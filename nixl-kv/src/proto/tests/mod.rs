@@ -1116,6 +1116,7 @@ fn golden_frames_drive_the_prefill_and_golden_notifications_the_decode() {
 
 mod dialect;
 mod direct;
+mod golden_0523;
 mod origin;
 mod pair;
 mod sliced;
