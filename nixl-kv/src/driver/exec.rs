@@ -114,12 +114,38 @@ pub(crate) fn drive_prefill(s: &Shared) {
         let mut outcomes = Vec::new();
         let mut posted = Vec::new();
         let mut statuses = Vec::new();
+        // Rooms one of whose posts failed to start: the rest of theirs in this batch (the aux
+        // WRITE after a chunk's) are not started either, as SGLang's worker stops at the error.
+        let mut refused: Vec<RoomId> = Vec::new();
         for cmd in cmds.drain(..) {
-            if let Command::SendStatus { endpoint, frames } = cmd {
-                statuses.push((endpoint, frames));
-                continue;
+            match cmd {
+                Command::SendStatus { endpoint, frames } => {
+                    statuses.push((endpoint, frames));
+                    continue;
+                }
+                Command::Post(post) if refused.contains(&post.room) => {
+                    let reason = FailureReason::Transfer {
+                        peer: post.peer.as_str().to_owned(),
+                        reason: "not started: an earlier transfer of the room failed".into(),
+                    };
+                    outcomes.push(Outcome::Done(post.room, Err(reason)));
+                    continue;
+                }
+                cmd => {
+                    let room = match &cmd {
+                        Command::Post(post) => Some(post.room),
+                        _ => None,
+                    };
+                    let before = outcomes.len();
+                    run(&s.agent, p, &mut lists, cmd, &mut outcomes, &mut posted);
+                    let failed = outcomes[before..]
+                        .iter()
+                        .any(|o| matches!(o, Outcome::Done(_, Err(_))));
+                    if let (Some(room), true) = (room, failed) {
+                        refused.push(room);
+                    }
+                }
             }
-            run(&s.agent, p, &mut lists, cmd, &mut outcomes, &mut posted);
         }
         if !statuses.is_empty() {
             // Queued, not awaited: a slow decode listener must not hold the transfers.
