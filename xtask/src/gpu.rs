@@ -24,7 +24,9 @@ const RUN_SH: &str = r#"#!/bin/bash
 # VRAM transfers with UCX's protocol choices, emulation predictions, the pd flow with VRAM pools
 # against raw NIXL on the same descriptors), on one GPU and, where there are two, across them.
 # Logs and reports go to $OUT.
-# `run.sh staging` runs only the staged-path table (gpubench staging); `run.sh protocol` only the
+# `run.sh defaults` runs the GPU tests and the pd flow per flag set (DEFAULT_RUNS picks them:
+# default no-direct ring-4x16 old p0523 p0523-no-direct p0523-old, the last three speaking the
+# sglang-0.5.23 profile on both sides); `run.sh staging` runs only the staged-path table (gpubench staging); `run.sh protocol` only the
 # protocol-cost rows (host memory, 1 page); `run.sh busy` the pd flow on GPU 0 without and with
 # busy polling; `run.sh hostsliced` head slicing on host-memory pools (same TP, per-token,
 # packed).
@@ -209,13 +211,16 @@ defaults() {
   UCX_CUDA_IPC_ENABLE_SAME_PROCESS=y timeout 60 "$B/bin/gpu-test" --test-threads=1 2>&1 | grep -E "test result|panicked"
   echo "== pd flow on GPU 0: defaults against flags"
   for round in ${DEFAULT_ROUNDS:-1 2}; do
-    for run in default no-direct ring-4x16 old; do
+    for run in ${DEFAULT_RUNS:-default no-direct ring-4x16 old}; do
       for n in ${DEFAULT_SIZES:-32 256}; do
         flags="--layers 32 --page-bytes 32768 --pages 600 --device gpu:0"
         case $run in
           no-direct) flags="$flags --no-direct" ;;
           ring-4x16) flags="$flags --no-direct --staging-slots 4 --staging-slot-mib 16" ;;
           old) flags="$flags --no-staging --no-spin --busy-poll-us 0" ;;
+          p0523) flags="$flags --profile sglang-0.5.23" ;;
+          p0523-no-direct) flags="$flags --profile sglang-0.5.23 --no-direct" ;;
+          p0523-old) flags="$flags --profile sglang-0.5.23 --no-staging --no-spin --busy-poll-us 0" ;;
         esac
         port=$((19600 + RANDOM % 1000))
         "$B/bin/nixl-pd" prefill --bootstrap-port $port $flags 2> "$OUT/defaults-prefill.log" &
