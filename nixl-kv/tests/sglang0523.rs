@@ -254,6 +254,15 @@ fn sglang_0522s_prefill_serves_our_decode_every_byte_and_an_abort() {
     prefill_serves_ours(V0522);
 }
 
+#[test]
+fn sglang_0522s_prefill_serves_our_decode_configured_for_0523() {
+    // The profiles of one family interoperate: the 0.5.22 prefill signals by notifications.
+    prefill_serves_ours(Release {
+        profile: Profile::Sglang0523,
+        ..V0522
+    });
+}
+
 fn prefill_serves_ours(release: Release) {
     let mut prefill = harness(release, "prefill", 4, &[]);
     let ready = prefill.next("ready").unwrap();

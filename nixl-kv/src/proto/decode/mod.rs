@@ -769,13 +769,12 @@ impl DecodeCore {
         } else {
             r.progress.complete()
         };
-        // 0.5.23 prefills signal by KV_STATUS only; ours send notifications as well, which
-        // staged rooms still need (a piece counts once scattered).
-        let done = if self.me.profile.success_by_status() {
-            r.succeeded.len() as u32 >= r.writers && (r.slot_targets.is_empty() || by_notifications)
-        } else {
-            by_notifications
-        };
+        // 0.5.23 prefills signal by KV_STATUS only, 0.5.20–0.5.22 ones by notifications only,
+        // ours by both (staged rooms still need the notifications: a piece counts once
+        // scattered). A 0.5.2x decode takes either, as SGLang's 0.5.20–0.5.22 decodes do, so
+        // that one configured for 0.5.23 is also served by a 0.5.22 prefill and the reverse.
+        let by_status = r.succeeded.len() as u32 >= r.writers && r.slot_targets.is_empty();
+        let done = by_notifications || (self.me.profile.decode_listens() && by_status);
         if done {
             r.concluded = Some(KvPoll::Success);
             self.end_slots(room, true);

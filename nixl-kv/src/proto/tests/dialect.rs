@@ -374,21 +374,18 @@ fn our_0523_decode_and_our_prefill_complete_by_kv_status_and_abort_each_other_cl
         posts.iter().all(|c| !c.notif.is_empty()),
         "a decode of ours reads notifications in every profile"
     );
-    for n in posts.iter().map(|c| c.notif.clone()) {
-        d.handle_notification("p", &n);
-    }
-    assert_ne!(
-        d.poll(room, now),
-        KvPoll::Success,
-        "0.5.23 waits for KV_STATUS"
-    );
+    assert_ne!(d.poll(room, now), KvPoll::Success, "nothing arrived yet");
     p.transfer_done(room, Ok(()));
     p.transfer_done(room, Ok(()));
     drv.run(&mut p);
     let (endpoint, status) = drv.statuses.pop().unwrap();
     assert_eq!(endpoint, "tcp://127.0.0.1:7100");
     d.handle_listener(&status);
-    assert_eq!(d.poll(room, now), KvPoll::Success);
+    assert_eq!(
+        d.poll(room, now),
+        KvPoll::Success,
+        "KV_STATUS alone completes it"
+    );
 
     // A second room fails here (the scheduler aborts it): ABORT with a generation goes to the
     // prefill, which fails the room and acknowledges.
@@ -521,4 +518,21 @@ pub(super) fn abort_for_capture(room: RoomId) -> PrefillInbound {
             generation: Some(1),
         }),
     })
+}
+
+#[test]
+fn a_0523_decode_also_completes_on_a_0522_prefills_notifications() {
+    let now = Instant::now();
+    let room = RoomId::new(66);
+    let mut d = decode_speaking(nixl_wire::Profile::Sglang0523, room, now);
+    d.receiver_init(room, &[3, 4], 1, now);
+    let _ = sends(&mut d);
+    d.handle_notification("p", b"66_kv_0_1_0");
+    assert_ne!(
+        d.poll(room, now),
+        KvPoll::Success,
+        "the aux row is still missing"
+    );
+    d.handle_notification("p", b"66_aux");
+    assert_eq!(d.poll(room, now), KvPoll::Success);
 }
