@@ -263,6 +263,15 @@ fn sglang_0522s_prefill_serves_our_decode_configured_for_0523() {
     });
 }
 
+#[test]
+fn sglang_0523s_prefill_serves_our_decode_configured_for_051() {
+    // The bootstrap server's answer reveals 0.5.23: our decode speaks it to that prefill.
+    prefill_serves_ours(Release {
+        profile: Profile::Sglang051,
+        ..V0523
+    });
+}
+
 fn prefill_serves_ours(release: Release) {
     let mut prefill = harness(release, "prefill", 4, &[]);
     let ready = prefill.next("ready").unwrap();

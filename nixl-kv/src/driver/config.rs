@@ -69,8 +69,8 @@ pub struct ManagerConfig {
     /// its bootstrap server in a form every SGLang release reads (docs/protocol.md §10.7), so
     /// that 0.5.2x decodes can bootstrap from it; `None` (the default): 0.5.1's form only.
     pub sglang_pages: Option<(u32, String)>,
-    /// Decode: the wire format it speaks to its prefills (docs/protocol.md §10); from
-    /// `sglang-0.5.20` on it binds a PULL listener for `KV_STATUS` and `ABORT_ACK`. A prefill
+    /// Decode: the wire format it speaks to a prefill until that prefill's bootstrap server
+    /// reveals its own (asked first in this profile's form, docs/protocol.md §10.12). A prefill
     /// answers each decode in the decode's own profile whatever this says. Default
     /// `sglang-0.5.1`.
     pub profile: nixl_wire::Profile,

@@ -289,32 +289,26 @@ impl KvManager {
     /// (the registration carries the agent's metadata as it is now).
     pub fn decode(agent: Agent, args: KvArgs, config: ManagerConfig) -> Result<Self, Error> {
         let config = config.resolved(args.kv()[0].0.mem);
-        // From 0.5.20 on the decode listens for KV_STATUS and ABORT_ACK. The listener reaches
-        // the core only (never the manager, whose last reference it must not drop on the ZMQ
-        // thread); what arrives before the core exists is dropped (no room can be meant yet).
+        // The decode listens for KV_STATUS and ABORT_ACK (0.5.20 on; with a 0.5.1 prefill
+        // nothing arrives, and the port is the one SGLang 0.5.1 advertises without binding). It
+        // binds whatever its profile, since a prefill's bootstrap server may reveal another
+        // (docs/protocol.md §10.12). The listener reaches the core only (never the manager,
+        // whose last reference it must not drop on the ZMQ thread); what arrives before the
+        // core exists is dropped (no room can be meant yet).
         let listener: Arc<OnceLock<Weak<Mutex<DecodeCore>>>> = Arc::new(OnceLock::new());
-        let (zmq, port) = if config.profile.decode_listens() {
-            let to = Arc::clone(&listener);
-            let on_message = Box::new(move |frames: Vec<bytes::Bytes>| {
-                if let Some(core) = to.get().and_then(Weak::upgrade) {
-                    lock(&core).handle_listener(&frames);
-                }
-            });
-            zmq::ZmqThread::start(
-                Some(format!("tcp://{}:0", config.local_ip)),
-                on_message,
-                config.busy_poll,
-            )
-        } else {
-            zmq::ZmqThread::start(None, Box::new(|_| {}), config.busy_poll)
-        }
-        .map_err(Error::Zmq)?;
-        // SGLang 0.5.1 advertises a port it never binds; so do we (a free one, for fidelity).
-        let rank_port = port.unwrap_or_else(|| {
-            std::net::TcpListener::bind((config.local_ip.as_str(), 0))
-                .and_then(|l| l.local_addr())
-                .map_or(0, |a| a.port())
+        let to = Arc::clone(&listener);
+        let on_message = Box::new(move |frames: Vec<bytes::Bytes>| {
+            if let Some(core) = to.get().and_then(Weak::upgrade) {
+                lock(&core).handle_listener(&frames);
+            }
         });
+        let (zmq, port) = zmq::ZmqThread::start(
+            Some(format!("tcp://{}:0", config.local_ip)),
+            on_message,
+            config.busy_poll,
+        )
+        .map_err(Error::Zmq)?;
+        let rank_port = port.ok_or_else(|| Error::Zmq("the PULL listener has no port".into()))?;
         let name = agent.name().to_owned();
         let agent_name = AgentName::new(&name).map_err(|reason| Error::AgentName {
             name: name.clone(),

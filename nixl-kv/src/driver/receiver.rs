@@ -57,20 +57,20 @@ impl KvReceiver {
         let addr = BootstrapAddr::new(bootstrap);
         lock(&d.core).receiver_new(room, addr.clone(), dp_rank, Instant::now());
         let client = BootstrapClient::new(bootstrap, shared.config.http_timeout);
-        // 0.5.2x decodes ask in 0.5.2x's form (docs/protocol.md §10.7).
-        let v2x = shared.config.profile.decode_listens();
         for _ in 0..MAX_LOOKUPS {
             let lookup = lock(&d.core).next_lookup(room);
             match lookup {
-                Lookup::Parallel(_) if v2x => {
-                    let info = client.server_info().map_err(|e| e.to_string());
-                    lock(&d.core).server_info_learned(room, info);
-                }
                 Lookup::Parallel(_) => {
-                    let info = client.parallel_info().map_err(|e| e.to_string());
-                    lock(&d.core).parallel_learned(room, info);
+                    parallel_lookup(
+                        &client,
+                        &d.core,
+                        room,
+                        shared.config.profile.decode_listens(),
+                    );
                 }
                 Lookup::Ranks { key, ranks } => {
+                    // In the form of the profile the server answered in.
+                    let v2x = lock(&d.core).profile_of(room).decode_listens();
                     let ask = |r: u32| {
                         if v2x {
                             client.rank_info_v2x(r, key.dp_group)
@@ -159,6 +159,34 @@ impl Drop for KvReceiver {
     fn drop(&mut self) {
         if let Some(d) = self.io() {
             lock(&d.core).release(self.room);
+        }
+    }
+}
+
+/// The prefill's parallel info, asked first in our profile's form (`v2x`: SGLang 0.5.20–0.5.23's
+/// query), then in the other one when that fails: the form that answers reveals the prefill's
+/// profile (docs/protocol.md §10.12). Both failing reports the first answer's error.
+fn parallel_lookup(
+    client: &BootstrapClient,
+    core: &std::sync::Mutex<crate::proto::decode::DecodeCore>,
+    room: RoomId,
+    v2x: bool,
+) {
+    if v2x {
+        match client.server_info() {
+            Ok(i) => lock(core).server_info_learned(room, Ok(i)),
+            Err(e) => match client.parallel_info() {
+                Ok(i) => lock(core).parallel_learned(room, Ok(i)),
+                Err(_) => lock(core).server_info_learned(room, Err(e.to_string())),
+            },
+        }
+    } else {
+        match client.parallel_info() {
+            Ok(i) => lock(core).parallel_learned(room, Ok(i)),
+            Err(e) => match client.server_info() {
+                Ok(i) => lock(core).server_info_learned(room, Ok(i)),
+                Err(_) => lock(core).parallel_learned(room, Err(e.to_string())),
+            },
         }
     }
 }

@@ -32,7 +32,7 @@ pub(super) fn transfer_info_v2x(info: TransferInfo, dummy: bool) -> Vec<Bytes> {
 
 impl DecodeCore {
     /// Our registration in 0.5.2x's form (25 frames for 0.5.23, 24 for 0.5.20), then `ext`.
-    pub(super) fn registration_v2x(&self, ext: Vec<Bytes>) -> Vec<Bytes> {
+    pub(super) fn registration_v2x(&self, profile: Profile, ext: Vec<Bytes>) -> Vec<Bytes> {
         let me = &self.me;
         v2x::KvArgsRegister {
             local_ip: me.local_ip.clone(),
@@ -56,15 +56,21 @@ impl DecodeCore {
             kv_layer_ids: Vec::new(),
             dcp_size: 1,
             dcp_rank: 0,
-            state_data_lens: (me.profile == Profile::Sglang0523).then(Vec::new),
+            state_data_lens: (profile == Profile::Sglang0523).then(Vec::new),
             trailing: ext,
         }
         .encode()
     }
 
     /// A 0.5.2x bootstrap server's parallel info for the receiver of `room`: what we cannot
-    /// serve fails the room with the reason; the rest goes on as 0.5.1's sizes do.
+    /// serve fails the room with the reason; the rest goes on as 0.5.1's sizes do. The answer
+    /// tells the profile: 0.5.23's has `enable_kv_cache_sharding`, 0.5.20–0.5.22's (and our
+    /// server's, which serves both) does not.
     pub fn server_info_learned(&mut self, room: RoomId, info: Result<PrefillServerInfo, String>) {
+        let profile = match &info {
+            Ok(i) if i.enable_kv_cache_sharding.is_some() => Profile::Sglang0523,
+            _ => Profile::Sglang0520,
+        };
         let info = info.and_then(|i| {
             if i.attn_cp_size != 1 || i.pp_size != 1 {
                 return Err(format!(
@@ -99,7 +105,13 @@ impl DecodeCore {
                 prefill_dp_size: Some(i.dp_size),
             })
         });
-        self.parallel_learned(room, info);
+        self.sizes_learned(room, info, profile);
+    }
+
+    /// The profile the receiver of `room` speaks to its prefill (as configured until the
+    /// prefill's bootstrap server answered).
+    pub fn profile_of(&self, room: RoomId) -> Profile {
+        self.rooms.get(&room).map_or(self.me.profile, |r| r.profile)
     }
 
     /// A message on our PULL listener (0.5.20 on). Malformed ones and those for rooms we do
@@ -173,21 +185,18 @@ impl DecodeCore {
     /// Tells the prefill ranks of a started room that failed here to stop (0.5.20 on): `ABORT`
     /// with our listener, and from 0.5.23 a fresh generation, to every target once.
     pub(super) fn send_abort(&mut self, room: RoomId) {
-        if !self.me.profile.decode_listens() {
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        if !r.profile.decode_listens() || !r.started || r.aborted {
             return;
         }
-        let generation = if self.me.profile == Profile::Sglang0523 {
+        let generation = if r.profile == Profile::Sglang0523 {
             self.abort_generation += 1;
             Some(self.abort_generation)
         } else {
             None
         };
-        let Some(r) = self.rooms.get_mut(&room) else {
-            return;
-        };
-        if !r.started || r.aborted {
-            return;
-        }
         r.aborted = true;
         let frames = Abort {
             room,

@@ -19,6 +19,8 @@ const MAX_PROOFS: usize = 4096;
 struct KnownPrefill {
     /// (TP size, DP size).
     parallel: Option<(u32, u32)>,
+    /// The profile its bootstrap server answered in (learned with the sizes).
+    profile: Option<nixl_wire::Profile>,
     /// Consecutive failed heartbeats.
     failures: u32,
     /// It answered `/health` with 404 (a seed SGLang server): no heartbeats.
@@ -55,8 +57,20 @@ impl PrefillDirectory {
     }
 
     /// Stores the parallel sizes of `bootstrap`.
-    pub(super) fn learn_parallel(&mut self, bootstrap: BootstrapAddr, sizes: (u32, u32)) {
-        self.prefills.entry(bootstrap).or_default().parallel = Some(sizes);
+    pub(super) fn learn_parallel(
+        &mut self,
+        bootstrap: BootstrapAddr,
+        sizes: (u32, u32),
+        profile: nixl_wire::Profile,
+    ) {
+        let p = self.prefills.entry(bootstrap).or_default();
+        p.parallel = Some(sizes);
+        p.profile = Some(profile);
+    }
+
+    /// The profile `bootstrap`'s prefill speaks, once its sizes were learned.
+    pub(super) fn profile(&self, bootstrap: &BootstrapAddr) -> Option<nixl_wire::Profile> {
+        self.prefills.get(bootstrap).and_then(|p| p.profile)
     }
 
     /// The cached prefill ranks of `key`.
@@ -130,6 +144,7 @@ impl PrefillDirectory {
         });
         if let Some(p) = self.prefills.get_mut(bootstrap) {
             p.parallel = None;
+            p.profile = None;
         }
     }
 
@@ -265,7 +280,11 @@ mod tests {
     fn a_send_failure_forgets_every_pool_and_size_that_leads_to_the_endpoint() {
         let t0 = Instant::now();
         let mut d = PrefillDirectory::new(t0);
-        d.learn_parallel(BootstrapAddr::new("b:1"), (2, 1));
+        d.learn_parallel(
+            BootstrapAddr::new("b:1"),
+            (2, 1),
+            nixl_wire::Profile::Sglang051,
+        );
         d.store_pool(key("b:1", 0), vec![target("tcp://a:1")]);
         d.store_pool(key("c:1", 0), vec![target("tcp://c:1")]);
         d.registered("tcp://a:1".into(), t0);

@@ -245,6 +245,8 @@ struct Room {
     succeeded: Vec<u32>,
     /// `ABORT` went to its prefill ranks.
     aborted: bool,
+    /// The profile its prefill speaks: ours as configured until its bootstrap server answers.
+    profile: nixl_wire::Profile,
 }
 
 /// One writer's chunks, last chunk and aux row.
@@ -390,6 +392,10 @@ impl DecodeCore {
         dp_rank: Option<u32>,
         now: Instant,
     ) {
+        let profile = self
+            .directory
+            .profile(&bootstrap)
+            .unwrap_or(self.me.profile);
         self.rooms.insert(
             room,
             Room {
@@ -409,6 +415,7 @@ impl DecodeCore {
                 per_writer: Vec::new(),
                 succeeded: Vec::new(),
                 aborted: false,
+                profile,
             },
         );
     }
@@ -427,6 +434,12 @@ impl DecodeCore {
         let Some((ptp, pdp)) = self.directory.parallel(&r.bootstrap) else {
             return Lookup::Parallel(r.bootstrap.clone());
         };
+        let (bootstrap, dp_rank) = (r.bootstrap.clone(), r.dp_rank);
+        if let Some(profile) = self.directory.profile(&bootstrap)
+            && let Some(r) = self.rooms.get_mut(&room)
+        {
+            r.profile = profile;
+        }
         let remote = ptp / pdp.max(1);
         let t = match self.targets(remote) {
             Ok(t) => t,
@@ -436,8 +449,8 @@ impl DecodeCore {
             }
         };
         let key = PoolKey {
-            bootstrap: r.bootstrap.clone(),
-            dp_group: dp_group(room.get(), r.dp_rank, pdp),
+            bootstrap,
+            dp_group: dp_group(room.get(), dp_rank, pdp),
             rank: t.real,
         };
         if let Some(pool) = self.directory.pool(&key).cloned()
@@ -453,8 +466,19 @@ impl DecodeCore {
         }
     }
 
-    /// The bootstrap server's parallel sizes for the receiver of `room`, or why there are none.
+    /// The bootstrap server's parallel sizes for the receiver of `room`, or why there are none
+    /// (its answer to SGLang 0.5.1's query: the prefill speaks `sglang-0.5.1`).
     pub fn parallel_learned(&mut self, room: RoomId, info: Result<ParallelInfo, String>) {
+        self.sizes_learned(room, info, nixl_wire::Profile::Sglang051);
+    }
+
+    /// The prefill's parallel sizes for `room`, from a server that answered in `profile`.
+    fn sizes_learned(
+        &mut self,
+        room: RoomId,
+        info: Result<ParallelInfo, String>,
+        profile: nixl_wire::Profile,
+    ) {
         let Some(bootstrap) = self.rooms.get(&room).map(|r| r.bootstrap.clone()) else {
             return;
         };
@@ -478,7 +502,12 @@ impl DecodeCore {
             Ok(_) => Err(FailureReason::NoPrefillRegistered(bootstrap.clone())),
         };
         match sizes {
-            Ok(s) => self.directory.learn_parallel(bootstrap, s),
+            Ok(s) => {
+                self.directory.learn_parallel(bootstrap, s, profile);
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.profile = profile;
+                }
+            }
             Err(reason) => self.fail(room, reason),
         }
     }
@@ -532,10 +561,10 @@ impl DecodeCore {
         self.directory.store_pool(key, pool);
     }
 
-    fn registration(&self) -> Vec<Bytes> {
+    fn registration(&self, profile: nixl_wire::Profile) -> Vec<Bytes> {
         let me = &self.me;
-        if me.profile.decode_listens() {
-            return self.registration_v2x(self.ext_frames());
+        if profile.decode_listens() {
+            return self.registration_v2x(profile, self.ext_frames());
         }
         KvArgsRegister {
             local_ip: me.local_ip.clone(),
@@ -611,7 +640,7 @@ impl DecodeCore {
             .map(|t| t.endpoint.clone())
             .collect();
         if !due.is_empty() {
-            let reg = self.registration();
+            let reg = self.registration(r.profile);
             for endpoint in due {
                 self.directory.registered(endpoint.clone(), now);
                 self.commands.push_back(Command::Send {
@@ -666,7 +695,7 @@ impl DecodeCore {
                 required_dst_info_num: r.required,
                 trailing,
             };
-            let frames = if self.me.profile.decode_listens() {
+            let frames = if r.profile.decode_listens() {
                 dialect::transfer_info_v2x(info, t.dummy)
             } else {
                 info.encode()
@@ -774,7 +803,7 @@ impl DecodeCore {
         // scattered). A 0.5.2x decode takes either, as SGLang's 0.5.20–0.5.22 decodes do, so
         // that one configured for 0.5.23 is also served by a 0.5.22 prefill and the reverse.
         let by_status = r.succeeded.len() as u32 >= r.writers && r.slot_targets.is_empty();
-        let done = by_notifications || (self.me.profile.decode_listens() && by_status);
+        let done = by_notifications || (r.profile.decode_listens() && by_status);
         if done {
             r.concluded = Some(KvPoll::Success);
             self.end_slots(room, true);

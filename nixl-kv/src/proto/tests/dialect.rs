@@ -334,8 +334,38 @@ fn decode_speaking(profile: nixl_wire::Profile, room: RoomId, now: Instant) -> D
     me.rank_port = 7100;
     let timers = DecodeTimers::new(Some(Duration::from_secs(5)), Duration::from_secs(5), 2);
     let mut d = DecodeCore::new(me, timers, now);
-    bootstrap(&mut d, room, 5000, now);
+    bootstrap_v2x(&mut d, room, profile, now);
     d
+}
+
+/// Bootstraps `room` against "b:1" whose server answered in `profile`'s form (0.5.23's has
+/// `enable_kv_cache_sharding`), one prefill rank on port 5000.
+fn bootstrap_v2x(d: &mut DecodeCore, room: RoomId, profile: nixl_wire::Profile, now: Instant) {
+    d.receiver_new(room, BootstrapAddr::new("b:1"), None, now);
+    let mut info = serde_json::json!({
+        "attn_tp_size": 1, "attn_cp_size": 1, "dp_size": 1, "pp_size": 1, "page_size": 16,
+        "kv_cache_dtype": "bfloat16", "follow_bootstrap_room": true,
+        "enable_dsa_cache_layer_split": false, "prefill_http_port": null, "target_tp_rank": null,
+        "target_tp_ranks": null, "target_cp_ranks": null, "target_pp_ranks": null,
+        "required_dst_info_num": null, "required_prefill_response_num": null
+    });
+    if profile == nixl_wire::Profile::Sglang0523 {
+        info["enable_kv_cache_sharding"] = false.into();
+    }
+    loop {
+        match d.next_lookup(room) {
+            Lookup::Parallel(_) => {
+                d.server_info_learned(room, Ok(serde_json::from_value(info.clone()).unwrap()));
+            }
+            Lookup::Ranks { key, .. } => d.ranks_learned(room, key, Ok(vec![rank_info(5000)])),
+            _ => break,
+        }
+    }
+    assert_eq!(
+        d.profile_of(room),
+        profile,
+        "the server's answer tells the profile"
+    );
 }
 
 /// Runs everything the decode queued through the prefill (its registration and infos).
@@ -390,7 +420,7 @@ fn our_0523_decode_and_our_prefill_complete_by_kv_status_and_abort_each_other_cl
     // A second room fails here (the scheduler aborts it): ABORT with a generation goes to the
     // prefill, which fails the room and acknowledges.
     let room = RoomId::new(61);
-    bootstrap(&mut d, room, 5000, now);
+    bootstrap_v2x(&mut d, room, nixl_wire::Profile::Sglang0523, now);
     d.receiver_init(room, &[5], 1, now);
     deliver(&mut d, &mut p, &mut drv, now);
     p.sender_new(room, now);
@@ -444,7 +474,7 @@ fn a_kv_status_failure_fails_the_room_with_the_prefills_reason_and_junk_is_dropp
     d.handle_notification("p", b"62_aux");
     assert_eq!(d.poll(room, now), KvPoll::Success);
     let room = RoomId::new(63);
-    bootstrap(&mut d, room, 5000, now);
+    bootstrap_v2x(&mut d, room, nixl_wire::Profile::Sglang0520, now);
     d.receiver_init(room, &[4], 1, now);
     let _ = sends(&mut d);
     d.handle_listener(&KvStatus::failed(room, 0, "NIXL_ERR_INVALID_PARAM").encode());
@@ -484,7 +514,7 @@ fn a_0520_prefills_parts_and_page_less_last_chunk_complete_a_room() {
     assert_eq!(d.poll(room, now), KvPoll::Success);
     // Hybrid-model state or SGLang's staging fail the room with the reason named.
     let room = RoomId::new(65);
-    bootstrap(&mut d, room, 5000, now);
+    bootstrap_v2x(&mut d, room, nixl_wire::Profile::Sglang0520, now);
     d.receiver_init(room, &[5], 1, now);
     let _ = sends(&mut d);
     d.handle_notification("p", b"65_state_0_0");
@@ -535,4 +565,57 @@ fn a_0523_decode_also_completes_on_a_0522_prefills_notifications() {
     );
     d.handle_notification("p", b"66_aux");
     assert_eq!(d.poll(room, now), KvPoll::Success);
+}
+
+#[test]
+fn the_bootstrap_answer_reveals_the_prefills_profile_whatever_ours() {
+    let now = Instant::now();
+    // Configured for 0.5.1, facing a 0.5.23 server: 0.5.23's frames and KV_STATUS.
+    let room = RoomId::new(67);
+    let mut me = identity();
+    me.profile = nixl_wire::Profile::Sglang051;
+    let timers = DecodeTimers::new(Some(Duration::from_secs(5)), Duration::from_secs(5), 2);
+    let mut d = DecodeCore::new(me, timers, now);
+    bootstrap_v2x(&mut d, room, nixl_wire::Profile::Sglang0523, now);
+    d.receiver_init(room, &[3], 1, now);
+    let frames = sends(&mut d);
+    assert!(matches!(
+        PrefillInbound::decode(&frames[0].1),
+        Ok(PrefillInbound::RegisterV2x(r)) if r.profile() == nixl_wire::Profile::Sglang0523
+    ));
+    d.handle_listener(&KvStatus::success(room, 0).encode());
+    assert_eq!(d.poll(room, now), KvPoll::Success);
+    // Configured for 0.5.23, facing a 0.5.1 server: 0.5.1's frames, notifications, no ABORT.
+    let room = RoomId::new(68);
+    let mut d = decode_speaking(nixl_wire::Profile::Sglang0523, RoomId::new(1), now);
+    d.receiver_new(room, BootstrapAddr::new("old:1"), None, now);
+    loop {
+        match d.next_lookup(room) {
+            Lookup::Parallel(_) => d.parallel_learned(room, Ok(parallel(1, 1))),
+            Lookup::Ranks { key, .. } => d.ranks_learned(room, key, Ok(vec![rank_info(6000)])),
+            _ => break,
+        }
+    }
+    assert_eq!(d.profile_of(room), nixl_wire::Profile::Sglang051);
+    d.receiver_init(room, &[4], 1, now);
+    let frames: Vec<_> = sends(&mut d)
+        .into_iter()
+        .filter(|(ep, _)| ep.ends_with(":6000"))
+        .collect();
+    assert!(matches!(
+        PrefillInbound::decode(&frames[0].1),
+        Ok(PrefillInbound::Register(_))
+    ));
+    assert!(matches!(
+        PrefillInbound::decode(&frames[1].1),
+        Ok(PrefillInbound::Transfer(_))
+    ));
+    d.handle_listener(&KvStatus::success(room, 0).encode());
+    assert_ne!(
+        d.poll(room, now),
+        KvPoll::Success,
+        "a 0.5.1 prefill's room completes by notifications"
+    );
+    d.fail(room, FailureReason::Aborted("gone".into()));
+    assert!(sends(&mut d).is_empty(), "no ABORT to a 0.5.1 prefill");
 }
