@@ -273,7 +273,7 @@ fn sglang_0523s_prefill_serves_our_decode_configured_for_051() {
 }
 
 fn prefill_serves_ours(release: Release) {
-    let mut prefill = harness(release, "prefill", 4, &[]);
+    let mut prefill = harness(release, "prefill", 4, &["--bad-src-page", "5"]);
     let ready = prefill.next("ready").unwrap();
     assert_eq!(
         ready["sglang"], release.version,
@@ -281,7 +281,9 @@ fn prefill_serves_ours(release: Release) {
     );
     let addr = ready["bootstrap"].as_str().unwrap().to_owned();
     let d = side(DECODE_PAGES, None, config_for(release));
-    let abort_i = 3u64;
+    // Request 5 names a source page past SGLang's own pool (`--bad-src-page 5`): its prefill
+    // fails the room and tells our decode why.
+    let (abort_i, short_i) = (3u64, 5u64);
     for i in 0..REQUESTS {
         let room = ROOM_BASE + i;
         let mut rx = KvReceiver::new(&d.mgr, &addr, RoomId::new(room), None).unwrap();
@@ -289,6 +291,14 @@ fn prefill_serves_ours(release: Release) {
             .map(|n| (n * 5 + 3) % DECODE_PAGES as u32)
             .collect();
         let slot = (AUX_SLOTS - 1) as u32;
+        if i == short_i {
+            // Our decode hears why (KV_STATUS 0 and its reason), not a timeout.
+            rx.init(&dst, slot);
+            assert_eq!(until(T, || rx.poll()), KvPoll::Failed, "room {i}");
+            let why = rx.failure().unwrap().to_string();
+            assert!(why.starts_with("prefill failed the transfer"), "{why}");
+            continue;
+        }
         rx.init(&dst, slot);
         if i == abort_i {
             rx.abort("the client went away");
@@ -326,6 +336,8 @@ fn prefill_serves_ours(release: Release) {
                 r["ok"] == true || reason.contains("Aborted by decode"),
                 "{r}"
             );
+        } else if r["i"] == short_i {
+            assert_eq!(r["ok"], false, "{r}");
         } else {
             assert_eq!(r["ok"], true, "{r}");
         }

@@ -393,6 +393,8 @@ def run_prefill(a, out, t_import):
                 for k, rows in enumerate(aux):
                     rows[slot] = aux_row_pattern(np, rooms[i], k, rows.shape[1])
                 src = np.asarray(src_pages(a, i), dtype=np.int32)
+                if a.bad_src_page is not None and i == a.bad_src_page:
+                    src[len(src) // 2] = a.prefill_pages + 1000  # past the prefill's own pool
                 tx.init(len(src), slot)
                 for ch in range(a.chunks):
                     tx.send(src[ch * a.pages_per_chunk:(ch + 1) * a.pages_per_chunk])
@@ -750,6 +752,9 @@ def main():
     ap.add_argument("--hidden", type=int, default=64,
                     help="hidden size: aux buffer 8 holds 2*hidden bytes per slot (bf16)")
     ap.add_argument("--window", type=int, default=4, help="decode: requests in flight")
+    ap.add_argument("--bad-src-page", type=int, nargs="?", const=1, default=None, metavar="I",
+                    help="prefill: send request I with one source page past its own pool, so "
+                         "that SGLang fails the room and tells the decode why")
     ap.add_argument("--prefill-window", type=int, default=0,
                     help="prefill: senders alive at once, created in room order (0: all)")
     ap.add_argument("--timeout", type=float, default=60.0, help="per request / per wait, s")
