@@ -224,12 +224,20 @@ pub(crate) fn overlay_venv(root: &Path, base: &Release, sglang: &str) -> anyhow:
         &tmp,
         &["install", "--no-deps", &format!("sglang=={sglang}")],
     )?;
+    settle(&tmp, &venv)?;
+    Ok(venv)
+}
+
+/// Marks the venv built in `tmp` ready and moves it to `venv` (replacing a stale one). Venvs
+/// hard-code their path in scripts; ours only ever run `bin/python` and `bin/pip` through the
+/// interpreter, which resolves site-packages relative to itself.
+fn settle(tmp: &Path, venv: &Path) -> anyhow::Result<()> {
     std::fs::write(tmp.join(".ready"), b"")?;
     if venv.exists() {
-        std::fs::remove_dir_all(&venv)?;
+        std::fs::remove_dir_all(venv)?;
     }
-    std::fs::rename(&tmp, &venv)?;
-    Ok(venv)
+    std::fs::rename(tmp, venv)?;
+    Ok(())
 }
 
 /// The machine-wide venv of `release`, created when missing (see the module docs).
@@ -277,13 +285,7 @@ pub(crate) fn release_venv(root: &Path, release: &Release) -> anyhow::Result<Pat
         &tmp,
         &["install", "--no-deps", &format!("sglang=={sglang}")],
     )?;
-    std::fs::write(tmp.join(".ready"), b"")?;
-    // Venvs hard-code their path in scripts; ours only ever run `bin/python` and `bin/pip`
-    // through the interpreter, which resolves site-packages relative to itself.
-    if venv.exists() {
-        std::fs::remove_dir_all(&venv)?;
-    }
-    std::fs::rename(&tmp, &venv)?;
+    settle(&tmp, &venv)?;
     println!(
         "SGLang {sglang} venv ready in {:.0}s ({})",
         start.elapsed().as_secs_f64(),

@@ -41,7 +41,7 @@ struct Args {
 const NAP: Duration = Duration::from_micros(200);
 /// SGLang's prefill creates a sender as each request comes (as a scheduler does, and as ours
 /// do), not all at once: polling hundreds of idle senders would slow every request.
-const LONG: &[&str] = &["--prefill-window", "2"];
+const PREFILL_WINDOW: &[&str] = &["--prefill-window", "2"];
 const T: Duration = Duration::from_secs(60);
 /// 0.5.2x's default aux layout (the harness runs with `--hidden 32`).
 const AUX: [u64; 10] = nixl_kv::AUX_LAYOUT_0520;
@@ -214,13 +214,19 @@ struct Run {
     idle: f64,
 }
 
-fn sglang_to_sglang(python: &Path, w: &Workload, idle_s: f64) -> anyhow::Result<Run> {
-    let mut prefill = SglangPeer::start(python, "prefill", w, LONG)?;
+/// SGLang's prefill with its bootstrap server, ready, and that server's address.
+fn sglang_prefill(python: &Path, w: &Workload) -> anyhow::Result<(SglangPeer, String)> {
+    let mut prefill = SglangPeer::start(python, "prefill", w, PREFILL_WINDOW)?;
     let ready = prefill.next("ready")?;
     let addr = ready["bootstrap"]
         .as_str()
         .context("no bootstrap")?
         .to_owned();
+    Ok((prefill, addr))
+}
+
+fn sglang_to_sglang(python: &Path, w: &Workload, idle_s: f64) -> anyhow::Result<Run> {
+    let (mut prefill, addr) = sglang_prefill(python, w)?;
     let mut decode = SglangPeer::start(python, "decode", w, &["--bootstrap", &addr])?;
     let (results, done) = decode.results("decode")?;
     if done["pass"] != true {
@@ -259,12 +265,7 @@ fn ours_to_sglang(python: &Path, w: &Workload, idle_s: f64) -> anyhow::Result<Ru
 }
 
 fn sglang_to_ours(python: &Path, w: &Workload, idle_s: f64) -> anyhow::Result<Run> {
-    let mut prefill = SglangPeer::start(python, "prefill", w, LONG)?;
-    let ready = prefill.next("ready")?;
-    let addr = ready["bootstrap"]
-        .as_str()
-        .context("no bootstrap")?
-        .to_owned();
+    let (mut prefill, addr) = sglang_prefill(python, w)?;
     let d = side(w, w.decode_pages, None)?;
     let tts = receive(w, &d, &addr)?;
     prefill.results("prefill")?;
