@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use nixl_core::{BackendKind, BackendParams};
 
-use crate::key::KeySuffix;
+use crate::key::{KeySuffix, Naming};
 
 /// The storage directory SGLang uses by default.
 pub const DEFAULT_DIR: &str = "/tmp/hicache_storage";
@@ -73,6 +73,8 @@ pub struct HiCacheConfig {
     pub max_open: usize,
     /// How file backends write pages.
     pub write_mode: WriteMode,
+    /// Where pages' files lie under the directory (default [`Naming::Flat`]).
+    pub naming: Naming,
 }
 
 impl Default for HiCacheConfig {
@@ -96,6 +98,7 @@ impl HiCacheConfig {
             params: BackendParams::new(),
             max_open: DEFAULT_MAX_OPEN,
             write_mode: WriteMode::Atomic,
+            naming: Naming::Flat,
         }
     }
 
@@ -117,6 +120,13 @@ impl HiCacheConfig {
     #[must_use]
     pub fn write_mode(mut self, mode: WriteMode) -> Self {
         self.write_mode = mode;
+        self
+    }
+
+    /// Sets where pages' files lie (see [`Naming`]).
+    #[must_use]
+    pub fn naming(mut self, naming: Naming) -> Self {
+        self.naming = naming;
         self
     }
 

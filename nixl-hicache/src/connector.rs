@@ -12,7 +12,7 @@ use nixl_core::{
 use crate::config::{HiCacheConfig, Plugin, select};
 use crate::error::{Error, Result};
 use crate::files::FileStore;
-use crate::key;
+use crate::key::{self, Naming, PagePart};
 use crate::object::{ObjectStore, TOMBSTONE};
 use crate::paths::FileAccess;
 
@@ -36,11 +36,36 @@ enum Store {
     Objects(ObjectStore),
 }
 
-/// One page to move: its storage name and host range.
-struct Item {
-    name: String,
-    addr: u64,
-    len: u64,
+/// One page object to move: its storage name and the host ranges it is made of, in file order
+/// (one range, except for layouts that scatter a page over layers).
+pub(crate) struct Item {
+    pub(crate) name: String,
+    pub(crate) segs: Vec<RawTarget>,
+}
+
+impl Item {
+    fn one(name: String, addr: u64, len: u64) -> Self {
+        Self {
+            name,
+            segs: vec![RawTarget { addr, len }],
+        }
+    }
+
+    /// The object's length: its ranges together.
+    pub(crate) fn len(&self) -> u64 {
+        self.segs.iter().map(|s| s.len).sum()
+    }
+
+    /// Pushes the object's ranges as descriptors: host ranges into `local`, and into `remote`
+    /// the same lengths at consecutive offsets of `dev` (a file descriptor or object id).
+    fn push(&self, local: &mut XferDescs, remote: &mut XferDescs, dev: u64) {
+        let mut off = 0;
+        for s in self.segs.iter().filter(|s| s.len > 0) {
+            local.push(s.addr, s.len, 0);
+            remote.push(off, s.len, dev);
+            off += s.len;
+        }
+    }
 }
 
 /// HiCache storage over NIXL: pages keyed by SGLang's hash chain, stored in files
@@ -66,6 +91,7 @@ pub struct HiCache {
     backend: Backend,
     store: Store,
     suffix: String,
+    naming: Naming,
 }
 
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
@@ -114,6 +140,7 @@ impl HiCache {
                 config.max_open,
                 config.write_mode,
                 &suffix,
+                config.naming,
             )?)
         };
         tracing::debug!(backend = %kind, "hicache connector ready");
@@ -122,6 +149,7 @@ impl HiCache {
             backend,
             store,
             suffix,
+            naming: config.naming,
         })
     }
 
@@ -143,14 +171,24 @@ impl HiCache {
         }
     }
 
-    /// The storage name of `key`: the key plus the configured suffix, validated.
+    /// The storage name of `key`: the key plus the configured suffix, validated (under its
+    /// bucket directory with [`Naming::Bucketed`]).
     pub fn storage_name(&self, key: &str) -> Result<String> {
-        let name = format!("{key}{}", self.suffix);
+        self.part_name(key, PagePart::Whole)
+    }
+
+    /// The storage name of one part of `key`'s page: the key, the configured suffix and the
+    /// part's, validated, under its bucket directory with [`Naming::Bucketed`].
+    pub fn part_name(&self, key: &str, part: PagePart) -> Result<String> {
+        let name = format!("{key}{}{}", self.suffix, part.suffix());
         key::validate(&name).map_err(|reason| Error::InvalidKey {
             key: key.to_owned(),
             reason,
         })?;
-        Ok(name)
+        Ok(match self.naming {
+            Naming::Flat => name,
+            Naming::Bucketed => format!("{}/{name}", key::bucket_of(&name)),
+        })
     }
 
     /// The file of `key`, for file backends.
@@ -207,11 +245,11 @@ impl HiCache {
         let list = items
             .iter()
             .map(|(k, v)| {
-                Ok(Item {
-                    name: self.storage_name(k)?,
-                    addr: v.as_ptr() as u64,
-                    len: v.len() as u64,
-                })
+                Ok(Item::one(
+                    self.storage_name(k)?,
+                    v.as_ptr() as u64,
+                    v.len() as u64,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         if let Store::Files(f) = &self.store {
@@ -219,12 +257,15 @@ impl HiCache {
             return self.write_files(f, &list, Some(items));
         }
         match self.write(&list) {
-            Err(e) if unregistered(&e) => {
+            Err(e) if is_unregistered(&e) => {
                 let (_staging, addrs) = self.registered_copy(items)?;
                 let staged: Vec<Item> = list
                     .into_iter()
                     .zip(addrs)
-                    .map(|(item, addr)| Item { addr, ..item })
+                    .map(|(item, addr)| {
+                        let len = item.len();
+                        Item::one(item.name, addr, len)
+                    })
                     .collect();
                 self.write(&staged)
             }
@@ -275,15 +316,15 @@ impl HiCache {
         let list = items
             .iter()
             .map(|(k, d)| {
-                Ok(Item {
-                    name: self.storage_name(k)?,
-                    addr: d.as_ptr() as u64,
-                    len: d.len() as u64,
-                })
+                Ok(Item::one(
+                    self.storage_name(k)?,
+                    d.as_ptr() as u64,
+                    d.len() as u64,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         match self.read(&list) {
-            Err(e) if unregistered(&e) => {
+            Err(e) if is_unregistered(&e) => {
                 // Register the caller's buffers for this call only.
                 let guards = items
                     .iter_mut()
@@ -316,7 +357,12 @@ impl HiCache {
     /// Whether `key` is stored (complete: writes publish atomically). For files: a regular file
     /// (a symbolic link at the key is not followed and is no page).
     pub fn exists(&self, key: &str) -> Result<bool> {
-        let name = self.storage_name(key)?;
+        self.part_exists(key, PagePart::Whole)
+    }
+
+    /// Whether one part of `key`'s page is stored (see [`HiCache::exists`]).
+    pub fn part_exists(&self, key: &str, part: PagePart) -> Result<bool> {
+        let name = self.part_name(key, part)?;
         match &self.store {
             Store::Files(f) => Ok(f.exists(&name)),
             Store::Objects(_) => self.object_key_matches(&name),
@@ -384,24 +430,18 @@ impl HiCache {
     fn raw_items(&self, items: &[(&str, RawTarget)]) -> Result<Vec<Item>> {
         items
             .iter()
-            .map(|(k, t)| {
-                Ok(Item {
-                    name: self.storage_name(k)?,
-                    addr: t.addr,
-                    len: t.len,
-                })
-            })
+            .map(|(k, t)| Ok(Item::one(self.storage_name(k)?, t.addr, t.len)))
             .collect()
     }
 
-    fn write(&self, items: &[Item]) -> Result<()> {
+    pub(crate) fn write(&self, items: &[Item]) -> Result<()> {
         match &self.store {
             Store::Files(f) => self.write_files(f, items, None),
             Store::Objects(o) => self.write_objects(o, items),
         }
     }
 
-    fn read(&self, items: &[Item]) -> Result<Vec<bool>> {
+    pub(crate) fn read(&self, items: &[Item]) -> Result<Vec<bool>> {
         match &self.store {
             Store::Files(f) => self.read_files(f, items),
             Store::Objects(_) => self.read_objects(items),
@@ -419,7 +459,7 @@ impl HiCache {
     ) -> Result<()> {
         let mut staged = Vec::with_capacity(items.len());
         for it in items {
-            match f.stage(&self.agent, &it.name, it.len) {
+            match f.stage(&self.agent, &it.name, it.len()) {
                 Ok(s) => staged.push(s),
                 Err(e) => {
                     staged.into_iter().for_each(|s| f.discard(s));
@@ -430,18 +470,15 @@ impl HiCache {
         let mut local = XferDescs::with_capacity(MemType::Dram, items.len());
         let mut remote = XferDescs::with_capacity(MemType::File, items.len());
         for (it, s) in items.iter().zip(&staged) {
-            if it.len > 0 {
-                local.push(it.addr, it.len, 0);
-                remote.push(0, it.len, s.file.buffer().fd());
-            }
+            it.push(&mut local, &mut remote, s.file.buffer().fd());
         }
         let sent = match (self.run(XferOp::Write, &local, &remote), values) {
-            (Err(e), Some(values)) if unregistered(&e) => {
+            (Err(e), Some(values)) if is_unregistered(&e) => {
                 self.registered_copy(values).and_then(|(staging, addrs)| {
                     let mut local = XferDescs::with_capacity(MemType::Dram, items.len());
                     for (it, addr) in items.iter().zip(addrs) {
-                        if it.len > 0 {
-                            local.push(addr, it.len, 0);
+                        if it.len() > 0 {
+                            local.push(addr, it.len(), 0);
                         }
                     }
                     let sent = self.run(XferOp::Write, &local, &remote);
@@ -473,13 +510,12 @@ impl HiCache {
         let mut local = XferDescs::with_capacity(MemType::Dram, items.len());
         let mut remote = XferDescs::with_capacity(MemType::File, items.len());
         for (hit, it) in hits.iter_mut().zip(items) {
-            if it.len == 0 {
+            if it.len() == 0 {
                 *hit = f.exists(&it.name);
                 continue;
             }
-            if let Some(file) = f.open_for_read(&self.agent, &it.name, it.len)? {
-                local.push(it.addr, it.len, 0);
-                remote.push(0, it.len, file.buffer().fd());
+            if let Some(file) = f.open_for_read(&self.agent, &it.name, it.len())? {
+                it.push(&mut local, &mut remote, file.buffer().fd());
                 held.push(file);
                 *hit = true;
             }
@@ -505,10 +541,7 @@ impl HiCache {
             regs.push(self.agent.register(ObjectRegion::new(key))?);
             names.buffer_mut().as_mut_slice()[off..off + it.name.len()]
                 .copy_from_slice(it.name.as_bytes());
-            if it.len > 0 {
-                local.push(it.addr, it.len, 0);
-                remote.push(0, it.len, page);
-            }
+            it.push(&mut local, &mut remote, page);
             local.push(names.region().addr + off as u64, it.name.len() as u64, 0);
             remote.push(0, it.name.len() as u64, key);
             off += it.name.len();
@@ -526,7 +559,7 @@ impl HiCache {
             // unregistered destination is the caller's problem, not a miss.
             *hit = match self.read_object(it) {
                 Ok(hit) => hit,
-                Err(e) if unregistered(&e) => return Err(e),
+                Err(e) if is_unregistered(&e) => return Err(e),
                 Err(e) => {
                     tracing::debug!(key = %it.name, error = %e, "object read failed: miss");
                     false
@@ -540,15 +573,14 @@ impl HiCache {
         if !self.object_key_matches(&it.name)? {
             return Ok(false);
         }
-        if it.len == 0 {
+        if it.len() == 0 {
             return Ok(true);
         }
         let page = ObjectStore::page_id(&it.name);
         let reg = self.agent.register(ObjectRegion::new(page))?;
         let mut local = XferDescs::new(MemType::Dram);
-        local.push(it.addr, it.len, 0);
         let mut remote = XferDescs::new(MemType::Object);
-        remote.push(0, it.len, page);
+        it.push(&mut local, &mut remote, page);
         self.run(XferOp::Read, &local, &remote)?;
         drop(reg);
         // The key object is checked again after the page arrived, so a concurrent delete or
@@ -619,7 +651,7 @@ impl std::fmt::Debug for HiCache {
 }
 
 /// Whether NIXL refused to build the request, as it does for unregistered host memory.
-fn unregistered(e: &Error) -> bool {
+pub(crate) fn is_unregistered(e: &Error) -> bool {
     matches!(
         e,
         Error::Core(nixl_core::Error::Nixl {
@@ -630,7 +662,7 @@ fn unregistered(e: &Error) -> bool {
 }
 
 fn raw_error(e: Error, items: &[(&str, RawTarget)]) -> Error {
-    if unregistered(&e) {
+    if is_unregistered(&e) {
         let (addr, len) = items.first().map_or((0, 0), |(_, t)| (t.addr, t.len));
         Error::Unregistered { addr, len }
     } else {

@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::WriteMode;
 use crate::error::{Error, Result, io};
+use crate::key::{self, Naming, PagePart};
 
 /// A temp file of this connector older than this is left over from a writer that died, and
 /// is removed when a store opens. A live write takes at most the transfer timeout (120 s).
@@ -75,6 +76,7 @@ pub(crate) struct FileStore {
     mode: WriteMode,
     max_open: usize,
     suffix: String,
+    naming: Naming,
     tag: String,
     cache: Mutex<HashMap<String, Cached>>,
     clock: AtomicU64,
@@ -101,6 +103,7 @@ impl FileStore {
         max_open: usize,
         mode: WriteMode,
         suffix: &str,
+        naming: Naming,
     ) -> Result<Self> {
         std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
         let root = rustix::fs::open(
@@ -115,6 +118,7 @@ impl FileStore {
             mode,
             max_open,
             suffix: suffix.to_owned(),
+            naming,
             tag: suffix_tag(suffix),
             cache: Mutex::default(),
             clock: AtomicU64::new(0),
@@ -478,9 +482,25 @@ impl FileStore {
     }
 
     /// Whether `rel` (a path relative to the directory) is a page file of this connector:
-    /// 64 lowercase hex digits plus its suffix.
+    /// 64 lowercase hex digits plus its suffix; with [`Naming::Bucketed`], under its bucket
+    /// and with or without a part suffix (`_k`, `_v`).
     pub(crate) fn is_our_key(&self, rel: &str) -> bool {
-        let Some(key) = rel.strip_suffix(self.suffix.as_str()) else {
+        let name = match self.naming {
+            Naming::Flat => rel,
+            Naming::Bucketed => match rel.split_once('/') {
+                Some((bucket, name)) if bucket == key::bucket_of(name) => name,
+                _ => return false,
+            },
+        };
+        let unparted = match self.naming {
+            Naming::Flat => name,
+            Naming::Bucketed => [PagePart::K, PagePart::V]
+                .iter()
+                .find_map(|p| name.strip_suffix(p.suffix()))
+                .filter(|n| n.ends_with(self.suffix.as_str()))
+                .unwrap_or(name),
+        };
+        let Some(key) = unparted.strip_suffix(self.suffix.as_str()) else {
             return false;
         };
         key.len() == 64 && is_lower_hex(key)
@@ -702,7 +722,14 @@ mod tests {
     use super::*;
 
     fn store(dir: &Path, suffix: &str) -> FileStore {
-        FileStore::new(dir.to_path_buf(), 4, WriteMode::Atomic, suffix).unwrap()
+        FileStore::new(
+            dir.to_path_buf(),
+            4,
+            WriteMode::Atomic,
+            suffix,
+            Naming::Flat,
+        )
+        .unwrap()
     }
 
     fn tmpdir() -> PathBuf {
@@ -731,10 +758,7 @@ mod tests {
         let t = s.temp_name(&long);
         assert_eq!(t.len(), 47, "{t}");
         assert!(t.starts_with(TEMP_PREFIX));
-        assert!(
-            crate::key::validate(&t).is_err(),
-            "a temp name is never a key"
-        );
+        assert!(key::validate(&t).is_err(), "a temp name is never a key");
         assert!(s.is_our_temp(&t));
         assert_ne!(t, s.temp_name(&long), "fresh each time");
         let other = store(&d, "_m_1_2");

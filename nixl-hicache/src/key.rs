@@ -57,6 +57,17 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    // Python: f"{int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), 'big') & 0xff:02x}"
+    #[test]
+    fn buckets_match_python_blake2b() {
+        assert_eq!(
+            bucket_of(&format!("{}_org-My-Model_0_1_k", "a".repeat(64))),
+            "61"
+        );
+        assert_eq!(bucket_of("x"), "4f");
+        assert_eq!(bucket_of(""), "b4");
+    }
+
     // Vectors computed with Python's hashlib, as SGLang's get_hash_str does:
     //   h = sha256(); [h.update(t.to_bytes(4, "little")) for t in tokens]; h.hexdigest()
     //   (with h.update(bytes.fromhex(prior)) first when chained).
@@ -142,6 +153,53 @@ impl KeySuffix {
             Self::Mla { model } => format!("_{model}"),
         }
     }
+}
+
+/// Where a page's file lies under the storage directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Naming {
+    /// `<dir>/<name>`: SGLang 0.5.1's HiCacheNixl.
+    #[default]
+    Flat,
+    /// `<dir>/<bucket>/<name>`, the bucket being the low byte, as two lowercase hex digits, of
+    /// the big-endian BLAKE2b-64 digest of the name ([`bucket_of`]): SGLang 0.5.23's
+    /// HiCacheNixl (one storage directory).
+    Bucketed,
+}
+
+/// Which part of a page an object holds. SGLang 0.5.23's zero-copy layouts store a page as
+/// objects per KV buffer (`<key><suffix>_k` and, for MHA, `_v`); every other layout as one
+/// object (`<key><suffix>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PagePart {
+    /// The whole page: no part suffix.
+    Whole,
+    /// The K buffer's bytes (MHA) or the latent buffer's (MLA): `_k`.
+    K,
+    /// The V buffer's bytes (MHA): `_v`.
+    V,
+}
+
+impl PagePart {
+    /// The part's suffix of the storage name.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::Whole => "",
+            Self::K => "_k",
+            Self::V => "_v",
+        }
+    }
+}
+
+/// The bucket directory of a storage name under [`Naming::Bucketed`]: the last byte of the
+/// name's BLAKE2b digest of 8 bytes (Python's `blake2b(name, digest_size=8)`), in hex.
+pub fn bucket_of(name: &str) -> String {
+    use blake2::Digest;
+    use blake2::digest::consts::U8;
+    let digest = blake2::Blake2b::<U8>::digest(name.as_bytes());
+    format!("{:02x}", digest[7])
 }
 
 /// The longest storage name (key plus suffix) in bytes: S3's limit on object keys, and well

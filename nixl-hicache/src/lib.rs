@@ -1,10 +1,13 @@
 //! HiCache KV-page storage over NIXL file and object backends, compatible with SGLang's
-//! `HiCacheNixl` (0.5.1.x).
+//! `HiCacheNixl` (0.5.1.x, and 0.5.23's file layout with [`Naming::Bucketed`]).
 //!
 //! - [`page_key`] / [`page_keys`]: SGLang's SHA-256 key chain over token pages.
 //! - [`HiCache`]: `get`, `set`, their batch forms and address-mode (`*_raw`) variants, `exists`,
 //!   `batch_exists`, `delete`, `clear`, over POSIX/GDS/GDS_MT/3FS files (`<dir>/<key>`, the same
 //!   files SGLang writes) or S3 objects (OBJ).
+//! - [`HiCache::batch_set_objects`] / [`HiCache::batch_get_objects`]: pages of a host pool
+//!   moved without a copy, as objects per KV buffer or gathered from several ranges
+//!   ([`PageObject`], SGLang 0.5.23's zero-copy interface).
 //! - [`create_file`], [`open_files`], [`HiCache::register_files`]: SGLang's file-manager calls
 //!   on caller-given paths; the final component of a path is never followed, reads open
 //!   read-only and only [`FileAccess::Write`] opens for writing.
@@ -39,6 +42,7 @@ mod connector;
 mod device;
 mod error;
 mod files;
+mod gather;
 mod key;
 mod object;
 mod paths;
@@ -50,5 +54,8 @@ pub use connector::{HiCache, RawTarget};
 #[cfg(feature = "cuda")]
 pub use device::{DevicePage, DeviceStaging};
 pub use error::{Error, Result};
-pub use key::{KeySuffix, MAX_KEY_COMPONENT_LEN, MAX_KEY_LEN, page_key, page_keys};
+pub use gather::PageObject;
+pub use key::{
+    KeySuffix, MAX_KEY_COMPONENT_LEN, MAX_KEY_LEN, Naming, PagePart, bucket_of, page_key, page_keys,
+};
 pub use paths::{FileAccess, create_file, open_files};

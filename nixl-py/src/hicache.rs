@@ -9,7 +9,10 @@
 use std::sync::Mutex;
 
 use nixl_core::{MemRegion, Registration};
-use nixl_hicache::{Error, HiCache, HiCacheConfig, Plugin, RawTarget, WriteMode};
+use nixl_hicache::{
+    Error, HiCache, HiCacheConfig, KeySuffix, Naming, PageObject, PagePart, Plugin, RawTarget,
+    WriteMode,
+};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -37,9 +40,30 @@ impl PyHiCache {
     /// SGLang's plugin names (`auto`, `POSIX`, `GDS`, `GDS_MT`, `3FS`, `OBJ`). `write_mode`:
     /// `"atomic"` (a temp file renamed over the key once written) or `"in-place"` (the key's
     /// file written directly, as SGLang does).
+    ///
+    /// SGLang 0.5.23's layout: `naming="bucketed"` (files under a bucket directory per name)
+    /// and the storage-name suffix of its ranks, `_{model}_{tp_rank}_{tp_size}` or, with
+    /// `mla`, `_{model}` (given `model`; `None` keeps 0.5.1's suffix-less names).
     #[new]
-    #[pyo3(signature = (dir=None, plugin="auto", write_mode="atomic"))]
-    fn new(py: Python<'_>, dir: Option<String>, plugin: &str, write_mode: &str) -> PyResult<Self> {
+    #[pyo3(signature = (
+        dir=None, plugin="auto", write_mode="atomic", model=None, tp_rank=0, tp_size=1,
+        mla=false, naming="flat"
+    ))]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "mirrors SGLang's storage config fields"
+    )]
+    fn new(
+        py: Python<'_>,
+        dir: Option<String>,
+        plugin: &str,
+        write_mode: &str,
+        model: Option<String>,
+        tp_rank: u32,
+        tp_size: u32,
+        mla: bool,
+        naming: &str,
+    ) -> PyResult<Self> {
         let mode = match write_mode.to_ascii_lowercase().as_str() {
             "atomic" => WriteMode::Atomic,
             "in-place" | "inplace" | "in_place" => WriteMode::InPlace,
@@ -49,8 +73,30 @@ impl PyHiCache {
                 )));
             }
         };
-        let config =
-            HiCacheConfig::new(dir.map(Into::into), Plugin::parse(plugin)).write_mode(mode);
+        let naming = match naming {
+            "flat" => Naming::Flat,
+            "bucketed" => Naming::Bucketed,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "naming must be \"flat\" or \"bucketed\", not {other:?}"
+                )));
+            }
+        };
+        let suffix = model.map(|model| {
+            if mla {
+                KeySuffix::Mla { model }
+            } else {
+                KeySuffix::Mha {
+                    model,
+                    tp_rank,
+                    tp_size,
+                }
+            }
+        });
+        let config = HiCacheConfig::new(dir.map(Into::into), Plugin::parse(plugin))
+            .write_mode(mode)
+            .suffix(suffix)
+            .naming(naming);
         let inner = py.detach(|| HiCache::new(config)).map_err(to_py)?;
         Ok(Self {
             inner,
@@ -111,6 +157,70 @@ impl PyHiCache {
         let targets = zip_targets(&keys, &addrs, &lens)?;
         py.detach(|| self.with_registered(&targets, |t| self.inner.batch_get_raw(t)))
             .map_err(to_py)
+    }
+
+    /// Stores page objects (SGLang 0.5.23's zero-copy `batch_set_v1`): object `i` is `keys[i]`'s
+    /// part `parts[i]` (`""`, `"_k"`, `"_v"`), made of the next `counts[i]` ranges of
+    /// `(addrs, lens)` in object order. Raises on a transfer or storage error.
+    fn batch_set_objects(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        parts: Vec<String>,
+        counts: Vec<usize>,
+        addrs: Vec<u64>,
+        lens: Vec<u64>,
+    ) -> PyResult<()> {
+        let ranges = ranges(&addrs, &lens)?;
+        let objects = page_objects(&keys, &parts, &counts, &ranges)?;
+        py.detach(|| {
+            self.with_ranges_registered(&ranges, || self.inner.batch_set_objects(&objects))
+        })
+        .map_err(to_py)
+    }
+
+    /// Reads page objects into their ranges (see [`PyHiCache::batch_set_objects`]); per-object
+    /// hit or miss.
+    fn batch_get_objects(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        parts: Vec<String>,
+        counts: Vec<usize>,
+        addrs: Vec<u64>,
+        lens: Vec<u64>,
+    ) -> PyResult<Vec<bool>> {
+        let ranges = ranges(&addrs, &lens)?;
+        let objects = page_objects(&keys, &parts, &counts, &ranges)?;
+        py.detach(|| {
+            self.with_ranges_registered(&ranges, || self.inner.batch_get_objects(&objects))
+        })
+        .map_err(to_py)
+    }
+
+    /// The number of leading keys whose every part in `parts` is stored.
+    fn batch_exists_parts(
+        &self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        parts: Vec<String>,
+    ) -> PyResult<usize> {
+        let parts = parts
+            .iter()
+            .map(|p| part(p))
+            .collect::<PyResult<Vec<_>>>()?;
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        py.detach(|| self.inner.batch_exists_parts(&keys, &parts))
+            .map_err(to_py)
+    }
+
+    /// The storage path of `key`'s part (file plugins), else `None`.
+    fn part_path(&self, key: &str, part: &str) -> PyResult<Option<String>> {
+        let name = self
+            .inner
+            .part_name(key, self::part(part)?)
+            .map_err(to_py)?;
+        Ok(self.inner.dir().map(|d| d.join(name).display().to_string()))
     }
 
     /// Whether `key` is stored.
@@ -177,6 +287,28 @@ impl PyHiCache {
 }
 
 impl PyHiCache {
+    /// Runs `op` after registering, for this call only, the spans of `ranges` that lie outside
+    /// memory held by [`PyHiCache::register`].
+    fn with_ranges_registered<T>(
+        &self,
+        ranges: &[RawTarget],
+        op: impl FnOnce() -> nixl_hicache::Result<T>,
+    ) -> nixl_hicache::Result<T> {
+        let outside: Vec<(u64, u64)> = {
+            let pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+            ranges
+                .iter()
+                .map(|t| (t.addr, t.len))
+                .filter(|&(a, l)| l > 0 && !pinned.iter().any(|r| r.region().contains(a, l)))
+                .collect()
+        };
+        let _regs = coalesce(outside.into_iter())
+            .into_iter()
+            .map(|(a, l)| ffi::register_foreign(self.inner.agent(), MemRegion::dram(a, l)))
+            .collect::<Result<Vec<_>, _>>()?;
+        op()
+    }
+
     /// Runs `op` on `targets`, first registering, for this call only, the spans of those
     /// that lie outside memory held by [`PyHiCache::register`].
     fn with_registered<T>(
@@ -219,6 +351,75 @@ fn zip_targets<'a>(
         .zip(addrs.iter().zip(lens))
         .map(|(k, (&addr, &len))| (k.as_str(), RawTarget { addr, len }))
         .collect())
+}
+
+/// Host ranges from two lists of the same length.
+fn ranges(addrs: &[u64], lens: &[u64]) -> PyResult<Vec<RawTarget>> {
+    if addrs.len() != lens.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} addresses but {} lengths",
+            addrs.len(),
+            lens.len()
+        )));
+    }
+    Ok(addrs
+        .iter()
+        .zip(lens)
+        .map(|(&addr, &len)| RawTarget { addr, len })
+        .collect())
+}
+
+/// A page part from its storage-name suffix.
+fn part(p: &str) -> PyResult<PagePart> {
+    match p {
+        "" => Ok(PagePart::Whole),
+        "_k" => Ok(PagePart::K),
+        "_v" => Ok(PagePart::V),
+        other => Err(PyValueError::new_err(format!(
+            "page part must be \"\", \"_k\" or \"_v\", not {other:?}"
+        ))),
+    }
+}
+
+/// Objects from keys, parts and per-object range counts over `ranges`; every range used once.
+fn page_objects<'a>(
+    keys: &'a [String],
+    parts: &[String],
+    counts: &[usize],
+    ranges: &'a [RawTarget],
+) -> PyResult<Vec<PageObject<'a>>> {
+    if keys.len() != parts.len() || keys.len() != counts.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} keys, {} parts, {} range counts",
+            keys.len(),
+            parts.len(),
+            counts.len()
+        )));
+    }
+    let mut rest = ranges;
+    let mut out = Vec::with_capacity(keys.len());
+    for ((key, p), &n) in keys.iter().zip(parts).zip(counts) {
+        if n > rest.len() {
+            return Err(PyValueError::new_err(format!(
+                "range counts add up to more than the {} ranges given",
+                ranges.len()
+            )));
+        }
+        let (these, tail) = rest.split_at(n);
+        rest = tail;
+        out.push(PageObject {
+            key,
+            part: part(p)?,
+            ranges: these,
+        });
+    }
+    if !rest.is_empty() {
+        return Err(PyValueError::new_err(format!(
+            "{} ranges left over after the objects' counts",
+            rest.len()
+        )));
+    }
+    Ok(out)
 }
 
 /// Merges overlapping and adjacent ranges (zero-length ones dropped), sorted by address.

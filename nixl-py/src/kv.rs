@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use nixl_core::{Agent, AgentConfig, BackendKind, BackendParams, MemRegion, MemType, Registration};
 use nixl_kv::BootstrapServer;
-use nixl_kv::{KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode, RoomId};
+use nixl_kv::{KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode, Profile, RoomId};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -49,11 +49,15 @@ pub(crate) struct PyManager {
 impl PyManager {
     /// `mode` is `"prefill"` or `"decode"`; `bootstrap` (`host:port`) is needed by a prefill,
     /// which registers there. `kv_head_num` and `page_size` (SGLang's KVArgs fields, 0 when
-    /// unknown) let a prefill slice heads for decodes of another TP size.
+    /// unknown) let a prefill slice heads for decodes of another TP size. `profile`
+    /// (`sglang-0.5.1`, `sglang-0.5.20`, `sglang-0.5.23`; default 0.5.1) is the wire format a
+    /// decode speaks until its prefill reveals its own; `kv_cache_dtype` (with `page_size`)
+    /// lets a prefill register for every release's decodes.
     #[new]
     #[pyo3(signature = (
         mode, name, kv, aux, kv_mem="VRAM", gpu_id=0, engine_rank=0, tp_size=1, dp_size=1,
-        is_mla=false, bootstrap=None, local_ip="127.0.0.1", kv_head_num=0, page_size=0
+        is_mla=false, bootstrap=None, local_ip="127.0.0.1", kv_head_num=0, page_size=0,
+        profile=None, kv_cache_dtype=None
     ))]
     #[allow(clippy::too_many_arguments, reason = "mirrors SGLang's KVArgs fields")]
     fn new(
@@ -72,6 +76,8 @@ impl PyManager {
         local_ip: &str,
         kv_head_num: u32,
         page_size: u32,
+        profile: Option<&str>,
+        kv_cache_dtype: Option<String>,
     ) -> PyResult<Self> {
         let mode = match mode {
             "prefill" => Mode::Prefill,
@@ -94,12 +100,23 @@ impl PyManager {
         if mode == Mode::Prefill && bootstrap.is_none() {
             return Err(PyValueError::new_err("a prefill manager needs `bootstrap`"));
         }
-        let config = ManagerConfig::default()
+        let profile = profile
+            .map(str::parse::<Profile>)
+            .transpose()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?
+            .unwrap_or(Profile::Sglang051);
+        let mut config = ManagerConfig::default()
+            .profile(profile)
             .local_ip(local_ip)
             .staging(staging_from_env()?)
             .auto_staging(!off_in_env(STAGING_ENV))
             .busy_poll(busy_poll_from_env()?)
             .auto_busy_poll(!off_in_env(BUSY_POLL_ENV));
+        // With the page size and dtype, a prefill registers in a form every SGLang release's
+        // decode reads (0.5.20 and later check both against their own).
+        if let Some(dtype) = kv_cache_dtype.filter(|_| page_size > 0) {
+            config = config.sglang_pages(page_size, &dtype);
+        }
         let name = name.to_owned();
         py.detach(move || {
             let agent = Agent::new(&name, &AgentConfig::default()).map_err(runtime_err)?;

@@ -216,14 +216,30 @@ def sglang_version():
     return sglang.__version__
 
 
+IMPL = {"impl": "sglang"}
+
+
 def classes():
-    """SGLang's own NIXL classes, through its `get_kv_class` table."""
+    """The NIXL classes SGLang's `get_kv_class` table serves: SGLang's own, or with `--impl
+    ours` nixl-rs's, installed the way SGLang 0.5.23 installs plugins (its plugin loader runs
+    the `nixl_rs` entry point with NIXL_RS_SGLANG=1)."""
     from sglang.srt.disaggregation.utils import KVClassType, TransferBackend, get_kv_class
 
+    if IMPL["impl"] == "ours":
+        os.environ["NIXL_RS_SGLANG"] = "1"
+        from sglang.srt.plugins import load_plugins
+
+        load_plugins()
+    want = {"sglang": "sglang.", "ours": "nixl_rs."}[IMPL["impl"]]
     c = {t: get_kv_class(TransferBackend.NIXL, t) for t in KVClassType}
     for t in KVClassType:
-        assert c[t].__module__.startswith("sglang."), f"{t} is {c[t].__module__}"
+        if t != KVClassType.KVARGS:
+            assert c[t].__module__.startswith(want), f"{t} is {c[t].__module__}, want {want}*"
     return c
+
+
+def agent_name(mgr):
+    return getattr(mgr, "agent_name", None) or mgr.agent.name
 
 
 def as_bytes(np, ptr, nbytes):
@@ -361,8 +377,8 @@ def run_prefill(a, out, t_import):
                                  None, False)
     wait_registered(addr, a.timeout)  # register_to_bootstrap only logs a failed PUT
     rooms = [room_of(a, i) for i in range(a.requests)]
-    out("ready", bootstrap=addr, rank_port=mgr.rank_port, agent=mgr.agent.name, pid=os.getpid(),
-        sglang=sglang_version(),
+    out("ready", bootstrap=addr, rank_port=mgr.rank_port, agent=agent_name(mgr), pid=os.getpid(),
+        sglang=sglang_version(), impl=IMPL["impl"], manager_class=type(mgr).__module__,
         bootstrap_server=server is not None, import_s=round(t_import, 2), rooms=rooms)
 
     # As the scheduler does at request arrival: one sender per room. Then, per room, once
@@ -404,8 +420,12 @@ def run_prefill(a, out, t_import):
                 progressed = True
             elif s in (KVPoll.Success, KVPoll.Failed):
                 reason = None
+                metric = {}
                 if s == KVPoll.Success:
                     tx.clear()
+                    m = tx.get_transfer_metric()  # after clear(), as prefill.py reads it
+                    metric = {"metric_bytes": m.transfer_total_bytes,
+                              "metric_latency_s": m.transfer_latency_s}
                     n_ok += 1
                 else:
                     try:
@@ -413,7 +433,7 @@ def run_prefill(a, out, t_import):
                     except Exception as e:  # noqa: BLE001 - KVTransferError
                         reason = str(e)
                     n_failed += 1
-                out("result", i=i, room=rooms[i], ok=s == KVPoll.Success, reason=reason,
+                out("result", i=i, room=rooms[i], ok=s == KVPoll.Success, reason=reason, **metric,
                     wait_ms=ms(st["t0"], st["t_boot"]), send_ms=ms(st["t_boot"], st["t_sent"]),
                     done_ms=ms(st["t_sent"] or st["t0"], now))
                 pending.discard(i)
@@ -459,8 +479,8 @@ def run_decode(a, out, t_import):
     kv, meta, aux, aux_infos = make_pools(a, np, a.decode_pages)
     mgr = c[KVClassType.MANAGER](make_kv_args(c, a, kv, aux_infos), DisaggregationMode.DECODE,
                                  None, False)
-    out("ready", bootstrap=addr, rank_port=mgr.rank_port, agent=mgr.agent.name, pid=os.getpid(),
-        sglang=sglang_version(),
+    out("ready", bootstrap=addr, rank_port=mgr.rank_port, agent=agent_name(mgr), pid=os.getpid(),
+        sglang=sglang_version(), impl=IMPL["impl"], manager_class=type(mgr).__module__,
         import_s=round(t_import, 2))
 
     # Parallel info, as the decode's prealloc queue does before init() (retried until the
@@ -523,7 +543,18 @@ def run_decode(a, out, t_import):
             rx = st["rx"]
             now = time.monotonic()
             res = None
-            if st["case"] == "abort" and "early" not in st:
+            if st["case"] == "abort" and "early" not in st and IMPL["impl"] == "ours":
+                # No deferred release: the aborted room fails here at once, with the reason.
+                if int(rx.poll()) == KVPoll.Failed:
+                    res = {"ok": False, "abort_ack": None, "abort_ack_ms": None, "reason": None}
+                    try:
+                        rx.failure_exception()
+                    except Exception as e:  # noqa: BLE001 - KVTransferError
+                        res["reason"] = str(e)
+                    res["pass"] = bool(res["reason"]) and "Abort" in res["reason"]
+                elif now - st["t0"] > a.timeout:
+                    res = {"ok": False, "pass": False, "reason": "aborted room never failed"}
+            elif st["case"] == "abort" and "early" not in st:
                 if mgr.is_abort_release_safe(st["room"], 1):
                     res = {"ok": False, "pass": True, "abort_ack": True,
                            "abort_ack_ms": ms(st["t_abort"], now), "reason": None}
@@ -701,7 +732,7 @@ def run_pair(a, out):
     common = []
     for k in WORKLOAD:
         common += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-    pre_args = ["prefill", "--hold", "stdin"] + common
+    pre_args = ["prefill", "--hold", "stdin", "--impl", a.prefill_impl or a.impl] + common
     if a.bootstrap:
         pre_args += ["--bootstrap", a.bootstrap]
     pre = Child(pre_args, out)
@@ -709,7 +740,7 @@ def run_pair(a, out):
     if not ready or ready["event"] != "ready":
         out("done", **{"pass": False}, error="prefill never ready", prefill_rc=pre.finish(deadline))
         return 1
-    dec_args = ["decode", "--bootstrap", ready["bootstrap"]] + common
+    dec_args = ["decode", "--bootstrap", ready["bootstrap"], "--impl", a.decode_impl or a.impl] + common
     if a.abort_room_after_metadata is not None:
         dec_args += ["--abort-room-after-metadata", str(a.abort_room_after_metadata)]
     if a.bad_page is not None:
@@ -763,6 +794,13 @@ def main():
                     metavar="I", help="decode: request I (default 0) sends metadata, then aborts")
     ap.add_argument("--bad-page", type=int, nargs="?", const=1, default=None, metavar="I",
                     help="decode: request I (default 1) sends a dst page past the pool")
+    ap.add_argument("--impl", choices=("sglang", "ours"), default="sglang",
+                    help="whose classes get_kv_class serves: SGLang's own, or nixl-rs's through "
+                         "the plugin entry point (needs the nixl-rs wheel installed)")
+    ap.add_argument("--prefill-impl", choices=("sglang", "ours"), default=None,
+                    help="pair: the prefill's --impl (default --impl)")
+    ap.add_argument("--decode-impl", choices=("sglang", "ours"), default=None,
+                    help="pair: the decode's --impl (default --impl)")
     ap.add_argument("--hold", default="stdin",
                     help="prefill/bootstrap after done: 'stdin' (until EOF or 'quit') or seconds")
     ap.add_argument("--pair-timeout", type=float, default=600.0, help="pair: whole run, s")
@@ -772,6 +810,7 @@ def main():
         raise SystemExit("--abort-room-after-metadata and --bad-page need different requests")
 
     os.environ.setdefault("SGLANG_HOST_IP", "127.0.0.1")
+    IMPL["impl"] = a.impl
     out = Out(a.role)
     if a.role == "pair":
         os._exit(run_pair(a, out))

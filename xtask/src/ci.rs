@@ -154,7 +154,7 @@ pub(crate) fn run(root: &Path, args: &CiArgs) -> anyhow::Result<()> {
         },
     )?;
     step(
-        "python (nixl-rs wheel; SGLang 0.5.1.post3's HiCacheNixl suite and KV interop)",
+        "python (nixl-rs wheel; SGLang 0.5.1.post3's HiCacheNixl suite and KV interop; SGLang 0.5.23's plugin, PD classes both ways, HiCache and shared files)",
         || {
             let built = wheel::build(root)?;
             wheel::test(root, &built)

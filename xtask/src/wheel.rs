@@ -76,8 +76,9 @@ pub(crate) fn build(root: &Path) -> anyhow::Result<PathBuf> {
         .context("maturin reported success but left no nixl_rs wheel")
 }
 
-/// Runs the Python tests: SGLang's own HiCacheNixl suite against ours, the start-up hook and
-/// version check (`test_activation.py`), then the KV interop test.
+/// Runs the Python tests of SGLang 0.5.1.post3: SGLang's own HiCacheNixl suite against ours, the
+/// start-up hook and version check (`test_activation.py`), then the KV interop test; then those
+/// of SGLang 0.5.23 ([`test_0523`]).
 pub(crate) fn test(root: &Path, wheel: &Path) -> anyhow::Result<()> {
     runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
     let venv = test_venv(root, wheel)?;
@@ -115,6 +116,31 @@ pub(crate) fn test(root: &Path, wheel: &Path) -> anyhow::Result<()> {
         "KV interop (SGLang {SGLANG} <-> nixl-rs): {:.1}s",
         start.elapsed().as_secs_f64()
     );
+    test_0523(root, wheel)
+}
+
+/// The SGLang 0.5.23 tests (`nixl-py/tests/test_sglang0523.py`): activation through the plugin
+/// entry point, the class contract, PD against SGLang's own classes both ways, HiCache through
+/// SGLang's host pools, and files shared with SGLang's own HiCacheNixl. Both engines load the
+/// NIXL runtime of the venv's `nixl-cu13` wheel (one runtime per process), so
+/// `NIXL_RUNTIME_DIR` is not passed on.
+pub(crate) fn test_0523(root: &Path, wheel: &Path) -> anyhow::Result<()> {
+    let venv = release_test_venv(root, wheel, &SGLANG_0523, "target/sglang0523-venv")?;
+    let start = Instant::now();
+    cmd::run(
+        Command::new(venv.join("bin/python"))
+            .arg(root.join("nixl-py/tests/test_sglang0523.py"))
+            .env_remove("NIXL_RS_SGLANG")
+            .env_remove("SGLANG_PLUGINS")
+            .env_remove("NIXL_RUNTIME_DIR")
+            .env("NIXL_RS_TEST_DIR", root.join("target"))
+            .current_dir(root),
+    )?;
+    println!(
+        "SGLang {} plugin, PD and HiCache on nixl-rs: {:.1}s",
+        SGLANG_0523.sglang,
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -138,10 +164,20 @@ pub(crate) fn bench(root: &Path, rest: &[String]) -> anyhow::Result<()> {
     )
 }
 
-/// The per-clone venv with our wheel, seeing the cached SGLang packages.
+/// The per-clone venv with our wheel, seeing the cached SGLang 0.5.1 packages.
 pub(crate) fn test_venv(root: &Path, wheel: &Path) -> anyhow::Result<PathBuf> {
-    let cached = sglang_venv(root)?;
-    let venv = root.join("target/sglang-venv");
+    release_test_venv(root, wheel, &SGLANG_0501, "target/sglang-venv")
+}
+
+/// The per-clone venv `dir` with our wheel, seeing the cached packages of `release`.
+pub(crate) fn release_test_venv(
+    root: &Path,
+    wheel: &Path,
+    release: &Release,
+    dir: &str,
+) -> anyhow::Result<PathBuf> {
+    let cached = release_venv(root, release)?;
+    let venv = root.join(dir);
     if !venv.join("bin/python").is_file() {
         cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
     }

@@ -1,9 +1,10 @@
 """nixl-rs: SGLang's NIXL components on a native Rust engine.
 
-- ``nixl_rs.sglang.install()`` puts the engine behind SGLang 0.5.1's own class names
+- ``nixl_rs.sglang.install()`` puts the engine behind SGLang's own class names
   (``NixlKVManager``, ``NixlKVSender``, ``NixlKVReceiver``, ``NixlKVBootstrapServer``,
-  ``HiCacheNixl``) in the current process; ``NIXL_RS_SGLANG=1`` does it in every process at
-  start-up (the ``nixl_rs_sglang.pth`` hook).
+  ``HiCacheNixl``) in the current process; ``NIXL_RS_SGLANG=1`` does it in every process
+  (SGLang 0.5.23: its plugin loader runs ``nixl_rs.sglang.plugin``; 0.5.1.x: the
+  ``nixl_rs_sglang.pth`` start-up hook).
 - ``nixl_rs.load_runtime()`` loads the NIXL runtime (``libnixl_capi.so``) that the environment
   already has: ``NIXL_RUNTIME_DIR`` when set, else the pip-installed ``nixl-cu12``/``nixl-cu13``
   wheel (the same libraries SGLang's own ``nixl`` package uses), else nixl-rs's own search.

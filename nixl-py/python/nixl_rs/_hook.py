@@ -8,7 +8,9 @@ are first imported, checks SGLang's version and serves our classes under SGLang'
 - ``sglang.srt.disaggregation.nixl.conn`` runs as SGLang wrote it, then its four KV classes are
   replaced (and so are those re-exported by ``sglang.srt.disaggregation.nixl``).
 
-Spawned scheduler processes inherit the variable and run this hook too.
+Spawned scheduler processes inherit the variable and run this hook too. On SGLang 0.5.23 the
+hook stands aside: SGLang's plugin loader runs ``nixl_rs.sglang.plugin`` (the wheel's entry
+point), which serves that release's classes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class _Patching(importlib.abc.Loader):
         from . import load_runtime
         from . import sglang as integ
 
-        v = integ.check_version()  # raises a clear error for 0.5.2+
+        v = integ.check_version(line="0.5.1")  # raises a clear error for other releases
         if self.name == HICACHE_MODULE:
             from .sglang import hicache
 
@@ -53,6 +55,10 @@ class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name not in _TARGETS:
             return None
+        from .sglang import release_line, sglang_version
+
+        if release_line(sglang_version()) == "0.5.23":
+            return None  # the plugin entry point serves 0.5.23
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue

@@ -182,13 +182,15 @@ impl DecodeCore {
         }
     }
 
-    /// Tells the prefill ranks of a started room that failed here to stop (0.5.20 on): `ABORT`
-    /// with our listener, and from 0.5.23 a fresh generation, to every target once.
+    /// Tells the prefill ranks of a room that failed here to stop (0.5.20 on): `ABORT` with our
+    /// listener, and from 0.5.23 a fresh generation, to every target once. A room that failed
+    /// before its transfer info went out (a page outside our pool) is aborted too: its prefill
+    /// would otherwise hold the request until its bootstrap timeout.
     pub(super) fn send_abort(&mut self, room: RoomId) {
         let Some(r) = self.rooms.get_mut(&room) else {
             return;
         };
-        if !r.profile.decode_listens() || !r.started || r.aborted {
+        if !r.profile.decode_listens() || r.targets.is_empty() || r.aborted {
             return;
         }
         let generation = if r.profile == Profile::Sglang0523 {
