@@ -75,6 +75,11 @@ pub struct HiCacheConfig {
     pub write_mode: WriteMode,
     /// Where pages' files lie under the directory (default [`Naming::Flat`]).
     pub naming: Naming,
+    /// Atomic writes of pages whose host ranges are 4 KiB aligned open their temp file
+    /// `O_DIRECT` (the data goes to the device without a copy into the page cache, as SGLang
+    /// 0.5.23 writes by default), on file systems that take it. Reads stay buffered. Off by
+    /// default.
+    pub direct_io: bool,
 }
 
 impl Default for HiCacheConfig {
@@ -99,6 +104,7 @@ impl HiCacheConfig {
             max_open: DEFAULT_MAX_OPEN,
             write_mode: WriteMode::Atomic,
             naming: Naming::Flat,
+            direct_io: false,
         }
     }
 
@@ -127,6 +133,13 @@ impl HiCacheConfig {
     #[must_use]
     pub fn naming(mut self, naming: Naming) -> Self {
         self.naming = naming;
+        self
+    }
+
+    /// Sets whether aligned writes bypass the page cache (see [`HiCacheConfig::direct_io`]).
+    #[must_use]
+    pub fn direct_io(mut self, on: bool) -> Self {
+        self.direct_io = on;
         self
     }
 

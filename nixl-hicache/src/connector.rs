@@ -11,7 +11,7 @@ use nixl_core::{
 
 use crate::config::{HiCacheConfig, Plugin, select};
 use crate::error::{Error, Result};
-use crate::files::FileStore;
+use crate::files::{DIRECT_ALIGN, FileStore};
 use crate::key::{self, Naming, PagePart};
 use crate::object::{ObjectStore, TOMBSTONE};
 use crate::paths::FileAccess;
@@ -92,6 +92,7 @@ pub struct HiCache {
     store: Store,
     suffix: String,
     naming: Naming,
+    direct_io: bool,
 }
 
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
@@ -150,6 +151,7 @@ impl HiCache {
             store,
             suffix,
             naming: config.naming,
+            direct_io: config.direct_io,
         })
     }
 
@@ -459,7 +461,12 @@ impl HiCache {
     ) -> Result<()> {
         let mut staged = Vec::with_capacity(items.len());
         for it in items {
-            match f.stage(&self.agent, &it.name, it.len()) {
+            let direct = self.direct_io
+                && it
+                    .segs
+                    .iter()
+                    .all(|s| s.addr % DIRECT_ALIGN == 0 && s.len % DIRECT_ALIGN == 0);
+            match f.stage(&self.agent, &it.name, it.len(), direct) {
                 Ok(s) => staged.push(s),
                 Err(e) => {
                     staged.into_iter().for_each(|s| f.discard(s));

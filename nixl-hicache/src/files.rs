@@ -20,7 +20,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -44,6 +44,9 @@ const SWEEP_MAX_DEPTH: usize = 8;
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 /// Temp files of earlier versions: `.tmp.<name>.<pid>.<n>`.
 pub(crate) const OLD_TEMP_PREFIX: &str = ".tmp.";
+/// The alignment `O_DIRECT` needs of addresses, lengths and file offsets (a page; every
+/// common block size divides it).
+pub(crate) const DIRECT_ALIGN: u64 = 4096;
 /// Hex digits of each part of a temp name: suffix tag, key hash, nonce.
 const TEMP_PARTS: [usize; 3] = [8, 16, 16];
 /// Attempts at a temp name that does not exist yet.
@@ -82,6 +85,8 @@ pub(crate) struct FileStore {
     clock: AtomicU64,
     seq: AtomicU64,
     nonce_seed: u64,
+    /// The file system refused `O_DIRECT` once (tmpfs, for example): writes stay buffered.
+    no_direct: AtomicBool,
 }
 
 /// The directory a name lies in: an opened subdirectory, or the storage directory (`None`).
@@ -124,6 +129,7 @@ impl FileStore {
             clock: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             nonce_seed: RandomState::new().hash_one(std::process::id()),
+            no_direct: AtomicBool::new(false),
         };
         store.sweep(STALE_TEMP_AGE, SWEEP_MAX_ENTRIES, SWEEP_MAX_DEPTH);
         Ok(store)
@@ -188,7 +194,15 @@ impl FileStore {
     ///
     /// Atomic mode: a fresh temp file beside the key's file; the key's current file, if any, is
     /// not touched until [`FileStore::publish`]. In place: the key's own file.
-    pub(crate) fn stage(&self, agent: &Agent, name: &str, len: u64) -> Result<Staged> {
+    /// With `direct`, the file is opened `O_DIRECT` (the caller checked that the ranges are
+    /// aligned to [`DIRECT_ALIGN`]) where the file system supports it, else without.
+    pub(crate) fn stage(
+        &self,
+        agent: &Agent,
+        name: &str,
+        len: u64,
+        direct: bool,
+    ) -> Result<Staged> {
         let path = self.path(name);
         let (parent, base) = self
             .parent(name, true)
@@ -197,7 +211,14 @@ impl FileStore {
         let (fd, temp) = match self.mode {
             WriteMode::Atomic => {
                 let (fd, temp) = self
-                    .create_temp(at, base)
+                    .create_temp(at, base, self.direct_flag(direct))
+                    .or_else(|e| match e {
+                        Errno::INVAL if direct => {
+                            self.no_direct.store(true, Ordering::Relaxed);
+                            self.create_temp(at, base, OFlags::empty())
+                        }
+                        e => Err(e),
+                    })
                     .map_err(sys("create temp for", &path))?;
                 (fd, Some(temp))
             }
@@ -245,7 +266,21 @@ impl FileStore {
 
     /// Creates a temp file for `base` in `at` that did not exist before (`O_EXCL`, so never an
     /// existing file or a link planted under a guessed name).
-    fn create_temp(&self, at: BorrowedFd<'_>, base: &str) -> rustix::io::Result<(OwnedFd, String)> {
+    /// `O_DIRECT` when asked for and not yet refused by this store's file system.
+    fn direct_flag(&self, direct: bool) -> OFlags {
+        if direct && !self.no_direct.load(Ordering::Relaxed) {
+            OFlags::DIRECT
+        } else {
+            OFlags::empty()
+        }
+    }
+
+    fn create_temp(
+        &self,
+        at: BorrowedFd<'_>,
+        base: &str,
+        extra: OFlags,
+    ) -> rustix::io::Result<(OwnedFd, String)> {
         let mut last = Errno::EXIST;
         for _ in 0..TEMP_ATTEMPTS {
             let temp = self.temp_name(base);
@@ -257,7 +292,8 @@ impl FileStore {
                     | OFlags::EXCL
                     | OFlags::NOFOLLOW
                     | OFlags::CLOEXEC
-                    | OFlags::NOCTTY,
+                    | OFlags::NOCTTY
+                    | extra,
                 Mode::from_raw_mode(FILE_MODE),
             ) {
                 Ok(fd) => return Ok((fd, temp)),

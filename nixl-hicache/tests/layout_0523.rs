@@ -169,3 +169,68 @@ fn another_models_bucketed_files_are_not_ours() {
     assert_eq!(b.clear().unwrap(), 0, "model b cleared model a's page");
     assert_eq!(a.batch_exists_parts(&[&k], &[PagePart::K]).unwrap(), 1);
 }
+
+#[test]
+fn direct_writes_land_the_same_bytes_and_unaligned_ones_stay_buffered() {
+    let dir = tempdir().unwrap();
+    let cache = HiCache::new(
+        HiCacheConfig::new(Some(dir.path().to_path_buf()), Plugin::parse("POSIX"))
+            .naming(Naming::Bucketed)
+            .direct_io(true),
+    )
+    .unwrap();
+    let mut src = cache
+        .register_buffer(HostBuffer::new(4 * RUN as usize).unwrap())
+        .unwrap();
+    pattern::fill(src.buffer_mut().as_mut_slice(), 5);
+    let dst = cache
+        .register_buffer(HostBuffer::new(4 * RUN as usize).unwrap())
+        .unwrap();
+    let (s, d) = (src.region().addr, dst.region().addr);
+    let (aligned, odd) = (page_key(&[1], None), page_key(&[2], None));
+    // One page of two aligned runs (direct where the file system takes it), one of an odd length.
+    let two = [range(s, 0), range(s, 1)];
+    let short = [RawTarget {
+        addr: s + 2 * RUN,
+        len: 100,
+    }];
+    cache
+        .batch_set_objects(&[
+            PageObject {
+                key: &aligned,
+                part: PagePart::Whole,
+                ranges: &two,
+            },
+            PageObject {
+                key: &odd,
+                part: PagePart::Whole,
+                ranges: &short,
+            },
+        ])
+        .unwrap();
+    let back = [range(d, 2), range(d, 0)];
+    let back_short = [RawTarget {
+        addr: d + 3 * RUN,
+        len: 100,
+    }];
+    let hits = cache
+        .batch_get_objects(&[
+            PageObject {
+                key: &aligned,
+                part: PagePart::Whole,
+                ranges: &back,
+            },
+            PageObject {
+                key: &odd,
+                part: PagePart::Whole,
+                ranges: &back_short,
+            },
+        ])
+        .unwrap();
+    assert_eq!(hits, [true, true]);
+    let (a, b) = (src.buffer().as_slice(), dst.buffer().as_slice());
+    let r = RUN as usize;
+    assert_eq!(&b[2 * r..3 * r], &a[..r]);
+    assert_eq!(&b[..r], &a[r..2 * r]);
+    assert_eq!(&b[3 * r..3 * r + 100], &a[2 * r..2 * r + 100]);
+}

@@ -43,11 +43,12 @@ impl PyHiCache {
     ///
     /// SGLang 0.5.23's layout: `naming="bucketed"` (files under a bucket directory per name)
     /// and the storage-name suffix of its ranks, `_{model}_{tp_rank}_{tp_size}` or, with
-    /// `mla`, `_{model}` (given `model`; `None` keeps 0.5.1's suffix-less names).
+    /// `mla`, `_{model}` (given `model`; `None` keeps 0.5.1's suffix-less names). `direct_io`:
+    /// atomic writes of 4 KiB-aligned pages bypass the page cache where the file system allows.
     #[new]
     #[pyo3(signature = (
         dir=None, plugin="auto", write_mode="atomic", model=None, tp_rank=0, tp_size=1,
-        mla=false, naming="flat"
+        mla=false, naming="flat", direct_io=false
     ))]
     #[allow(
         clippy::too_many_arguments,
@@ -63,6 +64,7 @@ impl PyHiCache {
         tp_size: u32,
         mla: bool,
         naming: &str,
+        direct_io: bool,
     ) -> PyResult<Self> {
         let mode = match write_mode.to_ascii_lowercase().as_str() {
             "atomic" => WriteMode::Atomic,
@@ -96,7 +98,8 @@ impl PyHiCache {
         let config = HiCacheConfig::new(dir.map(Into::into), Plugin::parse(plugin))
             .write_mode(mode)
             .suffix(suffix)
-            .naming(naming);
+            .naming(naming)
+            .direct_io(direct_io);
         let inner = py.detach(|| HiCache::new(config)).map_err(to_py)?;
         Ok(Self {
             inner,

@@ -10,8 +10,9 @@ use crate::{cmd, runtime};
 #[derive(clap::Args, Debug)]
 pub(crate) struct BenchArgs {
     /// Which suite: core, wire, kv, hicache, sliced (head slicing 1 → 2 against the same TP,
-    /// host memory), py (SGLang 0.5.1.post3's Python classes against the nixl-rs wheel under
-    /// their names) or sglang (SGLang 0.5.23's own classes against ours, each mix).
+    /// host memory), py (SGLang 0.5.1.post3's and 0.5.23's Python classes against the nixl-rs
+    /// wheel under their names) or sglang (SGLang 0.5.23's own classes against the Rust engine,
+    /// each mix).
     suite: String,
     /// Extra arguments for the benchmark binary (after `--`).
     #[arg(last = true)]

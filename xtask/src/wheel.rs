@@ -144,21 +144,62 @@ pub(crate) fn test_0523(root: &Path, wheel: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench py`: builds the wheel and runs `nixl-py/tests/bench_sglang.py` (SGLang
-/// 0.5.1.post3's Python NIXL classes against ours, the same PD and HiCache workloads, rounds
-/// alternating; it prints the markdown table for BENCHMARKS.md). `rest` goes to the script
-/// (`-- --help` lists its options).
+/// `cargo xtask bench py`: builds the wheel and runs, for SGLang 0.5.1.post3,
+/// `nixl-py/tests/bench_sglang.py`, then, for SGLang 0.5.23, `nixl-py/tests/bench_sglang0523.py`
+/// (SGLang's Python NIXL classes against ours, the same PD and HiCache workloads, rounds
+/// alternating; each prints the markdown table for BENCHMARKS.md). `-- --sglang 0.5.1` or
+/// `-- --sglang 0.5.23` runs one of them, and the rest of `rest` goes to that script (`--help`
+/// lists its options).
 pub(crate) fn bench(root: &Path, rest: &[String]) -> anyhow::Result<()> {
+    let (only, rest) = match rest {
+        [flag, v, tail @ ..] if flag == "--sglang" => (Some(v.as_str()), tail),
+        _ => (None, rest),
+    };
+    match only {
+        None if !rest.is_empty() => {
+            bail!("options for the bench scripts need `--sglang 0.5.1` or `--sglang 0.5.23` first")
+        }
+        None | Some("0.5.1" | "0.5.23") => {}
+        Some(other) => bail!("--sglang {other}: choose 0.5.1 or 0.5.23"),
+    }
     let wheel = build(root)?;
     runtime::run(root, &runtime::RuntimeArgs::default_ci())?;
-    let venv = test_venv(root, &wheel)?;
+    if only != Some("0.5.23") {
+        let venv = test_venv(root, &wheel)?;
+        bench_script(root, &venv, "bench_sglang.py", "bench-py.json", rest)?;
+    }
+    if only != Some("0.5.1") {
+        let venv = release_test_venv(root, &wheel, &SGLANG_0523, "target/sglang0523-venv")?;
+        bench_script(
+            root,
+            &venv,
+            "bench_sglang0523.py",
+            "bench-py-0523.json",
+            rest,
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs `nixl-py/tests/<script>` with `venv`'s Python, its raw figures to `target/<json>`, in an
+/// environment where neither route of our engine is switched on and both engines load one
+/// runtime (the venv's NIXL wheel).
+fn bench_script(
+    root: &Path,
+    venv: &Path,
+    script: &str,
+    json: &str,
+    rest: &[String],
+) -> anyhow::Result<()> {
     cmd::run(
         Command::new(venv.join("bin/python"))
-            .arg(root.join("nixl-py/tests/bench_sglang.py"))
+            .arg(root.join("nixl-py/tests").join(script))
             .arg("--json")
-            .arg(root.join("target/bench-py.json"))
+            .arg(root.join("target").join(json))
             .args(rest)
             .env_remove("NIXL_RS_SGLANG")
+            .env_remove("SGLANG_PLUGINS")
+            .env_remove("NIXL_RUNTIME_DIR")
             .env("BENCH_DIR", root.join("target"))
             .current_dir(root),
     )

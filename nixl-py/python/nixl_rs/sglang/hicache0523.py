@@ -22,8 +22,10 @@ that a layout scatters over layers is one object gathered from (and scattered ba
 ranges. What differs from SGLang's on purpose: writes are atomic (a failed batch publishes no
 page, where SGLang leaves empty files that later pass ``batch_exists``); ``batch_get_v1``
 answers per page (SGLang fails a whole batch when one page is missing); one storage directory
-(SGLang's comma-separated list of several is refused with a message); direct I/O is not used
-(``use_direct_io`` only decides the object layout, as above).
+(SGLang's comma-separated list of several is refused with a message); reads and writes go
+through the page cache (SGLang's default is direct I/O; ``use_direct_io`` decides only the
+object layout here, as above, and ``NIXL_RS_HICACHE_DIRECT_IO=1`` makes writes of aligned pages
+bypass the page cache).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ DIR_ENV = "SGLANG_HICACHE_NIXL_BACKEND_STORAGE_DIR"
 PLUGIN_ENV = "SGLANG_HICACHE_NIXL_BACKEND_PLUGIN"
 DIRECT_IO_ENV = "SGLANG_HICACHE_NIXL_USE_DIRECT_IO"
 WRITE_ENV = "NIXL_RS_HICACHE_WRITE"
+#: `1`: writes of 4 KiB-aligned pages open their files O_DIRECT (off by default: measured slower
+#: than buffered writes here, BENCHMARKS.md).
+DIRECT_WRITES_ENV = "NIXL_RS_HICACHE_DIRECT_IO"
 DEFAULT_DIR = "/tmp/hicache_storage"
 PROFILE = "sglang-0.5.23 (HiCache)"
 SPLIT_LAYOUTS = ("page_first", "page_first_direct")
@@ -156,6 +161,7 @@ class HiCacheNixl(HiCacheStorage):
                 self.file_path, self.plugin, os.getenv(WRITE_ENV, "atomic"),
                 model=self.model, tp_rank=self.tp_rank, tp_size=self.tp_size,
                 mla=self.is_mla_model, naming="bucketed",
+                direct_io=_flag(os.getenv(DIRECT_WRITES_ENV), False),
             )
         except RuntimeError as e:
             raise RuntimeError(f"Failed to create NIXL backend: {e}") from e
