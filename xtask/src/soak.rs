@@ -171,7 +171,12 @@ struct Totals {
 struct Decode {
     child: Child,
     reader: Option<std::thread::JoinHandle<Option<serde_json::Value>>>,
+    /// The last lines the decode wrote on stderr (printed when it exits badly).
+    tail: Arc<Mutex<std::collections::VecDeque<String>>>,
 }
+
+/// Lines of a decode's stderr kept for the report of a bad exit.
+const TAIL_LINES: usize = 12;
 
 pub(crate) fn run(root: &Path, args: &SoakArgs) -> anyhow::Result<()> {
     prereq::ensure_libclang()?;
@@ -324,10 +329,19 @@ fn soak(
             .stderr(Stdio::piped())
             .spawn()
             .context("starting nixl-pd decode")?;
+        let tail: Arc<Mutex<std::collections::VecDeque<String>>> = Arc::default();
         if let Some(stderr) = child.stderr.take() {
             let bad = Arc::clone(&bad_lines);
+            let tail = Arc::clone(&tail);
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    {
+                        let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+                        if t.len() == TAIL_LINES {
+                            t.pop_front();
+                        }
+                        t.push_back(line.clone());
+                    }
                     if line.contains("differs")
                         || line.contains("no reason given")
                         || line.starts_with("stray write: ")
@@ -354,6 +368,7 @@ fn soak(
         Ok(Decode {
             child,
             reader: Some(reader),
+            tail,
         })
     };
     let mut running: Vec<Option<Decode>> = Vec::new();
@@ -428,6 +443,8 @@ fn soak(
         if d.child.try_wait()?.is_none() {
             let _ = d.child.kill();
             totals.lock().unwrap_or_else(|p| p.into_inner()).bad_exits += 1;
+            println!("soak: a decode was still running 60 s after the load ended; killed");
+            print_tail(&d);
         }
         collect(d, &totals);
     }
@@ -457,6 +474,8 @@ fn collect(mut d: Decode, totals: &Mutex<Totals>) {
     t.runs += 1;
     if !status.is_some_and(|s| s.success()) {
         t.bad_exits += 1;
+        println!("soak: a decode exited with {status:?}");
+        print_tail(&d);
     }
     if let Some(j) = json {
         let n = |k: &str| j[k].as_u64().unwrap_or(0);
@@ -473,6 +492,15 @@ fn collect(mut d: Decode, totals: &Mutex<Totals>) {
         }
     } else {
         t.bad_exits += 1;
+        println!("soak: a decode printed no JSON summary");
+        print_tail(&d);
+    }
+}
+
+/// The last lines a decode wrote on stderr.
+fn print_tail(d: &Decode) {
+    for line in d.tail.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        println!("soak:   decode stderr: {line}");
     }
 }
 
