@@ -23,6 +23,11 @@ pub struct ManagerConfig {
     pub orphan_timeout: Duration,
     /// Timeout of each bootstrap HTTP request.
     pub http_timeout: Duration,
+    /// Decode: how long a receiver's bootstrap may take in all: every lookup a
+    /// [`KvReceiver::new`](crate::KvReceiver::new) makes, and each heartbeat round's re-checks
+    /// of cached rank entries (default 30 s). A bootstrap server naming many ranks that answer
+    /// slowly then fails the request with the reason instead of holding the caller for minutes.
+    pub bootstrap_deadline: Duration,
     /// Prefill: how long a decode agent that sends nothing (and that no room refers to) stays
     /// registered before its NIXL metadata is released (default 600 s; our decodes re-register
     /// every 60 s while active).
@@ -217,6 +222,7 @@ impl Default for ManagerConfig {
             waiting_timeout: (waiting > 0.0).then(|| Duration::from_secs_f64(waiting)),
             orphan_timeout: Duration::from_secs_f64(orphan.max(0.0)),
             http_timeout: Duration::from_secs(5),
+            bootstrap_deadline: Duration::from_secs(30),
             strict_peers: false,
             peer_idle_timeout: crate::proto::prefill::DEFAULT_PEER_IDLE_TIMEOUT,
             staging: None,
@@ -251,6 +257,21 @@ impl ManagerConfig {
     #[must_use]
     pub fn local_ip(mut self, ip: &str) -> Self {
         self.local_ip = ip.to_owned();
+        self
+    }
+
+    /// Sets the timeout of each bootstrap HTTP request.
+    #[must_use]
+    pub fn http_timeout(mut self, t: Duration) -> Self {
+        self.http_timeout = t;
+        self
+    }
+
+    /// Sets how long a receiver's whole bootstrap may take (see
+    /// [`ManagerConfig::bootstrap_deadline`]).
+    #[must_use]
+    pub fn bootstrap_deadline(mut self, t: Duration) -> Self {
+        self.bootstrap_deadline = t;
         self
     }
 

@@ -36,6 +36,9 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), Error> {
                 let Some(s) = weak.upgrade() else { return };
                 let Some(d) = s.decode() else { return };
                 let due = lock(&d.core).heartbeat_due(Instant::now());
+                // Re-checks of cached rank entries share one deadline per round, so a server
+                // naming many slow ranks cannot hold the other prefills' heartbeats.
+                let round_deadline = Instant::now() + s.config.bootstrap_deadline;
                 for addr in due {
                     let client =
                         BootstrapClient::new(addr.as_str(), s.config.http_timeout.min(interval));
@@ -48,10 +51,9 @@ pub(crate) fn start(shared: &Arc<Shared>) -> Result<(), Error> {
                     // The core says which cached pool entries to look up again.
                     let checks = lock(&d.core).take_pool_checks();
                     for (key, ranks) in checks {
-                        let now: Result<Vec<_>, String> = ranks
-                            .iter()
-                            .map(|&r| client.rank_info(r, key.dp_group).map_err(|e| e.to_string()))
-                            .collect();
+                        let now = super::receiver::lookup_ranks(&ranks, round_deadline, |r| {
+                            client.rank_info(r, key.dp_group).map_err(|e| e.to_string())
+                        });
                         lock(&d.core).pool_checked(&key, now);
                     }
                 }

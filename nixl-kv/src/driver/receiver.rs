@@ -57,7 +57,16 @@ impl KvReceiver {
         let addr = BootstrapAddr::new(bootstrap);
         lock(&d.core).receiver_new(room, addr.clone(), dp_rank, Instant::now());
         let client = BootstrapClient::new(bootstrap, shared.config.http_timeout);
+        let deadline = Instant::now() + shared.config.bootstrap_deadline;
         for _ in 0..MAX_LOOKUPS {
+            if Instant::now() >= deadline {
+                let reason = format!(
+                    "the bootstrap took longer than {:?}",
+                    shared.config.bootstrap_deadline
+                );
+                lock(&d.core).bootstrap_failed(room, reason);
+                break;
+            }
             let lookup = lock(&d.core).next_lookup(room);
             match lookup {
                 Lookup::Parallel(_) => {
@@ -79,7 +88,7 @@ impl KvReceiver {
                         }
                         .map_err(|e| e.to_string())
                     };
-                    let infos = ranks.iter().map(|&r| ask(r)).collect();
+                    let infos = lookup_ranks(&ranks, deadline, ask);
                     lock(&d.core).ranks_learned(room, key, infos);
                 }
                 _ => break,
@@ -166,6 +175,26 @@ impl Drop for KvReceiver {
 /// The prefill's parallel info, asked first in our profile's form (`v2x`: SGLang 0.5.20–0.5.23's
 /// query), then in the other one when that fails: the form that answers reveals the prefill's
 /// profile (docs/protocol.md §10.12). Both failing reports the first answer's error.
+/// Looks `ranks` up one after another with `ask`, stopping at the first error or at
+/// `deadline` (a bootstrap server may name up to 65 536 ranks).
+pub(super) fn lookup_ranks<T>(
+    ranks: &[u32],
+    deadline: Instant,
+    ask: impl Fn(u32) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
+    let mut out = Vec::with_capacity(ranks.len().min(1024));
+    for (done, &r) in ranks.iter().enumerate() {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "rank lookups stopped at the bootstrap deadline: {done} of {} answered",
+                ranks.len()
+            ));
+        }
+        out.push(ask(r)?);
+    }
+    Ok(out)
+}
+
 fn parallel_lookup(
     client: &BootstrapClient,
     core: &std::sync::Mutex<crate::proto::decode::DecodeCore>,

@@ -833,6 +833,14 @@ impl DecodeCore {
         }
     }
 
+    /// The receiver of `room` gave up its bootstrap (its deadline passed): the room fails with
+    /// `reason`, naming its bootstrap server.
+    pub fn bootstrap_failed(&mut self, room: RoomId, reason: String) {
+        if let Some(bootstrap) = self.rooms.get(&room).map(|r| r.bootstrap.clone()) {
+            self.fail(room, FailureReason::Bootstrap { bootstrap, reason });
+        }
+    }
+
     /// Fails `room` unless it already succeeded (an abort, or an error sending its infos).
     pub fn fail(&mut self, room: RoomId, reason: FailureReason) {
         if let Some(r) = self.rooms.get_mut(&room)
