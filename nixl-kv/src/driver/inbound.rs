@@ -3,7 +3,7 @@
 //! they cause (NIXL metadata loads stay off the socket's runtime) and runs the core's timeouts
 //! when it says they are due, whether or not traffic arrives.
 
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,6 +13,7 @@ use nixl_wire::PrefillInbound;
 use super::{Shared, exec, lock};
 use crate::error::Error;
 use crate::net::busy;
+use crate::net::gate::{RateLog, tick};
 
 /// Frame sets waiting for the inbound thread; past this a message is dropped (and logged), so
 /// a flood cannot grow memory without bound.
@@ -28,15 +29,21 @@ pub(crate) fn queue() -> (Sender<Vec<Bytes>>, Receiver<Vec<Bytes>>) {
     channel::bounded(QUEUE)
 }
 
+/// Warnings of a full inbound queue, per 5 s (a flood of junk would write one per message).
+static QUEUE_FULL: Mutex<RateLog> = Mutex::new(RateLog::new(5));
+
 /// Called on the ZeroMQ thread for every message.
 pub(crate) fn offer(tx: &Sender<Vec<Bytes>>, frames: Vec<Bytes>) {
     match tx.try_send(frames) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
-            tracing::warn!(
-                capacity = QUEUE,
-                "prefill inbound queue full; message dropped"
-            );
+            if let Some(suppressed) = tick(&QUEUE_FULL) {
+                tracing::warn!(
+                    capacity = QUEUE,
+                    suppressed,
+                    "prefill inbound queue full; message dropped"
+                );
+            }
         }
         Err(TrySendError::Disconnected(_)) => {}
     }
@@ -75,6 +82,7 @@ fn next(
 /// ([`crate::proto::prefill::PrefillCore::poll_timeout`]) or the next progress of the agent,
 /// whichever is first.
 fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, busy: Duration) {
+    let mut malformed = RateLog::new(20);
     let mut next_progress = Instant::now() + PROGRESS;
     let mut next_timeout: Option<Instant> = None;
     // What is left of the busy window the last message opened.
@@ -100,7 +108,11 @@ fn run(weak: &Weak<Shared>, rx: &Receiver<Vec<Bytes>>, busy: Duration) {
                     p.activity.touch();
                     lock(&p.core).handle_inbound(msg, Instant::now());
                 }
-                Err(e) => tracing::warn!(error = %e, "malformed message from a decode; dropped"),
+                Err(e) => {
+                    if let Some(suppressed) = malformed.tick() {
+                        tracing::warn!(error = %e, suppressed, "malformed message from a decode; dropped");
+                    }
+                }
             },
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,

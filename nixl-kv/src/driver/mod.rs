@@ -299,7 +299,7 @@ impl KvManager {
         let to = Arc::clone(&listener);
         let on_message = Box::new(move |frames: Vec<bytes::Bytes>| {
             if let Some(core) = to.get().and_then(Weak::upgrade) {
-                lock(&core).handle_listener(&frames);
+                lock(&core).handle_listener(&frames, Instant::now());
             }
         });
         let (zmq, port) = zmq::ZmqThread::start(

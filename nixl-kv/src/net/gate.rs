@@ -79,7 +79,7 @@ pub(crate) struct RateLog {
 }
 
 impl RateLog {
-    pub(crate) fn new(burst: u32) -> Self {
+    pub(crate) const fn new(burst: u32) -> Self {
         Self {
             burst,
             window: None,

@@ -8,6 +8,7 @@
 pub mod decode;
 mod failure;
 mod lists;
+pub(crate) mod log_budget;
 pub mod lower;
 pub mod plan;
 pub mod prefill;

@@ -1,7 +1,9 @@
 //! A decode speaking SGLang 0.5.20–0.5.23 (docs/protocol.md §10): its registration and
 //! TransferInfo in that form, the parallel info of a 0.5.2x bootstrap server, what its PULL
 //! listener receives (`KV_STATUS`, `ABORT_ACK`, SGLang's staging messages), and `ABORT` to its
-//! prefill ranks when a started room fails here.
+//! prefill ranks when a room fails here.
+
+use std::time::Instant;
 
 use bytes::Bytes;
 use nixl_wire::http::ParallelInfo;
@@ -11,6 +13,7 @@ use nixl_wire::{Profile, RoomId, TransferInfo};
 
 use super::{Command, DecodeCore, KvPoll, MAX_PARALLEL_SIZE};
 use crate::proto::FailureReason;
+use crate::proto::log_budget::peer_warn;
 
 /// Our TransferInfo in 0.5.2x's 11 frames (no state, no radix prefix).
 pub(super) fn transfer_info_v2x(info: TransferInfo, dummy: bool) -> Vec<Bytes> {
@@ -114,13 +117,13 @@ impl DecodeCore {
         self.rooms.get(&room).map_or(self.me.profile, |r| r.profile)
     }
 
-    /// A message on our PULL listener (0.5.20 on). Malformed ones and those for rooms we do
-    /// not hold are logged and dropped.
-    pub fn handle_listener(&mut self, frames: &[Bytes]) {
+    /// A message on our PULL listener (0.5.20 on), arrived at `now`. Malformed ones and those
+    /// for rooms we do not hold are logged (within a budget) and dropped.
+    pub fn handle_listener(&mut self, frames: &[Bytes], now: Instant) {
         let msg = match DecodeInbound::decode(frames) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(error = %e, "malformed message on the decode listener; dropped");
+                peer_warn!(self.peer_logs, now, error = %e, "malformed message on the decode listener; dropped");
                 return;
             }
         };

@@ -344,6 +344,8 @@ pub struct DecodeCore {
     ring: Option<SlotRing>,
     /// The last `ABORT` generation armed (0.5.23 numbers them per manager from 1).
     abort_generation: u64,
+    /// Bounds the warnings a peer can cause on our listener.
+    peer_logs: crate::proto::log_budget::LogBudget,
 }
 
 impl DecodeCore {
@@ -359,6 +361,7 @@ impl DecodeCore {
                 .staging
                 .map(|st| SlotRing::new(st.ring.slots, QUARANTINE)),
             abort_generation: 0,
+            peer_logs: crate::proto::log_budget::LogBudget::new(20),
             me,
         }
     }

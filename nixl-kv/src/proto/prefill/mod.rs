@@ -16,6 +16,7 @@ use nixl_wire::{
 };
 
 use super::lists::{ListTrack, peer_cap};
+use super::log_budget::{LogBudget, peer_warn};
 use super::lower::{
     ListId, ListKind, ListSpec, PackedPiece, Work, list_spec, lower_explicit, lower_indexed,
 };
@@ -189,6 +190,8 @@ pub const DEFAULT_PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How often idle decodes that rooms still refer to are looked at again.
 const PEER_RECHECK: Duration = Duration::from_secs(10);
+/// Warnings decodes can cause, per 5 s (the rest are counted in the next one).
+const PEER_LOG_BURST: u32 = 20;
 
 /// Whether our own prepared lists exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +227,8 @@ pub struct PrefillCore {
     host_area: Option<u64>,
     /// When [`PrefillCore::handle_timeout`] has work next (see [`PrefillCore::poll_timeout`]).
     timers: TimerTable,
+    /// Bounds the warnings decodes can cause (bad proofs, conflicts, unloadable metadata, ...).
+    peer_logs: LogBudget,
 }
 
 impl PrefillCore {
@@ -264,6 +269,7 @@ impl PrefillCore {
             node: None,
             packing: false,
             timers: TimerTable::default(),
+            peer_logs: LogBudget::new(PEER_LOG_BURST),
             host_area: None,
         }
     }
@@ -336,19 +342,26 @@ impl PrefillCore {
             PrefillInbound::TransferV2x(t) => self.handle_transfer_v2x(t, now),
             PrefillInbound::Abort(a) => self.handle_abort(&a),
             PrefillInbound::StagingRsp(m) => {
-                tracing::warn!(room = %m.room, "STAGING_RSP: SGLang's staging path is not supported");
+                peer_warn!(self.peer_logs, now, room = %m.room, "STAGING_RSP: SGLang's staging path is not supported");
                 self.fail(
                     m.room,
                     FailureReason::Unsupported("SGLang's staging path".into()),
                 );
             }
-            other => tracing::warn!(?other, "unexpected prefill-bound message; dropped"),
+            other => {
+                peer_warn!(
+                    self.peer_logs,
+                    now,
+                    ?other,
+                    "unexpected prefill-bound message; dropped"
+                );
+            }
         }
     }
 
     fn handle_transfer_info(&mut self, t: TransferInfo, now: Instant) {
         if !self.origin_ok(&t.agent, &t.trailing) {
-            tracing::warn!(room = %t.room, agent = %t.agent, "transfer info without the proof its agent owes; refused");
+            peer_warn!(self.peer_logs, now, room = %t.room, agent = %t.agent, "transfer info without the proof its agent owes; refused");
             return;
         }
         if let Some(p) = self.peers.get_mut(&t.agent) {
@@ -376,7 +389,7 @@ impl PrefillCore {
             None => started || complete,
         };
         if conflict {
-            tracing::warn!(room = %room_id, agent = %t.agent, "conflicting transfer info refused");
+            peer_warn!(self.peer_logs, now, room = %room_id, agent = %t.agent, "conflicting transfer info refused");
             if known.is_none() && self.peers.contains_key(&t.agent) {
                 let payload =
                     Notification::fail(room_id, &FailureReason::RoomClaimed.to_string()).encode();

@@ -26,7 +26,7 @@ impl PrefillCore {
             }
             Admission::BackingOff => return,
             Admission::Full => {
-                tracing::warn!(agent = %r.agent, max = MAX_PEERS, "too many decode agents; registration dropped");
+                peer_warn!(self.peer_logs, now, agent = %r.agent, max = MAX_PEERS, "too many decode agents; registration dropped");
                 return;
             }
         }
@@ -119,7 +119,7 @@ impl PrefillCore {
                 self.peers.insert(agent.clone(), state);
             }
             Ok(name) => {
-                tracing::warn!(claimed = %agent, actual = %name, "decode metadata names another agent");
+                peer_warn!(self.peer_logs, seen, claimed = %agent, actual = %name, "decode metadata names another agent");
                 // Forget what was just loaded, unless it belongs to a registered decode (a
                 // hostile message must not disconnect a legitimate peer).
                 let known = AgentName::new(&name).is_ok_and(|n| self.peers.contains_key(&n));
@@ -128,7 +128,7 @@ impl PrefillCore {
                 }
             }
             Err(reason) => {
-                tracing::warn!(agent = %agent, %reason, "cannot load decode metadata");
+                peer_warn!(self.peer_logs, seen, agent = %agent, %reason, "cannot load decode metadata");
                 self.peers.refuse(agent.clone(), seen);
             }
         }

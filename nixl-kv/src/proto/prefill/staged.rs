@@ -400,7 +400,7 @@ impl PrefillCore {
     pub(super) fn handle_freed(&mut self, m: &FreedMessage, now: Instant) {
         let f = m.notice;
         if !self.origin_ok(&m.agent, &m.trailing) {
-            tracing::warn!(agent = %m.agent, room = %f.room, "freed slot without the proof its agent owes; refused");
+            peer_warn!(self.peer_logs, now, agent = %m.agent, room = %f.room, "freed slot without the proof its agent owes; refused");
             return;
         }
         let Some(sr) = self

@@ -410,7 +410,7 @@ fn our_0523_decode_and_our_prefill_complete_by_kv_status_and_abort_each_other_cl
     drv.run(&mut p);
     let (endpoint, status) = drv.statuses.pop().unwrap();
     assert_eq!(endpoint, "tcp://127.0.0.1:7100");
-    d.handle_listener(&status);
+    d.handle_listener(&status, Instant::now());
     assert_eq!(
         d.poll(room, now),
         KvPoll::Success,
@@ -466,7 +466,7 @@ fn a_kv_status_failure_fails_the_room_with_the_prefills_reason_and_junk_is_dropp
         vec![Bytes::from_static(b"HELLO"), Bytes::from_static(b"1")],
         Vec::new(),
     ] {
-        d.handle_listener(&junk);
+        d.handle_listener(&junk, Instant::now());
     }
     assert_eq!(d.poll(room, now), KvPoll::WaitingForInput);
     // 0.5.20 Success rides on notifications with the prefill's rank appended.
@@ -477,7 +477,10 @@ fn a_kv_status_failure_fails_the_room_with_the_prefills_reason_and_junk_is_dropp
     bootstrap_v2x(&mut d, room, nixl_wire::Profile::Sglang0520, now);
     d.receiver_init(room, &[4], 1, now);
     let _ = sends(&mut d);
-    d.handle_listener(&KvStatus::failed(room, 0, "NIXL_ERR_INVALID_PARAM").encode());
+    d.handle_listener(
+        &KvStatus::failed(room, 0, "NIXL_ERR_INVALID_PARAM").encode(),
+        Instant::now(),
+    );
     assert_eq!(d.poll(room, now), KvPoll::Failed);
     assert_eq!(
         d.failure(room),
@@ -583,7 +586,7 @@ fn the_bootstrap_answer_reveals_the_prefills_profile_whatever_ours() {
         PrefillInbound::decode(&frames[0].1),
         Ok(PrefillInbound::RegisterV2x(r)) if r.profile() == nixl_wire::Profile::Sglang0523
     ));
-    d.handle_listener(&KvStatus::success(room, 0).encode());
+    d.handle_listener(&KvStatus::success(room, 0).encode(), Instant::now());
     assert_eq!(d.poll(room, now), KvPoll::Success);
     // Configured for 0.5.23, facing a 0.5.1 server: 0.5.1's frames, notifications, no ABORT.
     let room = RoomId::new(68);
@@ -610,7 +613,7 @@ fn the_bootstrap_answer_reveals_the_prefills_profile_whatever_ours() {
         PrefillInbound::decode(&frames[1].1),
         Ok(PrefillInbound::Transfer(_))
     ));
-    d.handle_listener(&KvStatus::success(room, 0).encode());
+    d.handle_listener(&KvStatus::success(room, 0).encode(), Instant::now());
     assert_ne!(
         d.poll(room, now),
         KvPoll::Success,
