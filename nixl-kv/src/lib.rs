@@ -30,7 +30,7 @@ pub mod proto;
 pub use driver::{
     HostPacking, KvArgs, KvManager, KvReceiver, KvSender, ManagerConfig, Mode,
     RECOMMENDED_BUSY_POLL, RECOMMENDED_SLOT_MIB, RECOMMENDED_SLOTS, RequestPaths, StagingConfig,
-    TableSizes,
+    TOKEN_ENV, TableSizes,
 };
 pub use error::{ArgsError, Error};
 pub use net::bootstrap::BootstrapServer;

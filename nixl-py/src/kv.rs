@@ -362,13 +362,22 @@ pub(crate) struct PyBootstrapServer {
 
 #[pymethods]
 impl PyBootstrapServer {
-    /// Listens on `host:port` (SGLang listens on every interface).
+    /// Listens on `host:port` (SGLang listens on every interface). With
+    /// `NIXL_RS_BOOTSTRAP_TOKEN` set, registrations must carry it (SGLang's own prefills send
+    /// none: set it only where every prefill rank is ours).
     #[new]
     #[pyo3(signature = (port, host="0.0.0.0"))]
     fn new(py: Python<'_>, port: u16, host: &str) -> PyResult<Self> {
         let addr = format!("{host}:{port}");
+        // With NIXL_RS_BOOTSTRAP_TOKEN set, only prefill ranks that send it may register.
+        let token = std::env::var(nixl_kv::TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty());
         let server = py
-            .detach(|| BootstrapServer::start(&addr))
+            .detach(|| match &token {
+                Some(t) => BootstrapServer::start_with_token(&addr, t),
+                None => BootstrapServer::start(&addr),
+            })
             .map_err(runtime_err)?;
         let port = server.addr().port();
         Ok(Self {

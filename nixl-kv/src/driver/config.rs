@@ -23,6 +23,12 @@ pub struct ManagerConfig {
     pub orphan_timeout: Duration,
     /// Timeout of each bootstrap HTTP request.
     pub http_timeout: Duration,
+    /// Prefill: the secret sent with the registration (`PUT /route`), for a bootstrap server
+    /// that takes registrations only with it
+    /// ([`BootstrapServer::start_with_token`](crate::BootstrapServer::start_with_token)), so
+    /// that no stranger can register a rank before the real one does. Default:
+    /// `NIXL_RS_BOOTSTRAP_TOKEN` when set, else none.
+    pub bootstrap_token: Option<String>,
     /// Decode: how long a receiver's bootstrap may take in all: every lookup a
     /// [`KvReceiver::new`](crate::KvReceiver::new) makes, and each heartbeat round's re-checks
     /// of cached rank entries (default 30 s). A bootstrap server naming many ranks that answer
@@ -203,6 +209,10 @@ impl StagingConfig {
     }
 }
 
+/// The environment variable with the bootstrap token (see
+/// [`ManagerConfig::bootstrap_token`]).
+pub const TOKEN_ENV: &str = "NIXL_RS_BOOTSTRAP_TOKEN";
+
 fn env_f64(name: &str) -> Option<f64> {
     std::env::var(name).ok()?.trim().parse().ok()
 }
@@ -223,6 +233,7 @@ impl Default for ManagerConfig {
             orphan_timeout: Duration::from_secs_f64(orphan.max(0.0)),
             http_timeout: Duration::from_secs(5),
             bootstrap_deadline: Duration::from_secs(30),
+            bootstrap_token: std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
             strict_peers: false,
             peer_idle_timeout: crate::proto::prefill::DEFAULT_PEER_IDLE_TIMEOUT,
             staging: None,
@@ -264,6 +275,13 @@ impl ManagerConfig {
     #[must_use]
     pub fn http_timeout(mut self, t: Duration) -> Self {
         self.http_timeout = t;
+        self
+    }
+
+    /// Sets the secret sent with the registration (see [`ManagerConfig::bootstrap_token`]).
+    #[must_use]
+    pub fn bootstrap_token(mut self, token: Option<String>) -> Self {
+        self.bootstrap_token = token;
         self
     }
 

@@ -33,7 +33,7 @@ use nixl_wire::{AgentName, GpuId, RoomId};
 pub use args::KvArgs;
 pub use config::{
     HostPacking, ManagerConfig, RECOMMENDED_BUSY_POLL, RECOMMENDED_SLOT_MIB, RECOMMENDED_SLOTS,
-    StagingConfig,
+    StagingConfig, TOKEN_ENV,
 };
 pub use receiver::KvReceiver;
 pub use sender::KvSender;
@@ -272,15 +272,16 @@ impl KvManager {
             rank_port,
             engine_rank: args.engine_rank(),
         };
-        let client = BootstrapClient::new(bootstrap, shared.config.http_timeout);
-        match &shared.config.sglang_pages {
+        let client = BootstrapClient::new(bootstrap, shared.config.http_timeout)
+            .with_token(shared.config.bootstrap_token.clone());
+        let body = match &shared.config.sglang_pages {
             Some((page_size, dtype)) => {
-                let v2 =
-                    nixl_wire::http::v2x::PrefillRegistration::from_seed(&reg, *page_size, dtype);
-                client.register_body(&v2.body_for_every_release(&reg))?;
+                nixl_wire::http::v2x::PrefillRegistration::from_seed(&reg, *page_size, dtype)
+                    .body_for_every_release(&reg)
             }
-            None => client.register(&reg)?,
-        }
+            None => nixl_wire::http::to_python_json(&reg),
+        };
+        register_with_retries(&client, &body)?;
         tracing::info!(port = rank_port, bootstrap, "prefill manager ready");
         Ok(Self { shared })
     }
@@ -459,6 +460,28 @@ impl KvManager {
                     ..TableSizes::default()
                 }
             }
+        }
+    }
+}
+
+/// Attempts at a registration the server answers 409 (a rank of ours that just restarted: its
+/// old process may still hold its socket for a moment).
+const REGISTER_ATTEMPTS: u32 = 4;
+
+/// Registers `body`, again after 0.5, 1 and 1.5 s while the server answers 409; a last 409 is
+/// [`BootstrapError::Conflict`](crate::net::bootstrap::BootstrapError::Conflict).
+fn register_with_retries(client: &BootstrapClient, body: &str) -> Result<(), Error> {
+    let mut attempt = 1;
+    loop {
+        match client.register_body(body) {
+            Err(crate::net::bootstrap::BootstrapError::Conflict { url })
+                if attempt < REGISTER_ATTEMPTS =>
+            {
+                tracing::warn!(%url, attempt, "rank registered from another live address; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(500 * u64::from(attempt)));
+                attempt += 1;
+            }
+            other => return Ok(other?),
         }
     }
 }

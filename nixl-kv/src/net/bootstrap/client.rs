@@ -14,6 +14,8 @@ const MAX_ANSWER: u64 = 64 << 10;
 pub struct BootstrapClient {
     pub(super) base: String,
     pub(super) agent: ureq::Agent,
+    /// Sent with registrations in [`super::TOKEN_HEADER`].
+    token: Option<String>,
 }
 
 /// What a health check found.
@@ -38,7 +40,17 @@ impl BootstrapClient {
         Self {
             base: format!("http://{addr}"),
             agent: config.into(),
+            token: None,
         }
+    }
+
+    /// Sends `token` with registrations (a server started with
+    /// [`BootstrapServer::start_with_token`](super::BootstrapServer::start_with_token) takes
+    /// no other).
+    #[must_use]
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     pub(super) fn get(&self, path: &str) -> Result<(u16, String), BootstrapError> {
@@ -91,14 +103,17 @@ impl BootstrapClient {
             url: url.clone(),
             reason,
         };
-        let resp = self
+        let mut put = self
             .agent
             .put(&url)
-            .header("Content-Type", "application/json")
-            .send(body.as_bytes())
-            .map_err(|e| err(e.to_string()))?;
+            .header("Content-Type", "application/json");
+        if let Some(t) = &self.token {
+            put = put.header(super::TOKEN_HEADER, t.as_str());
+        }
+        let resp = put.send(body.as_bytes()).map_err(|e| err(e.to_string()))?;
         match resp.status().as_u16() {
             200 => Ok(()),
+            409 => Err(BootstrapError::Conflict { url }),
             s => Err(err(format!("status {s}"))),
         }
     }

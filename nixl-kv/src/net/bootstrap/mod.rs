@@ -35,6 +35,15 @@
 //! while a rank is alive nobody can redirect its decodes. The TP and DP sizes are set by the
 //! first PUT and never change, as in SGLang.
 //!
+//! A rank that has not registered yet (a `--join` rank starting, a rank that died) can still be
+//! taken by whoever registers it first. A server started with a token
+//! ([`BootstrapServer::start_with_token`]; `nixl-pd` and the Python wheel do it when
+//! `NIXL_RS_BOOTSTRAP_TOKEN` is set) takes a `PUT /route` only with the token in the
+//! [`TOKEN_HEADER`] header and answers 403 otherwise; our prefills send
+//! [`ManagerConfig::bootstrap_token`](crate::ManagerConfig::bootstrap_token). A prefill whose
+//! registration gets 409 tries three more times over 3 s (its own previous process may still
+//! hold the old socket), then fails with [`BootstrapError::Conflict`].
+//!
 //! # The client
 //!
 //! ureq, with a timeout per request and a bound on the bytes read from a server. Parallel
@@ -45,7 +54,7 @@ mod client;
 mod server;
 
 pub use client::{BootstrapClient, Health};
-pub use server::{BootstrapServer, ServerLimits, TableSnapshot, serve_stream};
+pub use server::{BootstrapServer, ServerLimits, TOKEN_HEADER, TableSnapshot, serve_stream};
 
 /// Errors of the bootstrap server and client.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +75,15 @@ pub enum BootstrapError {
         url: String,
         /// Why.
         reason: String,
+    },
+    /// `PUT /route` answered 409: the rank is registered from another address that still
+    /// answers.
+    #[error(
+        "bootstrap {url}: the rank is already registered from another address that still answers (409)"
+    )]
+    Conflict {
+        /// The URL.
+        url: String,
     },
 }
 

@@ -91,6 +91,22 @@ struct State {
     probe: Probe,
     /// Warnings that clients can trigger.
     warn: Mutex<RateLog>,
+    /// The secret a `PUT /route` must carry in [`TOKEN_HEADER`], when set.
+    token: Option<String>,
+}
+
+/// The header a registration carries the bootstrap token in (see
+/// [`BootstrapServer::start_with_token`]).
+pub const TOKEN_HEADER: &str = "x-nixl-rs-bootstrap-token";
+
+/// Whether `given` is the token, comparing every byte whatever differs first.
+fn token_matches(token: &str, given: &[u8]) -> bool {
+    token.len() == given.len()
+        && token
+            .bytes()
+            .zip(given)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// Logs a client-triggered warning, rate-limited.
@@ -120,21 +136,34 @@ impl std::fmt::Debug for BootstrapServer {
 impl BootstrapServer {
     /// Starts the server on `addr` (`0.0.0.0:8998` as SGLang; port 0 picks one).
     pub fn start(addr: &str) -> Result<Self, BootstrapError> {
-        Self::launch(addr, true, ServerLimits::default())
+        Self::launch(addr, true, ServerLimits::default(), None)
+    }
+
+    /// Like [`start`](Self::start), taking registrations (`PUT /route`) only with `token` in
+    /// the [`TOKEN_HEADER`] header (403 otherwise), so that nobody but the ranks given the
+    /// token can register a rank that has not registered yet. SGLang's own prefills send no
+    /// token: give one only where every prefill rank is ours.
+    pub fn start_with_token(addr: &str, token: &str) -> Result<Self, BootstrapError> {
+        Self::launch(addr, true, ServerLimits::default(), Some(token.to_owned()))
     }
 
     /// Starts the server exactly like SGLang 0.5.1's, without the `/health` route (which then
     /// answers 404, and decodes turn heartbeats off for it).
     pub fn start_seed_compatible(addr: &str) -> Result<Self, BootstrapError> {
-        Self::launch(addr, false, ServerLimits::default())
+        Self::launch(addr, false, ServerLimits::default(), None)
     }
 
     /// Like [`start`](Self::start), with other bounds.
     pub fn start_with_limits(addr: &str, limits: ServerLimits) -> Result<Self, BootstrapError> {
-        Self::launch(addr, true, limits)
+        Self::launch(addr, true, limits, None)
     }
 
-    fn launch(addr: &str, health: bool, limits: ServerLimits) -> Result<Self, BootstrapError> {
+    fn launch(
+        addr: &str,
+        health: bool,
+        limits: ServerLimits,
+        token: Option<String>,
+    ) -> Result<Self, BootstrapError> {
         let err = |reason: String| BootstrapError::Bind {
             addr: addr.to_owned(),
             reason,
@@ -150,6 +179,7 @@ impl BootstrapServer {
             health,
             probe: Probe::Tcp,
             warn: Mutex::new(RateLog::new(20)),
+            token,
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -386,6 +416,17 @@ async fn put_route(
     state: &State,
 ) -> Response<Full<Bytes>> {
     let limits = &state.limits;
+    if let Some(token) = &state.token {
+        let given = req.headers().get(TOKEN_HEADER).map(|v| v.as_bytes());
+        if !given.is_some_and(|g| token_matches(token, g)) {
+            warn_limited!(state, %peer, "bootstrap registration without the token; refused");
+            return respond(
+                StatusCode::FORBIDDEN,
+                "Registration needs the bootstrap token",
+                false,
+            );
+        }
+    }
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -553,6 +594,7 @@ where
         health: true,
         probe: Probe::Assume(registered_alive),
         warn: Mutex::new(RateLog::new(20)),
+        token: None,
     });
     serve_io(
         io,

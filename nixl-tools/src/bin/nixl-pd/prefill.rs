@@ -73,15 +73,6 @@ pub(crate) fn prefill(
             }
         })?;
     }
-    // The server lives as long as this loop; a joining rank starts none.
-    let (_server, addr) = match &opts.join {
-        Some(j) => (None, j.clone()),
-        None => {
-            let s = BootstrapServer::start(&format!("{host}:{port}"))?;
-            let a = s.addr().to_string();
-            (Some(s), a)
-        }
-    };
     let a = args(&m, pool)?;
     // Host pools go to the manager too: head slices for larger decodes are packed out of them.
     let packing = match m.kv.host_pools() {
@@ -89,7 +80,35 @@ pub(crate) fn prefill(
         _ => None,
     };
     let config = pool.manager_config()?.local_ip(host).host_packing(packing);
-    let mgr = KvManager::prefill(m.agent.clone(), a, &addr, config)?;
+    // The server lives as long as this loop; a joining rank starts none. With
+    // NIXL_RS_BOOTSTRAP_TOKEN set, it takes registrations only from ranks that send it.
+    let (_server, addr) = match &opts.join {
+        Some(j) => (None, j.clone()),
+        None => {
+            let at = format!("{host}:{port}");
+            let s = match &config.bootstrap_token {
+                Some(t) => BootstrapServer::start_with_token(&at, t)?,
+                None => BootstrapServer::start(&at)?,
+            };
+            let a = s.addr().to_string();
+            (Some(s), a)
+        }
+    };
+    let mgr = KvManager::prefill(m.agent.clone(), a, &addr, config).map_err(|e| {
+        let conflict = matches!(
+            &e,
+            nixl_kv::Error::Bootstrap(nixl_kv::net::bootstrap::BootstrapError::Conflict { .. })
+        );
+        if conflict {
+            anyhow::anyhow!(
+                "{e}\n  another process registered this rank first. If it is not one of yours, \
+                 give every prefill rank the same {} so that only they can register",
+                nixl_kv::TOKEN_ENV
+            )
+        } else {
+            anyhow::Error::from(e)
+        }
+    })?;
     eprintln!(
         "prefill: bootstrap on {addr}, zmq port {}, {} KV buffers of {} pages",
         mgr.rank_port(),
