@@ -176,10 +176,7 @@ impl PyHiCache {
     ) -> PyResult<()> {
         let ranges = ranges(&addrs, &lens)?;
         let objects = page_objects(&keys, &parts, &counts, &ranges)?;
-        py.detach(|| {
-            self.with_ranges_registered(&ranges, || self.inner.batch_set_objects(&objects))
-        })
-        .map_err(to_py)
+        self.on_objects(py, &ranges, &objects, HiCache::batch_set_objects)
     }
 
     /// Reads page objects into their ranges (see [`PyHiCache::batch_set_objects`]); per-object
@@ -195,10 +192,7 @@ impl PyHiCache {
     ) -> PyResult<Vec<bool>> {
         let ranges = ranges(&addrs, &lens)?;
         let objects = page_objects(&keys, &parts, &counts, &ranges)?;
-        py.detach(|| {
-            self.with_ranges_registered(&ranges, || self.inner.batch_get_objects(&objects))
-        })
-        .map_err(to_py)
+        self.on_objects(py, &ranges, &objects, HiCache::batch_get_objects)
     }
 
     /// The number of leading keys whose every part in `parts` is stored.
@@ -290,6 +284,18 @@ impl PyHiCache {
 }
 
 impl PyHiCache {
+    /// Runs `op` on `objects` without the GIL, their `ranges` registered.
+    fn on_objects<T: Send>(
+        &self,
+        py: Python<'_>,
+        ranges: &[RawTarget],
+        objects: &[PageObject<'_>],
+        op: impl Fn(&HiCache, &[PageObject<'_>]) -> nixl_hicache::Result<T> + Send + Sync,
+    ) -> PyResult<T> {
+        py.detach(|| self.with_ranges_registered(ranges, || op(&self.inner, objects)))
+            .map_err(to_py)
+    }
+
     /// Runs `op` after registering, for this call only, the spans of `ranges` that lie outside
     /// memory held by [`PyHiCache::register`].
     fn with_ranges_registered<T>(
@@ -319,19 +325,8 @@ impl PyHiCache {
         targets: &[(&str, RawTarget)],
         op: impl Fn(&[(&str, RawTarget)]) -> nixl_hicache::Result<T>,
     ) -> nixl_hicache::Result<T> {
-        let outside: Vec<(u64, u64)> = {
-            let pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
-            targets
-                .iter()
-                .map(|(_, t)| (t.addr, t.len))
-                .filter(|&(a, l)| l > 0 && !pinned.iter().any(|r| r.region().contains(a, l)))
-                .collect()
-        };
-        let _regs = coalesce(outside.into_iter())
-            .into_iter()
-            .map(|(a, l)| ffi::register_foreign(self.inner.agent(), MemRegion::dram(a, l)))
-            .collect::<Result<Vec<_>, _>>()?;
-        op(targets)
+        let ranges: Vec<RawTarget> = targets.iter().map(|&(_, t)| t).collect();
+        self.with_ranges_registered(&ranges, || op(targets))
     }
 }
 

@@ -6,16 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::proto::log_budget::LogBudget;
 use tokio::sync::Semaphore;
 
 /// Pause after an accept error such as `EMFILE`.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// The window of [`RateLog`].
-const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Accepts connections under a cap of concurrent ones. Accept errors (EMFILE and the like)
 /// back off; connections past the cap are closed at once; both are logged at most once per
-/// [`LOG_EVERY`]. The accept loop itself never ends on either.
+/// 5 s ([`RateLog`]). The accept loop itself never ends on either.
 pub(crate) struct AcceptGate {
     permits: Arc<Semaphore>,
     cap: usize,
@@ -69,42 +69,19 @@ impl AcceptGate {
 }
 
 /// Rate-limits a kind of log line that peers can trigger: at most `burst` lines per
-/// [`LOG_EVERY`], counting the ones left out.
+/// [`WINDOW`](crate::proto::log_budget::WINDOW), counting the ones left out (the cores'
+/// [`LogBudget`] on this thread's clock).
 #[derive(Debug)]
-pub(crate) struct RateLog {
-    burst: u32,
-    window: Option<Instant>,
-    in_window: u32,
-    suppressed: u64,
-}
+pub(crate) struct RateLog(LogBudget);
 
 impl RateLog {
     pub(crate) const fn new(burst: u32) -> Self {
-        Self {
-            burst,
-            window: None,
-            in_window: 0,
-            suppressed: 0,
-        }
+        Self(LogBudget::new(burst))
     }
 
     /// `Some(n)`: log this one, `n` having been left out since the last logged one.
     pub(crate) fn tick(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self
-            .window
-            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
-        {
-            self.window = Some(now);
-            self.in_window = 0;
-        }
-        if self.in_window < self.burst {
-            self.in_window += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
+        self.0.admit(Instant::now())
     }
 }
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from typing import Optional
 
 logger = logging.getLogger("nixl_rs")
@@ -132,7 +133,7 @@ def announce(v: str, lib: Optional[str], profile: str = "sglang-0.5.1") -> None:
     )
 
 
-_announce_lock = __import__("threading").Lock()
+_announce_lock = threading.Lock()
 _announced_profiles: set = set()
 
 

@@ -63,7 +63,10 @@ def _local_ip() -> str:
     if ip:
         return ip
     try:
-        from sglang.srt.utils import get_local_ip_auto
+        try:
+            from sglang.srt.utils.network import get_local_ip_auto  # 0.5.23
+        except ImportError:
+            from sglang.srt.utils import get_local_ip_auto  # 0.5.1
 
         return get_local_ip_auto()
     except Exception:  # noqa: BLE001
@@ -85,7 +88,14 @@ def _bootstrap_host(dist_init_addr: Optional[str]) -> str:
 
 
 def _pages(indices) -> bytes:
-    return np.ascontiguousarray(indices, dtype="<i4").tobytes()
+    """Page indices as little-endian int32 bytes (SGLang may hand int64 arrays); one outside
+    the int32 range is a ValueError, not a silent wrap."""
+    a = np.asarray(indices)
+    if a.dtype != np.int32:
+        if a.size and (a.min() < 0 or a.max() > np.iinfo(np.int32).max):
+            raise ValueError("page index out of the int32 range")
+        a = a.astype(np.int32)
+    return np.ascontiguousarray(a, dtype="<i4").tobytes()
 
 
 class NixlKVManager(BaseKVManager):

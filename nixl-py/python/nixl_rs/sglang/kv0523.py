@@ -25,14 +25,12 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from typing import List, Optional
 
-import numpy as np
 from sglang.srt.disaggregation.base.conn import (
     BaseKVBootstrapServer,
     BaseKVManager,
@@ -44,28 +42,18 @@ from sglang.srt.disaggregation.base.conn import (
 )
 
 from .. import _native, load_runtime
+from .kv import KV_MEMORY_ENV, _is_prefill, _local_ip, _pages
 
 logger = logging.getLogger("nixl_rs.kv")
 
 PROFILE = "sglang-0.5.23"
-KV_MEMORY_ENV = "NIXL_RS_KV_MEMORY"
 ABORTED = "Aborted by AbortReq."
-_announced = threading.Event()
 
 
 def _transfer_error(room, reason: str):
     from sglang.srt.disaggregation.common.conn import KVTransferError
 
     return KVTransferError(room, reason)
-
-
-def _is_prefill(mode) -> bool:
-    name = str(getattr(mode, "name", None) or getattr(mode, "value", None) or mode).lower()
-    if "prefill" in name:
-        return True
-    if "decode" in name:
-        return False
-    raise ValueError(f"Unsupported DisaggregationMode: {mode}")
 
 
 class _Topology:
@@ -131,18 +119,6 @@ def _bootstrap_host(topo: _Topology) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(topo.host, topo.host)
 
 
-def _local_ip() -> str:
-    ip = os.environ.get("NIXL_RS_LOCAL_IP")
-    if ip:
-        return ip
-    try:
-        from sglang.srt.utils.network import get_local_ip_auto
-
-        return get_local_ip_auto()
-    except Exception:  # noqa: BLE001
-        return "127.0.0.1"
-
-
 def _kv_memory(args) -> str:
     if os.environ.get(KV_MEMORY_ENV):
         return os.environ[KV_MEMORY_ENV]
@@ -150,16 +126,6 @@ def _kv_memory(args) -> str:
     if len(kinds) > 1:
         raise ValueError(f"nixl-rs registers one memory kind for the KV pool, not {sorted(kinds)}")
     return kinds.pop() if kinds else "VRAM"
-
-
-def _pages(indices) -> bytes:
-    """Page indices as little-endian int32 bytes (SGLang may hand int64 arrays)."""
-    a = np.asarray(indices)
-    if a.dtype != np.int32:
-        if a.size and (a.min() < 0 or a.max() > np.iinfo(np.int32).max):
-            raise ValueError("page index out of the int32 range")
-        a = a.astype(np.int32)
-    return np.ascontiguousarray(a, dtype="<i4").tobytes()
 
 
 def _has_state(state_indices) -> bool:
