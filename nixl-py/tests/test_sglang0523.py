@@ -270,15 +270,17 @@ def start_pairs():
     for pre, dec in PAIRS:
         args = [sys.executable, os.path.join(HERE, "sglang0523_pd.py"), "pair",
                 "--prefill-impl", pre, "--decode-impl", dec, "--requests", "8",
-                "--bad-page", "1", "--abort-room-after-metadata", "3", "--timeout", "60",
-                "--pair-timeout", "500"]
+                # Per-room bounds, not waits: a prefill's rooms start counting when it is ready,
+                # and under CI load its decode's SGLang import alone took 59 s once.
+                "--bad-page", "1", "--abort-room-after-metadata", "3", "--timeout", "300",
+                "--pair-timeout", "900"]
         procs.append(subprocess.Popen(args, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return procs
 
 
 def test_pairs(procs):
     for (pre, dec), p in zip(PAIRS, procs):
-        out, err = p.communicate(timeout=600)
+        out, err = p.communicate(timeout=1200)
         events = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
         done = {e["role"]: e for e in events if e.get("event") == "done"}
         assert done.get("pair", {}).get("pass"), \
